@@ -1,0 +1,78 @@
+"""Loading and saving ONNX models for the passes: clear errors in, atomic writes out."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from river.errors import InvalidModelFile, ModelNotFound
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """The model with its external weights, or a clear error for a missing/unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFound(f"ONNX file not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as exc:
+        raise InvalidModelFile(f"cannot read {path} as an ONNX model: {exc}") from exc
+
+
+def load_onnx_header(path: str | Path) -> onnx.ModelProto:
+    """The graph without external weights (fast; enough to check signatures and structure)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFound(f"ONNX file not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise InvalidModelFile(f"cannot read {path} as an ONNX model: {exc}") from exc
+
+
+def save_onnx_atomic(model: onnx.ModelProto, path: str | Path, check: bool = True) -> Path:
+    """Write model + ``<name>.data`` next to each other via temporary names, then rename both.
+
+    The data file is renamed first so a reader never sees a graph whose weights are missing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    data_name = path.name + ".data"
+    tmp_data = path.parent / (tmp.name + ".data")
+    try:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=tmp_data.name, size_threshold=1024)
+        if check:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        # Re-point the graph at the final data file name, then rename both into place.
+        proto = onnx.load(str(tmp), load_external_data=False)
+        for tensor in _external_tensors(proto):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+        if tmp_data.exists():
+            tmp_data.chmod(0o644)
+            tmp_data.replace(path.parent / data_name)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        tmp_data.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _external_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor

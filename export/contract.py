@@ -1,0 +1,98 @@
+"""The decode-step graph contract (DESIGN section 3): Hugging Face Optimum's names and axes.
+
+One graph computes one forward step of S new tokens over P cached ones:
+inputs  input_ids [B,S] int64, attention_mask [B,P+S] int64, position_ids [B,S] int64,
+        past_key_values.{l}.key / .value [B,Hkv,P,D]
+outputs logits [B,S,V], present.{l}.key / .value [B,Hkv,P+S,D]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import onnx
+
+from river.errors import NotADecoderGraph
+
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+def input_names(num_layers: int) -> list[str]:
+    names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS]
+    for layer in range(num_layers):
+        names += [past_name(layer, "key"), past_name(layer, "value")]
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = [LOGITS]
+    for layer in range(num_layers):
+        names += [present_name(layer, "key"), present_name(layer, "value")]
+    return names
+
+
+def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    axes = {
+        INPUT_IDS: {0: "batch_size", 1: "sequence_length"},
+        ATTENTION_MASK: {0: "batch_size", 1: "total_sequence_length"},
+        POSITION_IDS: {0: "batch_size", 1: "sequence_length"},
+        LOGITS: {0: "batch_size", 1: "sequence_length"},
+    }
+    for layer in range(num_layers):
+        for kind in ("key", "value"):
+            axes[past_name(layer, kind)] = {0: "batch_size", 2: "past_sequence_length"}
+            axes[present_name(layer, kind)] = {0: "batch_size", 2: "total_sequence_length"}
+    return axes
+
+
+@dataclass(frozen=True)
+class StepContract:
+    """What a runtime needs to know about a step graph, read from the graph's own signature."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int | None
+    kv_dtype: int  # onnx.TensorProto element type of the KV tensors
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto, source: str = "model") -> "StepContract":
+        graph = model.graph
+        inputs = {i.name: i for i in graph.input}
+        outputs = {o.name: o for o in graph.output}
+        missing = [n for n in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) if n not in inputs]
+        if LOGITS not in outputs:
+            missing.append(LOGITS + " (output)")
+        layers = sorted({int(m.group(1)) for n in inputs if (m := _PAST_RE.match(n))})
+        if not layers:
+            missing.append("past_key_values.{l}.key/value")
+        if missing:
+            raise NotADecoderGraph(
+                f"{source} is not a decoder step graph: missing {', '.join(missing)} "
+                "(expected Optimum's text-generation-with-past signature)"
+            )
+        if layers != list(range(len(layers))):
+            raise NotADecoderGraph(f"{source}: past_key_values layers are not numbered 0..L-1: {layers}")
+        for layer in layers:
+            for kind in ("key", "value"):
+                if past_name(layer, kind) not in inputs:
+                    raise NotADecoderGraph(f"{source}: missing input {past_name(layer, kind)}")
+                if present_name(layer, kind) not in outputs:
+                    raise NotADecoderGraph(f"{source}: missing output {present_name(layer, kind)}")
+        kv = inputs[past_name(0, "key")].type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in kv.shape.dim]
+        if len(dims) != 4 or dims[1] is None or dims[3] is None:
+            raise NotADecoderGraph(f"{source}: past KV must be [B,Hkv,P,D] with static Hkv and D, got {dims}")
+        logit_dims = outputs[LOGITS].type.tensor_type.shape.dim
+        vocab = logit_dims[-1].dim_value if logit_dims and logit_dims[-1].HasField("dim_value") else None
+        return cls(len(layers), dims[1], dims[3], vocab, kv.elem_type)

@@ -1,0 +1,177 @@
+"""The generation loop (gpt-fast style): ``prefill``, ``decode_one_token``, ``decode_n_tokens``.
+
+The KV cache is allocated once per request with room for prompt + max_new_tokens positions and is
+written in place by the backend; the loop itself never touches the cache contents.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from river.errors import CacheOverflow
+from river.runtime.backend import StepBackend
+from river.runtime.kv_cache import SharedKVCache
+from river.runtime.sampling import choose_token
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    eos_token_ids: Sequence[int] | None = None  # None: the model's own EOS ids
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+@dataclass
+class StepStat:
+    index: int  # 0 = the token produced by prefill
+    token_id: int
+    seconds: float
+    phase: str  # "prefill" | "decode"
+    exit_layer: int | None = None  # filled by River backends
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length"
+    steps: list[StepStat] = field(default_factory=list)
+
+    @property
+    def prefill_seconds(self) -> float:
+        return sum(s.seconds for s in self.steps if s.phase == "prefill")
+
+    @property
+    def decode_seconds(self) -> float:
+        return sum(s.seconds for s in self.steps if s.phase == "decode")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = sum(1 for s in self.steps if s.phase == "decode")
+        return n / self.decode_seconds if n and self.decode_seconds > 0 else float("nan")
+
+
+class _TextStream:
+    """Incremental detokenization that never emits text a stop string might still claim."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop, self.emitted = tokenizer, [s for s in stop if s], 0
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def feed(self, ids: list[int]) -> tuple[str, bool]:
+        """New printable text, and whether a stop string was reached (text then ends before it)."""
+        text = self.text(ids)
+        hit = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if hit >= 0:
+            return text[self.emitted:hit], True
+        safe = len(text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            safe = text.rfind("\ufffd")
+        for s in self.stop:  # hold back a tail that could be the start of a stop string
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        piece = text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
+        return piece, False
+
+    def final(self, ids: list[int], stopped: bool) -> str:
+        text = self.text(ids)
+        if stopped:
+            text = text[: min(text.find(s) for s in self.stop if s in text)]
+        return text
+
+
+class Generator:
+    def __init__(self, backend: StepBackend, tokenizer, eos_token_ids: Sequence[int] = (), max_length: int | None = None):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_length = max_length  # the longest sequence (prompt + new tokens) the cache may hold
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt; with ``chat`` the model's chat template wraps it as a user turn."""
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    # --- the three phases ---------------------------------------------------------------------
+    def prefill(self, prompt_ids: Sequence[int], cache: SharedKVCache) -> np.ndarray:
+        logits = self.backend.prefill(np.asarray([prompt_ids], dtype=np.int64), cache)
+        cache.length = len(prompt_ids)
+        return logits[0, -1]
+
+    def decode_one_token(self, token: int, cache: SharedKVCache) -> np.ndarray:
+        logits = self.backend.decode(np.asarray([[token]], dtype=np.int64), cache)
+        cache.length += 1
+        return logits[0, -1]
+
+    def decode_n_tokens(self, first_logits: np.ndarray, cache: SharedKVCache, cfg: GenerationConfig,
+                        on_token: Callable[[int, str], None] | None, steps: list[StepStat]):
+        """Choose tokens until EOS, a stop string or ``max_new_tokens``; yields (ids, finish_reason)."""
+        rng = np.random.default_rng(cfg.seed)
+        eos = set(cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids)
+        stream = _TextStream(self.tokenizer, cfg.stop)
+        tokens: list[int] = []
+        logits = first_logits
+        while True:
+            token = choose_token(logits, cfg.temperature, cfg.top_p, rng)
+            if steps:
+                steps[-1].token_id = token
+            if token in eos:
+                return tokens, "eos", stream
+            tokens.append(token)
+            piece, stopped = stream.feed(tokens)
+            if on_token is not None and (piece or stopped):
+                on_token(token, piece)
+            if stopped:
+                return tokens, "stop", stream
+            if len(tokens) >= cfg.max_new_tokens:
+                return tokens, "length", stream
+            t0 = time.perf_counter()
+            logits = self.decode_one_token(token, cache)
+            steps.append(StepStat(len(steps), -1, time.perf_counter() - t0, "decode"))
+
+    def generate(self, prompt: str | Sequence[int], cfg: GenerationConfig | None = None,
+                 on_token: Callable[[int, str], None] | None = None, chat: bool = True) -> GenerationResult:
+        cfg = cfg or GenerationConfig()
+        prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        capacity = len(prompt_ids) + cfg.max_new_tokens
+        if self.max_length is not None:
+            if len(prompt_ids) + 1 > self.max_length:
+                raise CacheOverflow(
+                    f"the prompt has {len(prompt_ids)} tokens; the cache holds at most {self.max_length} positions "
+                    "(prompt + at least one new token)"
+                )
+            capacity = min(capacity, self.max_length)
+        cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": capacity - len(prompt_ids)})
+        cache = self.backend.new_cache(capacity)
+        t0 = time.perf_counter()
+        first = self.prefill(prompt_ids, cache)
+        steps = [StepStat(0, -1, time.perf_counter() - t0, "prefill")]
+        tokens, reason, stream = self.decode_n_tokens(first, cache, cfg, on_token, steps)
+        if steps[-1].token_id == -1:
+            steps.pop()  # a decode step whose output was never used (cannot happen; defensive)
+        return GenerationResult(prompt_ids, tokens, stream.final(tokens, reason == "stop"), reason, steps)

@@ -1,0 +1,52 @@
+"""Shared KV buffers: one preallocated cache per layer and kind for the whole sequence.
+
+The buffers are allocated once, in the layout the step graph reads ([B,Hkv,C,D]); a step writes only
+its new positions, and rolling back (for speculative verification) only moves ``length``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from river.errors import CacheOverflow
+
+
+class SharedKVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype=np.float32):
+        if capacity < 1:
+            raise ValueError("cache capacity must be at least 1")
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.keys = [np.zeros(shape, dtype) for _ in range(num_layers)]
+        self.values = [np.zeros(shape, dtype) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.batch = batch
+        self.length = 0  # number of valid positions (the same for every row)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def buffers(self) -> list[np.ndarray]:
+        """All buffers in the contract's order: key_0, value_0, key_1, ..."""
+        return [b for pair in zip(self.keys, self.values) for b in pair]
+
+    def require_room(self, new_positions: int) -> None:
+        if self.length + new_positions > self.capacity:
+            raise CacheOverflow(
+                f"{new_positions} new positions do not fit: the cache holds {self.length} of {self.capacity}"
+            )
+
+    def write(self, layer: int, key: np.ndarray, value: np.ndarray, at: int) -> None:
+        """Write new K/V [B,Hkv,S,D] at positions [at, at+S) of one layer, in place."""
+        s = key.shape[2]
+        if at + s > self.capacity:
+            raise CacheOverflow(f"writing positions {at}..{at + s - 1} past the cache capacity {self.capacity}")
+        self.keys[layer][:, :, at:at + s] = key
+        self.values[layer][:, :, at:at + s] = value
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (their slots are overwritten by later writes)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length

@@ -1,0 +1,39 @@
+"""Open a generator for a model name, .gguf file, HF directory or exported step graph (.onnx)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from river.errors import ModelNotFound
+from river.export.onnx_export import META_FILE
+from river.runtime.generate import Generator
+from river.runtime.ort_backend import OrtBackend
+
+
+def open_generator(model: str, threads: int | None = None, tokenizer: str | None = None,
+                   max_length: int | None = None) -> Generator:
+    from transformers import AutoTokenizer
+
+    if model.endswith(".onnx"):
+        onnx_path = Path(model)
+        if not onnx_path.is_file():
+            raise ModelNotFound(f"ONNX file not found: {onnx_path}")
+    else:
+        from river.export.store import exported_model_path
+
+        onnx_path = exported_model_path(model)
+    backend = OrtBackend(onnx_path, threads=threads)  # validates the decoder contract first
+    tok_dir = Path(tokenizer) if tokenizer else onnx_path.parent
+    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
+        raise ModelNotFound(f"no tokenizer next to {onnx_path}; pass --tokenizer DIR (a folder with tokenizer.json)")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    eos: list[int] = []
+    meta = onnx_path.parent / META_FILE
+    if meta.is_file():
+        cfg = json.loads(meta.read_text()).get("config", {})
+        eos = list(cfg.get("eos_token_ids", []))
+        max_length = max_length or cfg.get("max_position_embeddings")
+    if not eos and tok.eos_token_id is not None:
+        eos = [tok.eos_token_id]
+    return Generator(backend, tok, eos, max_length=max_length)

@@ -1,0 +1,139 @@
+"""ONNX Runtime backend: the contract graph for prefill, its shared-KV form for decode steps.
+
+Decode steps use IOBinding: each ``past_key_values.*`` input and its ``present.*`` output are bound to
+the same cache buffer, so ONNX Runtime's TensorScatter writes the new position in place. Bindings are
+made once per cache; a step only updates the tiny id/mask/position arrays that are bound by pointer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
+from river.compiler.shared_kv import WRITE_INDICES, to_shared_kv
+from river.export import contract as C
+from river.export.contract import StepContract
+from river.models.cache import cache_root, file_fingerprint
+from river.runtime.backend import StepBackend
+from river.runtime.kv_cache import SharedKVCache
+
+_PROTO_LIMIT = 1_800_000_000  # serialized protos near 2 GiB must go through a file
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or 0
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def make_session(model: onnx.ModelProto, threads: int | None = None, providers=None) -> ort.InferenceSession:
+    providers = providers or ["CPUExecutionProvider"]
+    so = session_options(threads)
+    if model.ByteSize() < _PROTO_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, so, providers=providers)
+
+
+def shared_kv_path(model_path: Path) -> Path:
+    """The shared-KV form of a step graph, derived once and cached by the source's fingerprint."""
+    out = cache_root() / "shared_kv" / file_fingerprint(model_path) / "model.onnx"
+    if not out.is_file():
+        save_onnx_atomic(to_shared_kv(load_onnx(model_path)), out)
+    return out
+
+
+class OrtBackend(StepBackend):
+    def __init__(self, model_path: str | Path, threads: int | None = None, providers=None):
+        self.model_path = Path(model_path)
+        header = load_onnx_header(self.model_path)  # graph without weights: cheap contract check
+        self.contract = StepContract.from_model(header, str(model_path))
+        providers = providers or ["CPUExecutionProvider"]
+        so = session_options(threads)
+        self.prefill_session = ort.InferenceSession(str(self.model_path), so, providers=providers)
+        decode_path = shared_kv_path(self.model_path)
+        self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
+        self._bound_cache: SharedKVCache | None = None
+
+    # --- prefill: the contract graph over an empty past ---------------------------------------
+    def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
+        if cache.length:
+            raise ValueError("prefill expects an empty cache")
+        b, s = input_ids.shape
+        cache.require_room(s)
+        c = self.contract
+        feeds = {
+            C.INPUT_IDS: input_ids.astype(np.int64),
+            C.ATTENTION_MASK: np.ones((b, s), np.int64),
+            C.POSITION_IDS: np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
+        }
+        empty = np.zeros((b, c.num_kv_heads, 0, c.head_dim), np.float32)
+        for layer in range(c.num_layers):
+            feeds[C.past_name(layer, "key")] = empty
+            feeds[C.past_name(layer, "value")] = empty
+        outputs = self.prefill_session.run(None, feeds)
+        names = [o.name for o in self.prefill_session.get_outputs()]
+        result = dict(zip(names, outputs))
+        for layer in range(c.num_layers):
+            cache.write(layer, result[C.present_name(layer, "key")], result[C.present_name(layer, "value")], at=0)
+        return result[C.LOGITS]
+
+    # --- decode: shared-KV graph, buffers bound in place ------------------------------------
+    def _bind(self, cache: SharedKVCache) -> None:
+        c, b = self.contract, cache.batch
+        self._ids = np.zeros((b, 1), np.int64)
+        self._positions = np.zeros((b, 1), np.int64)
+        self._write_at = np.zeros((b,), np.int64)
+        self._mask = np.zeros((b, cache.capacity), np.int64)
+        vocab = self.decode_session.get_outputs()[0].shape[-1]
+        self._logits = np.zeros((b, 1, vocab if isinstance(vocab, int) else c.vocab_size), np.float32)
+        binding = self.decode_session.io_binding()
+        # OrtValues keep references to the numpy arrays; they wrap the same memory (no copy).
+        self._values = {
+            C.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(self._ids),
+            C.POSITION_IDS: ort.OrtValue.ortvalue_from_numpy(self._positions),
+            WRITE_INDICES: ort.OrtValue.ortvalue_from_numpy(self._write_at),
+            C.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(self._mask),
+            C.LOGITS: ort.OrtValue.ortvalue_from_numpy(self._logits),
+        }
+        for name in (C.INPUT_IDS, C.POSITION_IDS, WRITE_INDICES, C.ATTENTION_MASK):
+            binding.bind_ortvalue_input(name, self._values[name])
+        binding.bind_ortvalue_output(C.LOGITS, self._values[C.LOGITS])
+        for layer in range(c.num_layers):
+            for kind, buf in (("key", cache.keys[layer]), ("value", cache.values[layer])):
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                self._values[C.past_name(layer, kind)] = value
+                binding.bind_ortvalue_input(C.past_name(layer, kind), value)
+                binding.bind_ortvalue_output(C.present_name(layer, kind), value)
+        self._binding = binding
+        self._bound_cache = cache
+
+    def bound_pointers(self) -> dict[str, int]:
+        """Data pointers of the bound KV inputs/outputs (tests check they are the cache buffers)."""
+        return {name: v.data_ptr() for name, v in self._values.items() if name.startswith("past_key_values")}
+
+    def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
+        if token_ids.shape[1] != 1:
+            raise ValueError("decode runs one token per row; use prefill for prompts")
+        cache.require_room(1)
+        if self._bound_cache is not cache:
+            self._bind(cache)
+        pos = cache.length
+        self._ids[:] = token_ids
+        self._positions[:] = pos
+        self._write_at[:] = pos
+        self._mask[:, :pos + 1] = 1
+        self._mask[:, pos + 1:] = 0
+        self.decode_session.run_with_iobinding(self._binding)
+        return self._logits

@@ -1,0 +1,23 @@
+"""Helpers shared by test modules (imported by name: tests/ is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def torch_step(model, input_ids, past=None, start=0):
+    """One step of our torch model: logits and presents for ``input_ids`` [B,S] after ``past``."""
+    import torch
+
+    ids = torch.as_tensor(input_ids)
+    b, s = ids.shape
+    past = list(past) if past is not None else model.empty_past(b)
+    total = past[0].shape[2] + s
+    with torch.no_grad():
+        out = model(ids, torch.ones(b, total, dtype=torch.long), torch.arange(start, start + s).repeat(b, 1), *past)
+    return out[0].numpy(), [t for t in out[1:]]
