@@ -1,23 +1,24 @@
-"""Pass: make a step graph write its KV cache in place (shared KV buffers).
+"""Pass: make a step graph (plain or River) write its KV cache in place (shared KV buffers).
 
 A contract graph (DESIGN 3) builds ``present = Concat(past, new)``: every step copies the whole cache.
-This pass replaces each such Concat with ``TensorScatter(past, new, write_indices)`` (ONNX opset 24).
-``past_key_values.*`` then *are* the runtime's preallocated buffers [B,Hkv,C,D] (C = capacity), the
-new K/V land at ``write_indices`` (per row, the number of valid positions), and ``present.*`` is the
-same buffer. ONNX Runtime writes in place when the output is bound to the input's memory, so a decode
-step touches only the new positions.
+This pass replaces every such Concat, including those inside River ``If`` branches, with
+``TensorScatter(past, new, write_indices)`` (ONNX opset 24). ``past_key_values.*`` then *are* the
+runtime's preallocated buffers [B,Hkv,C,D] (C = capacity), the new K/V land at ``write_indices`` (per
+row, the number of valid positions), and ``present.*`` is the same buffer. ONNX Runtime writes in
+place when the output is bound to the input's memory (also through ``If``), so a decode step touches
+only the new positions.
 
 Semantics of the rewritten graph: ``attention_mask`` is [B,C] with 1 for every valid position
-*including* the new ones; the new tokens are the last S query positions of the mask. This is exact for
-decode steps (S = 1): the causal rule "key j <= C-1" admits every slot and the mask selects the valid
-ones. Steps with S > 1 over a non-empty cache need a causal mask by position and are not served by
-this form; the runtime prefills with the contract graph.
+*including* the new ones. This is exact for decode steps (S = 1): the causal rule "key j <= C-1"
+admits every slot and the mask selects the valid ones. Steps with S > 1 over a non-empty cache would
+need a causal mask by position; the runtime prefills with the contract graph instead.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-import onnx_ir as ir
+import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from river.errors import NotADecoderGraph
@@ -27,52 +28,72 @@ WRITE_INDICES = "write_indices"
 TENSOR_SCATTER_OPSET = 24
 
 
+def _all_nodes(graph: gs.Graph):
+    for node in graph.nodes:
+        yield node
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                yield from _all_nodes(attr)
+
+
+def _kv_concats(graph: gs.Graph, past: gs.Tensor) -> tuple[list[gs.Node], list[gs.Node]]:
+    """(Concat(past, new, axis=2) consumers of ``past``, any other consumers)."""
+    concats, others = [], []
+    for node in _all_nodes(graph):
+        if not any(t is past for t in node.inputs):
+            continue
+        if node.op == "Concat" and node.inputs[0] is past and len(node.inputs) == 2 and node.attrs.get("axis") in (2, -2):
+            concats.append(node)
+        else:
+            others.append(node)
+    return concats, others
+
+
 def check(model: onnx.ModelProto) -> list[str]:
-    """Why the pass cannot apply (empty when it can): every present must be Concat(past, new) on axis 2."""
+    """Why the pass cannot apply (empty when it can): each past must feed only Concat(past, new, axis=2)."""
     contract = StepContract.from_model(model)
-    producers = {out: node for node in model.graph.node for out in node.output}
+    graph = gs.import_onnx(model)
+    inputs = {t.name: t for t in graph.inputs}
     problems = []
     for layer in range(contract.num_layers):
         for kind in ("key", "value"):
-            node = producers.get(present_name(layer, kind))
-            if node is None or node.op_type != "Concat":
-                problems.append(f"{present_name(layer, kind)} is not produced by a Concat")
-                continue
-            axis = next((a.i for a in node.attribute if a.name == "axis"), None)
-            if axis not in (2, -2) or len(node.input) != 2 or node.input[0] != past_name(layer, kind):
-                problems.append(f"{node.name}: expected Concat({past_name(layer, kind)}, new, axis=2)")
+            past = inputs[past_name(layer, kind)]
+            concats, others = _kv_concats(graph, past)
+            if not concats:
+                problems.append(f"{past.name} feeds no Concat(past, new, axis=2): {present_name(layer, kind)} is not a cache concatenation")
+            for node in others:
+                problems.append(f"{past.name} is also read by {node.op} node '{node.name}'")
     return problems
 
 
 def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return the shared-KV (in-place) form of a contract step graph."""
+    """Return the shared-KV (in-place) form of a contract or River step graph."""
     problems = check(model)
     if problems:
         raise NotADecoderGraph("cannot make the KV cache shared: " + "; ".join(problems[:3]))
     contract = StepContract.from_model(model)
     if _default_opset(model) < TENSOR_SCATTER_OPSET:
         model = version_converter.convert_version(model, TENSOR_SCATTER_OPSET)
-    irm = ir.serde.deserialize_model(model)
-    graph = irm.graph
-    batch = graph.inputs[0].shape[0] if graph.inputs[0].shape is not None else "batch_size"
-    write_indices = ir.Value(name=WRITE_INDICES, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([batch]))
+    graph = gs.import_onnx(model)
+    inputs = {t.name: t for t in graph.inputs}
+    batch = graph.inputs[0].shape[0] if graph.inputs[0].shape else "batch_size"
+    write_indices = gs.Variable(WRITE_INDICES, dtype=np.int64, shape=[batch])
     graph.inputs.append(write_indices)
-    outputs = {v.name: v for v in graph.outputs}
+    outputs = {t.name: t for t in graph.outputs}
     for layer in range(contract.num_layers):
         for kind in ("key", "value"):
-            old = outputs[present_name(layer, kind)]
-            concat = old.producer()
-            past, new = concat.inputs
-            scatter = ir.Node("", "TensorScatter", [past, new, write_indices], [ir.AttrInt64("axis", 2)],
-                              name=concat.name + "/shared_kv", num_outputs=1)
-            graph.insert_after(concat, scatter)
-            out = scatter.outputs[0]
-            out.type, out.shape = past.type, past.shape
-            old.replace_all_uses_with(out, replace_graph_outputs=True)
-            graph.remove(concat, safe=True)
-            out.name = present_name(layer, kind)
-    graph.sort()
-    result = ir.serde.serialize_model(irm)
+            past = inputs[past_name(layer, kind)]
+            for node in _kv_concats(graph, past)[0]:
+                node.op = "TensorScatter"
+                node.inputs.append(write_indices)
+                node.attrs = {"axis": 2}
+                node.name = f"{node.name}/shared_kv"
+            outputs[present_name(layer, kind)].shape = list(past.shape)
+    result = gs.export_onnx(graph, do_type_check=False)
+    # inputs with a default (an initializer of the same name, e.g. exit_thresholds) stay inputs
+    have = {i.name for i in result.graph.input}
+    result.graph.input.extend(i for i in model.graph.input if i.name not in have)
+    result.metadata_props.extend(model.metadata_props)
     return result
 
 

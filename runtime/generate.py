@@ -150,7 +150,8 @@ class Generator:
                 return tokens, "length", stream
             t0 = time.perf_counter()
             logits = self.decode_one_token(token, cache)
-            steps.append(StepStat(len(steps), -1, time.perf_counter() - t0, "decode"))
+            steps.append(StepStat(len(steps), -1, time.perf_counter() - t0, "decode",
+                                  getattr(self.backend, "last_exit_layer", None)))
 
     def generate(self, prompt: str | Sequence[int], cfg: GenerationConfig | None = None,
                  on_token: Callable[[int, str], None] | None = None, chat: bool = True) -> GenerationResult:

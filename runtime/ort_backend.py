@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, river_metadata
 from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
 from river.compiler.shared_kv import WRITE_INDICES, to_shared_kv
 from river.export import contract as C
@@ -23,6 +24,7 @@ from river.models.cache import cache_root, file_fingerprint
 from river.runtime.backend import StepBackend
 from river.runtime.kv_cache import SharedKVCache
 
+SHARED_KV_FORMAT = 2  # bump when the pass's output changes, to invalidate cached derived graphs
 _PROTO_LIMIT = 1_800_000_000  # serialized protos near 2 GiB must go through a file
 
 
@@ -48,17 +50,31 @@ def make_session(model: onnx.ModelProto, threads: int | None = None, providers=N
 
 def shared_kv_path(model_path: Path) -> Path:
     """The shared-KV form of a step graph, derived once and cached by the source's fingerprint."""
-    out = cache_root() / "shared_kv" / file_fingerprint(model_path) / "model.onnx"
+    out = cache_root() / "shared_kv" / f"{file_fingerprint(model_path)}-v{SHARED_KV_FORMAT}" / "model.onnx"
     if not out.is_file():
         save_onnx_atomic(to_shared_kv(load_onnx(model_path)), out)
     return out
 
 
 class OrtBackend(StepBackend):
-    def __init__(self, model_path: str | Path, threads: int | None = None, providers=None):
+    """Runs a plain step graph or a River graph. For a River graph, prefill runs with every gate
+    disabled (the whole backbone, as DESIGN 4 asks) and decode steps with ``thresholds``
+    (default: the graph's baked-in ones); ``last_exit_layer`` reports where the last step exited."""
+
+    def __init__(self, model_path: str | Path, threads: int | None = None, providers=None,
+                 thresholds=None):
         self.model_path = Path(model_path)
         header = load_onnx_header(self.model_path)  # graph without weights: cheap contract check
         self.contract = StepContract.from_model(header, str(model_path))
+        self.river = river_metadata(header)
+        self.last_exit_layer: int | None = None
+        if self.river is not None:
+            defaults = next((i for i in header.graph.initializer if i.name == THRESHOLDS), None)
+            self.default_thresholds = (np.zeros(len(self.river["gates"]), np.float32) + DISABLED if defaults is None
+                                       else onnx.numpy_helper.to_array(defaults).astype(np.float32))
+            self.thresholds = np.array(self.default_thresholds if thresholds is None else thresholds, np.float32)
+            if self.thresholds.shape != self.default_thresholds.shape:
+                raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.default_thresholds)} gates")
         providers = providers or ["CPUExecutionProvider"]
         so = session_options(threads)
         self.prefill_session = ort.InferenceSession(str(self.model_path), so, providers=providers)
@@ -82,6 +98,8 @@ class OrtBackend(StepBackend):
         for layer in range(c.num_layers):
             feeds[C.past_name(layer, "key")] = empty
             feeds[C.past_name(layer, "value")] = empty
+        if self.river is not None:  # prefill runs the whole backbone
+            feeds[THRESHOLDS] = np.full_like(self.thresholds, DISABLED)
         outputs = self.prefill_session.run(None, feeds)
         names = [o.name for o in self.prefill_session.get_outputs()]
         result = dict(zip(names, outputs))
@@ -110,6 +128,12 @@ class OrtBackend(StepBackend):
         for name in (C.INPUT_IDS, C.POSITION_IDS, WRITE_INDICES, C.ATTENTION_MASK):
             binding.bind_ortvalue_input(name, self._values[name])
         binding.bind_ortvalue_output(C.LOGITS, self._values[C.LOGITS])
+        if self.river is not None:
+            self._exit = np.zeros((b,), np.int64)
+            self._values[THRESHOLDS] = ort.OrtValue.ortvalue_from_numpy(self.thresholds)
+            self._values[EXIT_LAYER] = ort.OrtValue.ortvalue_from_numpy(self._exit)
+            binding.bind_ortvalue_input(THRESHOLDS, self._values[THRESHOLDS])
+            binding.bind_ortvalue_output(EXIT_LAYER, self._values[EXIT_LAYER])
         for layer in range(c.num_layers):
             for kind, buf in (("key", cache.keys[layer]), ("value", cache.values[layer])):
                 value = ort.OrtValue.ortvalue_from_numpy(buf)
@@ -136,4 +160,10 @@ class OrtBackend(StepBackend):
         self._mask[:, :pos + 1] = 1
         self._mask[:, pos + 1:] = 0
         self.decode_session.run_with_iobinding(self._binding)
+        if self.river is not None:
+            self.last_exit_layer = int(self._exit[0])
         return self._logits
+
+    def set_thresholds(self, thresholds) -> None:
+        """Change the operating point between steps (bound by pointer: no rebinding needed)."""
+        self.thresholds[:] = np.asarray(thresholds, np.float32)

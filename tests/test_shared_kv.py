@@ -37,7 +37,7 @@ def test_pass_refuses_graph_without_kv_concat(tiny_onnx):
     concat = producers[C.present_name(2, "value")]
     concat.op_type = "Sum"  # same inputs, no longer a cache concatenation
     del concat.attribute[:]
-    with pytest.raises(NotADecoderGraph, match="present.2.value is not produced by a Concat"):
+    with pytest.raises(NotADecoderGraph, match="present.2.value is not a cache concatenation"):
         to_shared_kv(proto)
 
 

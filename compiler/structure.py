@@ -1,0 +1,164 @@
+"""Find the structure of a decode-step graph: embedding, decoder blocks on the residual stream, KV
+inputs/outputs of each block, the final norm and the head.
+
+It works from the graph's topology, so it serves our TorchScript export, Hugging Face Optimum exports
+and ``torch.onnx.export(dynamo=True)`` exports alike (whose node names are flat):
+
+1. the embedding is a Gather of an initializer indexed by ``input_ids``;
+2. the residual stream is the chain of Add nodes that each take the previous stream value directly;
+   a pre-norm decoder has two per block (attention, MLP), so the chain must have 2L links;
+3. block l spans stream values r_l -> r_{l+1}; its attention Add must depend on ``past_key_values.l``;
+4. every node is assigned to the latest stream value it depends on: nothing (prologue: masks, RoPE
+   tables), block l, or the final stream value (final norm + head).
+Node-name scopes (``/model/layers.N/``) or ``pkg.torch.onnx.name_scopes`` metadata, when present, are
+only used to cross-check and to name things in messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from river.errors import NotADecoderGraph
+from river.export.contract import INPUT_IDS, LOGITS, StepContract, past_name, present_name
+
+
+@dataclass
+class Block:
+    index: int
+    input: gs.Variable  # residual stream entering the block
+    mid: gs.Variable  # after the attention residual Add
+    output: gs.Variable  # after the MLP residual Add
+    nodes: list[gs.Node] = field(default_factory=list)  # topological order
+
+    def kv_nodes(self, graph_outputs: dict[str, gs.Variable]) -> list[gs.Node]:
+        """The block's nodes that its present K/V depend on (norm, K/V projections, RoPE, concat)."""
+        targets = [graph_outputs[present_name(self.index, k)] for k in ("key", "value")]
+        ancestors = _ancestor_nodes(targets)
+        return [n for n in self.nodes if id(n) in ancestors]
+
+    def mlp_nodes(self) -> list[gs.Node]:
+        """Nodes that compute the MLP branch (between ``mid`` and ``output``)."""
+        attn = _ancestor_nodes([self.mid])
+        return [n for n in self.nodes if id(n) not in attn]
+
+
+@dataclass
+class DecoderStructure:
+    graph: gs.Graph
+    contract: StepContract
+    embedding: gs.Node
+    blocks: list[Block]
+    final_hidden: gs.Variable  # residual stream after the last block (input of the final norm)
+    prologue: list[gs.Node]  # nodes that depend on no stream value (masks, RoPE tables, shapes)
+    head: list[gs.Node]  # final norm + LM head
+    how: str  # "topology", plus what cross-checked it
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+
+def _ancestor_nodes(values) -> set[int]:
+    """ids of every node upstream of ``values`` (gs nodes are not hashable)."""
+    seen: set[int] = set()
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        for producer in v.inputs:
+            if id(producer) not in seen:
+                seen.add(id(producer))
+                stack.extend(producer.inputs)
+    return seen
+
+
+def _find_embedding(graph: gs.Graph) -> gs.Node:
+    ids = next(t for t in graph.inputs if t.name == INPUT_IDS)
+    frontier, seen = [ids], set()
+    while frontier:  # input_ids may pass through Cast/Reshape before the Gather
+        t = frontier.pop()
+        for node in t.outputs:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant) and node.inputs[1] is t:
+                if len(node.inputs[0].shape) == 2:
+                    return node
+            if node.op in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity"):
+                frontier.extend(node.outputs[:1])
+    raise NotADecoderGraph("no embedding found: no Gather of an initializer indexed by input_ids")
+
+
+def _residual_chain(start: gs.Variable) -> list[gs.Node]:
+    chain, h = [], start
+    while True:
+        adds = [n for n in h.outputs if n.op == "Add" and any(i is h for i in n.inputs)]
+        if not adds:
+            return chain
+        if len(adds) > 1:
+            names = ", ".join(n.name for n in adds)
+            raise NotADecoderGraph(f"ambiguous residual stream at '{h.name}': several Adds consume it ({names})")
+        chain.append(adds[0])
+        h = adds[0].outputs[0]
+
+
+def discover(graph: gs.Graph, contract: StepContract | None = None, model=None) -> DecoderStructure:
+    """The decoder structure of ``graph`` (an onnx-graphsurgeon graph of a contract step graph)."""
+    if contract is None:
+        contract = StepContract.from_model(model if model is not None else gs.export_onnx(graph, do_type_check=False))
+    L = contract.num_layers
+    embedding = _find_embedding(graph)
+    r0 = embedding.outputs[0]
+    chain = _residual_chain(r0)
+    if len(chain) != 2 * L:
+        raise NotADecoderGraph(
+            f"no residual chain of {2 * L} Adds found between embedding and head (found {len(chain)}): "
+            "expected a pre-norm decoder with an attention and an MLP residual per layer"
+        )
+    outputs = {t.name: t for t in graph.outputs}
+    stream = [r0] + [a.outputs[0] for a in chain]  # r0, mid0, r1, mid1, r2, ...
+    blocks = [Block(l, stream[2 * l], stream[2 * l + 1], stream[2 * l + 2]) for l in range(L)]
+
+    # label every stream value with its block, then every node with the latest label it depends on
+    label: dict[int, int] = {}  # id(tensor) -> latest stream label it depends on
+    for l, b in enumerate(blocks):
+        label[id(b.input)], label[id(b.mid)] = l, l
+    label[id(blocks[-1].output)] = L
+    graph.toposort()
+    prologue, head = [], []
+    for node in graph.nodes:
+        dep = max((label.get(id(t), -1) for t in node.inputs), default=-1)
+        for out in node.outputs:
+            label.setdefault(id(out), dep)
+        if dep < 0:
+            prologue.append(node)
+        elif dep < L:
+            blocks[dep].nodes.append(node)
+        else:
+            head.append(node)
+    # each block's attention must read its own layer's cache, and its present must come from the block
+    for b in blocks:
+        for kind in ("key", "value"):
+            present = outputs[present_name(b.index, kind)]
+            producers = present.inputs
+            if not producers or not any(producers[0] is n for n in b.nodes):
+                raise NotADecoderGraph(f"{present.name} is not computed inside decoder block {b.index} "
+                                       f"(between '{b.input.name}' and '{b.output.name}')")
+        past = next(t for t in graph.inputs if t.name == past_name(b.index, "key"))
+        if not any(n is m for n in past.outputs for m in b.nodes):
+            raise NotADecoderGraph(f"decoder block {b.index} does not read {past.name}")
+    logits = outputs[LOGITS]
+    if not logits.inputs or not any(logits.inputs[0] is n for n in head):
+        raise NotADecoderGraph("no head found: logits do not depend on the last residual stream value")
+    how = "topology"
+    scoped = [n for n in blocks[0].nodes if "layers.0/" in (n.name or "")]
+    if scoped:
+        how += " (node-name scopes agree)" if all(f"layers.{b.index}/" in (b.output.inputs[0].name or "") for b in blocks) else ""
+    return DecoderStructure(graph, contract, embedding, blocks, blocks[-1].output, prologue, head, how)
+
+
+def discover_model(model) -> DecoderStructure:
+    """Convenience: structure of an ``onnx.ModelProto``."""
+    contract = StepContract.from_model(model)
+    return discover(gs.import_onnx(model), contract)
