@@ -118,15 +118,16 @@ class _Builder:
             self.quantized[key] = out
         return self.quantized[key]
 
-    def clone(self, nodes: list[gs.Node], mapping: dict[int, gs.Tensor], tag: str) -> list[gs.Node]:
+    def clone(self, nodes: list[gs.Node], mapping: dict[int, gs.Tensor], tag: str, twin: bool = True) -> list[gs.Node]:
         """Copies of ``nodes`` whose inputs go through ``mapping`` (id -> replacement) and whose
-        outputs are fresh tensors named ``<name>@<tag>`` (added to ``mapping``)."""
+        outputs are fresh tensors named ``<name>@<tag>`` (added to ``mapping``). With ``twin``,
+        MatMul weights become the twin's (quantized) weights; the head keeps backbone precision."""
         clones = []
         for n in nodes:
             inputs = []
             for i, t in enumerate(n.inputs):
                 t = mapping.get(id(t), t)
-                if n.op == "MatMul" and i == 1 and isinstance(t, gs.Constant):
+                if twin and n.op == "MatMul" and i == 1 and isinstance(t, gs.Constant):
                     t = self.twin_weight(t)
                 inputs.append(t)
             outputs = []
@@ -205,7 +206,7 @@ class _Builder:
                 nodes += self.clone(b.nodes, mapping, tag)
                 stream = mapping[id(b.output)]
         mapping[id(self.s.final_hidden)] = stream
-        nodes += self.clone(self.s.head, mapping, tag)
+        nodes += self.clone(self.s.head, mapping, tag, twin=False)
         outs = [mapping[id(self.outputs[LOGITS])]]
         outs += [mapping[id(self.outputs[present_name(l, k)])] for l in range(g + 1, L) for k in ("key", "value")]
         node, exit_out = self.exit_layer(g + 1, tag)

@@ -62,7 +62,8 @@ def check(model: onnx.ModelProto) -> list[str]:
             if not concats:
                 problems.append(f"{past.name} feeds no Concat(past, new, axis=2): {present_name(layer, kind)} is not a cache concatenation")
             for node in others:
-                problems.append(f"{past.name} is also read by {node.op} node '{node.name}'")
+                if node.op != "Shape":  # Shape(past) is rewritten (see _virtual_past_shape)
+                    problems.append(f"{past.name} is also read by {node.op} node '{node.name}'")
     return problems
 
 
@@ -80,21 +81,58 @@ def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
     write_indices = gs.Variable(WRITE_INDICES, dtype=np.int64, shape=[batch])
     graph.inputs.append(write_indices)
     outputs = {t.name: t for t in graph.outputs}
+    past_shape = None
     for layer in range(contract.num_layers):
         for kind in ("key", "value"):
             past = inputs[past_name(layer, kind)]
-            for node in _kv_concats(graph, past)[0]:
+            concats, shapes = _kv_concats(graph, past)
+            for node in shapes:
+                if past_shape is None:
+                    past_shape = _virtual_past_shape(graph, inputs, contract)
+                node.op = "Slice"
+                start, end = node.attrs.get("start", 0), node.attrs.get("end", 4)
+                node.inputs = [past_shape, _i64(f"{node.name}/start", [start]), _i64(f"{node.name}/end", [end])]
+                node.attrs = {}
+            for node in concats:
                 node.op = "TensorScatter"
                 node.inputs.append(write_indices)
                 node.attrs = {"axis": 2}
                 node.name = f"{node.name}/shared_kv"
             outputs[present_name(layer, kind)].shape = list(past.shape)
+    graph.toposort()
     result = gs.export_onnx(graph, do_type_check=False)
     # inputs with a default (an initializer of the same name, e.g. exit_thresholds) stay inputs
     have = {i.name for i in result.graph.input}
     result.graph.input.extend(i for i in model.graph.input if i.name not in have)
     result.metadata_props.extend(model.metadata_props)
     return result
+
+
+def _i64(name, values) -> gs.Constant:
+    return gs.Constant(name, np.asarray(values, dtype=np.int64))
+
+
+def _virtual_past_shape(graph: gs.Graph, inputs: dict, contract: StepContract) -> gs.Variable:
+    """[B, Hkv, P, D] with P = mask length - S: what ``Shape(past)`` meant in the contract graph.
+
+    Exports that derive the past length from ``Shape(past_key_values.*)`` (Optimum does) would see
+    the buffer capacity C instead; with this P the total length P + S equals the mask's, C.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    v = lambda name: gs.Variable(f"/shared_kv/{name}", dtype=np.int64)  # noqa: E731
+    ids_shape, mask_shape, batch, seq, total, past_len, shape = (
+        v("ids_shape"), v("mask_shape"), v("batch"), v("seq"), v("total"), v("past_len"), v("past_shape"))
+    graph.nodes += [
+        gs.Node("Shape", "/shared_kv/ids_shape", {}, [ids], [ids_shape]),
+        gs.Node("Shape", "/shared_kv/mask_shape", {}, [mask], [mask_shape]),
+        gs.Node("Slice", "/shared_kv/batch", {}, [ids_shape, _i64("/shared_kv/c0", [0]), _i64("/shared_kv/c1", [1])], [batch]),
+        gs.Node("Slice", "/shared_kv/seq", {}, [ids_shape, _i64("/shared_kv/c1b", [1]), _i64("/shared_kv/c2", [2])], [seq]),
+        gs.Node("Slice", "/shared_kv/total", {}, [mask_shape, _i64("/shared_kv/c1c", [1]), _i64("/shared_kv/c2b", [2])], [total]),
+        gs.Node("Sub", "/shared_kv/past_len", {}, [total, seq], [past_len]),
+        gs.Node("Concat", "/shared_kv/past_shape", {"axis": 0},
+                [batch, _i64("/shared_kv/heads", [contract.num_kv_heads]), past_len, _i64("/shared_kv/dim", [contract.head_dim])], [shape]),
+    ]
+    return shape
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

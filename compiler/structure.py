@@ -90,10 +90,24 @@ def _find_embedding(graph: gs.Graph) -> gs.Node:
     raise NotADecoderGraph("no embedding found: no Gather of an initializer indexed by input_ids")
 
 
+def _aliases(h: gs.Tensor) -> list[gs.Tensor]:
+    """``h`` and the outputs of value-preserving nodes applied to it (Optimum's RMSNorm starts with
+    a Cast to float32, and the residual is taken after it)."""
+    out, stack = [], [h]
+    while stack:
+        t = stack.pop()
+        out.append(t)
+        stack += [n.outputs[0] for n in t.outputs if n.op in ("Cast", "Identity") and len(n.outputs) == 1]
+    return out
+
+
 def _residual_chain(start: gs.Variable) -> list[gs.Node]:
     chain, h = [], start
     while True:
-        adds = [n for n in h.outputs if n.op == "Add" and any(i is h for i in n.inputs)]
+        aliases = _aliases(h)
+        adds = []
+        for a in aliases:
+            adds += [n for n in a.outputs if n.op == "Add" and any(i is a for i in n.inputs) and not any(n is x for x in adds)]
         if not adds:
             return chain
         if len(adds) > 1:

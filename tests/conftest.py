@@ -38,3 +38,50 @@ def smol_onnx(smol, tmp_path_factory) -> Path:
     from river.export import export_model
 
     return export_model(smol, tmp_path_factory.mktemp("smol") / "export")
+
+
+def optimum_export(loaded, work: Path) -> Path:
+    """Export through Hugging Face Optimum (text-generation-with-past) from a local HF directory."""
+    from optimum.exporters.onnx import main_export
+
+    from river.models.hf_dir import save_hf_dir
+
+    hf_dir = save_hf_dir(loaded.model, work / "hf", loaded.tokenizer)
+    main_export(str(hf_dir), output=str(work / "optimum"), task="text-generation-with-past", device="cpu")
+    return work / "optimum" / "model.onnx"
+
+
+def dynamo_export(loaded, work: Path) -> Path:
+    """Export through ``torch.onnx.export(dynamo=True)`` (flat node names)."""
+    import torch
+
+    from river.export import contract as C
+
+    cfg = loaded.config
+    b, s, p = 2, 3, 5
+    args = [torch.randint(0, cfg.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
+            torch.arange(p, p + s).repeat(b, 1)]
+    args += [torch.zeros(b, cfg.num_kv_heads, p, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+    dim = torch.export.Dim
+    batch, seq, past, total = dim("batch_size"), dim("sequence_length"), dim("past_sequence_length"), dim("total_sequence_length")
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple([{0: batch, 2: past}] * (2 * cfg.num_layers)))
+    work.mkdir(parents=True, exist_ok=True)
+    program = torch.onnx.export(loaded.model, tuple(args), dynamo=True, dynamic_shapes=shapes,
+                                input_names=C.input_names(cfg.num_layers), output_names=C.output_names(cfg.num_layers))
+    program.save(str(work / "model.onnx"))
+    return work / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_optimum_onnx(tiny, tmp_path_factory) -> Path:
+    return optimum_export(tiny, tmp_path_factory.mktemp("tiny-optimum"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamo_onnx(tiny, tmp_path_factory) -> Path:
+    return dynamo_export(tiny, tmp_path_factory.mktemp("tiny-dynamo"))
+
+
+@pytest.fixture(scope="session")
+def smol_optimum_onnx(smol, tmp_path_factory) -> Path:
+    return optimum_export(smol, tmp_path_factory.mktemp("smol-optimum"))

@@ -1,0 +1,84 @@
+"""The River algorithm in torch, over our ``LlamaForCausalLM``: the ground truth for the ONNX River
+graph (same gates, same twins, same KV share), and the way to time River on a GPU.
+
+One ``step`` mirrors one River graph step: run the backbone; after each gate layer compare the
+per-row cosine similarity of the block's input and output (last position) with the gate's threshold;
+when every row clears it, run the river (twins of the remaining layers, writing their K/V) and the
+head. Twin weights come from ``river.compiler.quantize``, the same routine the compiler uses.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from river.compiler.quantize import BITS, quantize_blockwise
+from river.models.llama import DecoderLayer, LlamaForCausalLM, additive_causal_mask
+
+
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine of [B,H] tensors, with the River graph's exact formula (eps on the norm)."""
+    dot = (a * b).sum(-1)
+    norm = torch.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    return dot / torch.clamp(norm, min=1e-12)
+
+
+class TorchRiver:
+    def __init__(self, model: LlamaForCausalLM, gates, kind: str = "full", precision: str = "int8", block: int = 64):
+        self.model, self.gates, self.kind, self.precision, self.block = model.eval(), tuple(gates), kind, precision, block
+        self._twins: dict[int, DecoderLayer] = {}
+
+    def twin(self, layer: int) -> DecoderLayer:
+        """A copy of the layer whose linear weights are block-quantized and dequantized (the twin)."""
+        if layer not in self._twins:
+            twin = copy.deepcopy(self.model.model.layers[layer])
+            if self.precision != "fp32":
+                with torch.no_grad():
+                    for mod in twin.modules():
+                        if isinstance(mod, torch.nn.Linear) and mod.in_features % self.block == 0:
+                            w = mod.weight.detach().cpu().numpy().T  # the ONNX MatMul layout [in, out]
+                            deq = quantize_blockwise(w, BITS[self.precision], self.block).dequantize()
+                            mod.weight.copy_(torch.from_numpy(deq.T.copy()))
+            self._twins[layer] = twin
+        return self._twins[layer]
+
+    @torch.no_grad()
+    def step(self, input_ids, attention_mask, position_ids, past, thresholds):
+        """(logits, presents, exit_layer[B]) for one step; ``past`` is the flat contract list."""
+        m = self.model.model
+        L = len(m.layers)
+        h = m.embed_tokens(input_ids)
+        cos, sin = m.rotary_emb(position_ids)
+        mask = additive_causal_mask(attention_mask, input_ids.shape[1], h.dtype)
+        presents: list[torch.Tensor] = []
+        exit_after = None
+        self.similarities: list[torch.Tensor] = []  # per gate reached: per-row s_k
+        for l, layer in enumerate(m.layers):
+            h_in = h
+            h, k, v = layer(h, cos, sin, mask, past[2 * l], past[2 * l + 1])
+            presents += [k, v]
+            if l in self.gates:
+                gi = self.gates.index(l)
+                sim = cosine_rows(h_in[:, -1], h[:, -1])
+                self.similarities.append(sim)
+                if bool((sim >= float(thresholds[gi])).all()):
+                    exit_after = l
+                    break
+        if exit_after is not None:
+            h_exit = h
+            for l in range(exit_after + 1, L):
+                twin = self.twin(l)
+                pk, pv = past[2 * l], past[2 * l + 1]
+                if self.kind == "kv":
+                    k, v = twin.self_attn.new_kv(twin.input_layernorm(h_exit), cos, sin)
+                    k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+                elif self.kind == "attn":
+                    attn, k, v = twin.self_attn(twin.input_layernorm(h), cos, sin, mask, pk, pv)
+                    h = h + attn
+                else:
+                    h, k, v = twin(h, cos, sin, mask, pk, pv)
+                presents += [k, v]
+        logits = self.model.lm_head(m.norm(h))
+        exit_layer = torch.full((input_ids.shape[0],), L if exit_after is None else exit_after + 1, dtype=torch.int64)
+        return logits, presents, exit_layer

@@ -1,0 +1,134 @@
+"""The River rewrite on real exported graphs: DESIGN section 8 invariants 1-4."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, RiverSpec, river_graph, river_metadata
+from river.errors import RiverError
+from river.export import contract as C
+from river.runtime.ort_backend import make_session
+from river.runtime.torch_reference import TorchRiver
+
+GATES = (0, 2)
+
+
+def step_feeds(cfg, batch=2, seq=1, past=6, seed=0):
+    rng = np.random.default_rng(seed)
+    feeds = {C.INPUT_IDS: rng.integers(0, cfg.vocab_size - 3, (batch, seq)),
+             C.ATTENTION_MASK: np.ones((batch, past + seq), np.int64),
+             C.POSITION_IDS: np.tile(np.arange(past, past + seq), (batch, 1))}
+    for layer in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            feeds[C.past_name(layer, kind)] = rng.standard_normal((batch, cfg.num_kv_heads, past, cfg.head_dim)).astype(np.float32)
+    return feeds
+
+
+def torch_args(feeds, cfg):
+    past = [torch.from_numpy(feeds[C.past_name(l, k)]) for l in range(cfg.num_layers) for k in ("key", "value")]
+    return [torch.from_numpy(feeds[n]) for n in (C.INPUT_IDS, C.ATTENTION_MASK, C.POSITION_IDS)], past
+
+
+@pytest.fixture(scope="module")
+def tiny_proto(tiny_onnx):
+    return onnx.load(str(tiny_onnx))
+
+
+@pytest.mark.parametrize("river", ["int8", "int4", "fp32", "attn", "kv"])
+def test_gates_disabled_equals_original(tiny, tiny_proto, river):
+    """Invariant 1: with every gate disabled, logits and presents equal the original graph's."""
+    spec = RiverSpec.from_name(river, GATES)
+    model = river_graph(tiny_proto, spec)
+    onnx.checker.check_model(model, full_check=True)  # invariant 4 (checker + full shape inference)
+    assert river_metadata(model) == {"gates": list(GATES), "kind": spec.kind, "precision": spec.precision, "block": 64}
+    feeds = step_feeds(tiny.config, seq=3)
+    ref = make_session(tiny_proto).run(None, feeds)
+    out = make_session(model).run(None, feeds)  # baked-in defaults: disabled
+    assert np.array_equal(out[-1], [4, 4])
+    assert max(np.abs(a - b).max() for a, b in zip(ref, out[:-1])) <= 1e-5
+    forced_off = make_session(model).run(None, {**feeds, THRESHOLDS: np.full(2, DISABLED, np.float32)})
+    assert max(np.abs(a - b).max() for a, b in zip(ref, forced_off[:-1])) <= 1e-5
+
+
+@pytest.mark.parametrize("which", ["optimum", "dynamo"])
+def test_gates_disabled_equals_original_other_exporters(tiny, which, tiny_optimum_onnx, tiny_dynamo_onnx):
+    proto = onnx.load(str(tiny_optimum_onnx if which == "optimum" else tiny_dynamo_onnx))
+    model = river_graph(proto, RiverSpec.from_name("int8", GATES))
+    onnx.checker.check_model(model, full_check=True)
+    feeds = step_feeds(tiny.config, seq=2)
+    ref = make_session(proto).run(None, feeds)
+    out = make_session(model).run(None, feeds)
+    assert max(np.abs(a - b).max() for a, b in zip(ref, out[:-1])) <= 1e-5
+    forced = make_session(model).run(None, {**feeds, THRESHOLDS: np.array([-2, DISABLED], np.float32)})
+    assert np.array_equal(forced[-1], [1, 1])
+
+
+@pytest.mark.parametrize("river", ["int8", "int4", "fp32", "attn", "kv"])
+def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river):
+    """Invariant 3: same exits and outputs as the torch reference, gate by gate."""
+    spec = RiverSpec.from_name(river, GATES)
+    session = make_session(river_graph(tiny_proto, spec))
+    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block)
+    feeds = step_feeds(tiny.config, seed=3)
+    ids, past = torch_args(feeds, tiny.config)
+    for thresholds, expect in (([-2, DISABLED], 1), ([DISABLED, -2], 3), ([DISABLED, DISABLED], 4)):
+        thr = np.array(thresholds, np.float32)
+        out = session.run(None, {**feeds, THRESHOLDS: thr})
+        logits, presents, exit_layer = ref.step(*ids, past, thr)
+        assert np.array_equal(out[-1], exit_layer.numpy()) and int(out[-1][0]) == expect
+        assert np.abs(out[0] - logits.numpy()).max() <= 1e-4
+        assert max(np.abs(o - p.numpy()).max() for o, p in zip(out[1:-1], presents)) <= 1e-4
+
+
+def test_batch_exits_only_when_every_row_clears_its_gate(tiny, tiny_proto):
+    spec = RiverSpec.from_name("int8", GATES)
+    session = make_session(river_graph(tiny_proto, spec))
+    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision)
+    feeds = step_feeds(tiny.config, seed=5)
+    ids, past = torch_args(feeds, tiny.config)
+    ref.step(*ids, past, np.full(2, DISABLED, np.float32))
+    sims = ref.similarities[0].numpy()
+    assert sims[0] != sims[1]
+    between = np.float32((sims[0] + sims[1]) / 2)
+    below = np.float32(min(sims) - 1e-3)
+    assert int(session.run(None, {**feeds, THRESHOLDS: np.array([between, DISABLED], np.float32)})[-1][0]) == 4
+    assert int(session.run(None, {**feeds, THRESHOLDS: np.array([below, DISABLED], np.float32)})[-1][0]) == 1
+
+
+def test_exit_river_writes_every_layer(tiny, tiny_proto):
+    """The KV share in one step: an exit after layer 0 still writes present.{1..3} (twins' K/V)."""
+    model = river_graph(tiny_proto, RiverSpec.from_name("int8", GATES))
+    feeds = step_feeds(tiny.config, seq=1, past=4)
+    out = dict(zip([o.name for o in model.graph.output],
+                   make_session(model).run(None, {**feeds, THRESHOLDS: np.array([-2, DISABLED], np.float32)})))
+    assert int(out[EXIT_LAYER][0]) == 1
+    for layer in range(4):
+        for kind in ("key", "value"):
+            present = out[C.present_name(layer, kind)]
+            assert present.shape[2] == 5 and np.all(np.isfinite(present))
+            np.testing.assert_array_equal(present[:, :, :4], feeds[C.past_name(layer, kind)])
+            assert np.abs(present[:, :, 4]).max() > 0
+
+
+def test_bad_specs_are_refused(tiny_proto):
+    with pytest.raises(RiverError, match="out of range"):
+        river_graph(tiny_proto, RiverSpec.from_name("int8", (3,)))
+    with pytest.raises(RiverError, match="strictly increasing"):
+        river_graph(tiny_proto, RiverSpec.from_name("int8", (2, 1)))
+    with pytest.raises(RiverError, match="unknown river kind"):
+        RiverSpec.from_name("int3", (1,))
+    with pytest.raises(RiverError, match="2 thresholds for 1 gates"):
+        river_graph(tiny_proto, RiverSpec.from_name("int8", (1,), thresholds=(0.5, 0.6)))
+
+
+def test_twin_weights_are_shared_between_rivers(tiny_proto):
+    """Quantized twins: one copy per layer weight whatever the number of gates; fp32 twins: none."""
+    fp32 = river_graph(tiny_proto, RiverSpec.from_name("fp32", GATES))
+    int8 = river_graph(tiny_proto, RiverSpec.from_name("int8", GATES))
+    base = {i.name for i in tiny_proto.graph.initializer}
+    assert not [i.name for i in fp32.graph.initializer if i.name not in base and i.name != THRESHOLDS and "@" in i.name]
+    q = [i.name for i in int8.graph.initializer if i.name.endswith("@q8")]
+    assert len(q) == len(set(q)) == 7 * 3  # 7 linear weights in each of layers 1..3 (the river of gate 0)
