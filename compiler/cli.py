@@ -1,9 +1,10 @@
-"""``river-export``: export a model to a decode-step ONNX graph (the River rewrite builds on it)."""
+"""``river-export``: compile a decoder into a River graph (similarity gates + exit rivers)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from river.errors import RiverError
@@ -13,33 +14,63 @@ from river.models.registry import DEFAULT_MODEL, available_models
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="river-export",
-        description="Export a decoder to an ONNX decode-step graph with KV-cache inputs/outputs "
-        "(Hugging Face Optimum's names: input_ids, attention_mask, position_ids, past_key_values.*, "
-        "logits, present.*), plus its tokenizer and a river_model.json.",
+        description="Rewrite a decoder's ONNX decode-step graph into a River graph: a similarity gate after "
+        "each gate layer and, behind an ONNX If, an exit river of cheap twins of the remaining layers that "
+        "write the same KV cache. The River graph takes the step graph's inputs plus exit_thresholds [G] "
+        "(defaults baked in) and returns its outputs plus exit_layer [B].",
+        epilog="MODEL may be a step graph (model.onnx, e.g. from `optimum-cli export onnx --task "
+        "text-generation-with-past`), or a registered name / .gguf file / Hugging Face directory, which is "
+        "exported to a step graph first.",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"registered name ({', '.join(available_models())}), a .gguf file or a Hugging Face "
-                   f"model directory (default: {DEFAULT_MODEL})")
+                   help=f"model.onnx, a registered name ({', '.join(available_models())}), a .gguf file or a "
+                   f"Hugging Face model directory (default: {DEFAULT_MODEL})")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder (must not exist or be empty)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--gates", help="comma-separated layer indices after which tokens may exit "
+                   "(default 'auto': the middle band, layers L/2-1 .. 3L/4-1)")
+    p.add_argument("--river", default="int8", choices=["int8", "int4", "fp32", "attn", "kv"],
+                   help="twin kind: int8/int4/fp32 = whole-layer twins at that weight precision; attn = "
+                   "attention-only twins; kv = K/V projections of the exit state only (default int8)")
+    p.add_argument("--thresholds", help="JSON file: a list of per-gate similarity thresholds, or "
+                   '{"gates": [...], "thresholds": [...]} (default: every gate disabled until calibrated)')
+    p.add_argument("--block", type=int, default=64, choices=[32, 64, 128], help="quantization block size (default 64)")
+    p.add_argument("--step-only", action="store_true", help="only export the plain decode-step graph (no River rewrite)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.model.endswith(".onnx"):
-            raise RiverError("rewriting an existing ONNX step graph into a River graph is not implemented yet; "
-                             "give a model name, .gguf file or HF directory to export one")
+        from river.compiler.compile import compile_river
         from river.export.onnx_export import export_model
         from river.models.registry import load_model
 
-        print(f"[river] loading {args.model} ...", file=sys.stderr, flush=True)
-        loaded = load_model(args.model)
-        print(f"[river] exporting {loaded.name} ({loaded.config.num_layers} layers) ...", file=sys.stderr, flush=True)
-        path = export_model(loaded, args.output, opset=args.opset)
-    except (RiverError, FileExistsError, PermissionError) as exc:
+        if args.model.endswith(".onnx"):
+            if args.step_only:
+                raise RiverError("--step-only exports a model; the input is already an ONNX graph")
+            path = compile_river(args.model, args.output, gates=args.gates, river=args.river,
+                                 thresholds=args.thresholds, block=args.block)
+        else:
+            print(f"[river] loading {args.model} ...", file=sys.stderr, flush=True)
+            loaded = load_model(args.model)
+            print(f"[river] exporting {loaded.name} ({loaded.config.num_layers} layers) to a step graph ...",
+                  file=sys.stderr, flush=True)
+            if args.step_only:
+                path = export_model(loaded, args.output)
+            else:
+                if args.output.exists() and any(args.output.iterdir()):
+                    raise RiverError(f"output folder {args.output} exists and is not empty")
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".step.") as tmp:
+                    step = export_model(loaded, Path(tmp) / "step")
+                    del loaded
+                    path = compile_river(step, args.output, gates=args.gates, river=args.river,
+                                         thresholds=args.thresholds, block=args.block, model_name=args.model)
+    except (RiverError, FileExistsError) as exc:
         print(f"river-export: error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"river-export: error: cannot write: {exc}", file=sys.stderr)
         return 2
     print(path)
     return 0

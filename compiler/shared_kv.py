@@ -75,6 +75,12 @@ def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
     contract = StepContract.from_model(model)
     if _default_opset(model) < TENSOR_SCATTER_OPSET:
         model = version_converter.convert_version(model, TENSOR_SCATTER_OPSET)
+    # Inputs with defaults (exit_thresholds) must stay runtime inputs: gs would treat them as constants
+    # and copy them into the If branches that read them. Detach the defaults, re-attach after export.
+    input_names = {i.name for i in model.graph.input}
+    defaults = [t for t in model.graph.initializer if t.name in input_names]
+    if defaults:
+        model = _without_initializers(model, {t.name for t in defaults})
     graph = gs.import_onnx(model)
     inputs = {t.name: t for t in graph.inputs}
     batch = graph.inputs[0].shape[0] if graph.inputs[0].shape else "batch_size"
@@ -104,8 +110,18 @@ def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
     # inputs with a default (an initializer of the same name, e.g. exit_thresholds) stay inputs
     have = {i.name for i in result.graph.input}
     result.graph.input.extend(i for i in model.graph.input if i.name not in have)
+    result.graph.initializer.extend(defaults)
     result.metadata_props.extend(model.metadata_props)
     return result
+
+
+def _without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    keep = [t for t in stripped.graph.initializer if t.name not in names]
+    del stripped.graph.initializer[:]
+    stripped.graph.initializer.extend(keep)
+    return stripped
 
 
 def _i64(name, values) -> gs.Constant:

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--max-length", type=int, help="cache capacity: prompt + new tokens (default: model context)")
+    p.add_argument("--thresholds", help="River graphs: per-gate exit thresholds, comma-separated or a JSON "
+                   "file (default: the graph's baked-in ones); 'off' disables every gate")
     p.add_argument("--stats", action="store_true", help="print per-step statistics to stderr")
     return p
 
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         from river.runtime.generate import GenerationConfig
         from river.runtime.loading import open_generator
 
-        gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length)
+        gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
+                             thresholds=args.thresholds)
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed, stop=args.stop)
         result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
@@ -49,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if args.stats:
         for s in result.steps:
-            print(f"step {s.index:4d} {s.phase:7s} token {s.token_id:6d} {s.seconds * 1e3:8.2f} ms", file=sys.stderr)
+            exit_info = "" if s.exit_layer is None else f"  exit after layer {s.exit_layer}"
+            print(f"step {s.index:4d} {s.phase:7s} token {s.token_id:6d} {s.seconds * 1e3:8.2f} ms{exit_info}",
+                  file=sys.stderr)
+        exits = [s.exit_layer for s in result.steps if s.exit_layer is not None]
+        if exits:
+            hist = {layer: exits.count(layer) for layer in sorted(set(exits))}
+            print(f"[river] exit layers (layers run per decode step): {hist}", file=sys.stderr)
     n = len(result.token_ids)
     print(f"[river] {n} tokens ({result.finish_reason}); prompt {len(result.prompt_ids)} tokens in "
           f"{result.prefill_seconds * 1e3:.0f} ms; decode {result.decode_tokens_per_s:.1f} tokens/s",

@@ -5,14 +5,37 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from river.errors import ModelNotFound
+from river.compiler.river_pass import DISABLED
+from river.errors import ModelNotFound, RiverError
 from river.export.onnx_export import META_FILE
 from river.runtime.generate import Generator
 from river.runtime.ort_backend import OrtBackend
 
 
+def parse_thresholds(text: str | None, backend: OrtBackend):
+    """'off', comma-separated numbers, or a JSON thresholds file (see river-export --thresholds)."""
+    if text is None:
+        return None
+    if backend.river is None:
+        raise RiverError("--thresholds applies to River graphs; this model has no exit gates")
+    gates = backend.river["gates"]
+    if text == "off":
+        return [DISABLED] * len(gates)
+    if Path(text).is_file():
+        from river.compiler.compile import read_thresholds
+
+        return list(read_thresholds(text, gates))
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise RiverError(f"bad thresholds '{text}': give numbers separated by commas, 'off', or a JSON file") from None
+    if len(values) != len(gates):
+        raise RiverError(f"{len(values)} thresholds for {len(gates)} gates (after layers {gates})")
+    return values
+
+
 def open_generator(model: str, threads: int | None = None, tokenizer: str | None = None,
-                   max_length: int | None = None) -> Generator:
+                   max_length: int | None = None, thresholds: str | None = None) -> Generator:
     from transformers import AutoTokenizer
 
     if model.endswith(".onnx"):
@@ -24,6 +47,9 @@ def open_generator(model: str, threads: int | None = None, tokenizer: str | None
 
         onnx_path = exported_model_path(model)
     backend = OrtBackend(onnx_path, threads=threads)  # validates the decoder contract first
+    chosen = parse_thresholds(thresholds, backend)
+    if chosen is not None:
+        backend.set_thresholds(chosen)
     tok_dir = Path(tokenizer) if tokenizer else onnx_path.parent
     if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
         raise ModelNotFound(f"no tokenizer next to {onnx_path}; pass --tokenizer DIR (a folder with tokenizer.json)")

@@ -24,7 +24,7 @@ from river.models.cache import cache_root, file_fingerprint
 from river.runtime.backend import StepBackend
 from river.runtime.kv_cache import SharedKVCache
 
-SHARED_KV_FORMAT = 3  # bump when the pass's output changes, to invalidate cached derived graphs
+SHARED_KV_FORMAT = 4  # bump when the pass's output changes, to invalidate cached derived graphs
 _PROTO_LIMIT = 1_800_000_000  # serialized protos near 2 GiB must go through a file
 
 

@@ -1,0 +1,158 @@
+"""``river-export``'s job as a Python API: step graph in, River graph + manifest out, atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+
+from river.compiler.graph_io import load_onnx, save_onnx_atomic
+from river.compiler.river_pass import RiverSpec, default_gates, river_graph
+from river.errors import NotADecoderGraph, RiverError
+from river.export.contract import StepContract
+
+MANIFEST = "river.json"
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "tokenizer.model", "river_model.json", "generation_config.json", "config.json")
+
+
+def check_supported_ops(model: onnx.ModelProto, source: str = "model") -> None:
+    """Refuse graphs the River rewrite cannot handle: non-standard ops, or existing control flow."""
+    unsupported: dict[str, int] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                key = f"{node.domain}.{node.op_type}"
+                unsupported[key] = unsupported.get(key, 0) + 1
+            if node.op_type in ("If", "Loop", "Scan"):
+                raise NotADecoderGraph(f"{source} already contains control flow ({node.op_type} '{node.name}'): "
+                                       "is it already a River graph? Give the plain step graph.")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+
+    walk(model.graph)
+    if unsupported:
+        ops = ", ".join(f"{k} (x{v})" for k, v in sorted(unsupported.items()))
+        raise NotADecoderGraph(
+            f"{source} uses ops outside the standard ONNX domain: {ops}. River needs plain ONNX ops with the "
+            "KV cache as Concat(past, new) (as Optimum's text-generation-with-past export writes them)."
+        )
+
+
+def read_thresholds(path: str | Path, gates: Sequence[int]) -> tuple[float, ...]:
+    """A JSON list, or an object with "thresholds" (and optionally "gates", which must match)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RiverError(f"thresholds file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise RiverError(f"thresholds file {path} is not JSON: {exc}") from None
+    if isinstance(data, dict):
+        if "gates" in data and list(data["gates"]) != list(gates):
+            raise RiverError(f"thresholds in {path} are for gates {data['gates']}, not {list(gates)}")
+        data = data.get("thresholds")
+    if not isinstance(data, list) or not all(isinstance(x, (int, float)) for x in data):
+        raise RiverError(f"{path}: expected a list of numbers (one threshold per gate)")
+    return tuple(float(x) for x in data)
+
+
+def file_sha256(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_gates(text: str | None, num_layers: int) -> tuple[int, ...]:
+    if text in (None, "", "auto"):
+        return default_gates(num_layers)
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise RiverError(f"bad gate list '{text}': expected comma-separated layer indices like 14,16,18") from None
+
+
+def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | Sequence[int] | None = None,
+                  river: str = "int8", thresholds: str | Path | Sequence[float] | None = None, block: int = 64,
+                  model_name: str | None = None, log=sys.stderr) -> Path:
+    """Rewrite ``source_onnx`` (a step graph) into ``out_dir/model.onnx`` + ``river.json``.
+
+    Everything is written into a temporary sibling folder and renamed into place at the end: a failure
+    leaves nothing behind, and an existing non-empty ``out_dir`` is refused up front.
+    """
+    from tqdm import tqdm
+
+    source_onnx, out_dir = Path(source_onnx), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise RiverError(f"output folder {out_dir} exists and is not empty")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise RiverError(f"cannot write to {out_dir.parent}: {exc.strerror}") from None
+    bar = tqdm(total=4, desc="river-export", unit="step", file=log, disable=log is None)
+    try:
+        t0 = time.perf_counter()
+        bar.set_postfix_str("loading")
+        model = load_onnx(source_onnx)
+        contract = StepContract.from_model(model, str(source_onnx))
+        check_supported_ops(model, str(source_onnx))
+        bar.update()
+        gate_list = parse_gates(gates, contract.num_layers) if gates is None or isinstance(gates, str) else tuple(gates)
+        if thresholds is not None and not isinstance(thresholds, (list, tuple)):
+            thresholds = read_thresholds(thresholds, gate_list)
+        spec = RiverSpec.from_name(river, gate_list, block=block,
+                                   thresholds=None if thresholds is None else tuple(thresholds))
+        bar.set_postfix_str(f"rewriting ({spec.kind} twins, {spec.precision}, gates {list(spec.gates)})")
+        rewritten = river_graph(model, spec)
+        del model
+        bar.update()
+        bar.set_postfix_str("checking and writing")
+        save_onnx_atomic(rewritten, tmp / "model.onnx")
+        bar.update()
+        data = source_onnx.with_name(source_onnx.name + ".data")
+        manifest = {
+            "format": 1,
+            "model": model_name or source_onnx.parent.name,
+            "source": {"path": str(source_onnx.resolve()),
+                       "sha256": file_sha256([source_onnx] + ([data] if data.is_file() else []))},
+            "num_layers": contract.num_layers,
+            "gates": list(spec.gates),
+            "river": river,
+            "kind": spec.kind,
+            "precision": spec.precision,
+            "block": spec.block,
+            "thresholds": list(spec.thresholds) if spec.thresholds is not None else None,
+            "thresholds_note": None if spec.thresholds is not None else
+            "no thresholds given: every gate is disabled (2.0) until calibrated; pass exit_thresholds at run time",
+            "inputs_added": ["exit_thresholds"],
+            "outputs_added": ["exit_layer"],
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for name in SIDE_FILES:  # tokenizer and model metadata travel with the graph
+            if (source_onnx.parent / name).is_file():
+                shutil.copy2(source_onnx.parent / name, tmp / name)
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+        bar.update()
+        bar.set_postfix_str(f"done in {time.perf_counter() - t0:.1f}s")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return out_dir / "model.onnx"
