@@ -76,3 +76,32 @@ def _external_tensors(model: onnx.ModelProto):
     for tensor in _get_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             yield tensor
+
+
+def hoist_initializers(model: onnx.ModelProto, keep_local=lambda name: False) -> onnx.ModelProto:
+    """Move subgraph initializers to the main graph, once per name (except where ``keep_local``).
+
+    onnx-graphsurgeon exports a constant into each ``If`` branch that uses it, which would store a
+    weight once per branch; ONNX lets branches read outer-scope initializers, so keep one copy.
+    Quantized twin weights stay local: ONNX Runtime fuses DequantizeLinear -> MatMul into
+    MatMulNBits only when the weight is an initializer of the same graph.
+    """
+    main = model.graph
+    have = {t.name for t in main.initializer}
+
+    def walk(graph):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    sub = attr.g
+                    local = [t for t in sub.initializer if keep_local(t.name)]
+                    for t in sub.initializer:
+                        if not keep_local(t.name) and t.name not in have:
+                            main.initializer.append(t)
+                            have.add(t.name)
+                    del sub.initializer[:]
+                    sub.initializer.extend(local)
+                    walk(sub)
+
+    walk(main)
+    return model

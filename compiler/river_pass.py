@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import version_converter
 
+from river.compiler.graph_io import hoist_initializers
 from river.compiler.quantize import BITS, quantize_blockwise
 from river.compiler.structure import Block, DecoderStructure, discover
 from river.errors import RiverError
@@ -90,17 +91,23 @@ class _Builder:
 
     def __init__(self, structure: DecoderStructure, spec: RiverSpec):
         self.s, self.spec = structure, spec
-        self.quantized: dict[int, gs.Variable] = {}  # id(weight constant) -> dequantized twin weight
-        self.dq_nodes: list[gs.Node] = []  # DequantizeLinear nodes, placed in the outer graph
+        self.quantized: dict[int, tuple] = {}  # id(weight constant) -> (q, scale, block), shared by rivers
         self.outputs = {t.name: t for t in structure.graph.outputs}
         self.batch = None
+        self.similarities: dict[int, gs.Variable] = {}  # gate index -> per-row similarity [B] (segments output it)
 
     # -- helpers -----------------------------------------------------------------------------
     def const(self, name, value) -> gs.Constant:
         return gs.Constant(name, np.asarray(value))
 
-    def twin_weight(self, weight: gs.Constant) -> gs.Tensor:
-        """The twin's weight: the backbone's own (fp32) or its block-quantized, dequantized copy."""
+    def twin_weight(self, weight: gs.Constant, tag: str, sink: list[gs.Node]) -> gs.Tensor:
+        """The twin's weight: the backbone's own (fp32), or its block-quantized copy dequantized by a
+        DequantizeLinear placed right before the MatMul (appended to ``sink``), inside the branch.
+
+        The quantized initializers are shared by every river; the DQ node is per use, so it runs
+        only when its branch runs, and DQ -> MatMul is the pattern ONNX Runtime fuses into
+        MatMulNBits and TensorRT imports as weight-only quantization.
+        """
         if self.spec.precision == "fp32" or weight.values.ndim != 2 or weight.values.shape[0] % self.spec.block:
             return weight
         key = id(weight)
@@ -111,12 +118,12 @@ class _Builder:
                 q = gs.Constant(proto.name, LazyValues(proto))
             else:
                 q = gs.Constant(f"{weight.name}@q8", qw.q)
-            scale = gs.Constant(f"{weight.name}@q{qw.bits}_scale", qw.scale)
-            out = gs.Variable(f"{weight.name}@twin{qw.bits}", dtype=np.float32, shape=list(weight.values.shape))
-            self.dq_nodes.append(gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear@twin",
-                                         {"axis": 0, "block_size": qw.block}, [q, scale], [out]))
-            self.quantized[key] = out
-        return self.quantized[key]
+            self.quantized[key] = (q, gs.Constant(f"{weight.name}@q{qw.bits}_scale", qw.scale), qw.block)
+        q, scale, block = self.quantized[key]
+        out = gs.Variable(f"{weight.name}@twin@{tag}", dtype=np.float32, shape=list(weight.values.shape))
+        sink.append(gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear@{tag}",
+                            {"axis": 0, "block_size": block}, [q, scale], [out]))
+        return out
 
     def clone(self, nodes: list[gs.Node], mapping: dict[int, gs.Tensor], tag: str, twin: bool = True) -> list[gs.Node]:
         """Copies of ``nodes`` whose inputs go through ``mapping`` (id -> replacement) and whose
@@ -128,7 +135,7 @@ class _Builder:
             for i, t in enumerate(n.inputs):
                 t = mapping.get(id(t), t)
                 if twin and n.op == "MatMul" and i == 1 and isinstance(t, gs.Constant):
-                    t = self.twin_weight(t)
+                    t = self.twin_weight(t, tag, clones)
                 inputs.append(t)
             outputs = []
             for o in n.outputs:
@@ -172,6 +179,7 @@ class _Builder:
             gs.Node("Max", f"/river/{t}/norm_eps", {}, [norm, self.const(f"/river/{t}/eps", np.float32(1e-12))], [v("norm_eps")]),
         ]
         nodes.append(gs.Node("Div", f"/river/{t}/cos", {}, [dot, nodes[-1].outputs[0]], [sim]))
+        self.similarities[gi] = sim
         nodes += [
             gs.Node("Gather", f"/river/{t}/threshold", {"axis": 0}, [thresholds, self.const(f"/river/{t}/index", np.int64(gi))], [thr]),
             gs.Node("GreaterOrEqual", f"/river/{t}/fire", {}, [sim, thr], [fire]),
@@ -251,8 +259,18 @@ class _Builder:
         return gs.Graph(nodes=nodes, outputs=final, name=tag)
 
 
-def river_graph(model: onnx.ModelProto, spec: RiverSpec) -> onnx.ModelProto:
-    """The River graph of a contract step graph (see module docstring)."""
+def is_quantized_weight(name: str) -> bool:
+    """Names of twin weights written by this pass (``<weight>@q8``, ``@q4``, ``@q8_scale``...)."""
+    return "@q" in name
+
+
+def default_thresholds(spec: RiverSpec) -> np.ndarray:
+    return np.array(spec.thresholds if spec.thresholds is not None else [DISABLED] * len(spec.gates), np.float32)
+
+
+def prepare(model: onnx.ModelProto, spec: RiverSpec):
+    """The shared start of every River layout (nested, chained, segmented): check the spec, lift the
+    opset, find the structure; returns (builder, thresholds input, batch Shape node, converted model)."""
     contract = StepContract.from_model(model)
     check_spec(spec, contract.num_layers)
     if _default_opset(model) < RIVER_OPSET:
@@ -260,11 +278,18 @@ def river_graph(model: onnx.ModelProto, spec: RiverSpec) -> onnx.ModelProto:
     graph = gs.import_onnx(model)
     structure = discover(graph, contract)
     b = _Builder(structure, spec)
-    defaults = np.array(spec.thresholds if spec.thresholds is not None else [DISABLED] * len(spec.gates), np.float32)
     thresholds = gs.Variable(THRESHOLDS, dtype=np.float32, shape=[len(spec.gates)])
     ids = next(t for t in graph.inputs if t.name == INPUT_IDS)
     b.batch = gs.Variable("/river/batch", dtype=np.int64, shape=[1])
     batch_node = gs.Node("Shape", "/river/batch/Shape", {"start": 0, "end": 1}, [ids], [b.batch])
+    return b, thresholds, batch_node, model
+
+
+def river_graph(model: onnx.ModelProto, spec: RiverSpec) -> onnx.ModelProto:
+    """The River graph of a contract step graph (see module docstring)."""
+    b, thresholds, batch_node, model = prepare(model, spec)
+    graph, structure, contract = b.s.graph, b.s, b.s.contract
+    defaults = default_thresholds(spec)
 
     tail_nodes, outs = b.tail(0, 0, thresholds)
     # final names: logits, present.*, exit_layer (the outermost If's outputs or the backbone's own)
@@ -274,14 +299,14 @@ def river_graph(model: onnx.ModelProto, spec: RiverSpec) -> onnx.ModelProto:
         old.name = f"{old.name}@backbone"
     for t, name in zip(outs, final_names):
         t.name = name
-    graph.nodes = list(structure.prologue) + [batch_node] + b.dq_nodes + tail_nodes
+    graph.nodes = list(structure.prologue) + [batch_node] + tail_nodes
     graph.inputs.append(thresholds)
     graph.outputs = outs
     for t in graph.outputs:
         if t.dtype is None:
             t.dtype = np.int64 if t.name == EXIT_LAYER else np.float32
     graph.cleanup().toposort()
-    result = gs.export_onnx(graph, do_type_check=False)
+    result = hoist_initializers(gs.export_onnx(graph, do_type_check=False), keep_local=is_quantized_weight)
     # the thresholds input gets its defaults as a same-named initializer
     result.graph.initializer.append(onnx.numpy_helper.from_array(defaults, THRESHOLDS))
     _copy_metadata(model, result, spec)

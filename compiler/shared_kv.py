@@ -21,6 +21,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
+from river.compiler.graph_io import hoist_initializers
+from river.compiler.river_pass import is_quantized_weight
 from river.errors import NotADecoderGraph
 from river.export.contract import StepContract, past_name, present_name
 
@@ -106,7 +108,7 @@ def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
                 node.name = f"{node.name}/shared_kv"
             outputs[present_name(layer, kind)].shape = list(past.shape)
     graph.toposort()
-    result = gs.export_onnx(graph, do_type_check=False)
+    result = hoist_initializers(gs.export_onnx(graph, do_type_check=False), keep_local=is_quantized_weight)
     # inputs with a default (an initializer of the same name, e.g. exit_thresholds) stay inputs
     have = {i.name for i in result.graph.input}
     result.graph.input.extend(i for i in model.graph.input if i.name not in have)

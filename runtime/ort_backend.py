@@ -24,12 +24,16 @@ from river.models.cache import cache_root, file_fingerprint
 from river.runtime.backend import StepBackend
 from river.runtime.kv_cache import SharedKVCache
 
-SHARED_KV_FORMAT = 4  # bump when the pass's output changes, to invalidate cached derived graphs
+SHARED_KV_FORMAT = 5  # bump when the pass's output changes, to invalidate cached derived graphs
 _PROTO_LIMIT = 1_800_000_000  # serialized protos near 2 GiB must go through a file
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, matmul_accuracy: int = 1) -> ort.SessionOptions:
+    """ORT options. ``matmul_accuracy``: ONNX Runtime fuses our twins' DequantizeLinear -> MatMul into
+    MatMulNBits; its accuracy level 4 (ORT's default) quantizes activations to int8 as well, level 1
+    computes in fp32 and matches the weight-only twins the compiler wrote. We default to 1."""
     so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_accuracy))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or 0
     so.inter_op_num_threads = 1
@@ -37,9 +41,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
-def make_session(model: onnx.ModelProto, threads: int | None = None, providers=None) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, threads: int | None = None, providers=None,
+                 matmul_accuracy: int = 1) -> ort.InferenceSession:
     providers = providers or ["CPUExecutionProvider"]
-    so = session_options(threads)
+    so = session_options(threads, matmul_accuracy)
     if model.ByteSize() < _PROTO_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +67,7 @@ class OrtBackend(StepBackend):
     (default: the graph's baked-in ones); ``last_exit_layer`` reports where the last step exited."""
 
     def __init__(self, model_path: str | Path, threads: int | None = None, providers=None,
-                 thresholds=None):
+                 thresholds=None, matmul_accuracy: int = 1):
         self.model_path = Path(model_path)
         header = load_onnx_header(self.model_path)  # graph without weights: cheap contract check
         self.contract = StepContract.from_model(header, str(model_path))
@@ -76,7 +81,7 @@ class OrtBackend(StepBackend):
             if self.thresholds.shape != self.default_thresholds.shape:
                 raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.default_thresholds)} gates")
         providers = providers or ["CPUExecutionProvider"]
-        so = session_options(threads)
+        so = session_options(threads, matmul_accuracy)
         self.prefill_session = ort.InferenceSession(str(self.model_path), so, providers=providers)
         decode_path = shared_kv_path(self.model_path)
         self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
