@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Sequence
 
 import onnx
-
 from river.compiler.graph_io import load_onnx, save_onnx_atomic
 from river.compiler.river_pass import RiverSpec, default_gates, river_graph
 from river.errors import NotADecoderGraph, RiverError

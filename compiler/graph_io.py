@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import onnx
-
 from river.errors import InvalidModelFile, ModelNotFound
 
 

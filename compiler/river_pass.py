@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import version_converter
-
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from river.compiler.graph_io import hoist_initializers
 from river.compiler.quantize import BITS, quantize_blockwise
 from river.compiler.structure import Block, DecoderStructure, discover

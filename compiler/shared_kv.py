@@ -20,7 +20,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
-
 from river.compiler.graph_io import hoist_initializers
 from river.compiler.river_pass import is_quantized_weight
 from river.errors import NotADecoderGraph

@@ -19,9 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
-
 from river.errors import NotADecoderGraph
-from river.export.contract import INPUT_IDS, LOGITS, StepContract, past_name, present_name
+from river.export.contract import (
+    INPUT_IDS,
+    LOGITS,
+    StepContract,
+    past_name,
+    present_name,
+)
 
 
 @dataclass

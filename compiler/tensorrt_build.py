@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-
 from river.compiler.graph_io import load_onnx_header
 from river.compiler.trt_shim import FLAVOUR, require_trt
 from river.errors import ModelNotFound, RiverError

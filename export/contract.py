@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 
 import onnx
-
 from river.errors import NotADecoderGraph
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"

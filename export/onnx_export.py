@@ -14,7 +14,6 @@ from pathlib import Path
 
 import onnx
 import torch
-
 from river.export import contract
 from river.models.llama import LlamaForCausalLM
 from river.models.registry import LoadedModel

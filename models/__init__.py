@@ -2,6 +2,11 @@
 
 from river.models.config import LlamaConfig
 from river.models.llama import LlamaForCausalLM
-from river.models.registry import DEFAULT_MODEL, LoadedModel, available_models, load_model
+from river.models.registry import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    available_models,
+    load_model,
+)
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "LoadedModel", "load_model", "available_models", "DEFAULT_MODEL"]

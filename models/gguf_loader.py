@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from river.errors import InvalidModelFile, ModelNotFound
 from river.models.cache import cache_root, file_fingerprint
 from river.models.config import LlamaConfig

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from river.errors import InvalidModelFile, ModelNotFound
 from river.models.config import LlamaConfig
 from river.models.llama import LlamaForCausalLM

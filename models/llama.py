@@ -9,10 +9,9 @@ contract (DESIGN section 3): S new tokens over P cached ones, presents = concat(
 from __future__ import annotations
 
 import torch
+from river.models.config import LlamaConfig
 from torch import nn
 from torch.nn import functional as F
-
-from river.models.config import LlamaConfig
 
 
 class RMSNorm(nn.Module):

@@ -59,9 +59,8 @@ def _load_tiny() -> LoadedModel:
 
 
 def _load_hf(path: Path) -> LoadedModel:
-    from transformers import AutoTokenizer
-
     from river.models.hf_dir import load_hf_dir
+    from transformers import AutoTokenizer
 
     model, cfg = load_hf_dir(path)
     tok = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else None

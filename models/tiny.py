@@ -7,7 +7,6 @@ decoding then has clear winners and cross-runtime comparisons are not dominated 
 from __future__ import annotations
 
 import torch
-
 from river.models.config import LlamaConfig
 from river.models.llama import LlamaForCausalLM
 

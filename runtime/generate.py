@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-
 from river.errors import CacheOverflow
 from river.runtime.backend import StepBackend
 from river.runtime.kv_cache import SharedKVCache

@@ -7,7 +7,6 @@ its new positions, and rolling back (for speculative verification) only moves ``
 from __future__ import annotations
 
 import numpy as np
-
 from river.errors import CacheOverflow
 
 

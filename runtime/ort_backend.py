@@ -7,16 +7,14 @@ made once per cache; a step only updates the tiny id/mask/position arrays that a
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-
-from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, river_metadata
 from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
+from river.compiler.ort_session import make_session, session_options  # noqa: F401 (re-exported)
+from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, river_metadata
 from river.compiler.shared_kv import WRITE_INDICES, to_shared_kv
 from river.export import contract as C
 from river.export.contract import StepContract
@@ -25,32 +23,6 @@ from river.runtime.backend import StepBackend
 from river.runtime.kv_cache import SharedKVCache
 
 SHARED_KV_FORMAT = 5  # bump when the pass's output changes, to invalidate cached derived graphs
-_PROTO_LIMIT = 1_800_000_000  # serialized protos near 2 GiB must go through a file
-
-
-def session_options(threads: int | None = None, matmul_accuracy: int = 1) -> ort.SessionOptions:
-    """ORT options. ``matmul_accuracy``: ONNX Runtime fuses our twins' DequantizeLinear -> MatMul into
-    MatMulNBits; its accuracy level 4 (ORT's default) quantizes activations to int8 as well, level 1
-    computes in fp32 and matches the weight-only twins the compiler wrote. We default to 1."""
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_accuracy))
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads or 0
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return so
-
-
-def make_session(model: onnx.ModelProto, threads: int | None = None, providers=None,
-                 matmul_accuracy: int = 1) -> ort.InferenceSession:
-    providers = providers or ["CPUExecutionProvider"]
-    so = session_options(threads, matmul_accuracy)
-    if model.ByteSize() < _PROTO_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(path, so, providers=providers)
 
 
 def shared_kv_path(model_path: Path) -> Path:

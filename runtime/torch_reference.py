@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 
 import torch
-
 from river.compiler.quantize import BITS, quantize_blockwise
 from river.models.llama import DecoderLayer, LlamaForCausalLM, additive_causal_mask
 
