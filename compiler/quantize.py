@@ -1,9 +1,14 @@
-"""Weight-only quantization for river twins: block-wise, symmetric, zero points 0.
+"""Weight-only quantization for river twins, block-wise along the input dimension, symmetric.
 
-One definition used by the compiler (to write the twin weights) and by the torch reference (to
-dequantize the very same values), so both compute with identical twin weights. The ONNX form is
-``DequantizeLinear(q, scale, axis=0, block_size=B)`` (opset 21), which ONNX Runtime runs and
-TensorRT 10+ imports as block-wise weight-only quantization.
+Two flavours, each with one definition shared by the compiler (which writes the twin weights) and
+the torch reference (which dequantizes the very same values):
+
+- ``dq`` (the TensorRT flavour, also runs in ONNX Runtime): ``DequantizeLinear(q, scale, axis=0,
+  block_size=B)`` (opset 21), int8/int4 values in [-(2^(b-1)-1), 2^(b-1)-1], positive scales, zero
+  points 0, which TensorRT 10+ imports as block-wise weight-only quantization.
+- ``ort`` (the ONNX Runtime flavour): ``com.microsoft.MatMulNBits`` with weights packed by ONNX
+  Runtime's own block quantizer (``DefaultWeightOnlyQuantizer``, symmetric), which ORT prepacks
+  for its fast int8/int4 kernels.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 BITS = {"int8": 8, "int4": 4}
+FLAVOURS = ("ort", "dq")
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    q: np.ndarray  # int8 storage of the integer values, same shape as the weight [K, N]
+    """The dq flavour: signed integers (int8 storage) and float scales per block."""
+
+    q: np.ndarray  # [K, N] integer values
     scale: np.ndarray  # float32 [K / block, N]
     bits: int
     block: int
@@ -26,8 +34,32 @@ class QuantizedWeight:
         return (self.q.astype(np.float32) * np.repeat(self.scale, self.block, axis=0)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class PackedWeight:
+    """The ort flavour: MatMulNBits layout, B [N, K/block, blob] uint8, scales [N, K/block]."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    bits: int
+    block: int
+    k: int
+    n: int
+
+    def unpacked(self) -> np.ndarray:
+        """Unsigned stored values [N, K/block, block]."""
+        if self.bits == 8:
+            return self.packed.astype(np.int32)
+        lo, hi = self.packed & 0x0F, self.packed >> 4  # two 4-bit values a byte, low nibble first
+        return np.stack([lo, hi], axis=-1).reshape(self.n, -1, self.block).astype(np.int32)
+
+    def dequantize(self) -> np.ndarray:
+        """[K, N] float32, as MatMulNBits computes it (default zero point 2^(bits-1))."""
+        values = (self.unpacked() - 2 ** (self.bits - 1)).astype(np.float32) * self.scales[:, :, None]
+        return values.reshape(self.n, self.k).T.astype(np.float32).copy()
+
+
 def quantize_blockwise(weight: np.ndarray, bits: int, block: int = 64) -> QuantizedWeight:
-    """Quantize a MatMul weight [K (input), N (output)] in blocks of ``block`` rows along K."""
+    """The dq flavour of a MatMul weight [K (input), N (output)], blocks of ``block`` rows along K."""
     k, n = weight.shape
     if k % block:
         raise ValueError(f"weight input dimension {k} is not a multiple of the block size {block}")
@@ -37,3 +69,25 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block: int = 64) -> Quanti
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax, qmax).astype(np.int8).reshape(k, n)
     return QuantizedWeight(q, scale, bits, block)
+
+
+def quantize_ort(weight: np.ndarray, bits: int, block: int = 64) -> PackedWeight:
+    """The ort flavour, packed by ONNX Runtime's own block quantizer (symmetric)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    k, n = weight.shape
+    if k % block:
+        raise ValueError(f"weight input dimension {k} is not a multiple of the block size {block}")
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits)
+    packed, scales, _zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(weight, dtype=np.float32))
+    return PackedWeight(packed, scales.astype(np.float32), bits, block, k, n)
+
+
+def quantize(weight: np.ndarray, bits: int, block: int, flavour: str):
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown quantization flavour '{flavour}' (choose from {', '.join(FLAVOURS)})")
+    return quantize_ort(weight, bits, block) if flavour == "ort" else quantize_blockwise(weight, bits, block)

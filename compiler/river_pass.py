@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from river.compiler.graph_io import hoist_initializers
-from river.compiler.quantize import BITS, quantize_blockwise
+from river.compiler.quantize import BITS, FLAVOURS, quantize
 from river.compiler.structure import Block, DecoderStructure, discover
 from river.errors import RiverError
 from river.export.contract import INPUT_IDS, LOGITS, StepContract, present_name
@@ -48,6 +48,7 @@ class RiverSpec:
     precision: str = "int8"
     block: int = 64  # quantization block along the input dimension
     thresholds: tuple[float, ...] | None = None  # default thresholds (None: every gate disabled)
+    flavour: str = "ort"  # quantized twins: "ort" (MatMulNBits) or "dq" (DequantizeLinear, for TensorRT)
 
     @classmethod
     def from_name(cls, river: str, gates, **kw) -> "RiverSpec":
@@ -64,6 +65,8 @@ def check_spec(spec: RiverSpec, num_layers: int) -> None:
     """Why a spec cannot apply to a model with ``num_layers`` layers (raises RiverError)."""
     if spec.kind not in KINDS:
         raise RiverError(f"unknown river kind '{spec.kind}' (choose from {', '.join(KINDS)})")
+    if spec.flavour not in FLAVOURS:
+        raise RiverError(f"unknown twin flavour '{spec.flavour}' (choose from {', '.join(FLAVOURS)})")
     if spec.precision not in PRECISIONS:
         raise RiverError(f"unknown twin precision '{spec.precision}' (choose from {', '.join(PRECISIONS)})")
     if not spec.gates:
@@ -99,30 +102,38 @@ class _Builder:
     def const(self, name, value) -> gs.Constant:
         return gs.Constant(name, np.asarray(value))
 
-    def twin_weight(self, weight: gs.Constant, tag: str, sink: list[gs.Node]) -> gs.Tensor:
-        """The twin's weight: the backbone's own (fp32), or its block-quantized copy dequantized by a
-        DequantizeLinear placed right before the MatMul (appended to ``sink``), inside the branch.
+    def quantizable(self, weight: gs.Constant) -> bool:
+        return (self.spec.precision != "fp32" and weight.values.ndim == 2
+                and weight.values.shape[0] % self.spec.block == 0)
 
-        The quantized initializers are shared by every river; the DQ node is per use, so it runs
-        only when its branch runs, and DQ -> MatMul is the pattern ONNX Runtime fuses into
-        MatMulNBits and TensorRT imports as weight-only quantization.
+    def twin_matmul(self, node: gs.Node, a: gs.Tensor, weight: gs.Constant, tag: str, out: gs.Variable) -> list[gs.Node]:
+        """The twin of a weight MatMul, inside the branch that uses it.
+
+        ort flavour: one MatMulNBits over ONNX Runtime-packed weights. dq flavour: DequantizeLinear
+        right before the MatMul (the pattern TensorRT imports as weight-only quantization).
+        Quantized initializers stay local to the branch (ORT prepacks/fuses only local weights).
         """
-        if self.spec.precision == "fp32" or weight.values.ndim != 2 or weight.values.shape[0] % self.spec.block:
-            return weight
         key = id(weight)
+        bits, block = BITS[self.spec.precision], self.spec.block
         if key not in self.quantized:
-            qw = quantize_blockwise(weight.values, BITS[self.spec.precision], self.spec.block)
-            if qw.bits == 4:  # gs cannot pack INT4 itself: hand it a packed TensorProto
+            qw = quantize(weight.values, bits, block, self.spec.flavour)
+            if self.spec.flavour == "ort":
+                consts = (gs.Constant(f"{weight.name}@q{bits}p", qw.packed),
+                          gs.Constant(f"{weight.name}@q{bits}s", qw.scales.reshape(-1)))
+            elif bits == 4:  # gs cannot pack INT4 itself: hand it a packed TensorProto
                 proto = onnx.helper.make_tensor(f"{weight.name}@q4", onnx.TensorProto.INT4, qw.q.shape, qw.q.flatten().tolist())
-                q = gs.Constant(proto.name, LazyValues(proto))
+                consts = (gs.Constant(proto.name, LazyValues(proto)), gs.Constant(f"{weight.name}@q4_scale", qw.scale))
             else:
-                q = gs.Constant(f"{weight.name}@q8", qw.q)
-            self.quantized[key] = (q, gs.Constant(f"{weight.name}@q{qw.bits}_scale", qw.scale), qw.block)
-        q, scale, block = self.quantized[key]
-        out = gs.Variable(f"{weight.name}@twin@{tag}", dtype=np.float32, shape=list(weight.values.shape))
-        sink.append(gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear@{tag}",
-                            {"axis": 0, "block_size": block}, [q, scale], [out]))
-        return out
+                consts = (gs.Constant(f"{weight.name}@q8", qw.q), gs.Constant(f"{weight.name}@q8_scale", qw.scale))
+            self.quantized[key] = consts
+        c0, c1 = self.quantized[key]
+        k, n = weight.values.shape
+        if self.spec.flavour == "ort":
+            return [gs.Node("MatMulNBits", f"{node.name}@{tag}", {"K": k, "N": n, "bits": bits, "block_size": block},
+                            [a, c0, c1], [out], domain="com.microsoft")]
+        w = gs.Variable(f"{weight.name}@twin@{tag}", dtype=np.float32, shape=[k, n])
+        return [gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear@{tag}", {"axis": 0, "block_size": block}, [c0, c1], [w]),
+                gs.Node("MatMul", f"{node.name}@{tag}", {}, [a, w], [out])]
 
     def clone(self, nodes: list[gs.Node], mapping: dict[int, gs.Tensor], tag: str, twin: bool = True) -> list[gs.Node]:
         """Copies of ``nodes`` whose inputs go through ``mapping`` (id -> replacement) and whose
@@ -130,18 +141,17 @@ class _Builder:
         MatMul weights become the twin's (quantized) weights; the head keeps backbone precision."""
         clones = []
         for n in nodes:
-            inputs = []
-            for i, t in enumerate(n.inputs):
-                t = mapping.get(id(t), t)
-                if twin and n.op == "MatMul" and i == 1 and isinstance(t, gs.Constant):
-                    t = self.twin_weight(t, tag, clones)
-                inputs.append(t)
+            inputs = [mapping.get(id(t), t) for t in n.inputs]
             outputs = []
             for o in n.outputs:
                 new = gs.Variable(f"{o.name}@{tag}", dtype=o.dtype, shape=o.shape)
                 mapping[id(o)] = new
                 outputs.append(new)
-            clones.append(gs.Node(n.op, f"{n.name}@{tag}", dict(n.attrs), inputs, outputs))
+            w = inputs[1] if n.op == "MatMul" and len(inputs) == 2 else None
+            if twin and isinstance(w, gs.Constant) and self.quantizable(w):
+                clones += self.twin_matmul(n, inputs[0], w, tag, outputs[0])
+            else:
+                clones.append(gs.Node(n.op, f"{n.name}@{tag}", dict(n.attrs), inputs, outputs))
         return clones
 
     def exit_layer(self, value: int, tag: str) -> tuple[gs.Node, gs.Variable]:
@@ -344,7 +354,9 @@ def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, spec: RiverSpec) 
     dst.ir_version = max(dst.ir_version, src.ir_version)
     dst.producer_name = "river-llm"
     props = {"river.gates": ",".join(map(str, spec.gates)), "river.kind": spec.kind,
-             "river.precision": spec.precision, "river.block": str(spec.block)}
+             "river.precision": spec.precision, "river.block": str(spec.block), "river.flavour": spec.flavour}
+    if any(n.domain == "com.microsoft" for n in _walk_nodes(dst.graph)):
+        dst.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.helper.set_model_props(dst, props)
 
 
@@ -354,7 +366,16 @@ def river_metadata(model: onnx.ModelProto) -> dict | None:
     if "river.gates" not in props:
         return None
     return {"gates": [int(g) for g in props["river.gates"].split(",")], "kind": props["river.kind"],
-            "precision": props["river.precision"], "block": int(props.get("river.block", 64))}
+            "precision": props["river.precision"], "block": int(props.get("river.block", 64)),
+            "flavour": props.get("river.flavour", "dq")}
+
+
+def _walk_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _walk_nodes(attr.g)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

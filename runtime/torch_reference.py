@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from river.compiler.quantize import BITS, quantize_blockwise
+from river.compiler.quantize import BITS, quantize
 from river.models.llama import DecoderLayer, LlamaForCausalLM, additive_causal_mask
 
 
@@ -24,8 +24,10 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class TorchRiver:
-    def __init__(self, model: LlamaForCausalLM, gates, kind: str = "full", precision: str = "int8", block: int = 64):
+    def __init__(self, model: LlamaForCausalLM, gates, kind: str = "full", precision: str = "int8", block: int = 64,
+                 flavour: str = "ort"):
         self.model, self.gates, self.kind, self.precision, self.block = model.eval(), tuple(gates), kind, precision, block
+        self.flavour = flavour
         self._twins: dict[int, DecoderLayer] = {}
 
     def twin(self, layer: int) -> DecoderLayer:
@@ -37,7 +39,7 @@ class TorchRiver:
                     for mod in twin.modules():
                         if isinstance(mod, torch.nn.Linear) and mod.in_features % self.block == 0:
                             w = mod.weight.detach().cpu().numpy().T  # the ONNX MatMul layout [in, out]
-                            deq = quantize_blockwise(w, BITS[self.precision], self.block).dequantize()
+                            deq = quantize(w, BITS[self.precision], self.block, self.flavour).dequantize()
                             mod.weight.copy_(torch.from_numpy(deq.T.copy()))
             self._twins[layer] = twin
         return self._twins[layer]

@@ -16,6 +16,14 @@ from river.runtime.torch_reference import TorchRiver
 GATES = (0, 2)
 
 
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+
+
 def step_feeds(cfg, batch=2, seq=1, past=6, seed=0):
     rng = np.random.default_rng(seed)
     feeds = {C.INPUT_IDS: rng.integers(0, cfg.vocab_size - 3, (batch, seq)),
@@ -43,7 +51,8 @@ def test_gates_disabled_equals_original(tiny, tiny_proto, river):
     spec = RiverSpec.from_name(river, GATES)
     model = river_graph(tiny_proto, spec)
     onnx.checker.check_model(model, full_check=True)  # invariant 4 (checker + full shape inference)
-    assert river_metadata(model) == {"gates": list(GATES), "kind": spec.kind, "precision": spec.precision, "block": 64}
+    assert river_metadata(model) == {"gates": list(GATES), "kind": spec.kind, "precision": spec.precision,
+                                     "block": 64, "flavour": "ort"}
     feeds = step_feeds(tiny.config, seq=3)
     ref = make_session(tiny_proto).run(None, feeds)
     out = make_session(model).run(None, feeds)  # baked-in defaults: disabled
@@ -66,12 +75,17 @@ def test_gates_disabled_equals_original_other_exporters(tiny, which, tiny_optimu
     assert np.array_equal(forced[-1], [1, 1])
 
 
-@pytest.mark.parametrize("river", ["int8", "int4", "fp32", "attn", "kv"])
-def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river):
+@pytest.mark.parametrize("river, flavour", [("int8", "ort"), ("int4", "ort"), ("int8", "dq"), ("int4", "dq"),
+                                            ("fp32", "ort"), ("attn", "ort"), ("kv", "ort")])
+def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, flavour):
     """Invariant 3: same exits and outputs as the torch reference, gate by gate."""
-    spec = RiverSpec.from_name(river, GATES)
-    session = make_session(river_graph(tiny_proto, spec))
-    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block)
+    spec = RiverSpec.from_name(river, GATES, flavour=flavour)
+    model = river_graph(tiny_proto, spec)
+    ops = {n.op_type for n in _all_nodes(model.graph)}
+    if spec.precision != "fp32":  # each flavour really emits its own twin operator
+        assert ("MatMulNBits" in ops) == (flavour == "ort") and ("DequantizeLinear" in ops) == (flavour == "dq")
+    session = make_session(model)
+    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block, spec.flavour)
     feeds = step_feeds(tiny.config, seed=3)
     ids, past = torch_args(feeds, tiny.config)
     for thresholds, expect in (([-2, DISABLED], 1), ([DISABLED, -2], 3), ([DISABLED, DISABLED], 4)):
@@ -86,7 +100,7 @@ def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river):
 def test_batch_exits_only_when_every_row_clears_its_gate(tiny, tiny_proto):
     spec = RiverSpec.from_name("int8", GATES)
     session = make_session(river_graph(tiny_proto, spec))
-    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision)
+    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, flavour=spec.flavour)
     feeds = step_feeds(tiny.config, seed=5)
     ids, past = torch_args(feeds, tiny.config)
     ref.step(*ids, past, np.full(2, DISABLED, np.float32))
@@ -139,7 +153,7 @@ def test_weights_are_not_duplicated(tiny_proto):
     names = all_initializers(fp32.graph)
     assert len(names) == len(set(names)), "a weight is stored more than once"
     assert sum(i.ByteSize() for i in fp32.graph.initializer) < base_bytes * 1.05
-    int8 = river_graph(tiny_proto, RiverSpec.from_name("int8", GATES))
+    int8 = river_graph(tiny_proto, RiverSpec.from_name("int8", GATES, flavour="dq"))
     names = all_initializers(int8.graph)
     backbone = [n for n in names if "@q" not in n]
     assert len(backbone) == len(set(backbone)), "a backbone weight is stored more than once"
@@ -173,7 +187,7 @@ def test_smollm2_gates_disabled_equals_original(smol, smol_river):
 def test_smollm2_onnx_river_matches_torch_reference(smol, smol_river):
     _, spec, model = smol_river
     session = make_session(model, threads=2)
-    ref = TorchRiver(smol.model, spec.gates, spec.kind, spec.precision, spec.block)
+    ref = TorchRiver(smol.model, spec.gates, spec.kind, spec.precision, spec.block, spec.flavour)
     ids = smol.tokenizer("The river rose after the storm, and the village")["input_ids"]
     feeds = step_feeds(smol.config, batch=1, seq=1, past=len(ids) - 1)
     # a realistic cache: the backbone's own presents for the prompt prefix
