@@ -34,8 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="JSON file: a list of per-gate similarity thresholds, or "
                    '{"gates": [...], "thresholds": [...]} (default: every gate disabled until calibrated)')
     p.add_argument("--block", type=int, default=64, choices=[32, 64, 128], help="quantization block size (default 64)")
+    p.add_argument("--calibrate", metavar="PROMPTS", help="calibrate thresholds on these prompts (text file, one "
+                   "per line, or a JSON list): writes calibration.json and bakes in the --budget operating point")
+    p.add_argument("--budget", default="balanced", help="error budget for --calibrate: safe, balanced, fast, or a "
+                   "number (mean damage of exited tokens on calibration data; default balanced)")
+    p.add_argument("--metric", default="flip", choices=["flip", "kl", "kv"],
+                   help="damage measure the budget bounds: top-1 flip rate (default), KL, or relative KV error")
+    p.add_argument("--flavour", default=None, choices=["ort", "dq"],
+                   help="quantized twins as ORT MatMulNBits (default) or block DequantizeLinear (TensorRT)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads for calibration")
     p.add_argument("--step-only", action="store_true", help="only export the plain decode-step graph (no River rewrite)")
     return p
+
+
+def _river_options(args) -> dict:
+    return dict(gates=args.gates, river=args.river, thresholds=args.thresholds, block=args.block,
+                flavour=args.flavour or "ort", calibrate=args.calibrate, budget=args.budget, metric=args.metric,
+                threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model.endswith(".onnx"):
             if args.step_only:
                 raise RiverError("--step-only exports a model; the input is already an ONNX graph")
-            path = compile_river(args.model, args.output, gates=args.gates, river=args.river,
-                                 thresholds=args.thresholds, block=args.block)
+            path = compile_river(args.model, args.output, **_river_options(args))
         else:
             print(f"[river] loading {args.model} ...", file=sys.stderr, flush=True)
             loaded = load_model(args.model)
@@ -64,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".step.") as tmp:
                     step = export_model(loaded, Path(tmp) / "step")
                     del loaded
-                    path = compile_river(step, args.output, gates=args.gates, river=args.river,
-                                         thresholds=args.thresholds, block=args.block, model_name=args.model)
+                    path = compile_river(step, args.output, model_name=args.model, **_river_options(args))
     except (RiverError, FileExistsError) as exc:
         print(f"river-export: error: {exc}", file=sys.stderr)
         return 2

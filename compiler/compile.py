@@ -74,6 +74,15 @@ def file_sha256(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def _eos_ids(folder: Path, tokenizer) -> list[int]:
+    meta = folder / "river_model.json"
+    if meta.is_file():
+        ids = json.loads(meta.read_text()).get("config", {}).get("eos_token_ids")
+        if ids:
+            return list(ids)
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
 def parse_gates(text: str | None, num_layers: int) -> tuple[int, ...]:
     if text in (None, "", "auto"):
         return default_gates(num_layers)
@@ -85,7 +94,9 @@ def parse_gates(text: str | None, num_layers: int) -> tuple[int, ...]:
 
 def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | Sequence[int] | None = None,
                   river: str = "int8", thresholds: str | Path | Sequence[float] | None = None, block: int = 64,
-                  model_name: str | None = None, log=sys.stderr) -> Path:
+                  model_name: str | None = None, flavour: str = "ort", calibrate: str | Path | Sequence[str] | None = None,
+                  budget: str | float = "balanced", metric: str = "flip", calibration_tokens: int = 32,
+                  threads: int | None = None, log=sys.stderr) -> Path:
     """Rewrite ``source_onnx`` (a step graph) into ``out_dir/model.onnx`` + ``river.json``.
 
     Everything is written into a temporary sibling folder and renamed into place at the end: a failure
@@ -112,7 +123,9 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
         gate_list = parse_gates(gates, contract.num_layers) if gates is None or isinstance(gates, str) else tuple(gates)
         if thresholds is not None and not isinstance(thresholds, (list, tuple)):
             thresholds = read_thresholds(thresholds, gate_list)
-        spec = RiverSpec.from_name(river, gate_list, block=block,
+        if calibrate is not None and thresholds is not None:
+            raise RiverError("give either --thresholds or --calibrate, not both")
+        spec = RiverSpec.from_name(river, gate_list, block=block, flavour=flavour,
                                    thresholds=None if thresholds is None else tuple(thresholds))
         bar.set_postfix_str(f"rewriting ({spec.kind} twins, {spec.precision}, gates {list(spec.gates)})")
         rewritten = river_graph(model, spec)
@@ -121,6 +134,27 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
         bar.set_postfix_str("checking and writing")
         save_onnx_atomic(rewritten, tmp / "model.onnx")
         bar.update()
+        calibration = None
+        if calibrate is not None:
+            from transformers import AutoTokenizer
+
+            from river.compiler.calibrate import calibrate_river, read_prompts, resolve_budget, set_default_thresholds
+
+            prompts = read_prompts(calibrate) if isinstance(calibrate, (str, Path)) else list(calibrate)
+            if not (source_onnx.parent / "tokenizer.json").is_file():
+                raise RiverError(f"calibration needs the tokenizer next to {source_onnx} (tokenizer.json)")
+            tokenizer = AutoTokenizer.from_pretrained(str(source_onnx.parent))
+            chosen = resolve_budget(budget)
+            budgets = {**({budget: chosen} if isinstance(budget, str) else {"chosen": chosen})}
+            from river.compiler.calibrate import BUDGETS
+
+            calibration = calibrate_river(source_onnx, tmp / "model.onnx", prompts, tokenizer, new_tokens=calibration_tokens,
+                                          threads=threads, metric=metric, budgets={**BUDGETS, **budgets},
+                                          eos=_eos_ids(source_onnx.parent, tokenizer), log=log)
+            picked = calibration["operating_points"][budget if isinstance(budget, str) else "chosen"]["thresholds"]
+            set_default_thresholds(tmp / "model.onnx", picked)
+            spec = RiverSpec(spec.gates, spec.kind, spec.precision, spec.block, tuple(picked), spec.flavour)
+            (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2))
         data = source_onnx.with_name(source_onnx.name + ".data")
         manifest = {
             "format": 1,
@@ -133,7 +167,12 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
             "kind": spec.kind,
             "precision": spec.precision,
             "block": spec.block,
+            "flavour": spec.flavour,
             "thresholds": list(spec.thresholds) if spec.thresholds is not None else None,
+            "operating_points": None if calibration is None else
+            {k: v["thresholds"] for k, v in calibration["operating_points"].items()},
+            "calibration": None if calibration is None else
+            {"metric": metric, "budget": budget, "tokens": calibration["tokens"], "file": "calibration.json"},
             "thresholds_note": None if spec.thresholds is not None else
             "no thresholds given: every gate is disabled (2.0) until calibrated; pass exit_thresholds at run time",
             "inputs_added": ["exit_thresholds"],

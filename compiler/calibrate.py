@@ -1,0 +1,273 @@
+"""Calibration: from similarity to exit thresholds, measured on the model's own graph.
+
+For every calibration token the original step graph (instrumented to expose the residual stream at
+each gate) gives s_k = cos(h_in_k, h_out_k), the full model's next-token distribution and the
+backbone's K/V. The River graph, forced to exit at gate k over the backbone's exact history, gives the
+true damage of exiting there: relative error of the K/V the river writes for layers > k (the KV the
+paper's similarity predicts), the KL of the next-token distribution, and whether the top-1 token flips.
+
+Per gate we fit the predictor "cumulative KV error ~ a + b * (1 - s)" (reported with its R^2 and
+rank correlation), and turn an error budget into a threshold: the lowest similarity t such that
+tokens with s >= t have mean damage <= budget on the calibration data. Thresholds therefore never
+fall as the budget shrinks, and budget 0 disables the gate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from river.compiler.river_pass import DISABLED, THRESHOLDS, river_metadata
+from river.compiler.structure import discover
+from river.errors import RiverError
+from river.export import contract as C
+from river.export.contract import StepContract
+
+BUDGETS = {"safe": 0.005, "balanced": 0.02, "fast": 0.05}  # mean top-1 flip rate among exited tokens
+METRICS = ("flip", "kl", "kv")
+
+
+@dataclass
+class GateData:
+    layer: int
+    similarity: list[float] = field(default_factory=list)
+    flip: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    kv: list[float] = field(default_factory=list)
+
+    def arrays(self):
+        return {k: np.asarray(getattr(self, k), np.float64) for k in ("similarity", "flip", "kl", "kv")}
+
+
+def instrumented_step_graph(step: onnx.ModelProto, gates: Sequence[int]) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+    """The step graph with each gate's residual input/output added as graph outputs."""
+    contract = StepContract.from_model(step)
+    graph = gs.import_onnx(step)
+    structure = discover(graph, contract)
+    pairs = []
+    for g in gates:
+        b = structure.blocks[g]
+        for t in (b.input, b.output):
+            if t not in graph.outputs:
+                t.dtype = t.dtype or np.float32
+                graph.outputs.append(t)
+        pairs.append((b.input.name, b.output.name))
+    return gs.export_onnx(graph, do_type_check=False), pairs
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    dot = (a * b).sum(-1)
+    return dot / np.maximum(np.sqrt((a * a).sum(-1) * (b * b).sum(-1)), 1e-12)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def collect(step_path: str | Path, river_path: str | Path, sequences: Sequence[Sequence[int]],
+            start: Sequence[int], threads: int | None = None, progress=None) -> list[GateData]:
+    """Similarities and damages for every position t >= start[i] of each token sequence."""
+    from river.compiler.graph_io import load_onnx
+    from river.runtime.ort_backend import make_session
+
+    river_model = onnx.load(str(river_path), load_external_data=False)
+    meta = river_metadata(river_model)
+    if meta is None:
+        raise RiverError(f"{river_path} is not a River graph")
+    gates = meta["gates"]
+    step = load_onnx(step_path)
+    contract = StepContract.from_model(step)
+    inst, pairs = instrumented_step_graph(step, gates)
+    full = make_session(inst, threads)
+    river = make_session(load_onnx(river_path), threads)
+    names = [o.name for o in full.get_outputs()]
+    data = [GateData(g) for g in gates]
+    L = contract.num_layers
+    for seq, s0 in zip(sequences, start):
+        ids = np.asarray([seq], np.int64)
+        n = ids.shape[1]
+        feeds = {C.INPUT_IDS: ids, C.ATTENTION_MASK: np.ones((1, n), np.int64), C.POSITION_IDS: np.arange(n)[None]}
+        empty = np.zeros((1, contract.num_kv_heads, 0, contract.head_dim), np.float32)
+        for layer in range(L):
+            feeds[C.past_name(layer, "key")] = feeds[C.past_name(layer, "value")] = empty
+        out = dict(zip(names, full.run(None, feeds)))
+        logp_full = _log_softmax(out[C.LOGITS][0])
+        for t in range(max(s0, 1), n):
+            step_feeds = {C.INPUT_IDS: ids[:, t:t + 1], C.ATTENTION_MASK: np.ones((1, t + 1), np.int64),
+                          C.POSITION_IDS: np.array([[t]])}
+            for layer in range(L):
+                for kind in ("key", "value"):
+                    step_feeds[C.past_name(layer, kind)] = out[C.present_name(layer, kind)][:, :, :t]
+            for gi, (g, (hin, hout)) in enumerate(zip(gates, pairs)):
+                thr = np.full(len(gates), DISABLED, np.float32)
+                thr[gi] = -2.0
+                r = dict(zip([o.name for o in river.get_outputs()], river.run(None, {**step_feeds, THRESHOLDS: thr})))
+                logp = _log_softmax(r[C.LOGITS][0, -1])
+                num = den = 0.0
+                for layer in range(g + 1, L):
+                    for kind in ("key", "value"):
+                        ref = out[C.present_name(layer, kind)][:, :, t]
+                        num += float(((r[C.present_name(layer, kind)][:, :, t] - ref) ** 2).sum())
+                        den += float((ref ** 2).sum())
+                d = data[gi]
+                d.similarity.append(float(_cos(out[hin][0, t], out[hout][0, t])))
+                d.flip.append(float(np.argmax(logp) != np.argmax(logp_full[t])))
+                d.kl.append(float((np.exp(logp_full[t]) * (logp_full[t] - logp)).sum()))
+                d.kv.append(num / max(den, 1e-30))
+            if progress is not None:
+                progress.update()
+    return data
+
+
+def fit_predictor(d: GateData) -> dict:
+    """Linear fit of the river's KV error on (1 - s), with R^2 and Spearman rank correlation."""
+    a = d.arrays()
+    x, y = 1.0 - a["similarity"], a["kv"]
+    if len(x) < 3 or np.ptp(x) == 0:
+        return {"slope": None, "intercept": None, "r2": None, "spearman": None, "n": int(len(x))}
+    slope, intercept = np.polyfit(x, y, 1)
+    pred = intercept + slope * x
+    r2 = 1 - ((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30)
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    spearman = float(np.corrcoef(rx, ry)[0, 1])
+    return {"slope": float(slope), "intercept": float(intercept), "r2": float(r2), "spearman": spearman, "n": int(len(x))}
+
+
+def threshold_for_budget(d: GateData, budget: float, metric: str = "flip") -> float:
+    """Lowest similarity t such that tokens with s >= t have mean damage <= budget (2.0 = never)."""
+    if metric not in METRICS:
+        raise RiverError(f"unknown calibration metric '{metric}' (choose from {', '.join(METRICS)})")
+    a = d.arrays()
+    if budget <= 0 or not len(a["similarity"]):
+        return DISABLED
+    order = np.argsort(-a["similarity"], kind="stable")
+    s, dmg = a["similarity"][order], a[metric][order]
+    mean = np.cumsum(dmg) / np.arange(1, len(dmg) + 1)
+    ok = np.nonzero(mean <= budget)[0]
+    if not len(ok):
+        return DISABLED
+    k = int(ok.max())
+    while k + 1 < len(s) and s[k + 1] == s[k]:  # ties: a threshold admits all equal similarities
+        k -= 1
+        if k < 0:
+            return DISABLED
+    return float(s[k])
+
+
+def thresholds(data: Sequence[GateData], budget: float, metric: str = "flip") -> list[float]:
+    return [threshold_for_budget(d, budget, metric) for d in data]
+
+
+def resolve_budget(budget: str | float) -> float:
+    if isinstance(budget, (int, float)):
+        return float(budget)
+    if budget in BUDGETS:
+        return BUDGETS[budget]
+    try:
+        return float(budget)
+    except ValueError:
+        raise RiverError(f"unknown budget '{budget}': a number or one of {', '.join(BUDGETS)}") from None
+
+
+def report(data: Sequence[GateData], metric: str = "flip", budgets: dict | None = None) -> dict:
+    """The calibration file: per-gate data summary, predictor fits, thresholds per named budget."""
+    budgets = budgets or BUDGETS
+    return {
+        "gates": [d.layer for d in data],
+        "metric": metric,
+        "tokens": len(data[0].similarity) if data else 0,
+        "fits": {str(d.layer): fit_predictor(d) for d in data},
+        "operating_points": {name: {"budget": b, "thresholds": thresholds(data, b, metric)} for name, b in budgets.items()},
+        "samples": {str(d.layer): {k: v.tolist() for k, v in d.arrays().items()} for d in data},
+    }
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A text file (one prompt per line) or a JSON list of strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise RiverError(f"calibration prompts file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        prompts = json.loads(text)
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise RiverError(f"{path}: expected prompts (one per line, or a JSON list of strings)")
+    return prompts
+
+
+def greedy_continuations(step_path: str | Path, prompts_ids: Sequence[Sequence[int]], new_tokens: int,
+                         threads: int | None = None, eos: Sequence[int] = ()) -> list[list[int]]:
+    """Each prompt followed by the full model's own greedy continuation (what decoding will see)."""
+    from river.compiler.graph_io import load_onnx
+    from river.compiler.ort_session import make_session
+
+    step = load_onnx(step_path)
+    contract = StepContract.from_model(step)
+    session = make_session(step, threads)
+    names = [o.name for o in session.get_outputs()]
+    out = []
+    for ids in prompts_ids:
+        seq = list(ids)
+        past = {C.past_name(l, k): np.zeros((1, contract.num_kv_heads, 0, contract.head_dim), np.float32)
+                for l in range(contract.num_layers) for k in ("key", "value")}
+        new = np.asarray([seq], np.int64)
+        for _ in range(new_tokens):
+            n = len(seq)
+            s = new.shape[1]
+            r = dict(zip(names, session.run(None, {C.INPUT_IDS: new, C.ATTENTION_MASK: np.ones((1, n), np.int64),
+                                                   C.POSITION_IDS: np.arange(n - s, n)[None], **past})))
+            tok = int(np.argmax(r[C.LOGITS][0, -1]))
+            if tok in eos:
+                break
+            seq.append(tok)
+            past = {C.past_name(l, k): r[C.present_name(l, k)] for l in range(contract.num_layers) for k in ("key", "value")}
+            new = np.asarray([[tok]], np.int64)
+        out.append(seq)
+    return out
+
+
+def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequence[str], tokenizer, *,
+                    new_tokens: int = 32, threads: int | None = None, metric: str = "flip",
+                    budgets: dict | None = None, eos: Sequence[int] = (), log=None) -> dict:
+    """Run calibration end to end on text prompts (chat template applied when the tokenizer has one)."""
+    from tqdm import tqdm
+
+    prompt_ids = []
+    for p in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        else:
+            ids = list(tokenizer(p)["input_ids"])
+        prompt_ids.append(ids)
+    sequences = greedy_continuations(step_path, prompt_ids, new_tokens, threads, eos)
+    total = sum(len(s) - len(p) for s, p in zip(sequences, prompt_ids))
+    with tqdm(total=total, desc="calibrating", unit="tok", file=log, disable=log is None) as bar:
+        data = collect(step_path, river_path, sequences, [len(p) for p in prompt_ids], threads, bar)
+    result = report(data, metric, budgets)
+    result["prompts"] = list(prompts)
+    result["new_tokens"] = new_tokens
+    return result
+
+
+def set_default_thresholds(river_path: str | Path, values: Sequence[float]) -> None:
+    """Rewrite the baked-in ``exit_thresholds`` default of a River graph file in place (weights untouched)."""
+    from river.compiler.graph_io import load_onnx_header
+
+    path = Path(river_path)
+    model = load_onnx_header(path)
+    init = next((t for t in model.graph.initializer if t.name == THRESHOLDS), None)
+    if init is None or init.dims[0] != len(values):
+        raise RiverError(f"{path} has no exit_thresholds default of {len(values)} values")
+    init.CopyFrom(onnx.numpy_helper.from_array(np.asarray(values, np.float32), THRESHOLDS))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.SerializeToString())
+    tmp.replace(path)
