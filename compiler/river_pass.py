@@ -353,7 +353,8 @@ def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, spec: RiverSpec) 
     """The River graph describes itself (gates, kind, precision) so any client can drive it."""
     dst.ir_version = max(dst.ir_version, src.ir_version)
     dst.producer_name = "river-llm"
-    props = {"river.gates": ",".join(map(str, spec.gates)), "river.kind": spec.kind,
+    props = {p.key: p.value for p in src.metadata_props}
+    props |= {"river.gates": ",".join(map(str, spec.gates)), "river.kind": spec.kind,
              "river.precision": spec.precision, "river.block": str(spec.block), "river.flavour": spec.flavour}
     if any(n.domain == "com.microsoft" for n in _walk_nodes(dst.graph)):
         dst.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))

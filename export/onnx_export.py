@@ -20,6 +20,7 @@ from river.models.registry import LoadedModel
 
 OPSET = 17
 MODEL_FILE = "model.onnx"
+CAUSAL_PROP = "river.causal_mask"
 META_FILE = "river_model.json"
 
 
@@ -48,6 +49,9 @@ def export_step_graph(model: LlamaForCausalLM, path: str | Path, opset: int = OP
             dynamo=False,
         )
     proto = onnx.load(str(path), load_external_data=True)
+    # the graph's causal rule compares key positions with position_ids (see additive_causal_mask):
+    # its shared-KV form is then exact for multi-token steps too (speculative verification)
+    onnx.helper.set_model_props(proto, {CAUSAL_PROP: "position"})
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     onnx.checker.check_model(str(path), full_check=True)

@@ -11,7 +11,7 @@ from river.export.onnx_export import MODEL_FILE, OPSET, export_model
 from river.models.cache import cache_root, file_fingerprint
 from river.models.registry import REGISTRY, load_model, smollm2_gguf_path
 
-EXPORT_FORMAT = 1  # bump when the exported graph changes, to invalidate cached exports
+EXPORT_FORMAT = 2  # bump when the exported graph changes, to invalidate cached exports
 
 
 def _source_fingerprint(name_or_path: str) -> str:

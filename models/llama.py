@@ -112,16 +112,20 @@ class DecoderLayer(nn.Module):
         return h, present_k, present_v
 
 
-def additive_causal_mask(attention_mask: torch.Tensor, query_len: int | torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """[B,1,S,T] additive mask: key j is visible to query i iff attention_mask[b,j] == 1 and j <= T-S+i.
+def additive_causal_mask(attention_mask: torch.Tensor, position_ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """[B,1,S,T] additive mask: key j is visible to query i iff attention_mask[b,j] == 1 and the key's
+    position (its count among valid keys, cumsum(mask) - 1) is <= the query's position id.
 
-    Uses the dtype's lowest finite value rather than -inf so a fully padded row stays finite.
+    For an unpadded concatenated cache this is the usual "j <= P + i". Causality by *position*
+    rather than by index also holds when the cache is a fixed-capacity buffer whose unused slots are
+    masked (the shared-KV form), for any number of new tokens, and for left-padded batches whose
+    position ids count only real tokens (as Hugging Face builds them). The dtype's lowest finite
+    value is used rather than -inf so a fully padded row stays finite.
     """
-    total = attention_mask.shape[1]
-    key_idx = torch.arange(total, device=attention_mask.device)
-    query_idx = torch.arange(query_len, device=attention_mask.device) + (total - query_len)
-    causal = key_idx.unsqueeze(0) <= query_idx.unsqueeze(1)  # [S,T]
-    visible = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # [B,S,T]
+    valid = attention_mask.bool()
+    key_pos = torch.cumsum(attention_mask, dim=-1) - 1  # [B,T]
+    causal = key_pos.unsqueeze(1) <= position_ids.unsqueeze(-1)  # [B,S,T]
+    visible = causal & valid.unsqueeze(1)
     zero = torch.zeros((), dtype=dtype)
     low = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
     return torch.where(visible, zero, low).unsqueeze(1)
@@ -139,7 +143,7 @@ class LlamaModel(nn.Module):
         """Final-normed hidden states [B,S,H] and the flat list of presents."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids)
-        mask = additive_causal_mask(attention_mask, input_ids.shape[1], h.dtype)
+        mask = additive_causal_mask(attention_mask, position_ids, h.dtype)
         presents = []
         for i, layer in enumerate(self.layers):
             h, k, v = layer(h, cos, sin, mask, past[2 * i], past[2 * i + 1])

@@ -18,11 +18,12 @@ from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, river_me
 from river.compiler.shared_kv import WRITE_INDICES, to_shared_kv
 from river.export import contract as C
 from river.export.contract import StepContract
+from river.export.onnx_export import CAUSAL_PROP
 from river.models.cache import cache_root, file_fingerprint
 from river.runtime.backend import StepBackend
 from river.runtime.kv_cache import SharedKVCache
 
-SHARED_KV_FORMAT = 5  # bump when the pass's output changes, to invalidate cached derived graphs
+SHARED_KV_FORMAT = 7  # bump when the pass's output changes, to invalidate cached derived graphs
 
 
 def shared_kv_path(model_path: Path) -> Path:
@@ -58,6 +59,9 @@ class OrtBackend(StepBackend):
         decode_path = shared_kv_path(self.model_path)
         self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
         self._bound_cache: SharedKVCache | None = None
+        self._bindings: dict[int, dict] = {}
+        props = {p.key: p.value for p in header.metadata_props}
+        self.multi_token_steps = props.get(CAUSAL_PROP) == "position"
 
     # --- prefill: the contract graph over an empty past ---------------------------------------
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
@@ -84,62 +88,75 @@ class OrtBackend(StepBackend):
             cache.write(layer, result[C.present_name(layer, "key")], result[C.present_name(layer, "value")], at=0)
         return result[C.LOGITS]
 
-    # --- decode: shared-KV graph, buffers bound in place ------------------------------------
-    def _bind(self, cache: SharedKVCache) -> None:
+    # --- decode / extend: shared-KV graph, buffers bound in place ----------------------------
+    def _bind(self, cache: SharedKVCache, s: int) -> dict:
+        """IOBinding for steps of ``s`` new tokens over ``cache`` (made once per cache and s)."""
         c, b = self.contract, cache.batch
-        self._ids = np.zeros((b, 1), np.int64)
-        self._positions = np.zeros((b, 1), np.int64)
-        self._write_at = np.zeros((b,), np.int64)
-        self._mask = np.zeros((b, cache.capacity), np.int64)
-        vocab = self.decode_session.get_outputs()[0].shape[-1]
-        self._logits = np.zeros((b, 1, vocab if isinstance(vocab, int) else c.vocab_size), np.float32)
+        st = {"ids": np.zeros((b, s), np.int64), "positions": np.zeros((b, s), np.int64),
+              "write_at": np.zeros((b,), np.int64), "mask": np.zeros((b, cache.capacity), np.int64),
+              "logits": np.zeros((b, s, c.vocab_size or self._vocab()), np.float32)}
         binding = self.decode_session.io_binding()
-        # OrtValues keep references to the numpy arrays; they wrap the same memory (no copy).
-        self._values = {
-            C.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(self._ids),
-            C.POSITION_IDS: ort.OrtValue.ortvalue_from_numpy(self._positions),
-            WRITE_INDICES: ort.OrtValue.ortvalue_from_numpy(self._write_at),
-            C.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(self._mask),
-            C.LOGITS: ort.OrtValue.ortvalue_from_numpy(self._logits),
+        # OrtValues wrap the numpy arrays' memory (no copy); keep them alive in the state
+        values = {
+            C.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(st["ids"]),
+            C.POSITION_IDS: ort.OrtValue.ortvalue_from_numpy(st["positions"]),
+            WRITE_INDICES: ort.OrtValue.ortvalue_from_numpy(st["write_at"]),
+            C.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(st["mask"]),
+            C.LOGITS: ort.OrtValue.ortvalue_from_numpy(st["logits"]),
         }
         for name in (C.INPUT_IDS, C.POSITION_IDS, WRITE_INDICES, C.ATTENTION_MASK):
-            binding.bind_ortvalue_input(name, self._values[name])
-        binding.bind_ortvalue_output(C.LOGITS, self._values[C.LOGITS])
+            binding.bind_ortvalue_input(name, values[name])
+        binding.bind_ortvalue_output(C.LOGITS, values[C.LOGITS])
         if self.river is not None:
-            self._exit = np.zeros((b,), np.int64)
-            self._values[THRESHOLDS] = ort.OrtValue.ortvalue_from_numpy(self.thresholds)
-            self._values[EXIT_LAYER] = ort.OrtValue.ortvalue_from_numpy(self._exit)
-            binding.bind_ortvalue_input(THRESHOLDS, self._values[THRESHOLDS])
-            binding.bind_ortvalue_output(EXIT_LAYER, self._values[EXIT_LAYER])
+            st["exit"] = np.zeros((b,), np.int64)
+            values[THRESHOLDS] = ort.OrtValue.ortvalue_from_numpy(self.thresholds)
+            values[EXIT_LAYER] = ort.OrtValue.ortvalue_from_numpy(st["exit"])
+            binding.bind_ortvalue_input(THRESHOLDS, values[THRESHOLDS])
+            binding.bind_ortvalue_output(EXIT_LAYER, values[EXIT_LAYER])
         for layer in range(c.num_layers):
             for kind, buf in (("key", cache.keys[layer]), ("value", cache.values[layer])):
                 value = ort.OrtValue.ortvalue_from_numpy(buf)
-                self._values[C.past_name(layer, kind)] = value
+                values[C.past_name(layer, kind)] = value
                 binding.bind_ortvalue_input(C.past_name(layer, kind), value)
                 binding.bind_ortvalue_output(C.present_name(layer, kind), value)
-        self._binding = binding
-        self._bound_cache = cache
+        st["binding"], st["values"] = binding, values
+        return st
+
+    def _vocab(self) -> int:
+        return int(self.decode_session.get_outputs()[0].shape[-1])
 
     def bound_pointers(self) -> dict[str, int]:
         """Data pointers of the bound KV inputs/outputs (tests check they are the cache buffers)."""
-        return {name: v.data_ptr() for name, v in self._values.items() if name.startswith("past_key_values")}
+        return {name: v.data_ptr() for st in self._bindings.values() for name, v in st["values"].items()
+                if name.startswith("past_key_values")}
+
+    def extend(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
+        """Run S new tokens per row [B,S] at positions ``cache.length`` .. +S-1, writing only those
+        positions of every layer in place; return logits [B,S,V] (a view, valid until the next call).
+        The caller advances (or, after a rejected draft, keeps) ``cache.length``."""
+        s = token_ids.shape[1]
+        cache.require_room(s)
+        if s > 1 and cache.length and not self.multi_token_steps:
+            raise ValueError(f"{self.model_path} masks causally by index: its shared-KV form runs one new token "
+                             "per step over a non-empty cache (export with river-export for multi-token steps)")
+        if self._bound_cache is not cache:
+            self._bindings, self._bound_cache = {}, cache
+        st = self._bindings.get(s) or self._bindings.setdefault(s, self._bind(cache, s))
+        pos = cache.length
+        st["ids"][:] = token_ids
+        st["positions"][:] = np.arange(pos, pos + s)
+        st["write_at"][:] = pos
+        st["mask"][:, :pos + s] = 1
+        st["mask"][:, pos + s:] = 0
+        self.decode_session.run_with_iobinding(st["binding"])
+        if self.river is not None:
+            self.last_exit_layer = int(st["exit"][0])
+        return st["logits"]
 
     def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         if token_ids.shape[1] != 1:
-            raise ValueError("decode runs one token per row; use prefill for prompts")
-        cache.require_room(1)
-        if self._bound_cache is not cache:
-            self._bind(cache)
-        pos = cache.length
-        self._ids[:] = token_ids
-        self._positions[:] = pos
-        self._write_at[:] = pos
-        self._mask[:, :pos + 1] = 1
-        self._mask[:, pos + 1:] = 0
-        self.decode_session.run_with_iobinding(self._binding)
-        if self.river is not None:
-            self.last_exit_layer = int(self._exit[0])
-        return self._logits
+            raise ValueError("decode runs one token per row; use extend for several")
+        return self.extend(token_ids, cache)
 
     def set_thresholds(self, thresholds) -> None:
         """Change the operating point between steps (bound by pointer: no rebinding needed)."""

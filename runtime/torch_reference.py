@@ -51,7 +51,7 @@ class TorchRiver:
         L = len(m.layers)
         h = m.embed_tokens(input_ids)
         cos, sin = m.rotary_emb(position_ids)
-        mask = additive_causal_mask(attention_mask, input_ids.shape[1], h.dtype)
+        mask = additive_causal_mask(attention_mask, position_ids, h.dtype)
         presents: list[torch.Tensor] = []
         exit_after = None
         self.similarities: list[torch.Tensor] = []  # per gate reached: per-row s_k
