@@ -91,3 +91,43 @@ def quantize(weight: np.ndarray, bits: int, block: int, flavour: str):
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown quantization flavour '{flavour}' (choose from {', '.join(FLAVOURS)})")
     return quantize_ort(weight, bits, block) if flavour == "ort" else quantize_blockwise(weight, bits, block)
+
+
+@dataclass(frozen=True)
+class ChannelQuantizedWeight:
+    """Dynamic-int8 twin weights (ORT flavour, int8): per output channel, symmetric, zero point 0.
+
+    At run time the activation is quantized per tensor (``DynamicQuantizeLinear``, uint8) and the
+    product is an integer ``MatMulInteger``: the pattern ONNX Runtime fuses into its fast
+    ``DynamicQuantizeMatMul`` kernel (MatMulNBits at 8 bits has no fast fp32 CPU path)."""
+
+    q: np.ndarray  # int8 [K, N]
+    scale: np.ndarray  # float32 [N]
+
+    def dequantize(self) -> np.ndarray:
+        return (self.q.astype(np.float32) * self.scale[None, :]).astype(np.float32)
+
+
+def quantize_channels_int8(weight: np.ndarray) -> ChannelQuantizedWeight:
+    amax = np.abs(weight.astype(np.float32)).max(axis=0)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(weight / scale[None, :]), -127, 127).astype(np.int8)
+    return ChannelQuantizedWeight(q, scale)
+
+
+def dynamic_int8_matmul(x, weight: ChannelQuantizedWeight):
+    """What DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul computes, in torch (float64 keeps
+    the integer products exact). ``x`` is a torch tensor [..., K]; returns float32 [..., N]."""
+    import torch
+
+    xd = x.detach().to(torch.float64)
+    lo, hi = torch.clamp(xd.min(), max=0.0), torch.clamp(xd.max(), min=0.0)
+    scale = ((hi - lo) / 255.0).to(torch.float32).to(torch.float64)  # ONNX computes the scale in fp32
+    if float(scale) == 0.0:
+        return torch.zeros(*x.shape[:-1], weight.q.shape[1], dtype=torch.float32)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    xq = torch.clamp(torch.round(xd / scale) + zp, 0, 255)
+    wq = torch.from_numpy(weight.q.astype(np.float64))
+    acc = torch.matmul(xq - zp, wq)
+    combined = (scale.to(torch.float32) * torch.from_numpy(weight.scale)).to(torch.float64)
+    return (acc.to(torch.float32).to(torch.float64) * combined).to(torch.float32)

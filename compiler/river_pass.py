@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from river.compiler.graph_io import hoist_initializers
-from river.compiler.quantize import BITS, FLAVOURS, quantize
+from river.compiler.quantize import BITS, FLAVOURS, quantize, quantize_channels_int8
 from river.compiler.structure import Block, DecoderStructure, discover
 from river.errors import RiverError
 from river.export.contract import INPUT_IDS, LOGITS, StepContract, present_name
@@ -115,6 +115,8 @@ class _Builder:
         """
         key = id(weight)
         bits, block = BITS[self.spec.precision], self.spec.block
+        if self.spec.flavour == "ort" and bits == 8:
+            return self._dynamic_int8(node, a, weight, tag, out)
         if key not in self.quantized:
             qw = quantize(weight.values, bits, block, self.spec.flavour)
             if self.spec.flavour == "ort":
@@ -129,7 +131,7 @@ class _Builder:
         c0, c1 = self.quantized[key]
         k, n = weight.values.shape
         if self.spec.flavour == "ort":
-            return [gs.Node("MatMulNBits", f"{node.name}@{tag}", {"K": k, "N": n, "bits": bits, "block_size": block},
+            return [gs.Node("MatMulNBits", f"{node.name}@{tag}", {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 1},
                             [a, c0, c1], [out], domain="com.microsoft")]
         w = gs.Variable(f"{weight.name}@twin@{tag}", dtype=np.float32, shape=[k, n])
         return [gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear@{tag}", {"axis": 0, "block_size": block}, [c0, c1], [w]),
@@ -162,6 +164,28 @@ class _Builder:
     def identity(self, t: gs.Tensor, name: str) -> tuple[gs.Node, gs.Variable]:
         out = gs.Variable(name, dtype=t.dtype, shape=t.shape)
         return gs.Node("Identity", f"/river/{name}/Identity", {}, [t], [out]), out
+
+    def _dynamic_int8(self, node, a, weight, tag, out) -> list[gs.Node]:
+        """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul: ORT fuses it to DynamicQuantizeMatMul."""
+        key = id(weight)
+        if key not in self.quantized:
+            qw = quantize_channels_int8(weight.values)
+            # stored as uint8 with zero point 128: ORT's u8s8 x86 kernel saturates int16 pair sums
+            # (255*127*2 > 32767) and gave wrong products; u8u8 is exact
+            self.quantized[key] = (gs.Constant(f"{weight.name}@q8c", (qw.q.astype(np.int16) + 128).astype(np.uint8)),
+                                   gs.Constant(f"{weight.name}@q8c_scale", qw.scale),
+                                   gs.Constant(f"{weight.name}@q8c_zp", np.full(qw.q.shape[1], 128, np.uint8)))
+        wq, wscale, wzp = self.quantized[key]
+        v = lambda name, dtype=np.float32: gs.Variable(f"{node.name}@{tag}/{name}", dtype=dtype)  # noqa: E731
+        aq, ascale, azp, acc, accf, scale = v("a_q", np.uint8), v("a_scale"), v("a_zp", np.uint8), v("acc", np.int32), v("acc_f"), v("scale")
+        n = f"{node.name}@{tag}"
+        return [
+            gs.Node("DynamicQuantizeLinear", f"{n}/DynamicQuantizeLinear", {}, [a], [aq, ascale, azp]),
+            gs.Node("MatMulInteger", f"{n}/MatMulInteger", {}, [aq, wq, azp, wzp], [acc]),
+            gs.Node("Cast", f"{n}/Cast", {"to": onnx.TensorProto.FLOAT}, [acc], [accf]),
+            gs.Node("Mul", f"{n}/scale", {}, [ascale, wscale], [scale]),
+            gs.Node("Mul", f"{n}/Mul", {}, [accf, scale], [out]),
+        ]
 
     # -- the gate -----------------------------------------------------------------------------
     def gate(self, gi: int, block: Block, thresholds: gs.Variable) -> tuple[list[gs.Node], gs.Variable]:

@@ -153,6 +153,10 @@ class OrtBackend(StepBackend):
             self.last_exit_layer = int(st["exit"][0])
         return st["logits"]
 
+    def unbind(self) -> None:
+        """Forget the bound cache (a finished request's buffers can then be freed)."""
+        self._bindings, self._bound_cache = {}, None
+
     def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         if token_ids.shape[1] != 1:
             raise ValueError("decode runs one token per row; use extend for several")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from river.compiler.quantize import BITS, quantize
+from river.compiler.quantize import BITS, dynamic_int8_matmul, quantize, quantize_channels_int8
 from river.models.llama import DecoderLayer, LlamaForCausalLM, additive_causal_mask
 
 
@@ -21,6 +21,17 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dot = (a * b).sum(-1)
     norm = torch.sqrt((a * a).sum(-1) * (b * b).sum(-1))
     return dot / torch.clamp(norm, min=1e-12)
+
+
+class DynamicInt8Linear(torch.nn.Module):
+    """A twin linear layer computing exactly what the ORT flavour's dynamic-int8 MatMul computes."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight_q = weight
+
+    def forward(self, x):
+        return dynamic_int8_matmul(x, self.weight_q)
 
 
 class TorchRiver:
@@ -36,9 +47,14 @@ class TorchRiver:
             twin = copy.deepcopy(self.model.model.layers[layer])
             if self.precision != "fp32":
                 with torch.no_grad():
-                    for mod in twin.modules():
-                        if isinstance(mod, torch.nn.Linear) and mod.in_features % self.block == 0:
+                    for parent in list(twin.modules()):
+                        for name, mod in list(parent.named_children()):
+                            if not (isinstance(mod, torch.nn.Linear) and mod.in_features % self.block == 0):
+                                continue
                             w = mod.weight.detach().cpu().numpy().T  # the ONNX MatMul layout [in, out]
+                            if self.flavour == "ort" and self.precision == "int8":
+                                setattr(parent, name, DynamicInt8Linear(quantize_channels_int8(w)))
+                                continue
                             deq = quantize(w, BITS[self.precision], self.block, self.flavour).dequantize()
                             mod.weight.copy_(torch.from_numpy(deq.T.copy()))
             self._twins[layer] = twin

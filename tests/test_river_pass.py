@@ -82,8 +82,10 @@ def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, flavour):
     spec = RiverSpec.from_name(river, GATES, flavour=flavour)
     model = river_graph(tiny_proto, spec)
     ops = {n.op_type for n in _all_nodes(model.graph)}
-    if spec.precision != "fp32":  # each flavour really emits its own twin operator
-        assert ("MatMulNBits" in ops) == (flavour == "ort") and ("DequantizeLinear" in ops) == (flavour == "dq")
+    expected = {("int8", "ort"): "MatMulInteger", ("int4", "ort"): "MatMulNBits",
+                ("int8", "dq"): "DequantizeLinear", ("int4", "dq"): "DequantizeLinear"}.get((spec.precision, flavour))
+    if expected:  # each flavour really emits its own twin operator
+        assert expected in ops and not ({"MatMulInteger", "MatMulNBits", "DequantizeLinear"} - {expected}) & ops
     session = make_session(model)
     ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block, spec.flavour)
     feeds = step_feeds(tiny.config, seed=3)

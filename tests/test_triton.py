@@ -1,0 +1,381 @@
+"""The Triton model repository, served by a real tritonserver (nvidia-pytriton's, Python backend only).
+
+The server is started by a fixture on 127.0.0.1 and always stopped in its teardown. Every stream is
+checked against our runtime in this process (``open_generator(...).generate``) for the same prompt,
+thresholds and cache capacity: same tokens, same text, same exit layers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("pytriton")
+
+from google.protobuf import text_format  # noqa: E402
+from tritonclient.grpc import model_config_pb2  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from river.compiler.compile import compile_river  # noqa: E402
+from river.errors import RiverError  # noqa: E402
+from river.runtime import triton_client  # noqa: E402
+from river.runtime import triton_repo as TR  # noqa: E402
+from river.runtime.generate import GenerationConfig  # noqa: E402
+from river.runtime.loading import open_generator  # noqa: E402
+from river.runtime.triton_client import build_inputs, stream_generate  # noqa: E402
+from river.runtime.triton_server import triton_server  # noqa: E402
+
+GATES = "0,2"
+MIXED = [0.2, 0.65]  # on the tiny model: exits after layers 1, 3 and 4 (no exit) all occur
+CAPACITY = 512  # the tiny model's context: the KV cache per request
+
+
+@pytest.fixture(scope="module")
+def tiny_river(tiny_onnx, tmp_path_factory) -> Path:
+    return compile_river(tiny_onnx, tmp_path_factory.mktemp("triton-river") / "river", gates=GATES, log=None)
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_river, tmp_path_factory) -> Path:
+    return TR.write_triton_repo(tiny_river.parent, tmp_path_factory.mktemp("triton") / "repo", threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    with triton_server(repo, keep_logs=log) as s:
+        yield s
+    assert s.process.poll() is not None, "the server outlived its fixture"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_river):
+    """Our runtime in this process: the ground truth every stream must equal."""
+    gen = open_generator(str(tiny_river), threads=1)
+
+    def run(prompt, max_tokens, thresholds=None, ignore_eos=False):
+        if gen.backend.river is not None:
+            gen.backend.set_thresholds(gen.backend.default_thresholds if thresholds is None else thresholds)
+        cfg = GenerationConfig(max_new_tokens=max_tokens, eos_token_ids=[] if ignore_eos else None)
+        return gen.generate(prompt, cfg)
+
+    return run
+
+
+def assert_same(stream, ref):
+    assert stream.token_ids == ref.token_ids
+    assert stream.text == ref.text
+    assert stream.stats["exit_layers"] == [s.exit_layer for s in ref.steps if s.phase == "decode"]
+    assert stream.stats["finish_reason"] == ref.finish_reason
+
+
+# --- the repository ------------------------------------------------------------------------------
+
+def test_repository_layout_and_configs_parse_with_tritons_schema(repo):
+    configs = {}
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        cfg = model_config_pb2.ModelConfig()
+        text_format.Parse(path.read_text(), cfg)
+        configs[cfg.name] = cfg
+        assert cfg.name == path.parent.name and not cfg.HasField("dynamic_batching")
+    assert set(configs) == {TR.STEP_MODEL, TR.STEP_TRT_MODEL, TR.GENERATE_MODEL}
+    kind = model_config_pb2.ModelInstanceGroup.Kind
+    ort, trt, gen = configs[TR.STEP_MODEL], configs[TR.STEP_TRT_MODEL], configs[TR.GENERATE_MODEL]
+    assert ort.backend == "onnxruntime" and ort.instance_group[0].kind == kind.Value("KIND_CPU")
+    assert trt.platform == "tensorrt_plan" and trt.instance_group[0].kind == kind.Value("KIND_GPU")
+    assert gen.backend == "python" and gen.model_transaction_policy.decoupled
+    for step in (ort, trt):
+        dims = {t.name: list(t.dims) for t in list(step.input) + list(step.output)}
+        assert dims["input_ids"] == [-1, -1] and dims["past_key_values.3.value"] == [-1, 2, -1, 16]
+        assert dims["exit_thresholds"] == [2] and dims["exit_layer"] == [-1]
+        assert next(t for t in step.input if t.name == "exit_thresholds").optional
+    assert (repo / TR.STEP_MODEL / "1" / "model.onnx").is_file()
+    assert not (repo / TR.STEP_TRT_MODEL / "1" / "model.plan").exists()
+    assert "model.plan" in (repo / TR.STEP_TRT_MODEL / "README.md").read_text()
+    river = repo / TR.GENERATE_MODEL / "1" / TR.RIVER_SUBDIR
+    assert {"model.onnx", "model.onnx.data", "river.json", "tokenizer.json"} <= {p.name for p in river.iterdir()}
+    assert "async_stream_infer" in (repo / "README.md").read_text()
+
+
+def test_writer_refuses_bad_input_and_leaves_nothing_behind(tiny_river, tmp_path, monkeypatch):
+    with pytest.raises(RiverError, match="not empty"):
+        (tmp_path / "full").mkdir()
+        (tmp_path / "full" / "x").write_text("x")
+        TR.write_triton_repo(tiny_river.parent, tmp_path / "full")
+    with pytest.raises(RiverError, match="plan"):
+        TR.write_triton_repo(tiny_river.parent, tmp_path / "r1", step_backends=("onnxruntime",), plan_path="x.plan")
+    # a config Triton would refuse is caught by the writer's own check, before the rename
+    real = TR.generate_config
+    monkeypatch.setattr(TR, "generate_config", lambda name, **kw: real("wrong_name", **kw))
+    with pytest.raises(RiverError, match="not the folder name"):
+        TR.write_triton_repo(tiny_river.parent, tmp_path / "r2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_parse_request_refuses_bad_values():
+    ok = TR.parse_request({"prompt": np.array([b"hi"], object), "max_tokens": np.array([3], np.int32)}, 2)
+    assert ok.prompt == "hi" and ok.cfg.max_new_tokens == 3 and ok.chat and ok.thresholds is None
+    hi = np.array([b"hi"], object)
+    for values, message in [({"prompt": np.array([b""], object)}, "empty"),
+                            ({"prompt": np.array([b"\xff"], object)}, "UTF-8"),
+                            ({"prompt": hi, "temperature": np.array([-1.0], np.float32)}, "temperature"),
+                            ({"prompt": hi, "thresholds": np.ones(3, np.float32)}, "3 thresholds")]:
+        with pytest.raises(TR.RequestError, match=message):
+            TR.parse_request(values, 2)
+
+
+# --- the real server -------------------------------------------------------------------------------
+
+def test_stream_equals_runtime_greedy(server, reference, capsys):
+    for prompt, thresholds in [("hello river", MIXED), ("Tell me about a delta", None), ("hello river", [-2.0, 2.0])]:
+        responses = []
+        got = stream_generate(prompt, url=server.grpc_url, max_tokens=40, thresholds=thresholds,
+                              on_piece=lambda piece, ids: responses.append(ids))
+        ref = reference(prompt, 40, thresholds)
+        assert_same(got, ref)
+        assert len(responses) > 1, "the tokens must arrive as a stream, not one response"
+        assert got.stats["tokens"] == len(ref.token_ids) and got.stats["decode_tokens_per_s"] > 0
+        hist = got.stats["exit_histogram"]
+        assert sum(hist.values()) == len(ref.steps) - 1
+        if thresholds == MIXED:
+            assert len(hist) > 1, hist
+        if thresholds == [-2.0, 2.0]:
+            assert hist == {"1": len(ref.steps) - 1}
+    # the command-line client streams the same text
+    assert triton_client.main(["hello river", "--url", server.grpc_url, "--max-tokens", "40", "--thresholds",
+                               ",".join(map(str, MIXED))]) == 0
+    out, err = capsys.readouterr()
+    assert out.rstrip("\n") == reference("hello river", 40, MIXED).text and "tokens (length)" in err
+
+
+def test_concurrent_streams_have_no_crosstalk(server, reference):
+    jobs = [("first river", 300, MIXED), ("a second, longer prompt about deltas", 200, None),
+            ("3", 260, [-2.0, 2.0]), ("fourth stream", 120, MIXED)]
+    results: dict[int, object] = {}
+    errors = []
+    start = threading.Barrier(len(jobs))
+
+    def run(i, prompt, n, thresholds):
+        try:
+            start.wait()
+            results[i] = stream_generate(prompt, url=server.grpc_url, max_tokens=n, thresholds=thresholds,
+                                         ignore_eos=True)
+        except Exception as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i, (prompt, n, thresholds) in enumerate(jobs):
+        assert len(results[i].token_ids) == n
+        assert_same(results[i], reference(prompt, n, thresholds, ignore_eos=True))
+    assert max(r.stats["server"]["peak_live_requests"] for r in results.values()) >= 2, "streams never overlapped"
+
+
+def test_cancelled_stream_frees_its_kv_cache(server, reference):
+    seen = []
+    rid = f"cancel-{time.time_ns()}"
+    got = stream_generate("cancel me", url=server.grpc_url, max_tokens=480, ignore_eos=True, request_id=rid,
+                          on_piece=lambda piece, ids: seen.append(ids) or len(seen) < 5)
+    assert got.cancelled and len(got.token_ids) < 480
+    assert got.token_ids == reference("cancel me", 480, ignore_eos=True).token_ids[:len(got.token_ids)]
+    deadline = time.monotonic() + 30
+    while f"request {rid} cancelled" not in server.logs():
+        assert time.monotonic() < deadline, "the model never saw the cancellation"
+        time.sleep(0.1)
+    line = next(x for x in server.logs().splitlines() if f"request {rid} cancelled" in x)
+    assert "live KV caches 0 (0 bytes)" in line, line
+    after = stream_generate("after", url=server.grpc_url, max_tokens=4)
+    assert after.stats["server"]["cancelled"] >= 1
+    assert after.stats["server"]["live_caches"] == 0 and after.stats["server"]["live_requests"] == 0
+    s = after.stats["server"]  # every request that got a cache, this one included, has released it
+    assert s["caches_freed"] == s["completed"] + s["cancelled"]
+
+
+def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(server, reference):
+    import tritonclient.grpc as grpcclient
+
+    def only(name, array, dtype):
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return [t]
+
+    cases = [
+        (only("max_tokens", np.array([4], np.int32), "INT32"), "prompt"),  # missing input
+        (build_inputs("hi") + only("max_tokens", np.array([4.0], np.float32), "FP32"), "max_tokens"),  # dtype
+        (build_inputs("x" * (CAPACITY + 10), max_tokens=4), "cache"),  # prompt past the KV cache
+        (build_inputs("hi", thresholds=[0.5, 0.5, 0.5]), "3 thresholds for 2 gates"),
+        (build_inputs("hi", temperature=-1.0), "temperature"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(InferenceServerException, match=message) as info:
+            stream_generate("", url=server.grpc_url, inputs=inputs, timeout=60)
+        assert len(str(info.value)) < 500, "errors must be one clear line, not a traceback"
+    assert server.alive()
+    assert_same(stream_generate("still serving", url=server.grpc_url, max_tokens=16, thresholds=MIXED),
+                reference("still serving", 16, MIXED))
+
+
+# --- BLS mode, with a stand-in for Triton ------------------------------------------------------------
+
+def fake_pb_utils(step_model_dir: Path):
+    """Just enough of triton_python_backend_utils for model.py, with BLS calls answered by ONNX Runtime on
+    the step model's file (what Triton's onnxruntime backend would run). Not Triton: it checks our BLS
+    loop's logic (what goes out, what comes back, where it is written), not Triton's BLS plumbing.
+    The session takes the runtime's options: with ORT's default MatMulNBits accuracy level (which
+    Triton's onnxruntime backend would use) the int8 twins compute differently and tokens can differ."""
+    import onnxruntime as ort
+
+    from river.compiler.ort_session import session_options
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    session = ort.InferenceSession(str(step_model_dir / "1" / "model.onnx"), session_options(threads=1),
+                                   providers=["CPUExecutionProvider"])
+    pb.calls = []
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self._array = name, np.asarray(array)
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._array
+
+    class TritonError:
+        INTERNAL, INVALID_ARG, CANCELLED = 13, 3, 1
+
+        def __init__(self, msg, code=13):
+            self.msg, self.code = msg, code
+
+        def message(self):
+            return self.msg
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self._outputs, self._error = list(output_tensors), error
+
+        def output_tensors(self):
+            return self._outputs
+
+        def has_error(self):
+            return self._error is not None
+
+        def error(self):
+            return self._error
+
+    class InferenceRequest:
+        def __init__(self, model_name, requested_output_names, inputs, preferred_memory=None, **kw):
+            self.model_name, self.outputs, self.inputs = model_name, requested_output_names, inputs
+
+        def exec(self):
+            pb.calls.append(self.model_name)
+            feeds = {t.name(): t.as_numpy() for t in self.inputs}
+            values = session.run(self.outputs, feeds)
+            return InferenceResponse([Tensor(n, v) for n, v in zip(self.outputs, values)])
+
+    class Logger:
+        lines: list[str] = []
+
+        @classmethod
+        def log_info(cls, msg):
+            cls.lines.append(msg)
+
+        log_warn = log_error = log_verbose = log_info
+
+    pb.Tensor, pb.TritonError, pb.InferenceResponse, pb.InferenceRequest, pb.Logger = (
+        Tensor, TritonError, InferenceResponse, InferenceRequest, Logger)
+    pb.PreferredMemory = lambda kind, device: (kind, device)
+    pb.TRITONSERVER_MEMORY_CPU, pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 0, 1
+    pb.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    pb.get_output_tensor_by_name = lambda response, name: next(
+        (t for t in response.output_tensors() if t.name() == name), None)
+    return pb
+
+
+class FakeRequest:
+    def __init__(self, pb, **inputs):
+        self.inputs = {k: pb.Tensor(k, v) for k, v in inputs.items()}
+        self.responses, self.flags = [], []
+
+    def request_id(self):
+        return "fake"
+
+    def get_response_sender(self):
+        request = self
+
+        class Sender:
+            def send(self, response=None, flags=0):
+                request.responses.append(response)
+                request.flags.append(flags)
+
+            def is_cancelled(self):
+                return False
+
+        return Sender()
+
+
+def test_bls_mode_loop_against_a_stand_in_for_triton(tiny_river, reference, tmp_path, monkeypatch):
+    repo = TR.write_triton_repo(tiny_river.parent, tmp_path / "repo", bls=True, threads=1)
+    gen_cfg = model_config_pb2.ModelConfig()
+    text_format.Parse((repo / TR.GENERATE_MODEL / "config.pbtxt").read_text(), gen_cfg)
+    assert gen_cfg.parameters["mode"].string_value == "bls"
+    assert gen_cfg.parameters["step_model"].string_value == TR.STEP_MODEL
+    pb = fake_pb_utils(repo / TR.STEP_MODEL)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location("river_generate_model", repo / TR.GENERATE_MODEL / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from google.protobuf import json_format
+
+    model = module.TritonPythonModel()
+    config = json_format.MessageToJson(gen_cfg, preserving_proto_field_name=True)  # as Triton passes it
+    model.initialize({"model_config": config, "model_name": TR.GENERATE_MODEL})
+    try:
+        request = FakeRequest(pb, prompt=np.array([b"hello river"], object), max_tokens=np.array([24], np.int32),
+                              thresholds=np.array(MIXED, np.float32))
+        assert model.execute([request]) is None
+        assert request.flags[-1] == 1 and request.flags.count(1) == 1
+        final = request.responses[-1]
+        assert not final.has_error()
+        out = {t.name(): t.as_numpy() for t in final.output_tensors()}
+        tokens = [int(t) for r in request.responses for t in
+                  next(x for x in r.output_tensors() if x.name() == "token_ids").as_numpy()]
+        ref = reference("hello river", 24, MIXED)
+        assert tokens == ref.token_ids
+        stats = json.loads(out["stats"][0])
+        assert stats["exit_layers"] == [s.exit_layer for s in ref.steps[1:]]
+        assert pb.calls and set(pb.calls) == {TR.STEP_MODEL} and len(pb.calls) == len(ref.steps)
+        bad = FakeRequest(pb, prompt=np.array([("x" * (CAPACITY + 10)).encode()], object))
+        model.execute([bad])
+        assert bad.responses[-1].has_error() and "cache" in bad.responses[-1].error().message()
+    finally:
+        model.finalize()
+
+
+# --- SmolLM2 -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_stream_equals_runtime_greedy(smol_onnx, tmp_path):
+    river = compile_river(smol_onnx, tmp_path / "river", log=None)
+    repo = TR.write_triton_repo(river.parent, tmp_path / "repo", max_length=256)
+    prompt = "What is a river delta?"
+    with triton_server(repo, ready_timeout=300) as s:
+        got = stream_generate(prompt, url=s.grpc_url, max_tokens=24)
+    gen = open_generator(str(river), max_length=256)
+    ref = gen.generate(prompt, GenerationConfig(max_new_tokens=24))
+    assert_same(got, ref)
+    assert got.stats["gates"] == json.loads((river.parent / "river.json").read_text())["gates"]
