@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="cache capacity: prompt + new tokens (default: model context)")
     p.add_argument("--thresholds", help="River graphs: per-gate exit thresholds, comma-separated or a JSON "
                    "file (default: the graph's baked-in ones); 'off' disables every gate")
+    p.add_argument("--mode", choices=["exit", "verify"], default="exit",
+                   help="River graphs: exit = tokens leave at their gate (the paper); verify = lossless: the river "
+                   "drafts --draft-k tokens, one backbone step verifies them (output = the full model's)")
+    p.add_argument("--draft-gate", type=int, default=0, help="verify mode: index of the gate the draft exits at")
+    p.add_argument("--draft-k", type=int, default=4, help="verify mode: tokens drafted per round (default 4)")
+    p.add_argument("--adaptive", action="store_true", help="verify mode: grow k on full acceptance, shrink on early rejection")
     p.add_argument("--stats", action="store_true", help="print per-step statistics to stderr")
     return p
 
@@ -42,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
         gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
                              thresholds=args.thresholds)
+        if args.mode == "verify":
+            from river.runtime.speculative import SpeculativeGenerator
+
+            gen = SpeculativeGenerator(gen.backend, gen.tokenizer, gen.eos_token_ids, draft_gate=args.draft_gate,
+                                       k=args.draft_k, adaptive=args.adaptive, max_length=gen.max_length)
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed, stop=args.stop)
         result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
@@ -59,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if exits:
             hist = {layer: exits.count(layer) for layer in sorted(set(exits))}
             print(f"[river] exit layers (layers run per decode step): {hist}", file=sys.stderr)
+    stats = getattr(gen, "stats", None)
+    if stats is not None and stats.rounds:
+        print(f"[river] verify: {stats.rounds} rounds, acceptance {stats.acceptance_rate:.1%}, "
+              f"mean accepted {stats.mean_accepted:.2f} of {args.draft_k}", file=sys.stderr)
     n = len(result.token_ids)
     print(f"[river] {n} tokens ({result.finish_reason}); prompt {len(result.prompt_ids)} tokens in "
           f"{result.prefill_seconds * 1e3:.0f} ms; decode {result.decode_tokens_per_s:.1f} tokens/s",

@@ -1,0 +1,139 @@
+"""Lossless River (verify mode): identical greedy output, exact sampling distribution, exact KV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from river.compiler.compile import compile_river
+from river.runtime.generate import GenerationConfig, Generator
+from river.runtime.ort_backend import OrtBackend
+from river.runtime.sampling import next_token_probs
+from river.runtime.speculative import SpeculativeGenerator
+from tests_helpers import torch_step
+
+PROMPTS = ["hello there", "rivers and seas", "0123456789", "spec"]
+
+
+@pytest.fixture(scope="module")
+def tiny_river_int4(tiny_onnx, tmp_path_factory):
+    # int4 twins of the tiny random model disagree with it often enough to exercise rejections
+    return compile_river(tiny_onnx, tmp_path_factory.mktemp("spec") / "r", gates="0,2", river="int4", log=None)
+
+
+@pytest.fixture(scope="module")
+def full_greedy(tiny, tiny_onnx):
+    gen = Generator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer)
+    return {p: gen.generate(p, GenerationConfig(max_new_tokens=40, eos_token_ids=[])).token_ids for p in PROMPTS}
+
+
+@pytest.mark.parametrize("gate, k, adaptive", [(0, 1, False), (0, 4, False), (1, 3, False), (0, 2, True), (1, 8, False)])
+def test_greedy_identical_to_full_model(tiny, tiny_river_int4, full_greedy, gate, k, adaptive):
+    spec = SpeculativeGenerator(OrtBackend(tiny_river_int4, threads=1), tiny.tokenizer, draft_gate=gate, k=k, adaptive=adaptive)
+    rejected = 0
+    for prompt in PROMPTS:
+        result = spec.generate(prompt, GenerationConfig(max_new_tokens=40, eos_token_ids=[]))
+        assert result.token_ids == full_greedy[prompt], prompt
+        rejected += spec.stats.drafted - spec.stats.accepted
+    if (gate, k) == (0, 4):
+        assert rejected > 0, "the draft never disagreed: the test would not exercise rollback"
+
+
+def test_kv_exact_below_valid_length_and_nothing_beyond_is_read(tiny, tiny_river_int4, full_greedy):
+    backend = OrtBackend(tiny_river_int4, threads=1)
+    spec = SpeculativeGenerator(backend, tiny.tokenizer, draft_gate=0, k=4)
+    checks = []
+    orig_verify = spec.verify
+    prompt_ids = spec.encode("hello there")
+    emitted: list[int] = []
+
+    def verify(pending, drafted, dists, start, cache, cfg, rng):
+        out = orig_verify(pending, drafted, dists, start, cache, cfg, rng)
+        seq = prompt_ids + emitted + [pending] + out[:-1]  # tokens whose K/V are now valid
+        emitted.extend([pending] + out[:-1])
+        assert cache.length == len(seq)
+        _, ref = torch_step(tiny.model, np.asarray([seq]))
+        for buf, r in zip(cache.buffers(), ref):
+            np.testing.assert_allclose(buf[:, :, :cache.length], r.numpy(), atol=1e-4)
+            buf[:, :, cache.length:] = np.random.default_rng(len(checks)).normal(0, 1e3, buf[:, :, cache.length:].shape)
+        checks.append(cache.length)
+        return out
+
+    spec.verify = verify
+    result = spec.generate(prompt_ids, GenerationConfig(max_new_tokens=40, eos_token_ids=[]))
+    assert result.token_ids == full_greedy["hello there"]
+    assert len(checks) >= 8 and checks == sorted(checks)
+
+
+def test_sampling_matches_backbone_distribution(tiny, tiny_onnx, tiny_river_int4):
+    """The token after a speculative round is distributed as the backbone's p (not the draft's q)."""
+    temperature, top_p = 0.8, 0.7
+    cfg = GenerationConfig(max_new_tokens=2, temperature=temperature, top_p=top_p, eos_token_ids=[])
+    backend = OrtBackend(tiny_river_int4, threads=1)
+    spec = SpeculativeGenerator(backend, tiny.tokenizer, draft_gate=0, k=1)
+    prompt = spec.encode("sample me", chat=False)
+    pending = 65
+    # exact backbone and draft distributions for the token after `pending`
+    plain = OrtBackend(tiny_onnx, threads=1)
+    cache = plain.new_cache(len(prompt) + 4)
+    plain.prefill(np.asarray([prompt]), cache)
+    cache.length = len(prompt)
+    p = next_token_probs(plain.decode(np.asarray([[pending]]), cache)[0, -1].copy(), temperature, top_p)
+    rcache = backend.new_cache(len(prompt) + 4)
+    backend.prefill(np.asarray([prompt]), rcache)
+    rcache.length = len(prompt)
+    backend.set_thresholds(spec.draft_thresholds)
+    q = next_token_probs(backend.extend(np.asarray([[pending]]), rcache)[0, -1].copy(), temperature, top_p)
+    assert 0.5 * np.abs(p - q).sum() > 0.1, "draft and backbone agree too closely for the test to mean anything"
+
+    rng = np.random.default_rng(1234)
+    n, counts = 3000, np.zeros_like(p)
+    for _ in range(n):
+        cache = backend.new_cache(len(prompt) + 4)
+        backend.prefill(np.asarray([prompt]), cache)
+        cache.length = len(prompt)
+        drafted, dists = spec.draft(pending, cache, 1, cfg, rng)
+        out = spec.verify(pending, drafted, dists, len(prompt), cache, cfg, rng)
+        counts[out[0]] += 1
+    freq = counts / n
+    tv = 0.5 * np.abs(freq - p).sum()
+    tv_draft = 0.5 * np.abs(freq - q).sum()
+    # expected TV of an n-sample empirical distribution from p: 0.5 * sum sqrt(2 p (1-p) / (pi n))
+    noise = 0.5 * np.sqrt(2 * p * (1 - p) / (np.pi * n)).sum()
+    assert tv < 2.5 * noise, (tv, noise)
+    assert tv_draft > 2 * tv, (tv, tv_draft)  # the draft's own distribution is clearly rejected
+    # chi-square goodness of fit on cells with expected count >= 5 (the rest pooled), via the
+    # normal approximation of the chi-square distribution: z < 4 is p > 3e-5
+    cells = p * n >= 5
+    observed = np.append(counts[cells], counts[~cells].sum())
+    expected = np.append(p[cells] * n, p[~cells].sum() * n)
+    keep = expected > 0
+    chi2 = (((observed[keep] - expected[keep]) ** 2) / expected[keep]).sum()
+    dof = keep.sum() - 1
+    assert (chi2 - dof) / np.sqrt(2 * dof) < 4, (chi2, dof)
+
+
+def test_verify_mode_rejects_plain_graph_and_bad_options(tiny, tiny_onnx, tiny_river_int4):
+    with pytest.raises(ValueError, match="needs a River graph"):
+        SpeculativeGenerator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer)
+    with pytest.raises(ValueError, match="draft gate index 5 out of range"):
+        SpeculativeGenerator(OrtBackend(tiny_river_int4, threads=1), tiny.tokenizer, draft_gate=5)
+
+
+@pytest.mark.slow
+def test_smollm2_verify_mode_identical_on_benchmark_prompts(smol, smol_onnx, tmp_path_factory):
+    from river.runtime.eval_data import EVAL_PROMPTS
+
+    river = compile_river(smol_onnx, tmp_path_factory.mktemp("smol-spec") / "r", river="int8", log=None)
+    full = Generator(OrtBackend(smol_onnx, threads=2), smol.tokenizer, smol.config.eos_token_ids)
+    spec = SpeculativeGenerator(OrtBackend(river, threads=2), smol.tokenizer, smol.config.eos_token_ids,
+                                draft_gate=0, k=4)
+    accepted = drafted = 0
+    for prompt in EVAL_PROMPTS:
+        cfg = GenerationConfig(max_new_tokens=48)
+        expected = full.generate(prompt, cfg)
+        got = spec.generate(prompt, cfg)
+        assert got.token_ids == expected.token_ids, prompt
+        accepted, drafted = accepted + spec.stats.accepted, drafted + spec.stats.drafted
+    print(f"\nSmolLM2 verify mode (int8 river, gate after layer 14, k=4): acceptance {accepted / drafted:.1%} "
+          f"over {drafted} drafted tokens")
