@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from river.compiler import cli as export_cli
+from river import cli as export_cli
 from river.errors import CacheOverflow, InvalidModelFile, ModelNotFound, NotADecoderGraph
 from river.models import load_model
 from river.models.gguf_loader import open_gguf

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from river.compiler import cli as export_cli
+from river import cli as export_cli
 from river.compiler.compile import compile_river
 from river.compiler.river_pass import DISABLED
 from river.runtime import cli as generate_cli
@@ -148,3 +148,16 @@ def test_river_decode_matches_torch_after_forced_exit(tiny, tiny_river):
     past = [torch.from_numpy(b[:, :, :7].copy()) for b in cache.buffers()]
     ref, _ = torch_step(tiny.model, np.array([[41]]), past, start=7)
     np.testing.assert_allclose(logits, ref, atol=1e-4)
+
+
+def test_export_cli_writes_triton_repository(tiny_onnx, tmp_path, capsys):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    repo = tmp_path / "repo"
+    assert export_cli.main([str(tiny_onnx), "-o", str(tmp_path / "river"), "--gates", GATES, "--triton-repo", str(repo)]) == 0
+    configs = sorted(repo.glob("*/config.pbtxt"))
+    assert {c.parent.name for c in configs} >= {"river_generate", "river_step"}
+    for c in configs:
+        text_format.Parse(c.read_text(), model_config_pb2.ModelConfig())
+    assert (repo / "README.md").is_file()

@@ -1,4 +1,9 @@
-"""``river-export``: compile a decoder into a River graph (similarity gates + exit rivers)."""
+"""``river-export``: compile a decoder into a River graph (similarity gates + exit rivers), and
+optionally a Triton model repository for it.
+
+This module sits above the pipeline (models -> export -> compiler -> runtime): it is the one place
+that calls all of them, so no layer imports a later one.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flavour", default=None, choices=["ort", "dq"],
                    help="quantized twins as ORT MatMulNBits (default) or block DequantizeLinear (TensorRT)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for calibration")
+    p.add_argument("--triton-repo", type=Path, metavar="REPO",
+                   help="also write a Triton Inference Server model repository for the River graph to REPO")
+    p.add_argument("--max-length", type=int, help="--triton-repo: KV cache capacity per request (default: model context)")
     p.add_argument("--step-only", action="store_true", help="only export the plain decode-step graph (no River rewrite)")
     return p
 
@@ -79,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                     step = export_model(loaded, Path(tmp) / "step")
                     del loaded
                     path = compile_river(step, args.output, model_name=args.model, **_river_options(args))
+        if args.triton_repo is not None:
+            if args.step_only:
+                raise RiverError("--triton-repo serves a River graph; drop --step-only")
+            from river.runtime.triton_repo import write_triton_repo
+
+            print(f"[river] writing the Triton model repository {args.triton_repo} ...", file=sys.stderr, flush=True)
+            print(write_triton_repo(Path(path).parent, args.triton_repo, max_length=args.max_length, threads=args.threads))
     except (RiverError, FileExistsError) as exc:
         print(f"river-export: error: {exc}", file=sys.stderr)
         return 2
