@@ -1,0 +1,210 @@
+"""ONNX Runtime backend over a segmented River (``river.compiler.segments``): no ``If`` anywhere, the
+runtime reads each gate's exit flag and picks the next segment itself.
+
+Prefill runs the contract-form segments (whole backbone, gates disabled) and writes the prompt's
+K/V into the shared cache. Decode steps run the shared-KV form through IOBinding: every segment's
+``past_key_values.{l}`` input and ``present.{l}`` output are bound to the same cache buffer, so each
+segment writes only its layers' new position, in place. The residual stream between segments, the
+exit flags and the logits live in small buffers bound once per cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from river.compiler.graph_io import load_onnx_header
+from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS
+from river.compiler.segments import SegmentIndex, exit_name, hidden_name, similarity_name
+from river.compiler.shared_kv import WRITE_INDICES
+from river.errors import RiverError
+from river.export import contract as C
+from river.export.contract import StepContract
+from river.export.onnx_export import CAUSAL_PROP
+from river.runtime.backend import StepBackend
+from river.runtime.kv_cache import SharedKVCache
+from river.runtime.ort_backend import session_options
+
+
+def contract_of(index: SegmentIndex) -> StepContract:
+    """The step contract the segments implement, read from their signatures (no weights loaded)."""
+    first = load_onnx_header(index.path(index.backbone(0)))
+    kv = next(i for i in first.graph.input if i.name == C.past_name(0, "key")).type.tensor_type
+    dims = [d.dim_value for d in kv.shape.dim]
+    final = load_onnx_header(index.path(index.backbone(len(index.gates))))
+    logits = next(o for o in final.graph.output if o.name == C.LOGITS).type.tensor_type.shape.dim
+    vocab = logits[-1].dim_value if logits and logits[-1].HasField("dim_value") else None
+    return StepContract(index.num_layers, dims[1], dims[3], vocab, kv.elem_type)
+
+
+class SegmentedBackend(StepBackend):
+    """Same interface and results as ``OrtBackend`` on the fused River graph (``set_thresholds``,
+    ``last_exit_layer``), plus ``last_similarities`` (per gate reached: per-row similarity)."""
+
+    def __init__(self, segments_dir: str | Path, threads: int | None = None, providers=None, thresholds=None,
+                 matmul_accuracy: int = 1):
+        self.index = SegmentIndex.load(segments_dir)
+        self.contract = contract_of(self.index)
+        ix = self.index
+        self.river = {"gates": list(ix.gates), "kind": ix.kind, "precision": ix.precision, "block": ix.block}
+        self.default_thresholds = np.array(ix.thresholds, np.float32)
+        self.thresholds = np.array(self.default_thresholds if thresholds is None else thresholds, np.float32)
+        if self.thresholds.shape != self.default_thresholds.shape:
+            raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.default_thresholds)} gates")
+        self._options = session_options(threads, matmul_accuracy)
+        self._providers = providers or ["CPUExecutionProvider"]
+        self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {}
+        self.last_exit_layer: int | None = None
+        self.last_similarities: list[np.ndarray] = []
+        self._bound_cache: SharedKVCache | None = None
+        self._bindings: dict[int, dict] = {}
+        first = load_onnx_header(self.index.path(self.index.backbone(0), shared_kv=True))
+        self.multi_token_steps = {p.key: p.value for p in first.metadata_props}.get(CAUSAL_PROP) == "position"
+
+    def session(self, name: str, shared_kv: bool = False) -> ort.InferenceSession:
+        """Sessions are made on first use: a decode-only or prefill-only user loads half of them."""
+        key = (name, shared_kv)
+        if key not in self._sessions:
+            path = self.index.path(self.index.segment(name), shared_kv)
+            self._sessions[key] = ort.InferenceSession(str(path), self._options, providers=self._providers)
+        return self._sessions[key]
+
+    def set_thresholds(self, thresholds) -> None:
+        self.thresholds[:] = np.asarray(thresholds, np.float32)
+
+    # --- one step in the contract form (any S and P): prefill, parity checks ---------------------
+    def run_step(self, feeds: dict[str, np.ndarray], thresholds=None) -> dict[str, np.ndarray]:
+        """logits, present.* (contract order) and exit_layer [B] for one contract step, chaining the
+        Concat-form segments: what the fused River graph returns for the same feeds."""
+        thr = np.asarray(self.thresholds if thresholds is None else thresholds, np.float32)
+        values = dict(feeds)
+        values[THRESHOLDS] = thr
+        batch = feeds[C.INPUT_IDS].shape[0]
+        self.last_similarities = []
+        exit_gate = None
+        for k in range(len(self.index.gates)):
+            values.update(self._run(f"backbone{k}", values))
+            self.last_similarities.append(values[similarity_name(k)])
+            if bool(values[exit_name(k)]):
+                exit_gate = k
+                break
+        values.update(self._run(f"river{exit_gate}" if exit_gate is not None else f"backbone{len(self.index.gates)}", values))
+        result = {C.LOGITS: values[C.LOGITS]}
+        for layer in range(self.contract.num_layers):
+            for kind in ("key", "value"):
+                result[C.present_name(layer, kind)] = values[C.present_name(layer, kind)]
+        self.last_exit_layer = self.index.exit_layer(exit_gate)
+        result[EXIT_LAYER] = np.full((batch,), self.last_exit_layer, np.int64)
+        return result
+
+    def _run(self, name: str, values: dict) -> dict[str, np.ndarray]:
+        seg = self.index.segment(name)
+        outs = self.session(name).run(None, {n: values[n] for n in seg.inputs})
+        return dict(zip(seg.outputs, outs))
+
+    # --- prefill ---------------------------------------------------------------------------------
+    def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
+        if cache.length:
+            raise ValueError("prefill expects an empty cache")
+        b, s = input_ids.shape
+        cache.require_room(s)
+        c = self.contract
+        feeds = {C.INPUT_IDS: input_ids.astype(np.int64), C.ATTENTION_MASK: np.ones((b, s), np.int64),
+                 C.POSITION_IDS: np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
+        empty = np.zeros((b, c.num_kv_heads, 0, c.head_dim), np.float32)
+        for layer in range(c.num_layers):
+            feeds[C.past_name(layer, "key")] = feeds[C.past_name(layer, "value")] = empty
+        out = self.run_step(feeds, np.full_like(self.thresholds, DISABLED))  # prefill: the whole backbone
+        for layer in range(c.num_layers):
+            cache.write(layer, out[C.present_name(layer, "key")], out[C.present_name(layer, "value")], at=0)
+        return out[C.LOGITS]
+
+    # --- decode / extend: shared-KV segments, buffers bound in place ----------------------------
+    def _bind(self, cache: SharedKVCache, s: int) -> dict:
+        """Buffers and IOBindings of every segment for steps of ``s`` tokens (once per cache and s).
+        One OrtValue per buffer, so a cache buffer bound as past and as present is the same memory."""
+        b, ix = cache.batch, self.index
+        G = len(ix.gates)
+        vocab = self.contract.vocab_size or self._output_width(f"backbone{G}", C.LOGITS)
+        width = self._output_width("backbone0", hidden_name(ix.gates[0]))
+        st = {"ids": np.zeros((b, s), np.int64), "positions": np.zeros((b, s), np.int64),
+              "write_at": np.zeros((b,), np.int64), "mask": np.zeros((b, cache.capacity), np.int64),
+              "logits": np.zeros((b, s, vocab), np.float32),
+              "exit": {k: np.zeros((), np.bool_) for k in range(G)},
+              "sim": {k: np.zeros((b,), np.float32) for k in range(G)},
+              "hidden": {g: np.zeros((b, s, width), np.float32) for g in ix.gates}}
+        buffers: dict[str, np.ndarray] = {
+            C.INPUT_IDS: st["ids"], C.POSITION_IDS: st["positions"], WRITE_INDICES: st["write_at"],
+            C.ATTENTION_MASK: st["mask"], C.LOGITS: st["logits"], THRESHOLDS: self.thresholds,
+        }
+        for k in range(G):
+            buffers[exit_name(k)], buffers[similarity_name(k)] = st["exit"][k], st["sim"][k]
+        for g in ix.gates:
+            buffers[hidden_name(g)] = st["hidden"][g]
+        for layer in range(self.contract.num_layers):
+            buffers[C.past_name(layer, "key")] = buffers[C.present_name(layer, "key")] = cache.keys[layer]
+            buffers[C.past_name(layer, "value")] = buffers[C.present_name(layer, "value")] = cache.values[layer]
+        values = {id(a): ort.OrtValue.ortvalue_from_numpy(a) for a in buffers.values()}
+        st["values"] = {name: values[id(a)] for name, a in buffers.items()}
+        st["bindings"] = {}
+        for seg in ix.segments:
+            sess = self.session(seg.name, shared_kv=True)
+            binding = sess.io_binding()
+            for i in sess.get_inputs():
+                binding.bind_ortvalue_input(i.name, st["values"][i.name])
+            for o in sess.get_outputs():
+                binding.bind_ortvalue_output(o.name, st["values"][o.name])
+            st["bindings"][seg.name] = (sess, binding)
+        return st
+
+    def _output_width(self, segment: str, output: str) -> int:
+        sess = self.session(segment, shared_kv=True)
+        shape = next(o.shape for o in sess.get_outputs() if o.name == output)
+        if not isinstance(shape[-1], int):
+            raise RiverError(f"{segment}: {output} has no static last dimension ({shape})")
+        return shape[-1]
+
+    def bound_pointers(self) -> dict[str, int]:
+        """Data pointers of the bound KV inputs/outputs (tests check they are the cache buffers)."""
+        return {n: v.data_ptr() for st in self._bindings.values() for n, v in st["values"].items()
+                if n.startswith(("past_key_values", "present"))}
+
+    def extend(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
+        """S new tokens per row [B,S] at positions ``cache.length`` .. +S-1, through the segments,
+        writing only those positions in place; logits [B,S,V] (a view, valid until the next call).
+        The caller advances ``cache.length``. As in the fused graph, a gate fires for the step when
+        every row's last position clears it."""
+        s = token_ids.shape[1]
+        cache.require_room(s)
+        if s > 1 and cache.length and not self.multi_token_steps:
+            raise ValueError(f"{self.index.folder} masks causally by index: its shared-KV segments run one new "
+                             "token per step over a non-empty cache (export with river-export for multi-token steps)")
+        if self._bound_cache is not cache:
+            self._bindings, self._bound_cache = {}, cache
+        st = self._bindings.get(s) or self._bindings.setdefault(s, self._bind(cache, s))
+        pos = cache.length
+        st["ids"][:] = token_ids
+        st["positions"][:] = np.arange(pos, pos + s)
+        st["write_at"][:] = pos
+        st["mask"][:, :pos + s] = 1
+        st["mask"][:, pos + s:] = 0
+        self.last_similarities = []
+        exit_gate = None
+        for k in range(len(self.index.gates)):
+            sess, binding = st["bindings"][f"backbone{k}"]
+            sess.run_with_iobinding(binding)
+            self.last_similarities.append(st["sim"][k].copy())
+            if bool(st["exit"][k]):
+                exit_gate = k
+                break
+        sess, binding = st["bindings"][f"river{exit_gate}" if exit_gate is not None else f"backbone{len(self.index.gates)}"]
+        sess.run_with_iobinding(binding)
+        self.last_exit_layer = self.index.exit_layer(exit_gate)
+        return st["logits"]
+
+    def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
+        if token_ids.shape[1] != 1:
+            raise ValueError("decode runs one token per row; use extend for several")
+        return self.extend(token_ids, cache)

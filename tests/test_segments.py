@@ -1,0 +1,225 @@
+"""Segmented River (compiler/segments.py, runtime/segmented_backend.py) and the chained layout
+(compiler/river_chain.py) compute what the fused nested River graph computes, in ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from test_river_pass import step_feeds
+
+from river.compiler.compile import compile_river
+from river.compiler.river_chain import chained_river_graph
+from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, RiverSpec, river_graph
+from river.compiler.segments import DATA_FILE, INDEX, SegmentIndex, route, write_segments
+from river.errors import RiverError
+from river.export import contract as C
+from river.runtime.generate import GenerationConfig, Generator
+from river.runtime.ort_backend import OrtBackend, make_session
+from river.runtime.segmented_backend import SegmentedBackend
+
+GATES = (0, 2)
+PATTERNS = [([-2, DISABLED], 1), ([DISABLED, -2], 3), ([DISABLED, DISABLED], 4)]
+
+
+@pytest.fixture(scope="module")
+def tiny_proto(tiny_onnx):
+    return onnx.load(str(tiny_onnx))
+
+
+@pytest.fixture(scope="module")
+def river_int8(tiny_onnx, tmp_path_factory):
+    """A river-export folder (nested River graph) with its segments beside it."""
+    out = tmp_path_factory.mktemp("seg") / "int8"
+    path = compile_river(tiny_onnx, out, gates=list(GATES), river="int8", log=None)
+    write_segments(tiny_onnx, RiverSpec.from_name("int8", GATES), out / "segments")
+    return path
+
+
+def _outputs(session, feeds, thr):
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {**feeds, THRESHOLDS: thr})))
+
+
+def test_route():
+    assert route(2, None) == ["backbone0", "backbone1", "backbone2"]
+    assert route(2, 0) == ["backbone0", "river0"]
+    assert route(2, 1) == ["backbone0", "backbone1", "river1"]
+    with pytest.raises(ValueError):
+        route(2, 2)
+
+
+def test_segments_folder(river_int8):
+    folder = river_int8.parent / "segments"
+    index = SegmentIndex.load(folder)
+    assert [s.name for s in index.segments] == ["backbone0", "river0", "backbone1", "river1", "backbone2"]
+    assert [(s.first, s.last) for s in index.segments] == [(0, 0), (1, 3), (1, 2), (3, 3), (3, 3)]
+    b0, r0, b1 = index.backbone(0), index.river(0), index.backbone(1)
+    assert b0.outputs[:3] == ["hidden.0", "gate0.exit", "gate0.similarity"] and b0.hidden_in is None
+    assert r0.hidden_in == "hidden.0" and r0.outputs[0] == C.LOGITS
+    assert b1.hidden_in == "hidden.0" and "exit_thresholds" in b1.inputs
+    assert "write_indices" in b1.shared_kv_inputs and "write_indices" not in b1.inputs
+    assert index.thresholds == [DISABLED, DISABLED] and index.flavour == "ort"
+    # one weights file; every external tensor is stored once and every graph passes the full checker
+    names = {}
+    for seg in index.segments:
+        for shared_kv in (False, True):
+            model = onnx.load(str(index.path(seg, shared_kv)), load_external_data=False)
+            assert not any(n.op_type == "If" for n in model.graph.node)
+            for t in model.graph.initializer:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    where = {e.key: e.value for e in t.external_data}
+                    assert where["location"] == DATA_FILE
+                    assert names.setdefault(t.name, where["offset"]) == where["offset"]
+            onnx.checker.check_model(str(index.path(seg, shared_kv)), full_check=True)
+    offsets = list(names.values())
+    assert len(offsets) == len(set(offsets))
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".onnx")) == [INDEX, DATA_FILE]
+
+
+@pytest.mark.parametrize("river", ["int8", "int4", "attn", "kv"])
+def test_segmented_and_chained_steps_equal_fused(tiny, tiny_proto, tmp_path, river):
+    """Forced exit at each gate and no exit: logits, every present and exit_layer agree (1e-5)."""
+    spec = RiverSpec.from_name(river, GATES)
+    fused = make_session(river_graph(tiny_proto, spec))
+    chained_model = chained_river_graph(tiny_proto, spec)
+    onnx.checker.check_model(chained_model, full_check=True)
+    chained = make_session(chained_model)
+    write_segments(tiny_proto, spec, tmp_path / "segments")
+    segmented = SegmentedBackend(tmp_path / "segments", threads=1)
+    for seq, past in ((1, 6), (3, 4)):
+        feeds = step_feeds(tiny.config, batch=2, seq=seq, past=past, seed=seq)
+        for thresholds, expect in PATTERNS:
+            thr = np.array(thresholds, np.float32)
+            ref = _outputs(fused, feeds, thr)
+            assert ref[EXIT_LAYER].tolist() == [expect, expect]
+            for got in (_outputs(chained, feeds, thr), segmented.run_step(feeds, thr)):
+                assert got.keys() == ref.keys()
+                assert np.array_equal(got[EXIT_LAYER], ref[EXIT_LAYER])
+                assert max(np.abs(got[n] - ref[n]).max() for n in ref if n != EXIT_LAYER) <= 1e-5
+            assert segmented.last_exit_layer == expect
+
+
+def _thresholds_that_exit_sometimes(tiny, segments) -> np.ndarray:
+    """Per gate, a threshold between two observed similarities near the median: some steps exit at
+    each gate, and no similarity sits within rounding of a threshold."""
+    backend = SegmentedBackend(segments, threads=1)
+    sims, decode = [], backend.decode
+
+    def record(tokens, cache):
+        out = decode(tokens, cache)
+        sims.append([float(s[0]) for s in backend.last_similarities])
+        return out
+
+    backend.decode = record
+    Generator(backend, tiny.tokenizer).generate("calibrate the river", GenerationConfig(max_new_tokens=24))
+    sims = np.sort(np.array(sims), axis=0)
+    mid = len(sims) // 2
+    return ((sims[mid - 1] + sims[mid]) / 2).astype(np.float32)
+
+
+def test_greedy_generation_fused_equals_segmented(tiny, river_int8):
+    segments = river_int8.parent / "segments"
+    thr = _thresholds_that_exit_sometimes(tiny, segments)
+    fused = OrtBackend(river_int8, threads=1, thresholds=thr)
+    segmented = SegmentedBackend(segments, threads=1, thresholds=thr)
+    seen = set()
+    for prompt in ("hello river", "the delta of a river", "abc"):
+        a = Generator(fused, tiny.tokenizer).generate(prompt, GenerationConfig(max_new_tokens=20))
+        b = Generator(segmented, tiny.tokenizer).generate(prompt, GenerationConfig(max_new_tokens=20))
+        assert b.token_ids == a.token_ids
+        exits = [s.exit_layer for s in b.steps[1:]]
+        assert exits == [s.exit_layer for s in a.steps[1:]]
+        seen.update(exits)
+    assert seen == {1, 3, 4}  # exits at both gates and full-depth steps all happened
+
+
+def test_segmented_decode_is_in_place_with_no_holes(tiny, river_int8):
+    """Invariant 2 for the segmented runtime: after any exit every layer holds finite K/V for every
+    position, and the KV inputs/outputs are bound to the cache buffers themselves."""
+    backend = SegmentedBackend(river_int8.parent / "segments", threads=1)
+    patterns = [[-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED]]
+    seen, decode = [], backend.decode
+
+    def poisoned(tokens, cache):
+        backend.set_thresholds(patterns[len(seen) % 3])
+        pos = cache.length
+        for buf in cache.buffers():
+            buf[:, :, pos] = np.nan
+        out = decode(tokens, cache)
+        seen.append(backend.last_exit_layer)
+        for buf in cache.buffers():
+            assert np.all(np.isfinite(buf[:, :, :pos + 1])), f"hole at {pos} after exit {seen[-1]}"
+        ptrs = backend.bound_pointers()
+        for layer in range(tiny.config.num_layers):
+            assert ptrs[C.past_name(layer, "key")] == ptrs[C.present_name(layer, "key")] == cache.keys[layer].ctypes.data
+        return out
+
+    backend.decode = poisoned
+    Generator(backend, tiny.tokenizer).generate("holes?", GenerationConfig(max_new_tokens=7))
+    assert seen == [1, 3, 4, 1, 3, 4]
+
+
+def test_write_segments_refuses_and_leaves_nothing(tiny_proto, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RiverError, match="out of range"):
+        write_segments(tiny_proto, RiverSpec.from_name("int8", (3,)), out)
+    assert list(tmp_path.iterdir()) == []
+    (out / "x").mkdir(parents=True)
+    with pytest.raises(RiverError, match="not empty"):
+        write_segments(tiny_proto, RiverSpec.from_name("int8", GATES), out)
+    with pytest.raises(RiverError, match="segments.json"):
+        SegmentIndex.load(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / INDEX).write_text(json.dumps({"format": 99}))
+    with pytest.raises(RiverError, match="format 99"):
+        SegmentIndex.load(bad)
+
+
+def test_segmented_extend_equals_fused(tiny, river_int8):
+    """Multi-token steps (verification drafts) in place: same logits, caches and exits as OrtBackend."""
+    fused = OrtBackend(river_int8, threads=1)
+    segmented = SegmentedBackend(river_int8.parent / "segments", threads=1)
+    assert segmented.multi_token_steps == fused.multi_token_steps
+    prompt = np.arange(30, 36)[None]
+    caches = []
+    for backend in (fused, segmented):
+        cache = backend.new_cache(16)
+        backend.prefill(prompt, cache)
+        cache.length = 6
+        caches.append(cache)
+    for thresholds, expect in PATTERNS:
+        outs = []
+        for backend, cache in zip((fused, segmented), caches):
+            backend.set_thresholds(thresholds)
+            step = np.array([[40, 41, 42]]) if backend.multi_token_steps else np.array([[40]])
+            outs.append(backend.extend(step, cache).copy())
+            assert backend.last_exit_layer == expect
+        np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+        n = caches[0].length + outs[0].shape[1]
+        for a, b in zip(caches[0].buffers(), caches[1].buffers()):
+            np.testing.assert_allclose(b[:, :, :n], a[:, :, :n], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_segmented_equals_fused(smol, smol_onnx, tmp_path):
+    from river.compiler.river_pass import default_gates
+
+    gates = default_gates(smol.config.num_layers)
+    spec = RiverSpec.from_name("int8", gates)
+    proto = onnx.load(str(smol_onnx))
+    fused = make_session(river_graph(proto, spec), threads=2)
+    write_segments(proto, spec, tmp_path / "segments")
+    del proto
+    segmented = SegmentedBackend(tmp_path / "segments", threads=2)
+    feeds = step_feeds(smol.config, batch=1, seq=1, past=12, seed=4)
+    for k in range(len(gates) + 1):
+        thr = np.full(len(gates), DISABLED, np.float32)
+        if k < len(gates):
+            thr[k] = -2
+        ref = _outputs(fused, feeds, thr)
+        got = segmented.run_step(feeds, thr)
+        assert int(ref[EXIT_LAYER][0]) == int(got[EXIT_LAYER][0]) == (gates[k] + 1 if k < len(gates) else 30)
+        assert max(np.abs(got[n] - ref[n]).max() for n in ref if n != EXIT_LAYER) <= 1e-4
