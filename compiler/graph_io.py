@@ -78,29 +78,40 @@ def _external_tensors(model: onnx.ModelProto):
 
 
 def hoist_initializers(model: onnx.ModelProto, keep_local=lambda name: False) -> onnx.ModelProto:
-    """Move subgraph initializers to the main graph, once per name (except where ``keep_local``).
+    """Move initializers that several ``If`` branches hold to the main graph, once per name.
 
-    onnx-graphsurgeon exports a constant into each ``If`` branch that uses it, which would store a
-    weight once per branch; ONNX lets branches read outer-scope initializers, so keep one copy.
-    Quantized twin weights stay local: ONNX Runtime fuses DequantizeLinear -> MatMul into
-    MatMulNBits only when the weight is an initializer of the same graph.
+    onnx-graphsurgeon exports a constant into each branch that uses it, which would store a weight
+    once per branch; ONNX lets branches read outer-scope initializers, so shared ones are kept once
+    in the main graph. Weights used by one branch only stay there: ONNX Runtime prepacks (and fuses)
+    only initializers of the node's own graph, so a backbone layer moved into an ``else`` branch
+    keeps running the same packed GEMMs as in the plain graph (bit-identical results, same speed).
+    ``keep_local`` names stay in their branches even when repeated (quantized twins: ORT prepacks
+    MatMulNBits / MatMulInteger weights only when they are local).
     """
     main = model.graph
-    have = {t.name for t in main.initializer}
+    graphs: list[onnx.GraphProto] = []
 
-    def walk(graph):
+    def collect(graph):
         for node in graph.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
-                    sub = attr.g
-                    local = [t for t in sub.initializer if keep_local(t.name)]
-                    for t in sub.initializer:
-                        if not keep_local(t.name) and t.name not in have:
-                            main.initializer.append(t)
-                            have.add(t.name)
-                    del sub.initializer[:]
-                    sub.initializer.extend(local)
-                    walk(sub)
+                    graphs.append(attr.g)
+                    collect(attr.g)
 
-    walk(main)
+    collect(main)
+    count: dict[str, int] = {}
+    for g in [main] + graphs:
+        for t in g.initializer:
+            count[t.name] = count.get(t.name, 0) + 1
+    have = {t.name for t in main.initializer}
+    for sub in graphs:
+        keep = []
+        for t in sub.initializer:
+            if count[t.name] == 1 or keep_local(t.name):
+                keep.append(t)
+            elif t.name not in have:
+                main.initializer.append(t)
+                have.add(t.name)
+        del sub.initializer[:]
+        sub.initializer.extend(keep)
     return model

@@ -23,7 +23,7 @@ from river.models.cache import cache_root, file_fingerprint
 from river.runtime.backend import StepBackend
 from river.runtime.kv_cache import SharedKVCache
 
-SHARED_KV_FORMAT = 7  # bump when the pass's output changes, to invalidate cached derived graphs
+SHARED_KV_FORMAT = 8  # bump when the pass's output changes, to invalidate cached derived graphs
 
 
 def shared_kv_path(model_path: Path) -> Path:
@@ -55,13 +55,16 @@ class OrtBackend(StepBackend):
                 raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.default_thresholds)} gates")
         providers = providers or ["CPUExecutionProvider"]
         so = session_options(threads, matmul_accuracy)
-        self.prefill_session = ort.InferenceSession(str(self.model_path), so, providers=providers)
+        # Graphs whose causal mask goes by position run every step, prefill included, in the shared-KV
+        # form (one session, one copy of the weights); others prefill with the contract graph.
+        props = {p.key: p.value for p in header.metadata_props}
+        self.multi_token_steps = props.get(CAUSAL_PROP) == "position"
+        self.prefill_session = (None if self.multi_token_steps else
+                                ort.InferenceSession(str(self.model_path), so, providers=providers))
         decode_path = shared_kv_path(self.model_path)
         self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
         self._bound_cache: SharedKVCache | None = None
         self._bindings: dict[int, dict] = {}
-        props = {p.key: p.value for p in header.metadata_props}
-        self.multi_token_steps = props.get(CAUSAL_PROP) == "position"
 
     # --- prefill: the contract graph over an empty past ---------------------------------------
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
@@ -69,6 +72,16 @@ class OrtBackend(StepBackend):
             raise ValueError("prefill expects an empty cache")
         b, s = input_ids.shape
         cache.require_room(s)
+        if self.prefill_session is None:  # in place, whole backbone (exits off), like a decode step
+            if self.river is None:
+                return self.extend(input_ids.astype(np.int64), cache).copy()
+            saved = self.thresholds.copy()
+            self.thresholds[:] = DISABLED
+            try:
+                return self.extend(input_ids.astype(np.int64), cache).copy()
+            finally:
+                self.thresholds[:] = saved
+                self.last_exit_layer = None
         c = self.contract
         feeds = {
             C.INPUT_IDS: input_ids.astype(np.int64),
@@ -141,7 +154,11 @@ class OrtBackend(StepBackend):
                              "per step over a non-empty cache (export with river-export for multi-token steps)")
         if self._bound_cache is not cache:
             self._bindings, self._bound_cache = {}, cache
-        st = self._bindings.get(s) or self._bindings.setdefault(s, self._bind(cache, s))
+        st = self._bindings.get(s)
+        if st is None:  # bindings for short steps are kept; a long prompt's [B,S,V] logits are not
+            st = self._bind(cache, s)
+            if s <= 16:
+                self._bindings[s] = st
         pos = cache.length
         st["ids"][:] = token_ids
         st["positions"][:] = np.arange(pos, pos + s)

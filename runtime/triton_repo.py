@@ -476,7 +476,8 @@ class SharedBackendView(StepBackend):
     ``OrtBackend`` binds one cache at a time (IOBinding) and returns logits in a bound buffer, so each
     decode step takes the lock, sets this request's thresholds, runs (rebinding when another request ran
     last), and copies out what the next step would overwrite: the logits and the exit layer. Prefill
-    runs its own session without bindings, so it needs no lock. Between steps it checks ``cancelled``.
+    runs in the same shared session (in place, with the backend's thresholds switched off), so it takes
+    the lock too. Between steps it checks ``cancelled``.
     """
 
     def __init__(self, shared: StepBackend, lock: threading.Lock, thresholds: Sequence[float] | None = None,
@@ -505,7 +506,8 @@ class SharedBackendView(StepBackend):
 
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         self._check()
-        return self.shared.prefill(input_ids, cache)
+        with self.lock:
+            return np.array(self.shared.prefill(input_ids, cache))
 
     def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         self._check()

@@ -142,7 +142,7 @@ def test_bad_specs_are_refused(tiny_proto):
 
 def test_weights_are_not_duplicated(tiny_proto):
     """fp32 twins add no weights; backbone weights are stored once, however many branches read them."""
-    def all_initializers(graph):
+    def all_initializers(graph):  # every initializer, in the main graph and in every branch
         names = [i.name for i in graph.initializer]
         for node in graph.node:
             for attr in node.attribute:
@@ -177,7 +177,11 @@ def smol_river(smol_onnx):
 def test_smollm2_gates_disabled_equals_original(smol, smol_river):
     proto, spec, model = smol_river
     assert spec.gates == (14, 17, 20)
-    plain, river = make_session(proto, threads=2), make_session(model, threads=2)
+    # The head weight is shared by every river and the backbone, so it lives in the main graph and
+    # the head GEMM inside an If branch runs on unpacked weights (ORT prepacks only a graph's own
+    # initializers): ~2e-5 on SmolLM2 logits. With prepacking off both graphs run the same kernels.
+    plain = make_session(proto, threads=2, prepacking=False)
+    river = make_session(model, threads=2, prepacking=False)
     for seq, past in ((5, 0), (1, 7)):
         feeds = step_feeds(smol.config, batch=1, seq=seq, past=past, seed=seq)
         ref, out = plain.run(None, feeds), river.run(None, feeds)
