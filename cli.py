@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-repo", type=Path, metavar="REPO",
                    help="also write a Triton Inference Server model repository for the River graph to REPO")
     p.add_argument("--max-length", type=int, help="--triton-repo: KV cache capacity per request (default: model context)")
+    p.add_argument("--segmented", action="store_true",
+                   help="also write the segmented form (one graph per backbone segment and per river; the runtime "
+                   "chains them) to OUT/segments - the fallback where conditionals do not run lazily")
+    p.add_argument("--trt", action="store_true",
+                   help="also build TensorRT engines (fused chained-If graph and segments, dq twins) into OUT/trt "
+                   "with tensorrt, or tensorrt-rtx where tensorrt is missing")
+    p.add_argument("--check", action="store_true",
+                   help="compare ONNX Runtime on the River graph with our runtime (and the segments / engines "
+                   "written) through Polygraphy; exit 1 on a mismatch")
     p.add_argument("--step-only", action="store_true", help="only export the plain decode-step graph (no River rewrite)")
     return p
 
@@ -72,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.step_only:
                 raise RiverError("--step-only exports a model; the input is already an ONNX graph")
             path = compile_river(args.model, args.output, **_river_options(args))
+            failed = _extras(args, Path(args.model), Path(path).parent)
         else:
             print(f"[river] loading {args.model} ...", file=sys.stderr, flush=True)
             loaded = load_model(args.model)
@@ -79,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
             if args.step_only:
                 path = export_model(loaded, args.output)
+                failed = False
             else:
                 if args.output.exists() and any(args.output.iterdir()):
                     raise RiverError(f"output folder {args.output} exists and is not empty")
@@ -87,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     step = export_model(loaded, Path(tmp) / "step")
                     del loaded
                     path = compile_river(step, args.output, model_name=args.model, **_river_options(args))
+                    failed = _extras(args, step, Path(path).parent)
         if args.triton_repo is not None:
             if args.step_only:
                 raise RiverError("--triton-repo serves a River graph; drop --step-only")
@@ -101,7 +113,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"river-export: error: cannot write: {exc}", file=sys.stderr)
         return 2
     print(path)
-    return 0
+    return 1 if failed else 0
+
+
+def _extras(args, step: Path, river_dir: Path) -> bool:
+    """--segmented, --trt, --check (they need the step graph, so they run before it is cleaned up).
+    Returns True when the parity check failed."""
+    segments = engines = None
+    if args.segmented or args.trt:
+        from river.compiler.trt_engines import spec_from_manifest
+
+        spec = spec_from_manifest(river_dir)
+    if args.segmented:
+        from river.compiler.segments import write_segments
+
+        print("[river] writing the segmented form ...", file=sys.stderr, flush=True)
+        segments = write_segments(step, spec, river_dir / "segments")
+    if args.trt:
+        from river.compiler.trt_engines import compile_trt
+
+        print("[river] building TensorRT engines ...", file=sys.stderr, flush=True)
+        report = compile_trt(step, spec, river_dir, log=sys.stderr)
+        engines = report.folder
+    if args.check:
+        from river.runtime.parity import check_parity
+
+        report = check_parity(river_dir / "model.onnx", segments=segments, engines=engines)
+        for line in report.lines():
+            print(line, file=sys.stderr)
+        return not report.passed
+    return False
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ def open_generator(model: str, threads: int | None = None, tokenizer: str | None
                    max_length: int | None = None, thresholds: str | None = None) -> Generator:
     from transformers import AutoTokenizer
 
+    if (Path(model) / "segments.json").is_file():  # the segmented River form (river-export --segmented)
+        from river.runtime.segmented_backend import SegmentedBackend
+
+        backend = SegmentedBackend(model, threads=threads)
+        onnx_path = Path(model).parent / "model.onnx"
+        return _generator(backend, onnx_path, tokenizer, max_length, thresholds)
     if model.endswith(".onnx"):
         onnx_path = Path(model)
         if not onnx_path.is_file():
@@ -47,6 +53,12 @@ def open_generator(model: str, threads: int | None = None, tokenizer: str | None
 
         onnx_path = exported_model_path(model)
     backend = OrtBackend(onnx_path, threads=threads)  # validates the decoder contract first
+    return _generator(backend, onnx_path, tokenizer, max_length, thresholds)
+
+
+def _generator(backend, onnx_path: Path, tokenizer, max_length, thresholds) -> Generator:
+    from transformers import AutoTokenizer
+
     chosen = parse_thresholds(thresholds, backend)
     if chosen is not None:
         backend.set_thresholds(chosen)

@@ -161,3 +161,16 @@ def test_export_cli_writes_triton_repository(tiny_onnx, tmp_path, capsys):
     for c in configs:
         text_format.Parse(c.read_text(), model_config_pb2.ModelConfig())
     assert (repo / "README.md").is_file()
+
+
+def test_export_cli_segmented_trt_and_check(tiny_onnx, tmp_path, capsys):
+    """--segmented, --trt and --check on a real export: segments run in river-generate, engines are
+    built (TensorRT-RTX here), and the Polygraphy parity check passes."""
+    out = tmp_path / "river"
+    assert export_cli.main([str(tiny_onnx), "-o", str(out), "--gates", GATES, "--segmented", "--trt", "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "parity: PASS" in err
+    assert (out / "segments" / "segments.json").is_file() and (out / "trt").is_dir()
+    assert generate_cli.main(["--model", str(out / "segments"), "--max-new-tokens", "6", "--stats",
+                              "--thresholds=-2,2", "hi"]) == 0
+    assert "exit after layer 1" in capsys.readouterr().err
