@@ -36,7 +36,6 @@ def parse_thresholds(text: str | None, backend: OrtBackend):
 
 def open_generator(model: str, threads: int | None = None, tokenizer: str | None = None,
                    max_length: int | None = None, thresholds: str | None = None) -> Generator:
-    from transformers import AutoTokenizer
 
     if (Path(model) / "segments.json").is_file():  # the segmented River form (river-export --segmented)
         from river.runtime.segmented_backend import SegmentedBackend
