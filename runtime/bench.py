@@ -192,6 +192,12 @@ def run(args, n_prompts, n_tokens, n_he, n_math, n_cal) -> dict:
 
     def record(name, result):
         r = results[name]
+        stats = getattr(methods[name][0], "stats", None)
+        if stats is not None and stats.rounds:  # verify mode: acceptance of the river's drafts
+            r.setdefault("drafted", 0)
+            r["drafted"] = r["drafted"] + stats.drafted
+            r["accepted"] = r.get("accepted", 0) + stats.accepted
+            r["rounds"] = r.get("rounds", 0) + stats.rounds
         r["decode_seconds"] += [s.seconds for s in result.steps if s.phase == "decode"]
         r["exits"] += [s.exit_layer for s in result.steps if s.phase == "decode" and s.exit_layer is not None]
 
@@ -302,6 +308,8 @@ def summarize(results, tf, methods, gates, L, prompts) -> dict:
             "mean_layers_run": float(np.mean(r["exits"])) if r["exits"] else None,
             "exit_histogram": {str(k): v for k, v in sorted(hist.items())},
             "decode_steps": len(ts),
+            "acceptance_rate": r["accepted"] / r["drafted"] if r.get("drafted") else None,
+            "mean_accepted_per_round": r["accepted"] / r["rounds"] if r.get("rounds") else None,
         }
     if costs:
         out["full"]["layer_costs"] = costs
@@ -374,6 +382,12 @@ def markdown(out: dict, plots: list[str]) -> str:
                      f"{r['speedup_vs_full']:.2f}x | {f(r['theoretical_speedup'], '{:.2f}x')} | {r['teacher_forced_agreement'] * 100:.1f}% | "
                      f"{r['perplexity_delta_pct']:+.2f} | {f(r['greedy_agreement_overall'], '{:.1%}')} | {f(r['greedy_prefix_until_divergence_mean'], '{:.1f}')} | "
                      f"{f(r['greedy_exact_match'], '{:.0%}')} | {f(r['humaneval_pass@1'], '{:.0%}')} | {f(r['math_accuracy'], '{:.0%}')} | {f(r['mean_layers_run'], '{:.1f}')} |")
+    spec = {k: v for k, v in m.items() if v.get("acceptance_rate") is not None}
+    if spec:
+        lines += ["", "## Verify mode (lossless)", "", "| method | speedup | acceptance | mean accepted / round | exact match |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['speedup_vs_full']:.2f}x | {v['acceptance_rate']:.1%} | {v['mean_accepted_per_round']:.2f} | "
+                  f"{f(v['greedy_exact_match'], '{:.0%}')} |" for k, v in spec.items()]
     uni = [v for k, v in m.items() if k.startswith("uniform")]
     lossy = {k: v for k, v in m.items() if k.startswith(("river", "fixed", "monotone", "propagate"))}
     verdict = []
