@@ -6,12 +6,13 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import onnx
+
+from river.atomic import atomic_dir
 from river.compiler.graph_io import load_onnx, save_onnx_atomic
 from river.compiler.river_pass import RiverSpec, default_gates, river_graph
 from river.errors import NotADecoderGraph, RiverError
@@ -107,90 +108,84 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
     source_onnx, out_dir = Path(source_onnx), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise RiverError(f"output folder {out_dir} exists and is not empty")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as exc:
-        raise RiverError(f"cannot write to {out_dir.parent}: {exc.strerror}") from None
     bar = tqdm(total=4, desc="river-export", unit="step", file=log, disable=log is None)
     try:
         t0 = time.perf_counter()
-        bar.set_postfix_str("loading")
-        model = load_onnx(source_onnx)
-        contract = StepContract.from_model(model, str(source_onnx))
-        check_supported_ops(model, str(source_onnx))
-        bar.update()
-        gate_list = parse_gates(gates, contract.num_layers) if gates is None or isinstance(gates, str) else tuple(gates)
-        if thresholds is not None and not isinstance(thresholds, (list, tuple)):
-            thresholds = read_thresholds(thresholds, gate_list)
-        if calibrate is not None and thresholds is not None:
-            raise RiverError("give either --thresholds or --calibrate, not both")
-        spec = RiverSpec.from_name(river, gate_list, block=block, flavour=flavour,
-                                   thresholds=None if thresholds is None else tuple(thresholds))
-        bar.set_postfix_str(f"rewriting ({spec.kind} twins, {spec.precision}, gates {list(spec.gates)})")
-        rewritten = river_graph(model, spec)
-        del model
-        bar.update()
-        bar.set_postfix_str("checking and writing")
-        save_onnx_atomic(rewritten, tmp / "model.onnx")
-        bar.update()
-        calibration = None
-        if calibrate is not None:
-            from transformers import AutoTokenizer
+        with atomic_dir(out_dir) as tmp:
+            bar.set_postfix_str("loading")
+            model = load_onnx(source_onnx)
+            contract = StepContract.from_model(model, str(source_onnx))
+            check_supported_ops(model, str(source_onnx))
+            bar.update()
+            gate_list = parse_gates(gates, contract.num_layers) if gates is None or isinstance(gates, str) else tuple(gates)
+            if thresholds is not None and not isinstance(thresholds, (list, tuple)):
+                thresholds = read_thresholds(thresholds, gate_list)
+            if calibrate is not None and thresholds is not None:
+                raise RiverError("give either --thresholds or --calibrate, not both")
+            spec = RiverSpec.from_name(river, gate_list, block=block, flavour=flavour,
+                                       thresholds=None if thresholds is None else tuple(thresholds))
+            bar.set_postfix_str(f"rewriting ({spec.kind} twins, {spec.precision}, gates {list(spec.gates)})")
+            rewritten = river_graph(model, spec)
+            del model
+            bar.update()
+            bar.set_postfix_str("checking and writing")
+            save_onnx_atomic(rewritten, tmp / "model.onnx")
+            bar.update()
+            calibration = None
+            if calibrate is not None:
+                from transformers import AutoTokenizer
 
-            from river.compiler.calibrate import calibrate_river, read_prompts, resolve_budget, set_default_thresholds
+                from river.compiler.calibrate import (
+                    calibrate_river,
+                    read_prompts,
+                    resolve_budget,
+                    set_default_thresholds,
+                )
 
-            prompts = read_prompts(calibrate) if isinstance(calibrate, (str, Path)) else list(calibrate)
-            if not (source_onnx.parent / "tokenizer.json").is_file():
-                raise RiverError(f"calibration needs the tokenizer next to {source_onnx} (tokenizer.json)")
-            tokenizer = AutoTokenizer.from_pretrained(str(source_onnx.parent))
-            chosen = resolve_budget(budget)
-            budgets = {**({budget: chosen} if isinstance(budget, str) else {"chosen": chosen})}
-            from river.compiler.calibrate import BUDGETS
+                prompts = read_prompts(calibrate) if isinstance(calibrate, (str, Path)) else list(calibrate)
+                if not (source_onnx.parent / "tokenizer.json").is_file():
+                    raise RiverError(f"calibration needs the tokenizer next to {source_onnx} (tokenizer.json)")
+                tokenizer = AutoTokenizer.from_pretrained(str(source_onnx.parent))
+                chosen = resolve_budget(budget)
+                budgets = {**({budget: chosen} if isinstance(budget, str) else {"chosen": chosen})}
+                from river.compiler.calibrate import BUDGETS
 
-            calibration = calibrate_river(source_onnx, tmp / "model.onnx", prompts, tokenizer, new_tokens=calibration_tokens,
-                                          threads=threads, metric=metric, budgets={**BUDGETS, **budgets},
-                                          eos=_eos_ids(source_onnx.parent, tokenizer), log=log)
-            picked = calibration["operating_points"][budget if isinstance(budget, str) else "chosen"]["thresholds"]
-            set_default_thresholds(tmp / "model.onnx", picked)
-            spec = RiverSpec(spec.gates, spec.kind, spec.precision, spec.block, tuple(picked), spec.flavour)
-            (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2))
-        data = source_onnx.with_name(source_onnx.name + ".data")
-        manifest = {
-            "format": 1,
-            "model": model_name or source_onnx.parent.name,
-            "source": {"path": str(source_onnx.resolve()),
-                       "sha256": file_sha256([source_onnx] + ([data] if data.is_file() else []))},
-            "num_layers": contract.num_layers,
-            "gates": list(spec.gates),
-            "river": river,
-            "kind": spec.kind,
-            "precision": spec.precision,
-            "block": spec.block,
-            "flavour": spec.flavour,
-            "thresholds": list(spec.thresholds) if spec.thresholds is not None else None,
-            "operating_points": None if calibration is None else
-            {k: v["thresholds"] for k, v in calibration["operating_points"].items()},
-            "calibration": None if calibration is None else
-            {"metric": metric, "budget": budget, "tokens": calibration["tokens"], "file": "calibration.json"},
-            "thresholds_note": None if spec.thresholds is not None else
-            "no thresholds given: every gate is disabled (2.0) until calibrated; pass exit_thresholds at run time",
-            "inputs_added": ["exit_thresholds"],
-            "outputs_added": ["exit_layer"],
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        for name in SIDE_FILES:  # tokenizer and model metadata travel with the graph
-            if (source_onnx.parent / name).is_file():
-                shutil.copy2(source_onnx.parent / name, tmp / name)
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
+                calibration = calibrate_river(source_onnx, tmp / "model.onnx", prompts, tokenizer, new_tokens=calibration_tokens,
+                                              threads=threads, metric=metric, budgets={**BUDGETS, **budgets},
+                                              eos=_eos_ids(source_onnx.parent, tokenizer), log=log)
+                picked = calibration["operating_points"][budget if isinstance(budget, str) else "chosen"]["thresholds"]
+                set_default_thresholds(tmp / "model.onnx", picked)
+                spec = RiverSpec(spec.gates, spec.kind, spec.precision, spec.block, tuple(picked), spec.flavour)
+                (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2))
+            data = source_onnx.with_name(source_onnx.name + ".data")
+            manifest = {
+                "format": 1,
+                "model": model_name or source_onnx.parent.name,
+                "source": {"path": str(source_onnx.resolve()),
+                           "sha256": file_sha256([source_onnx] + ([data] if data.is_file() else []))},
+                "num_layers": contract.num_layers,
+                "gates": list(spec.gates),
+                "river": river,
+                "kind": spec.kind,
+                "precision": spec.precision,
+                "block": spec.block,
+                "flavour": spec.flavour,
+                "thresholds": list(spec.thresholds) if spec.thresholds is not None else None,
+                "operating_points": None if calibration is None else
+                {k: v["thresholds"] for k, v in calibration["operating_points"].items()},
+                "calibration": None if calibration is None else
+                {"metric": metric, "budget": budget, "tokens": calibration["tokens"], "file": "calibration.json"},
+                "thresholds_note": None if spec.thresholds is not None else
+                "no thresholds given: every gate is disabled (2.0) until calibrated; pass exit_thresholds at run time",
+                "inputs_added": ["exit_thresholds"],
+                "outputs_added": ["exit_layer"],
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            for name in SIDE_FILES:  # tokenizer and model metadata travel with the graph
+                if (source_onnx.parent / name).is_file():
+                    shutil.copy2(source_onnx.parent / name, tmp / name)
         bar.update()
         bar.set_postfix_str(f"done in {time.perf_counter() - t0:.1f}s")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
         bar.close()
     return out_dir / "model.onnx"

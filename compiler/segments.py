@@ -30,8 +30,6 @@ TensorRT's dynamic engines) and the shared-KV form (``TensorScatter`` into the c
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from river.atomic import atomic_dir
 from river.compiler.graph_io import load_onnx
 from river.compiler.river_pass import RiverSpec, default_thresholds, prepare
 from river.compiler.shared_kv import to_shared_kv
@@ -386,12 +385,7 @@ def write_segments(step: str | Path | onnx.ModelProto, spec: RiverSpec, out_dir:
     concat = segment_graphs(model, spec)
     kv = segment_graphs(to_shared_kv(model), spec) if shared_kv else []
     L = StepContract.from_model(model).num_layers
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as exc:
-        raise RiverError(f"cannot write to {out_dir.parent}: {exc.strerror}") from None
-    try:
+    with atomic_dir(out_dir) as tmp:
         files = [(seg.onnx, m) for seg, m in concat]
         for (seg, _), (kseg, km) in zip(concat, kv):
             seg.shared_kv_onnx = seg.onnx.replace(".onnx", ".kv.onnx")
@@ -406,11 +400,4 @@ def write_segments(step: str | Path | onnx.ModelProto, spec: RiverSpec, out_dir:
                              thresholds=[float(x) for x in default_thresholds(spec)],
                              segments=[seg for seg, _ in concat])
         (tmp / INDEX).write_text(json.dumps(index.to_json(), indent=2))
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / INDEX

@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from river.atomic import atomic_dir
 from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
 from river.compiler.river_chain import chained_river_graph
 from river.compiler.river_pass import RiverSpec, river_metadata
@@ -274,13 +273,11 @@ def build_river_engines(out_dir: str | Path, *, fused_onnx: str | Path | None = 
         raise RiverError(f"output folder {out_dir} exists and is not empty")
     if fused_onnx is None and segments_dir is None and step_onnx is None:
         raise RiverError("nothing to build: give fused_onnx, segments_dir and/or step_onnx")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     common = {"precision": precision, "max_batch": max_batch, "max_seq": max_seq, "max_past": max_past,
               "timing_cache": timing_cache}
     builds: list[EngineBuild] = []
     gates: list[int] = []
-    try:
+    with atomic_dir(out_dir) as tmp:
         if step_onnx is not None:
             builds.append(build_one(step_onnx, tmp / "step.plan", name="step", form="step", **common))
         if fused_onnx is not None:
@@ -300,13 +297,6 @@ def build_river_engines(out_dir: str | Path, *, fused_onnx: str | Path | None = 
                                             name=f"{seg.name}.kv", form="segment.kv", capacity=capacity, **common))
         report = EnginesReport(out_dir, builds, precision, None if segments_dir is None else str(Path(segments_dir).resolve()), gates)
         (tmp / ENGINES_INDEX).write_text(json.dumps(report.to_json(relative_to=out_dir), indent=2))
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
@@ -358,12 +348,7 @@ def compile_trt(step: str | Path | onnx.ModelProto, spec: RiverSpec, river_dir: 
     if trt_dir.exists() and (not trt_dir.is_dir() or any(trt_dir.iterdir())):
         raise RiverError(f"{trt_dir} exists and is not empty")
     check_twins_for_trt(spec.precision, spec.block)
-    try:
-        trt_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{TRT_DIR}.", dir=trt_dir.parent))
-    except OSError as exc:
-        raise RiverError(f"cannot write to {trt_dir.parent}: {exc.strerror}") from None
-    try:  # forms and engines side by side in a temporary folder, renamed into place at the end
+    with atomic_dir(trt_dir) as tmp:  # forms and engines side by side, renamed into place at the end
         forms = write_trt_forms(step, spec, tmp, fused=fused, segmented=segmented)
         if log is not None:
             print(f"[river] TensorRT ONNX forms written in {time.perf_counter() - t0:.1f}s", file=log, flush=True)
@@ -372,13 +357,6 @@ def compile_trt(step: str | Path | onnx.ModelProto, spec: RiverSpec, river_dir: 
         build_river_engines(tmp / ENGINES_DIR, fused_onnx=forms.get("fused"), segments_dir=forms.get("segments"),
                             capacity=capacity if segmented else None, precision=precision, max_batch=max_batch,
                             max_seq=max_seq, max_past=max_past, timing_cache=timing_cache)
-        tmp.chmod(0o755)
-        if trt_dir.exists():
-            trt_dir.rmdir()
-        tmp.rename(trt_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report = EnginesReport.load(trt_dir / ENGINES_DIR)
     if log is not None:
         for b in report.builds:

@@ -7,13 +7,13 @@ convention as Optimum's exports, which the compiler uses to find block boundarie
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
+
+from river.atomic import atomic_dir
 from river.export import contract
 from river.models.llama import LlamaForCausalLM
 from river.models.registry import LoadedModel
@@ -66,21 +66,12 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, opset: int = OPSET) -
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"output folder {out_dir} exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         export_step_graph(loaded.model, tmp / MODEL_FILE, opset)
         meta = {"name": loaded.name, "source": loaded.source, "config": json.loads(loaded.model.config.to_json())}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / MODEL_FILE

@@ -17,7 +17,6 @@ holds no Triton types, so it is tested without a server too.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import threading
 import time
 import weakref
@@ -27,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from river.atomic import atomic_dir
 from river.errors import ModelNotFound, RiverError
 from river.runtime.backend import StepBackend
 from river.runtime.generate import GenerationConfig, GenerationResult, Generator
@@ -229,12 +229,7 @@ def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
     repo_dir = Path(repo_dir)
     if repo_dir.exists() and (not repo_dir.is_dir() or any(repo_dir.iterdir())):
         raise RiverError(f"repository folder {repo_dir} exists and is not empty")
-    try:
-        repo_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.", dir=repo_dir.parent))
-    except OSError as exc:
-        raise RiverError(f"cannot write to {repo_dir.parent}: {exc.strerror}") from None
-    try:
+    with atomic_dir(repo_dir) as tmp:
         configs = []
         if "onnxruntime" in step_backends:
             d = tmp / STEP_MODEL
@@ -269,13 +264,6 @@ def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
         (tmp / "README.md").write_text(repo_readme(contract, river, step_backends, plan_path is not None, bls))
         for path in configs:
             validate_config(path)
-        tmp.chmod(0o755)
-        if repo_dir.exists():
-            repo_dir.rmdir()
-        tmp.rename(repo_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return repo_dir
 
 
