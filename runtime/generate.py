@@ -152,13 +152,13 @@ class Generator:
             steps.append(StepStat(len(steps), -1, time.perf_counter() - t0, "decode",
                                   getattr(self.backend, "last_exit_layer", None)))
 
-    def generate(self, prompt: str | Sequence[int], cfg: GenerationConfig | None = None,
-                 on_token: Callable[[int, str], None] | None = None, chat: bool = True) -> GenerationResult:
-        cfg = cfg or GenerationConfig()
+    def prompt_and_capacity(self, prompt: str | Sequence[int], chat: bool, wanted: int) -> tuple[list[int], int]:
+        """Token ids of the prompt and the cache capacity for ``wanted`` more positions, bounded by
+        ``max_length``; a prompt that leaves no room for one new token is refused."""
         prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        capacity = len(prompt_ids) + cfg.max_new_tokens
+        capacity = len(prompt_ids) + wanted
         if self.max_length is not None:
             if len(prompt_ids) + 1 > self.max_length:
                 raise CacheOverflow(
@@ -166,6 +166,12 @@ class Generator:
                     "(prompt + at least one new token)"
                 )
             capacity = min(capacity, self.max_length)
+        return prompt_ids, capacity
+
+    def generate(self, prompt: str | Sequence[int], cfg: GenerationConfig | None = None,
+                 on_token: Callable[[int, str], None] | None = None, chat: bool = True) -> GenerationResult:
+        cfg = cfg or GenerationConfig()
+        prompt_ids, capacity = self.prompt_and_capacity(prompt, chat, cfg.max_new_tokens)
         cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": capacity - len(prompt_ids)})
         cache = self.backend.new_cache(capacity)
         t0 = time.perf_counter()

@@ -125,18 +125,8 @@ class SpeculativeGenerator(Generator):
     def generate(self, prompt: str | Sequence[int], cfg: GenerationConfig | None = None,
                  on_token: Callable[[int, str], None] | None = None, chat: bool = True) -> GenerationResult:
         cfg = cfg or GenerationConfig()
-        prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
         # room for the last round's drafts beyond max_new_tokens
-        capacity = len(prompt_ids) + cfg.max_new_tokens + self.k_max + 1
-        if self.max_length is not None:
-            from river.errors import CacheOverflow
-
-            if len(prompt_ids) + 1 > self.max_length:
-                raise CacheOverflow(f"the prompt has {len(prompt_ids)} tokens; the cache holds at most "
-                                    f"{self.max_length} positions (prompt + at least one new token)")
-            capacity = min(capacity, self.max_length)
+        prompt_ids, capacity = self.prompt_and_capacity(prompt, chat, cfg.max_new_tokens + self.k_max + 1)
         self.stats = VerifyStats()
         rng = np.random.default_rng(cfg.seed)
         eos = set(cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids)
