@@ -25,3 +25,47 @@ class StepBackend(ABC):
     def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         """Run one new token per row [B,1] at position ``cache.length``; write only that position;
         return logits [B,1,V]. The caller advances ``cache.length``."""
+
+
+class InPlaceSteps:
+    """Bookkeeping shared by backends that run steps of a shared-KV graph through IOBinding.
+
+    A subclass provides ``_bind(cache, s) -> dict`` (state with "ids", "positions", "write_at",
+    "mask" arrays bound by pointer) and sets ``multi_token_steps``; bindings belong to one cache.
+    """
+
+    KEEP_BINDINGS_UP_TO = 16  # bindings for short steps are kept; a long prompt's [B,S,V] logits are not
+    multi_token_steps: bool = False
+    _bound_cache: SharedKVCache | None = None
+    _bindings: dict[int, dict]
+
+    def _step_state(self, token_ids: np.ndarray, cache: SharedKVCache, source) -> dict:
+        """Check room and causality, get the binding for S new tokens, and fill its small inputs."""
+        s = token_ids.shape[1]
+        cache.require_room(s)
+        if s > 1 and cache.length and not self.multi_token_steps:
+            raise ValueError(f"{source} masks causally by index: its shared-KV form runs one new token "
+                             "per step over a non-empty cache (export with river-export for multi-token steps)")
+        if self._bound_cache is not cache:
+            self._bindings, self._bound_cache = {}, cache
+        st = self._bindings.get(s)
+        if st is None:
+            st = self._bind(cache, s)
+            if s <= self.KEEP_BINDINGS_UP_TO:
+                self._bindings[s] = st
+        pos = cache.length
+        st["ids"][:] = token_ids
+        st["positions"][:] = np.arange(pos, pos + s)
+        st["write_at"][:] = pos
+        st["mask"][:, :pos + s] = 1
+        st["mask"][:, pos + s:] = 0
+        return st
+
+    def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
+        if token_ids.shape[1] != 1:
+            raise ValueError("decode runs one token per row; use extend for several")
+        return self.extend(token_ids, cache)
+
+    def unbind(self) -> None:
+        """Forget the bound cache (a finished request's buffers can then be freed)."""
+        self._bindings, self._bound_cache = {}, None

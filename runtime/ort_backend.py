@@ -20,7 +20,7 @@ from river.export import contract as C
 from river.export.contract import StepContract
 from river.export.onnx_export import CAUSAL_PROP
 from river.models.cache import cache_root, file_fingerprint
-from river.runtime.backend import StepBackend
+from river.runtime.backend import InPlaceSteps, StepBackend
 from river.runtime.kv_cache import SharedKVCache
 
 SHARED_KV_FORMAT = 8  # bump when the pass's output changes, to invalidate cached derived graphs
@@ -34,7 +34,7 @@ def shared_kv_path(model_path: Path) -> Path:
     return out
 
 
-class OrtBackend(StepBackend):
+class OrtBackend(InPlaceSteps, StepBackend):
     """Runs a plain step graph or a River graph. For a River graph, prefill runs with every gate
     disabled (the whole backbone, as DESIGN 4 asks) and decode steps with ``thresholds``
     (default: the graph's baked-in ones); ``last_exit_layer`` reports where the last step exited."""
@@ -147,37 +147,12 @@ class OrtBackend(StepBackend):
         """Run S new tokens per row [B,S] at positions ``cache.length`` .. +S-1, writing only those
         positions of every layer in place; return logits [B,S,V] (a view, valid until the next call).
         The caller advances (or, after a rejected draft, keeps) ``cache.length``."""
-        s = token_ids.shape[1]
-        cache.require_room(s)
-        if s > 1 and cache.length and not self.multi_token_steps:
-            raise ValueError(f"{self.model_path} masks causally by index: its shared-KV form runs one new token "
-                             "per step over a non-empty cache (export with river-export for multi-token steps)")
-        if self._bound_cache is not cache:
-            self._bindings, self._bound_cache = {}, cache
-        st = self._bindings.get(s)
-        if st is None:  # bindings for short steps are kept; a long prompt's [B,S,V] logits are not
-            st = self._bind(cache, s)
-            if s <= 16:
-                self._bindings[s] = st
-        pos = cache.length
-        st["ids"][:] = token_ids
-        st["positions"][:] = np.arange(pos, pos + s)
-        st["write_at"][:] = pos
-        st["mask"][:, :pos + s] = 1
-        st["mask"][:, pos + s:] = 0
+        st = self._step_state(token_ids, cache, self.model_path)
         self.decode_session.run_with_iobinding(st["binding"])
         if self.river is not None:
             self.last_exit_layer = int(st["exit"][0])
         return st["logits"]
 
-    def unbind(self) -> None:
-        """Forget the bound cache (a finished request's buffers can then be freed)."""
-        self._bindings, self._bound_cache = {}, None
-
-    def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        if token_ids.shape[1] != 1:
-            raise ValueError("decode runs one token per row; use extend for several")
-        return self.extend(token_ids, cache)
 
     def set_thresholds(self, thresholds) -> None:
         """Change the operating point between steps (bound by pointer: no rebinding needed)."""

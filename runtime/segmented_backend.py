@@ -23,7 +23,7 @@ from river.errors import RiverError
 from river.export import contract as C
 from river.export.contract import StepContract
 from river.export.onnx_export import CAUSAL_PROP
-from river.runtime.backend import StepBackend
+from river.runtime.backend import InPlaceSteps, StepBackend
 from river.runtime.kv_cache import SharedKVCache
 from river.runtime.ort_backend import session_options
 
@@ -39,7 +39,7 @@ def contract_of(index: SegmentIndex) -> StepContract:
     return StepContract(index.num_layers, dims[1], dims[3], vocab, kv.elem_type)
 
 
-class SegmentedBackend(StepBackend):
+class SegmentedBackend(InPlaceSteps, StepBackend):
     """Same interface and results as ``OrtBackend`` on the fused River graph (``set_thresholds``,
     ``last_exit_layer``), plus ``last_similarities`` (per gate reached: per-row similarity)."""
 
@@ -176,20 +176,7 @@ class SegmentedBackend(StepBackend):
         writing only those positions in place; logits [B,S,V] (a view, valid until the next call).
         The caller advances ``cache.length``. As in the fused graph, a gate fires for the step when
         every row's last position clears it."""
-        s = token_ids.shape[1]
-        cache.require_room(s)
-        if s > 1 and cache.length and not self.multi_token_steps:
-            raise ValueError(f"{self.index.folder} masks causally by index: its shared-KV segments run one new "
-                             "token per step over a non-empty cache (export with river-export for multi-token steps)")
-        if self._bound_cache is not cache:
-            self._bindings, self._bound_cache = {}, cache
-        st = self._bindings.get(s) or self._bindings.setdefault(s, self._bind(cache, s))
-        pos = cache.length
-        st["ids"][:] = token_ids
-        st["positions"][:] = np.arange(pos, pos + s)
-        st["write_at"][:] = pos
-        st["mask"][:, :pos + s] = 1
-        st["mask"][:, pos + s:] = 0
+        st = self._step_state(token_ids, cache, self.index.folder)
         self.last_similarities = []
         exit_gate = None
         for k in range(len(self.index.gates)):
@@ -204,7 +191,3 @@ class SegmentedBackend(StepBackend):
         self.last_exit_layer = self.index.exit_layer(exit_gate)
         return st["logits"]
 
-    def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        if token_ids.shape[1] != 1:
-            raise ValueError("decode runs one token per row; use extend for several")
-        return self.extend(token_ids, cache)
