@@ -137,6 +137,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
 
                 from river.compiler.calibrate import (
                     calibrate_river,
+                    BUDGETS,
                     read_prompts,
                     resolve_budget,
                     set_default_thresholds,
@@ -146,14 +147,12 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 if not (source_onnx.parent / "tokenizer.json").is_file():
                     raise RiverError(f"calibration needs the tokenizer next to {source_onnx} (tokenizer.json)")
                 tokenizer = AutoTokenizer.from_pretrained(str(source_onnx.parent))
-                chosen = resolve_budget(budget)
-                budgets = {**({budget: chosen} if isinstance(budget, str) else {"chosen": chosen})}
-                from river.compiler.calibrate import BUDGETS
-
+                point = budget if isinstance(budget, str) else "chosen"  # the operating point baked in
                 calibration = calibrate_river(source_onnx, tmp / "model.onnx", prompts, tokenizer, new_tokens=calibration_tokens,
-                                              threads=threads, metric=metric, budgets={**BUDGETS, **budgets},
+                                              threads=threads, metric=metric,
+                                              budgets={**BUDGETS, point: resolve_budget(budget)},
                                               eos=_eos_ids(source_onnx.parent, tokenizer), log=log)
-                picked = calibration["operating_points"][budget if isinstance(budget, str) else "chosen"]["thresholds"]
+                picked = calibration["operating_points"][point]["thresholds"]
                 set_default_thresholds(tmp / "model.onnx", picked)
                 spec = RiverSpec(spec.gates, spec.kind, spec.precision, spec.block, tuple(picked), spec.flavour)
                 (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2))

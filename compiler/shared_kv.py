@@ -10,8 +10,9 @@ only the new positions.
 
 Semantics of the rewritten graph: ``attention_mask`` is [B,C] with 1 for every valid position
 *including* the new ones. This is exact for decode steps (S = 1): the causal rule "key j <= C-1"
-admits every slot and the mask selects the valid ones. Steps with S > 1 over a non-empty cache would
-need a causal mask by position; the runtime prefills with the contract graph instead.
+admits every slot and the mask selects the valid ones. For S > 1 over a non-empty cache it is exact
+only when the graph masks causally by position (our exports, marked ``river.causal_mask=position``);
+graphs that mask by index (Optimum's) prefill with the contract graph and run one token per step.
 """
 
 from __future__ import annotations

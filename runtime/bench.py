@@ -194,8 +194,7 @@ def run(args, n_prompts, n_tokens, n_he, n_math, n_cal) -> dict:
         r = results[name]
         stats = getattr(methods[name][0], "stats", None)
         if stats is not None and stats.rounds:  # verify mode: acceptance of the river's drafts
-            r.setdefault("drafted", 0)
-            r["drafted"] = r["drafted"] + stats.drafted
+            r["drafted"] = r.get("drafted", 0) + stats.drafted
             r["accepted"] = r.get("accepted", 0) + stats.accepted
             r["rounds"] = r.get("rounds", 0) + stats.rounds
         r["decode_seconds"] += [s.seconds for s in result.steps if s.phase == "decode"]

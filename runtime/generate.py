@@ -178,6 +178,4 @@ class Generator:
         first = self.prefill(prompt_ids, cache)
         steps = [StepStat(0, -1, time.perf_counter() - t0, "prefill")]
         tokens, reason, stream = self.decode_n_tokens(first, cache, cfg, on_token, steps)
-        if steps[-1].token_id == -1:
-            steps.pop()  # a decode step whose output was never used (cannot happen; defensive)
         return GenerationResult(prompt_ids, tokens, stream.final(tokens, reason == "stop"), reason, steps)
