@@ -61,13 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare ONNX Runtime on the River graph with our runtime (and the segments / engines "
                    "written) through Polygraphy; exit 1 on a mismatch")
     p.add_argument("--step-only", action="store_true", help="only export the plain decode-step graph (no River rewrite)")
+    p.add_argument("--draft-exit", type=int, default=-1,
+                   help="verify mode's draft graph (draft.onnx): backbone layers up to this one, 8-bit twins after "
+                   "it and for the head (default -1: every layer a twin)")
+    p.add_argument("--no-draft", action="store_true", help="do not write draft.onnx")
     return p
 
 
 def _river_options(args) -> dict:
     return dict(gates=args.gates, river=args.river, thresholds=args.thresholds, block=args.block,
                 flavour=args.flavour or "ort", calibrate=args.calibrate, budget=args.budget, metric=args.metric,
-                threads=args.threads)
+                threads=args.threads, draft_exit=None if args.no_draft else args.draft_exit)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import onnx
 
 from river.atomic import atomic_dir
 from river.compiler.graph_io import load_onnx, save_onnx_atomic
+from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
 from river.compiler.river_pass import RiverSpec, default_gates, river_graph
 from river.errors import NotADecoderGraph, RiverError
 from river.export.contract import StepContract
@@ -97,18 +98,19 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                   river: str = "int8", thresholds: str | Path | Sequence[float] | None = None, block: int = 64,
                   model_name: str | None = None, flavour: str = "ort", calibrate: str | Path | Sequence[str] | None = None,
                   budget: str | float = "balanced", metric: str = "flip", calibration_tokens: int = 32,
-                  threads: int | None = None, log=sys.stderr) -> Path:
+                  threads: int | None = None, draft_exit: int | None = -1, log=sys.stderr) -> Path:
     """Rewrite ``source_onnx`` (a step graph) into ``out_dir/model.onnx`` + ``river.json``.
 
     Everything is written into a temporary sibling folder and renamed into place at the end: a failure
-    leaves nothing behind, and an existing non-empty ``out_dir`` is refused up front.
+    leaves nothing behind, and an existing non-empty ``out_dir`` is refused up front. With
+    ``draft_exit`` (not None) the verify-mode draft graph is written beside it as ``draft.onnx``.
     """
     from tqdm import tqdm
 
     source_onnx, out_dir = Path(source_onnx), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise RiverError(f"output folder {out_dir} exists and is not empty")
-    bar = tqdm(total=4, desc="river-export", unit="step", file=log, disable=log is None)
+    bar = tqdm(total=5, desc="river-export", unit="step", file=log, disable=log is None)
     try:
         t0 = time.perf_counter()
         with atomic_dir(out_dir) as tmp:
@@ -124,6 +126,14 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 raise RiverError("give either --thresholds or --calibrate, not both")
             spec = RiverSpec.from_name(river, gate_list, block=block, flavour=flavour,
                                        thresholds=None if thresholds is None else tuple(thresholds))
+            draft_info = None
+            if draft_exit is not None:
+                bar.set_postfix_str(f"draft graph (8-bit twins after layer {draft_exit})")
+                draft = draft_graph(model, draft_exit)
+                save_onnx_atomic(draft, tmp / DRAFT_FILE)
+                draft_info = {"file": DRAFT_FILE, **draft_metadata(draft)}
+                del draft
+            bar.update()
             bar.set_postfix_str(f"rewriting ({spec.kind} twins, {spec.precision}, gates {list(spec.gates)})")
             rewritten = river_graph(model, spec)
             del model
@@ -176,6 +186,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 {"metric": metric, "budget": budget, "tokens": calibration["tokens"], "file": "calibration.json"},
                 "thresholds_note": None if spec.thresholds is not None else
                 "no thresholds given: every gate is disabled (2.0) until calibrated; pass exit_thresholds at run time",
+                "draft": draft_info,
                 "inputs_added": ["exit_thresholds"],
                 "outputs_added": ["exit_layer"],
             }

@@ -9,6 +9,30 @@ import onnx
 import onnxruntime as ort
 
 _PROTO_LIMIT = 1_800_000_000  # serialized protos near 2 GiB must go through a file
+_shared_pool_threads: int | None = None
+
+
+def use_shared_thread_pool(threads: int | None = None) -> None:
+    """Give every session this process creates from now on one intra-op thread pool.
+
+    Why: verify mode alternates two sessions (draft, backbone) step by step. With a pool each, the
+    pool that just ran keeps its threads spinning on the cores the other session needs (SmolLM2,
+    2 cores: verify mode fell from 1.4x to 0.75x of the full model). ONNX Runtime's global pool is
+    process-wide and, once made, refuses sessions that ask for their own pool, so only entry points
+    that own their process call this (the CLIs, the benchmarks); library code never does.
+    """
+    global _shared_pool_threads
+    if _shared_pool_threads is not None:
+        return
+    from onnxruntime.capi import _pybind_state
+
+    _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
+    _shared_pool_threads = threads or 0
+
+
+def shared_thread_pool() -> bool:
+    """Whether this process's sessions share one thread pool (see ``use_shared_thread_pool``)."""
+    return _shared_pool_threads is not None
 
 
 def session_options(threads: int | None = None, matmul_accuracy: int = 1, optimization: str = "all",
@@ -23,8 +47,11 @@ def session_options(threads: int | None = None, matmul_accuracy: int = 1, optimi
     # "basic" (no fusions) makes two graphs with the same ops compute bit-alike; "all" is for speed
     so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[optimization]
-    so.intra_op_num_threads = threads or 0
-    so.inter_op_num_threads = 1
+    if _shared_pool_threads is not None:
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = threads or 0
+        so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return so
 

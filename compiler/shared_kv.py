@@ -13,6 +13,9 @@ Semantics of the rewritten graph: ``attention_mask`` is [B,C] with 1 for every v
 admits every slot and the mask selects the valid ones. For S > 1 over a non-empty cache it is exact
 only when the graph masks causally by position (our exports, marked ``river.causal_mask=position``);
 graphs that mask by index (Optimum's) prefill with the contract graph and run one token per step.
+
+Attention then reads the buffers as they are: grouped-query attention's ``repeat_kv`` copy of the
+whole cache is rewritten away (``gqa_attention.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
+
+from river.compiler.gqa_attention import matmul_input_shapes, ungroup_attention
 from river.compiler.graph_io import hoist_initializers
 from river.compiler.river_pass import is_quantized_weight
 from river.errors import NotADecoderGraph
@@ -83,6 +88,7 @@ def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
     defaults = [t for t in model.graph.initializer if t.name in input_names]
     if defaults:
         model = _without_initializers(model, {t.name for t in defaults})
+    attention_shapes = matmul_input_shapes(model)
     graph = gs.import_onnx(model)
     inputs = {t.name: t for t in graph.inputs}
     batch = graph.inputs[0].shape[0] if graph.inputs[0].shape else "batch_size"
@@ -107,6 +113,7 @@ def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
                 node.attrs = {"axis": 2}
                 node.name = f"{node.name}/shared_kv"
             outputs[present_name(layer, kind)].shape = list(past.shape)
+    ungroup_attention(graph, attention_shapes)  # attention reads the cache in place, no repeat_kv copy
     graph.toposort()
     result = hoist_initializers(gs.export_onnx(graph, do_type_check=False), keep_local=is_quantized_weight)
     # inputs with a default (an initializer of the same name, e.g. exit_thresholds) stay inputs

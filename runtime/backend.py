@@ -42,6 +42,8 @@ class InPlaceSteps:
     def _step_state(self, token_ids: np.ndarray, cache: SharedKVCache, source) -> dict:
         """Check room and causality, get the binding for S new tokens, and fill its small inputs."""
         s = token_ids.shape[1]
+        if getattr(self, "single_token", False) and token_ids.shape != (1, 1):
+            raise ValueError(f"this backend runs one token of one sequence a step, got {token_ids.shape}")
         cache.require_room(s)
         if s > 1 and cache.length and not self.multi_token_steps:
             raise ValueError(f"{source} masks causally by index: its shared-KV form runs one new token "

@@ -33,7 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["exit", "verify"], default="exit",
                    help="River graphs: exit = tokens leave at their gate (the paper); verify = lossless: the river "
                    "drafts --draft-k tokens, one backbone step verifies them (output = the full model's)")
-    p.add_argument("--draft-gate", type=int, default=0, help="verify mode: index of the gate the draft exits at")
+    p.add_argument("--draft", choices=["graph", "river"], default="graph",
+                   help="verify mode: graph = the draft graph (draft.onnx beside the model, else derived from the "
+                   "step graph: every weight GEMM after --draft-exit as an 8-bit twin); river = the River graph's own "
+                   "exit at --draft-gate")
+    p.add_argument("--draft-exit", type=int, default=None,
+                   help="verify mode, --draft graph: last backbone layer of the draft (-1 = every layer a twin; "
+                   "default: the shipped draft.onnx, else -1)")
+    p.add_argument("--draft-gate", type=int, default=0, help="verify mode, --draft river: index of the gate the draft exits at")
     p.add_argument("--draft-k", type=int, default=4, help="verify mode: tokens drafted per round (default 4)")
     p.add_argument("--adaptive", action="store_true", help="verify mode: grow k on full acceptance, shrink on early rejection")
     p.add_argument("--stats", action="store_true", help="print per-step statistics to stderr")
@@ -43,16 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from river.compiler.ort_session import use_shared_thread_pool
         from river.runtime.generate import GenerationConfig
-        from river.runtime.loading import open_generator
+        from river.runtime.loading import open_generator, open_verifier
 
-        gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
-                             thresholds=args.thresholds)
+        use_shared_thread_pool(args.threads)  # this process is ours: one pool for every session
         if args.mode == "verify":
-            from river.runtime.speculative import SpeculativeGenerator
-
-            gen = SpeculativeGenerator(gen.backend, gen.tokenizer, gen.eos_token_ids, draft_gate=args.draft_gate,
-                                       k=args.draft_k, adaptive=args.adaptive, max_length=gen.max_length)
+            gen = open_verifier(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
+                                draft=args.draft, draft_exit=args.draft_exit, draft_gate=args.draft_gate,
+                                k=args.draft_k, adaptive=args.adaptive)
+        else:
+            gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer,
+                                 max_length=args.max_length, thresholds=args.thresholds)
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed, stop=args.stop)
         result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),

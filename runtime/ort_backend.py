@@ -23,7 +23,7 @@ from river.models.cache import cache_root, file_fingerprint
 from river.runtime.backend import InPlaceSteps, StepBackend
 from river.runtime.kv_cache import SharedKVCache
 
-SHARED_KV_FORMAT = 8  # bump when the pass's output changes, to invalidate cached derived graphs
+SHARED_KV_FORMAT = 9  # bump when the pass's output changes, to invalidate cached derived graphs
 
 
 def shared_kv_path(model_path: Path) -> Path:
@@ -40,7 +40,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
     (default: the graph's baked-in ones); ``last_exit_layer`` reports where the last step exited."""
 
     def __init__(self, model_path: str | Path, threads: int | None = None, providers=None,
-                 thresholds=None, matmul_accuracy: int = 1):
+                 thresholds=None, matmul_accuracy: int = 1, single_token: bool = False):
         self.model_path = Path(model_path)
         header = load_onnx_header(self.model_path)  # graph without weights: cheap contract check
         self.contract = StepContract.from_model(header, str(model_path))
@@ -62,6 +62,12 @@ class OrtBackend(InPlaceSteps, StepBackend):
         self.prefill_session = (None if self.multi_token_steps else
                                 ort.InferenceSession(str(self.model_path), so, providers=providers))
         decode_path = shared_kv_path(self.model_path)
+        self.single_token = single_token
+        if single_token:  # a draft: batch 1, one token a step; static sizes let ORT fold the shape arithmetic
+            dims = next(i for i in header.graph.input if i.name == C.INPUT_IDS).type.tensor_type.shape.dim
+            for d in dims:
+                if d.dim_param:
+                    so.add_free_dimension_override_by_name(d.dim_param, 1)
         self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
         self._bound_cache: SharedKVCache | None = None
         self._bindings: dict[int, dict] = {}

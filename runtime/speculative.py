@@ -50,31 +50,45 @@ class VerifyStats:
 
 
 class SpeculativeGenerator(Generator):
-    """Verify-mode generation over a River graph (ONNX Runtime backend with multi-token steps)."""
+    """Verify-mode generation with multi-token backbone steps (ONNX Runtime).
 
-    def __init__(self, backend: OrtBackend, tokenizer, eos_token_ids: Sequence[int] = (), *, draft_gate: int = 0,
+    The draft is either a draft graph (``draft``: the river's exit path as its own session, see
+    ``compiler/draft_graph.py``) bound to the same KV buffers, or the River graph itself with the
+    exit forced at ``draft_gate`` (an index into its gates). The backbone that verifies is
+    ``backend``: a plain step graph, or a River graph run with every gate off."""
+
+    def __init__(self, backend: OrtBackend, tokenizer, eos_token_ids: Sequence[int] = (), *,
+                 draft: OrtBackend | None = None, draft_gate: int = 0,
                  k: int = 4, adaptive: bool = False, k_max: int = 8, max_length: int | None = None):
-        if backend.river is None:
-            raise ValueError("verify mode needs a River graph (its exit river is the draft)")
-        gates = backend.river["gates"]
-        if not 0 <= draft_gate < len(gates):
-            raise ValueError(f"draft gate index {draft_gate} out of range: the graph has gates after layers {gates}")
+        if draft is None and backend.river is None:
+            raise ValueError("verify mode needs a draft: a draft graph, or a River graph whose exit river drafts")
+        if draft is not None and draft.contract.num_layers != backend.contract.num_layers:
+            raise ValueError(f"the draft graph has {draft.contract.num_layers} layers, the backbone "
+                             f"{backend.contract.num_layers}: they cannot share KV buffers")
         if k < 1:
             raise ValueError("draft length k must be >= 1")
         super().__init__(backend, tokenizer, eos_token_ids, max_length)
-        self.draft_thresholds = np.full(len(gates), DISABLED, np.float32)
-        self.draft_thresholds[draft_gate] = -2.0  # cosine >= -2 always: the exit is forced at this gate
-        self.full_thresholds = np.full(len(gates), DISABLED, np.float32)
+        self.draft_backend = draft
+        if backend.river is not None:
+            gates = backend.river["gates"]
+            if draft is None and not 0 <= draft_gate < len(gates):
+                raise ValueError(f"draft gate index {draft_gate} out of range: the graph has gates after layers {gates}")
+            self.draft_thresholds = np.full(len(gates), DISABLED, np.float32)
+            self.draft_thresholds[draft_gate] = -2.0  # cosine >= -2 always: the exit is forced at this gate
+            self.full_thresholds = np.full(len(gates), DISABLED, np.float32)
         self.k, self.adaptive, self.k_max = k, adaptive, max(k_max, k)
         self.stats = VerifyStats()
 
     # --- one round -------------------------------------------------------------------------
     def draft(self, pending: int, cache: SharedKVCache, k: int, cfg: GenerationConfig, rng) -> tuple[list[int], list]:
         """k draft tokens from the river, and the distributions they were drawn from (None: greedy)."""
-        self.backend.set_thresholds(self.draft_thresholds)
+        runner = self.draft_backend
+        if runner is None:
+            runner = self.backend
+            runner.set_thresholds(self.draft_thresholds)
         tokens, dists, tok = [], [], pending
         for _ in range(k):
-            row = self.backend.extend(np.asarray([[tok]], np.int64), cache)[0, -1]
+            row = runner.extend(np.asarray([[tok]], np.int64), cache)[0, -1]
             cache.length += 1
             if cfg.temperature > 0:
                 q = next_token_probs(row, cfg.temperature, cfg.top_p)
@@ -90,7 +104,8 @@ class SpeculativeGenerator(Generator):
                cfg: GenerationConfig, rng) -> list[int]:
         """Backbone over [pending, *drafted] from ``start``; returns accepted tokens + the bonus token."""
         cache.truncate(start)
-        self.backend.set_thresholds(self.full_thresholds)
+        if self.backend.river is not None:
+            self.backend.set_thresholds(self.full_thresholds)
         rows = self.backend.extend(np.asarray([[pending, *drafted]], np.int64), cache)[0]
         out: list[int] = []
         for i, y in enumerate(drafted):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from river.compiler.compile import compile_river
+from river.compiler.draft_graph import draft_graph
+from river.compiler.graph_io import load_onnx, save_onnx_atomic
 from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.ort_backend import OrtBackend
 from river.runtime.sampling import next_token_probs
@@ -19,6 +21,20 @@ PROMPTS = ["hello there", "rivers and seas", "0123456789", "spec"]
 def tiny_river_int4(tiny_onnx, tmp_path_factory):
     # int4 twins of the tiny random model disagree with it often enough to exercise rejections
     return compile_river(tiny_onnx, tmp_path_factory.mktemp("spec") / "r", gates="0,2", river="int4", log=None)
+
+
+@pytest.fixture(scope="module")
+def tiny_drafts(tiny_onnx, tmp_path_factory):
+    """Draft graphs: all-twin 4-bit (disagrees often: rejections), 8-bit after layer 1."""
+    work = tmp_path_factory.mktemp("drafts")
+    model = load_onnx(tiny_onnx)
+    return {"all4": save_onnx_atomic(draft_graph(model, -1, bits=4), work / "all4" / "model.onnx"),
+            "e1": save_onnx_atomic(draft_graph(model, 1), work / "e1" / "model.onnx")}
+
+
+def _draft_generator(tiny, tiny_onnx, tiny_drafts, name, **kw):
+    return SpeculativeGenerator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer,
+                                draft=OrtBackend(tiny_drafts[name], threads=1, single_token=True), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +55,25 @@ def test_greedy_identical_to_full_model(tiny, tiny_river_int4, full_greedy, gate
         assert rejected > 0, "the draft never disagreed: the test would not exercise rollback"
 
 
-def test_kv_exact_below_valid_length_and_nothing_beyond_is_read(tiny, tiny_river_int4, full_greedy):
-    backend = OrtBackend(tiny_river_int4, threads=1)
-    spec = SpeculativeGenerator(backend, tiny.tokenizer, draft_gate=0, k=4)
+@pytest.mark.parametrize("draft, k, adaptive", [("all4", 1, False), ("all4", 4, False), ("e1", 3, False), ("all4", 2, True)])
+def test_greedy_identical_with_draft_graph(tiny, tiny_onnx, tiny_drafts, full_greedy, draft, k, adaptive):
+    spec = _draft_generator(tiny, tiny_onnx, tiny_drafts, draft, k=k, adaptive=adaptive)
+    rejected = 0
+    for prompt in PROMPTS:
+        result = spec.generate(prompt, GenerationConfig(max_new_tokens=40, eos_token_ids=[]))
+        assert result.token_ids == full_greedy[prompt], prompt
+        rejected += spec.stats.drafted - spec.stats.accepted
+    if (draft, k) == ("all4", 4):
+        assert rejected > 0, "the draft never disagreed: the test would not exercise rollback"
+
+
+@pytest.mark.parametrize("draft", ["river", "graph"])
+def test_kv_exact_below_valid_length_and_nothing_beyond_is_read(tiny, tiny_onnx, tiny_river_int4, tiny_drafts,
+                                                                full_greedy, draft):
+    if draft == "river":
+        spec = SpeculativeGenerator(OrtBackend(tiny_river_int4, threads=1), tiny.tokenizer, draft_gate=0, k=4)
+    else:
+        spec = _draft_generator(tiny, tiny_onnx, tiny_drafts, "all4", k=4)
     checks = []
     orig_verify = spec.verify
     prompt_ids = spec.encode("hello there")
@@ -65,12 +97,16 @@ def test_kv_exact_below_valid_length_and_nothing_beyond_is_read(tiny, tiny_river
     assert len(checks) >= 8 and checks == sorted(checks)
 
 
-def test_sampling_matches_backbone_distribution(tiny, tiny_onnx, tiny_river_int4):
+@pytest.mark.parametrize("draft", ["river", "graph"])
+def test_sampling_matches_backbone_distribution(tiny, tiny_onnx, tiny_river_int4, tiny_drafts, draft):
     """The token after a speculative round is distributed as the backbone's p (not the draft's q)."""
     temperature, top_p = 0.8, 0.7
     cfg = GenerationConfig(max_new_tokens=2, temperature=temperature, top_p=top_p, eos_token_ids=[])
-    backend = OrtBackend(tiny_river_int4, threads=1)
-    spec = SpeculativeGenerator(backend, tiny.tokenizer, draft_gate=0, k=1)
+    if draft == "river":
+        spec = SpeculativeGenerator(OrtBackend(tiny_river_int4, threads=1), tiny.tokenizer, draft_gate=0, k=1)
+    else:
+        spec = _draft_generator(tiny, tiny_onnx, tiny_drafts, "all4", k=1)
+    backend = spec.backend
     prompt = spec.encode("sample me", chat=False)
     pending = 65
     # exact backbone and draft distributions for the token after `pending`
@@ -82,8 +118,8 @@ def test_sampling_matches_backbone_distribution(tiny, tiny_onnx, tiny_river_int4
     rcache = backend.new_cache(len(prompt) + 4)
     backend.prefill(np.asarray([prompt]), rcache)
     rcache.length = len(prompt)
-    backend.set_thresholds(spec.draft_thresholds)
-    q = next_token_probs(backend.extend(np.asarray([[pending]]), rcache)[0, -1].copy(), temperature, top_p)
+    _drafted, dists = spec.draft(pending, rcache, 1, cfg, np.random.default_rng(0))
+    q = dists[0]  # the draft's distribution, as the draft step computed it
     assert 0.5 * np.abs(p - q).sum() > 0.1, "draft and backbone agree too closely for the test to mean anything"
 
     rng = np.random.default_rng(1234)
@@ -114,8 +150,16 @@ def test_sampling_matches_backbone_distribution(tiny, tiny_onnx, tiny_river_int4
 
 
 def test_verify_mode_rejects_plain_graph_and_bad_options(tiny, tiny_onnx, tiny_river_int4):
-    with pytest.raises(ValueError, match="needs a River graph"):
+    with pytest.raises(ValueError, match="needs a draft"):
         SpeculativeGenerator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer)
+    from types import SimpleNamespace
+
+    two_layers = SimpleNamespace(contract=SimpleNamespace(num_layers=2))  # a draft of another model
+    with pytest.raises(ValueError, match="cannot share KV buffers"):
+        SpeculativeGenerator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer, draft=two_layers)
+    with pytest.raises(ValueError, match="one token of one sequence"):
+        draft = OrtBackend(tiny_onnx, threads=1, single_token=True)
+        draft.extend(np.asarray([[1, 2]]), draft.new_cache(4))
     with pytest.raises(ValueError, match="draft gate index 5 out of range"):
         SpeculativeGenerator(OrtBackend(tiny_river_int4, threads=1), tiny.tokenizer, draft_gate=5)
 

@@ -1,0 +1,122 @@
+"""Pass: the draft graph for verify mode - the river's exit path as a straight-line step graph.
+
+Layers up to ``exit_after`` are the backbone's own nodes; every weight MatMul after it (and, with
+``head``, the LM head) becomes a twin: ONNX Runtime's ``MatMulNBits`` over block-wise weights with
+accuracy level 4 (activations quantized to int8 per block of the input dimension, integer dot
+products). Every layer still reads and writes its K/V, so the draft runs over the same shared KV
+buffers as the backbone. ``exit_after = -1`` makes every layer a twin (the all-twin draft).
+
+Why a graph of its own rather than the River graph with the exit forced: no ``If`` and no gate
+subgraphs on the draft's path, every weight is the graph's own (ONNX Runtime prepacks only those),
+and the draft's head can be quantized without touching what the lossy River graph computes. The
+backbone verifies every drafted token, so the draft may be as approximate as it likes: only speed
+depends on its quality, never the output.
+
+Why 8-bit MatMulNBits at accuracy level 4: on x86 CPUs it is ONNX Runtime's fast integer path
+(1.7x an fp32 GEMV for a 576x1536 weight, 3.2x for the 576x49152 head) with per-block activation
+scales, which lose far less than the dynamic per-tensor int8 of ``DynamicQuantizeLinear``. Weights
+are quantized asymmetrically (uint8 zero points), so a weight block that came from a 4-bit grid
+with an offset (llama.cpp Q4_1) sits on the 8-bit grid up to a shift below 1/34 of its step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from river.compiler.gqa_attention import matmul_input_shapes, ungroup_attention
+from river.compiler.structure import discover
+from river.export.contract import StepContract
+
+DRAFT_PROP = "river.draft"
+DRAFT_FILE = "draft.onnx"  # its name beside a River graph (river-export writes it)
+BITS = (4, 8)
+
+
+def check(model: onnx.ModelProto, exit_after: int) -> str | None:
+    """Why no draft graph can be made at ``exit_after`` (None when it can)."""
+    layers = StepContract.from_model(model).num_layers
+    if not -1 <= exit_after < layers - 1:
+        return (f"draft exit after layer {exit_after} is out of range: use -1 (every layer a twin) up to "
+                f"{layers - 2} (the model has {layers} layers)")
+    if any(n.op_type == "If" for n in model.graph.node):
+        return "this is already a River graph: make the draft from the plain step graph it came from"
+    return None
+
+
+def quantize_nbits(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits inputs for a [K, N] weight: packed [N, K/block, blob] uint8, scales [N*K/block],
+    zero points [N, ceil(K/block*bits/8)] uint8 - by ONNX Runtime's own block quantizer (asymmetric)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=bits)
+    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(weight, dtype=np.float32))
+    return packed, scales.astype(np.float32).reshape(-1), zero_points
+
+
+def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The [K, N] weight MatMulNBits holds (for tests and error reports)."""
+    n, blocks, _ = packed.shape
+    if bits == 8:
+        q, zp = packed.astype(np.float32), zero_points[:, :blocks].astype(np.float32)
+    else:
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
+        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    w = (q - zp[:, :, None]) * scales.reshape(n, blocks)[:, :, None]
+    return w.reshape(n, -1)[:, :k].T.astype(np.float32)
+
+
+def draft_graph(model: onnx.ModelProto, exit_after: int = -1, bits: int = 8, block: int = 32,
+                head: bool = True, accuracy_level: int = 4) -> onnx.ModelProto:
+    """The draft graph of a contract step graph (see module docstring)."""
+    reason = check(model, exit_after)
+    if reason:
+        raise ValueError(reason)
+    if bits not in BITS:
+        raise ValueError(f"draft twins have 4 or 8 bits, not {bits}")
+    shapes = matmul_input_shapes(model)  # before twins: ONNX shape inference cannot see through MatMulNBits
+    graph = gs.import_onnx(model)
+    ungroup_attention(graph, shapes)
+    structure = discover(graph, StepContract.from_model(model))
+    targets = [n for b in structure.blocks[exit_after + 1:] for n in b.nodes] + (list(structure.head) if head else [])
+    done: dict[int, tuple] = {}  # id(weight) -> its quantized constants (a tied weight is packed once)
+    twins = 0
+    for node in targets:
+        weight = node.inputs[1] if node.op == "MatMul" and len(node.inputs) == 2 else None
+        if not isinstance(weight, gs.Constant) or weight.values.ndim != 2 or weight.values.shape[0] % block:
+            continue
+        k, n = weight.values.shape
+        if id(weight) not in done:
+            packed, scales, zps = quantize_nbits(weight.values, bits, block)
+            done[id(weight)] = (gs.Constant(f"{weight.name}@d{bits}p", packed),
+                                gs.Constant(f"{weight.name}@d{bits}s", scales),
+                                gs.Constant(f"{weight.name}@d{bits}z", zps))
+        a, out = node.inputs[0], node.outputs[0]
+        node.inputs, node.outputs = [], []
+        graph.nodes.append(gs.Node("MatMulNBits", f"{node.name}@draft",
+                                   {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": accuracy_level},
+                                   [a, *done[id(weight)]], [out], domain="com.microsoft"))
+        twins += 1
+    if not twins:
+        raise ValueError("no weight MatMul after the draft exit could be quantized (weights must be 2-D initializers "
+                         f"whose input dimension is a multiple of {block})")
+    graph.cleanup().toposort()
+    result = gs.export_onnx(graph, do_type_check=False)
+    result.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    info = {"exit_after": exit_after, "bits": bits, "block": block, "head": head,
+            "accuracy_level": accuracy_level, "twins": twins}
+    props = {p.key: p.value for p in model.metadata_props} | {DRAFT_PROP: json.dumps(info)}
+    onnx.helper.set_model_props(result, props)
+    return result
+
+
+def draft_metadata(model: onnx.ModelProto) -> dict | None:
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props[DRAFT_PROP]) if DRAFT_PROP in props else None

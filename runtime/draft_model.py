@@ -1,0 +1,52 @@
+"""Find or make the draft graph and the backbone step graph that verify mode pairs.
+
+The draft comes from ``draft.onnx`` beside the model (``river-export`` writes one), else it is
+derived from the plain step graph with ``compiler/draft_graph.py`` and cached by the source's
+fingerprint, like the shared-KV form. The backbone that verifies is the plain step graph: the model
+itself, or for a River graph the step graph it was compiled from (``river.json``), which runs the
+same weights without the River graph's ``If`` overhead; when that file is gone, the River graph
+with every gate off.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
+from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
+from river.compiler.river_pass import river_metadata
+from river.errors import ModelNotFound
+from river.models.cache import cache_root, file_fingerprint
+
+DRAFT_FORMAT = 1  # bump when the draft pass's output changes
+
+
+def derived_draft_path(step_graph: Path, exit_after: int = -1) -> Path:
+    """The draft graph of a plain step graph, made once and cached."""
+    out = cache_root() / "draft" / f"{file_fingerprint(step_graph)}-e{exit_after}-v{DRAFT_FORMAT}" / "model.onnx"
+    if not out.is_file():
+        save_onnx_atomic(draft_graph(load_onnx(step_graph), exit_after), out)
+    return out
+
+
+def verify_pair(model_path: str | Path, exit_after: int | None = None) -> tuple[Path, Path]:
+    """(backbone step graph, draft graph) for ``model_path`` (a plain step graph or a River graph).
+    ``exit_after``: the draft's last backbone layer (-1: every layer a twin); None takes the shipped
+    ``draft.onnx`` whatever its exit, else -1."""
+    model_path = Path(model_path)
+    header = load_onnx_header(model_path)
+    backbone = model_path
+    if river_metadata(header) is not None:
+        manifest = model_path.parent / "river.json"
+        source = Path(json.loads(manifest.read_text())["source"]["path"]) if manifest.is_file() else None
+        backbone = source if source is not None and source.is_file() else model_path
+    shipped = model_path.parent / DRAFT_FILE
+    if shipped.is_file():
+        meta = draft_metadata(load_onnx_header(shipped)) or {}
+        if exit_after is None or meta.get("exit_after") == exit_after:
+            return backbone, shipped
+    if backbone == model_path and river_metadata(header) is not None:
+        raise ModelNotFound(f"no {DRAFT_FILE} with that exit beside {model_path} and the step graph it was compiled "
+                            "from is gone: re-run river-export, or draft with the River graph's own exit (--draft river)")
+    return backbone, derived_draft_path(backbone, -1 if exit_after is None else exit_after)
