@@ -1,12 +1,16 @@
 """Verify mode (lossless River) on one model: speedup over the full model, acceptance rate and mean
-accepted length, for each draft gate and draft length k, in one run on the same prompts and threads.
+accepted length per draft and draft length k, in one run, interleaved per prompt, same threads.
 
-    python benchmarks/verify_speed.py --river-dir bench-out/graphs/river-int8-cal12 --threads 2 --prompts 4 --tokens 48
+Drafts: draft graphs with 8-bit twins after layer E (``--draft-exits``, -1 = every layer a twin),
+and, with ``--river-dir``, the River graph's own exit at each of its gates.
+
+    python benchmarks/verify_speed.py --model smollm2-135m --threads 2 --prompts 6 --tokens 48 --ks 3,4,6
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -15,28 +19,40 @@ from pathlib import Path
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--river-dir", type=Path, required=True, help="a river-export output folder")
+    p.add_argument("--model", default="smollm2-135m", help="registered name or plain step graph (model.onnx)")
+    p.add_argument("--river-dir", type=Path, help="a river-export output folder: also draft with its gates")
+    p.add_argument("--draft-exits", default="-1", help="draft graphs: comma-separated last backbone layers")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--tokens", type=int, default=48)
-    p.add_argument("--ks", default="2,4,6")
+    p.add_argument("--ks", default="3,4,6")
     args = p.parse_args(argv)
 
+    from river.compiler.ort_session import use_shared_thread_pool
+
+    use_shared_thread_pool(args.threads)  # before any session: draft and backbone share one pool
+    from river.runtime.draft_model import verify_pair
     from river.runtime.eval_data import EVAL_PROMPTS
     from river.runtime.generate import GenerationConfig
     from river.runtime.loading import open_generator
+    from river.runtime.ort_backend import OrtBackend
     from river.runtime.speculative import SpeculativeGenerator
 
-    manifest = args.river_dir / "river.json"
-    import json
-
-    source = Path(json.loads(manifest.read_text())["source"]["path"])
-    full = open_generator(str(source), threads=args.threads)
-    river = open_generator(str(args.river_dir / "model.onnx"), threads=args.threads)
-    gates = river.backend.river["gates"]
-    configs = {f"gate@{g} k={k}": SpeculativeGenerator(river.backend, river.tokenizer, river.eos_token_ids,
-                                                       draft_gate=i, k=k)
-               for i, g in enumerate(gates) for k in map(int, args.ks.split(","))}
+    full = open_generator(args.model, threads=args.threads)
+    ks = [int(k) for k in args.ks.split(",")]
+    configs = {}
+    for e in (int(x) for x in args.draft_exits.split(",") if x):
+        _, draft_path = verify_pair(full.backend.model_path, e)
+        draft = OrtBackend(draft_path, threads=args.threads, single_token=True)
+        for k in ks:
+            configs[f"draft@{e} k={k}"] = SpeculativeGenerator(full.backend, full.tokenizer, full.eos_token_ids,
+                                                               draft=draft, k=k)
+    if args.river_dir is not None:
+        river = open_generator(str(args.river_dir / "model.onnx"), threads=args.threads)
+        for i, g in enumerate(river.backend.river["gates"]):
+            for k in ks:
+                configs[f"river@{g} k={k}"] = SpeculativeGenerator(river.backend, river.tokenizer, river.eos_token_ids,
+                                                                   draft_gate=i, k=k)
     cfg = GenerationConfig(max_new_tokens=args.tokens)
     prompts = EVAL_PROMPTS[: args.prompts]
     times = {"full": [], **{k: [] for k in configs}}
@@ -54,14 +70,18 @@ def main(argv=None):
             identical[name] += r.token_ids == ref.token_ids
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
     base = statistics.mean(times["full"])
-    print(f"\n{args.river_dir} ({json.loads(manifest.read_text())['river']} river), ORT CPU, {args.threads} threads, "
-          f"{len(prompts)} prompts x {args.tokens} tokens, {platform.machine()} ({platform.node()})")
-    print(f"{'config':16s} {'ms/token':>9s} {'speedup':>8s} {'accept':>7s} {'mean acc':>9s} {'identical':>9s}")
-    print(f"{'full':16s} {base * 1e3:9.2f} {1.0:7.2f}x")
+    print(f"\n{args.model}, ORT CPU, {args.threads} threads (shared pool), {len(prompts)} prompts x {args.tokens} tokens, "
+          f"{platform.machine()} ({platform.node()})")
+    print(f"{'config':18s} {'ms/token':>9s} {'speedup':>8s} {'accept':>7s} {'mean acc':>9s} {'identical':>9s}")
+    print(f"{'full':18s} {base * 1e3:9.2f} {1.0:7.2f}x")
+    rows = {}
     for name in configs:
         t = statistics.mean(times[name])
         a, d, r = acc[name]
-        print(f"{name:16s} {t * 1e3:9.2f} {base / t:7.2f}x {a / d:7.1%} {a / r:9.2f} {identical[name]}/{len(prompts)}")
+        rows[name] = {"ms_per_token": t * 1e3, "speedup": base / t, "acceptance": a / d, "mean_accepted": a / r,
+                      "identical": identical[name], "prompts": len(prompts)}
+        print(f"{name:18s} {t * 1e3:9.2f} {base / t:7.2f}x {a / d:7.1%} {a / r:9.2f} {identical[name]}/{len(prompts)}")
+    print(json.dumps({"full_ms_per_token": base * 1e3, "configs": rows}))
 
 
 if __name__ == "__main__":

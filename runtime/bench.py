@@ -8,7 +8,10 @@ Methods (all over ONNX Runtime CPU with shared KV buffers):
   monotone:<op>          SkipDecode-style policy: once a token exits at a gate, later tokens exit there too
   propagate:<op>         CALM-style: skipped layers' K/V projected from the exit state (kv twins), calibrated
   uniform-int8/int4      the whole model quantized like the twins, no exits (the honest competitor)
-  verify:k=<k>           lossless River: int8-river drafts, backbone verifies (output = full model's)
+  uniform-nbits8         the verify draft graph alone: every GEMM + head as 8-bit MatMulNBits (lossy)
+  verify:k=<k>           lossless River: the draft graph (8-bit twins of every layer) drafts k tokens
+                         over the shared KV, the backbone verifies (output = full model's)
+  verify-river:k=<k>     the same with the River graph's own exit (first gate) as the draft
 Not implemented here (reported as such): mask (D-LLM), recompute (EE-LLM).
 """
 
@@ -82,7 +85,8 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, shared_pool: bool = False) -> int:
+    """``shared_pool``: the process is ours (the installed command): one ORT thread pool for all sessions."""
     args = build_parser().parse_args(argv)
     q = args.quick
     n_prompts = args.prompts or (3 if q else 12)
@@ -90,6 +94,10 @@ def main(argv=None) -> int:
     n_he = args.humaneval if args.humaneval is not None else (3 if q else 20)
     n_math = args.math if args.math is not None else (4 if q else 20)
     n_cal = args.calibration or (4 if q else 16)
+    if shared_pool:  # verify mode alternates two sessions: one pool for all
+        from river.compiler.ort_session import use_shared_thread_pool
+
+        use_shared_thread_pool(args.threads)
     try:
         report = run(args, n_prompts, n_tokens, n_he, n_math, n_cal)
     except Exception as exc:  # a bench that dies mid-way still says why
@@ -138,6 +146,7 @@ def run(args, n_prompts, n_tokens, n_he, n_math, n_cal) -> dict:
     from river.runtime.eval_data import EVAL_PROMPTS, MATH_PROBLEMS, REFERENCE_TEXT, humaneval_problems
     from river.runtime.humaneval_exec import passes
     from river.runtime.loading import open_generator
+    from river.compiler.ort_session import shared_thread_pool
     from river.runtime.speculative import SpeculativeGenerator
 
     t_start = time.time()
@@ -166,9 +175,17 @@ def run(args, n_prompts, n_tokens, n_he, n_math, n_cal) -> dict:
         uniform = open_generator(str(paths[f"uniform-{precision}"]), threads=args.threads, tokenizer=str(Path(paths["step"]).parent))
         uniform.eos_token_ids = eos
         methods[f"uniform-{precision}"] = (uniform, None, None)
-    for k in (2, 4):
-        spec = SpeculativeGenerator(river_backend, tok, eos, draft_gate=0, k=k)
-        methods[f"verify:k={k}"] = (spec, river_backend, None)
+    from river.runtime.draft_model import verify_pair
+
+    _, draft_path = verify_pair(paths["step"], -1)
+    draft_alone = Generator(OrtBackend(draft_path, threads=args.threads), tok, eos)
+    methods["uniform-nbits8"] = (draft_alone, None, None)
+    draft_backend = OrtBackend(draft_path, threads=args.threads if shared_thread_pool() else 1, single_token=True)
+    for k in (3, 4):
+        spec = SpeculativeGenerator(full.backend, tok, eos, draft=draft_backend, k=k)
+        methods[f"verify:k={k}"] = (spec, None, None)
+    spec = SpeculativeGenerator(river_backend, tok, eos, draft_gate=0, k=4)
+    methods["verify-river:k=4"] = (spec, river_backend, None)
     if args.methods:
         keep = set(args.methods.split(",")) | {"full"}
         methods = {k: v for k, v in methods.items() if k in keep}
@@ -403,5 +420,10 @@ def markdown(out: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def console() -> int:
+    """The ``river-bench`` command."""
+    return main(shared_pool=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

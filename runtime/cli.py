@@ -47,14 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, shared_pool: bool = False) -> int:
+    """``shared_pool``: the process is ours (the installed command), so every ONNX Runtime session
+    shares one thread pool (verify mode alternates two sessions); callers in a bigger process keep
+    per-session pools."""
     args = build_parser().parse_args(argv)
     try:
         from river.compiler.ort_session import use_shared_thread_pool
         from river.runtime.generate import GenerationConfig
         from river.runtime.loading import open_generator, open_verifier
 
-        use_shared_thread_pool(args.threads)  # this process is ours: one pool for every session
+        if shared_pool:
+            use_shared_thread_pool(args.threads)
         if args.mode == "verify":
             gen = open_verifier(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
                                 draft=args.draft, draft_exit=args.draft_exit, draft_gate=args.draft_gate,
@@ -90,5 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console() -> int:
+    """The ``river-generate`` command."""
+    return main(shared_pool=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -72,9 +72,10 @@ def test_quick_bench_runs_every_method(tmp_path):
                        "--humaneval", "1", "--math", "2", "--prompts", "2", "--new-tokens", "12"]) == 0
     data = json.loads((out / "bench.json").read_text())
     expected = {"full", "river:safe", "river:balanced", "river:fast", "fixed@1", "fixed@2", "monotone:balanced",
-                "propagate:balanced", "uniform-int8", "uniform-int4", "verify:k=2", "verify:k=4"}
+                "propagate:balanced", "uniform-int8", "uniform-int4", "uniform-nbits8", "verify:k=3", "verify:k=4",
+                "verify-river:k=4"}
     assert set(data["methods"]) == expected
-    for name in ("verify:k=2", "verify:k=4", "full"):  # lossless methods
+    for name in ("verify:k=3", "verify:k=4", "verify-river:k=4", "full"):  # lossless methods
         assert data["methods"][name]["greedy_exact_match"] == 1.0
     assert data["settings"]["threads"] == 1 and "machine" in data["settings"]
     assert (out / "report.md").read_text().startswith("# river-bench")
