@@ -166,18 +166,64 @@ def test_verify_mode_rejects_plain_graph_and_bad_options(tiny, tiny_onnx, tiny_r
 
 @pytest.mark.slow
 def test_smollm2_verify_mode_identical_on_benchmark_prompts(smol, smol_onnx, tmp_path_factory):
+    """Both drafts on the real model: the shipped draft graph (8-bit twins of every layer) on every
+    benchmark prompt, the River graph's own exit (int8 river, first gate) on four."""
     from river.runtime.eval_data import EVAL_PROMPTS
+    from river.runtime.loading import open_verifier
 
     river = compile_river(smol_onnx, tmp_path_factory.mktemp("smol-spec") / "r", river="int8", log=None)
     full = Generator(OrtBackend(smol_onnx, threads=2), smol.tokenizer, smol.config.eos_token_ids)
-    spec = SpeculativeGenerator(OrtBackend(river, threads=2), smol.tokenizer, smol.config.eos_token_ids,
-                                draft_gate=0, k=4)
-    accepted = drafted = 0
-    for prompt in EVAL_PROMPTS:
+    drafts = {"graph": open_verifier(str(river), threads=2, k=4),
+              "river": SpeculativeGenerator(OrtBackend(river, threads=2), smol.tokenizer, smol.config.eos_token_ids,
+                                            draft_gate=0, k=4)}
+    assert drafts["graph"].draft_backend.model_path == river.parent / "draft.onnx"
+    counts = {name: [0, 0] for name in drafts}
+    for i, prompt in enumerate(EVAL_PROMPTS):
         cfg = GenerationConfig(max_new_tokens=48)
         expected = full.generate(prompt, cfg)
-        got = spec.generate(prompt, cfg)
-        assert got.token_ids == expected.token_ids, prompt
-        accepted, drafted = accepted + spec.stats.accepted, drafted + spec.stats.drafted
-    print(f"\nSmolLM2 verify mode (int8 river, gate after layer 14, k=4): acceptance {accepted / drafted:.1%} "
-          f"over {drafted} drafted tokens")
+        for name, spec in drafts.items():
+            if name == "river" and i >= 4:
+                continue
+            got = spec.generate(prompt, cfg)
+            assert got.token_ids == expected.token_ids, (name, prompt)
+            counts[name][0] += spec.stats.accepted
+            counts[name][1] += spec.stats.drafted
+    for name, (accepted, drafted) in counts.items():
+        print(f"\nSmolLM2 verify mode, {name} draft, k=4: acceptance {accepted / drafted:.1%} over {drafted} drafted tokens")
+    assert counts["graph"][0] / counts["graph"][1] > 0.8  # the 8-bit draft agrees with the backbone
+
+
+def test_export_ships_a_draft_and_the_cli_verifies_with_it(tiny, tiny_onnx, tmp_path, capsys):
+    """river-export writes draft.onnx; river-generate --mode verify pairs it with the source step graph
+    and prints the full model's greedy text; without the draft and the source it says what to do."""
+    import json
+
+    from river import cli as export_cli
+    from river.runtime import cli as generate_cli
+    from river.runtime.draft_model import verify_pair
+
+    out = tmp_path / "r"
+    assert export_cli.main([str(tiny_onnx), "-o", str(out), "--gates", "1", "--draft-exit", "0"]) == 0
+    manifest = json.loads((out / "river.json").read_text())
+    assert manifest["draft"]["file"] == "draft.onnx" and manifest["draft"]["exit_after"] == 0
+    backbone, draft = verify_pair(out / "model.onnx")
+    assert backbone == tiny_onnx.resolve() and draft == out / "draft.onnx"
+    assert verify_pair(out / "model.onnx", 0)[1] == out / "draft.onnx"
+    derived = verify_pair(out / "model.onnx", -1)[1]  # another exit: derived from the source, cached
+    assert derived != out / "draft.onnx" and derived.is_file()
+    assert verify_pair(tiny_onnx)[1] == derived  # a plain step graph gets the same derived draft
+
+    capsys.readouterr()
+    assert generate_cli.main(["--model", str(out / "model.onnx"), "--mode", "verify", "--draft-k", "3", "--raw",
+                              "--max-new-tokens", "40", "hello there"]) == 0
+    captured = capsys.readouterr()
+    expected = tiny.tokenizer.decode(Generator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer).generate(
+        "hello there", GenerationConfig(max_new_tokens=40), chat=False).token_ids)
+    assert captured.out.rstrip("\n") == expected
+    assert "acceptance" in captured.err
+
+    (out / "draft.onnx").unlink()
+    manifest["source"]["path"] = str(tmp_path / "gone.onnx")
+    (out / "river.json").write_text(json.dumps(manifest))
+    assert generate_cli.main(["--model", str(out / "model.onnx"), "--mode", "verify", "hi"]) == 2
+    assert "re-run river-export" in capsys.readouterr().err
