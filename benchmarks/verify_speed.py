@@ -2,7 +2,8 @@
 accepted length per draft and draft length k, in one run, interleaved per prompt, same threads.
 
 Drafts: draft graphs with 8-bit twins after layer E (``--draft-exits``, -1 = every layer a twin),
-and, with ``--river-dir``, the River graph's own exit at each of its gates.
+and, with ``--river-dir``, the River graph's own exit at each of its gates. ``k~K`` rows: adaptive k
+starting at K. ``draft@E alone`` rows: the draft graph as a (lossy) model of its own.
 
     python benchmarks/verify_speed.py --model smollm2-135m --threads 2 --prompts 6 --tokens 48 --ks 3,4,6
 """
@@ -26,6 +27,7 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--ks", default="3,4,6")
+    p.add_argument("--adaptive", action="store_true", help="also adaptive k (from each k) for the draft graphs")
     args = p.parse_args(argv)
 
     from river.compiler.ort_session import use_shared_thread_pool
@@ -38,15 +40,23 @@ def main(argv=None):
     from river.runtime.ort_backend import OrtBackend
     from river.runtime.speculative import SpeculativeGenerator
 
+    from river.runtime.generate import Generator
+
     full = open_generator(args.model, threads=args.threads)
     ks = [int(k) for k in args.ks.split(",")]
     configs = {}
+    alone = {}  # each draft graph run as a model of its own (lossy): its speed and agreement
     for e in (int(x) for x in args.draft_exits.split(",") if x):
         _, draft_path = verify_pair(full.backend.model_path, e)
+        alone[f"draft@{e} alone"] = Generator(OrtBackend(draft_path, threads=args.threads), full.tokenizer,
+                                              full.eos_token_ids)
         draft = OrtBackend(draft_path, threads=args.threads, single_token=True)
         for k in ks:
             configs[f"draft@{e} k={k}"] = SpeculativeGenerator(full.backend, full.tokenizer, full.eos_token_ids,
                                                                draft=draft, k=k)
+            if args.adaptive:
+                configs[f"draft@{e} k~{k}"] = SpeculativeGenerator(full.backend, full.tokenizer, full.eos_token_ids,
+                                                                   draft=draft, k=k, adaptive=True)
     if args.river_dir is not None:
         river = open_generator(str(args.river_dir / "model.onnx"), threads=args.threads)
         for i, g in enumerate(river.backend.river["gates"]):
@@ -55,7 +65,8 @@ def main(argv=None):
                                                                    draft_gate=i, k=k)
     cfg = GenerationConfig(max_new_tokens=args.tokens)
     prompts = EVAL_PROMPTS[: args.prompts]
-    times = {"full": [], **{k: [] for k in configs}}
+    times = {"full": [], **{k: [] for k in configs}, **{k: [] for k in alone}}
+    prefix = {k: [] for k in alone}
     acc = {k: [0, 0, 0] for k in configs}
     identical = {k: 0 for k in configs}
     for i, prompt in enumerate(prompts):
@@ -68,6 +79,12 @@ def main(argv=None):
             acc[name][1] += gen.stats.drafted
             acc[name][2] += gen.stats.rounds
             identical[name] += r.token_ids == ref.token_ids
+        for name, gen in alone.items():
+            r = gen.generate(prompt, cfg)
+            times[name].append(r.decode_seconds / max(len(r.token_ids) - 1, 1))
+            same = next((j for j, (a, b) in enumerate(zip(r.token_ids, ref.token_ids)) if a != b),
+                        min(len(r.token_ids), len(ref.token_ids)))
+            prefix[name].append(same / max(len(ref.token_ids), 1))
         print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
     base = statistics.mean(times["full"])
     print(f"\n{args.model}, ORT CPU, {args.threads} threads (shared pool), {len(prompts)} prompts x {args.tokens} tokens, "
@@ -81,6 +98,11 @@ def main(argv=None):
         rows[name] = {"ms_per_token": t * 1e3, "speedup": base / t, "acceptance": a / d, "mean_accepted": a / r,
                       "identical": identical[name], "prompts": len(prompts)}
         print(f"{name:18s} {t * 1e3:9.2f} {base / t:7.2f}x {a / d:7.1%} {a / r:9.2f} {identical[name]}/{len(prompts)}")
+    for name in alone:
+        t = statistics.mean(times[name])
+        rows[name] = {"ms_per_token": t * 1e3, "speedup": base / t, "greedy_prefix_agreement": statistics.mean(prefix[name])}
+        print(f"{name:18s} {t * 1e3:9.2f} {base / t:7.2f}x  (lossy: greedy output matches the full model's for "
+              f"{statistics.mean(prefix[name]):.0%} of its tokens before diverging)")
     print(json.dumps({"full_ms_per_token": base * 1e3, "configs": rows}))
 
 
