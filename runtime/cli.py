@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="River graphs: per-gate exit thresholds, comma-separated or a JSON "
                    "file (default: the graph's baked-in ones); 'off' disables every gate")
     p.add_argument("--mode", choices=["exit", "verify"], default="exit",
-                   help="River graphs: exit = tokens leave at their gate (the paper); verify = lossless: the river "
-                   "drafts --draft-k tokens, one backbone step verifies them (output = the full model's)")
+                   help="exit = tokens leave at their gate (River graphs; the paper); verify = lossless: a draft "
+                   "proposes --draft-k tokens over the shared KV, one backbone step verifies them (output = the "
+                   "full model's; any step graph)")
     p.add_argument("--draft", choices=["graph", "river"], default="graph",
                    help="verify mode: graph = the draft graph (draft.onnx beside the model, else derived from the "
                    "step graph: every weight GEMM after --draft-exit as an 8-bit twin); river = the River graph's own "
