@@ -3,8 +3,10 @@ backbone step verifies them, so the output is exactly the full model's.
 
 A round, with ``x`` the pending token (chosen by the backbone, not yet in the cache) at position p:
 
-1. draft: k River steps with the exit forced at the draft gate: x -> y1, y1 -> y2, ... Each writes its
-   position's K/V into the shared buffers (exact below the gate, the twins' approximation above);
+1. draft: k single-token steps of the draft - the draft graph (``compiler/draft_graph.py``: backbone
+   layers up to its exit, 8-bit twins after it) or the River graph with the exit forced at a gate:
+   x -> y1, y1 -> y2, ... Each writes its position's K/V into the shared buffers (exact below the
+   exit, the twins' approximation above);
 2. verify: roll the valid length back to p and run the backbone once over [x, y1..yk] (S = k+1, exits
    off): that overwrites positions p..p+k with exact K/V and gives the backbone's distributions;
 3. accept the longest prefix the backbone agrees with (greedy: same argmax; sampling: the standard
