@@ -34,46 +34,52 @@ def _int_list(t) -> list[int] | None:
     return [int(x) for x in np.ravel(t.values)] if isinstance(t, gs.Constant) else None
 
 
-def _repeated_kv(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node, str | None]:
-    """(the unrepeated KV tensor [B,Hkv,T,D], the Reshape that ends the repeat, why-not) for ``t``."""
+def _repeated_kv(t: gs.Tensor) -> tuple[gs.Tensor | None, str | None]:
+    """(the unrepeated KV tensor [B,Hkv,T,D], None) behind ``t``, or (None, why not)."""
     reshape = _producer(t, "Reshape")
     expand = _producer(reshape.inputs[0], "Expand") if reshape is not None else None
     unsqueeze = _producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
     if unsqueeze is None:
-        return None, None, "not Unsqueeze -> Expand -> Reshape"
+        return None, "not Unsqueeze -> Expand -> Reshape"
     axes = _int_list(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else unsqueeze.attrs.get("axes")
     if list(axes or []) != [2]:
-        return None, None, f"repeat axis is {axes}, not 2"
+        return None, f"repeat axis is {axes}, not 2"
     kv = unsqueeze.inputs[0]
     if not kv.shape or len(kv.shape) != 4 or not isinstance(kv.shape[1], int) or not isinstance(kv.shape[3], int):
-        return None, None, "KV tensor has no static [B, Hkv, T, D] shape"
+        return None, "KV tensor has no static [B, Hkv, T, D] shape"
     if len(reshape.outputs[0].outputs) != 1:
-        return None, None, "the repeated KV has other readers"
-    return kv, reshape, None
+        return None, "the repeated KV has other readers"
+    return kv, None
 
 
-def check(matmul: gs.Node) -> str | None:
-    """Why ``matmul`` is not an attention product over repeated KV heads (None: it is)."""
+def _match(matmul: gs.Node) -> tuple[tuple | None, str | None]:
+    """((KV tensor, keys transposed?), None) for an attention product over repeated KV heads,
+    else (None, why not)."""
     if matmul.op != "MatMul" or len(matmul.inputs) != 2:
-        return "not a MatMul"
+        return None, "not a MatMul"
     b = matmul.inputs[1]
     transpose = _producer(b, "Transpose")
     if transpose is not None:
         if transpose.attrs.get("perm") != [0, 1, 3, 2]:
-            return f"key transpose perm {transpose.attrs.get('perm')}"
+            return None, f"key transpose perm {transpose.attrs.get('perm')}"
         if len(b.outputs) != 1:
-            return "the transposed keys have other readers"
+            return None, "the transposed keys have other readers"
         b = transpose.inputs[0]
-    kv, _reshape, why = _repeated_kv(b)
+    kv, why = _repeated_kv(b)
     if why:
-        return why
+        return None, why
     a = matmul.inputs[0]
     if not a.shape or len(a.shape) != 4 or not isinstance(a.shape[1], int):
-        return "query/probabilities have no static head count"
+        return None, "query/probabilities have no static head count"
     heads, kv_heads = a.shape[1], kv.shape[1]
     if heads % kv_heads or heads == kv_heads:
-        return f"{heads} heads over {kv_heads} KV heads is not grouped-query attention"
-    return None
+        return None, f"{heads} heads over {kv_heads} KV heads is not grouped-query attention"
+    return (kv, transpose is not None), None
+
+
+def check(matmul: gs.Node) -> str | None:
+    """Why ``matmul`` is not an attention product over repeated KV heads (None: it is)."""
+    return _match(matmul)[1]
 
 
 def matmul_input_shapes(model: onnx.ModelProto) -> dict[str, list]:
@@ -115,19 +121,19 @@ def ungroup_attention(graph: gs.Graph, shapes: dict[str, list] | None = None) ->
         for node in list(g.nodes):
             if shapes and node.op == "MatMul" and node.inputs and node.inputs[0].name in shapes:
                 node.inputs[0].shape = _merged(node.inputs[0].shape, shapes[node.inputs[0].name])
-            if check(node) is not None:
+            match, _why = _match(node)
+            if match is None:
                 continue
-            a, b = node.inputs
-            transpose = _producer(b, "Transpose")
-            kv, _r, _ = _repeated_kv(transpose.inputs[0] if transpose is not None else b)
+            kv, keys = match
+            a = node.inputs[0]
             heads, kv_heads, d = a.shape[1], kv.shape[1], kv.shape[3]
             name = node.name
-            last = d if transpose is not None else 0  # queries end in D; probabilities keep T
+            last = d if keys else 0  # queries end in D; probabilities keep T
             grouped_a = gs.Variable(f"{name}/grouped_a", dtype=a.dtype)
             grouped_out = gs.Variable(f"{name}/grouped_out", dtype=node.outputs[0].dtype)
             new = [gs.Node("Reshape", f"{name}/group", {}, [a, gs.Constant(f"{name}/group_shape", np.array([0, kv_heads, -1, last], np.int64))], [grouped_a])]
             rhs = kv
-            if transpose is not None:
+            if keys:
                 rhs = gs.Variable(f"{name}/kv_t", dtype=kv.dtype)
                 new.append(gs.Node("Transpose", f"{name}/kv_transpose", {"perm": [0, 1, 3, 2]}, [kv], [rhs]))
             out = node.outputs[0]
