@@ -36,13 +36,14 @@ class InPlaceSteps:
 
     KEEP_BINDINGS_UP_TO = 16  # bindings for short steps are kept; a long prompt's [B,S,V] logits are not
     multi_token_steps: bool = False
+    single_token: bool = False  # a draft session built for [1, 1] steps only
     _bound_cache: SharedKVCache | None = None
     _bindings: dict[int, dict]
 
     def _step_state(self, token_ids: np.ndarray, cache: SharedKVCache, source) -> dict:
         """Check room and causality, get the binding for S new tokens, and fill its small inputs."""
         s = token_ids.shape[1]
-        if getattr(self, "single_token", False) and token_ids.shape != (1, 1):
+        if self.single_token and token_ids.shape != (1, 1):
             raise ValueError(f"this backend runs one token of one sequence a step, got {token_ids.shape}")
         cache.require_room(s)
         if s > 1 and cache.length and not self.multi_token_steps:
