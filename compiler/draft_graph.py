@@ -28,6 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from river.compiler.gqa_attention import matmul_input_shapes, ungroup_attention
+from river.compiler.quantize import ort_block_quant, unpack_nbits
 from river.compiler.structure import discover
 from river.export.contract import StepContract
 
@@ -47,28 +48,11 @@ def check(model: onnx.ModelProto, exit_after: int) -> str | None:
     return None
 
 
-def quantize_nbits(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MatMulNBits inputs for a [K, N] weight: packed [N, K/block, blob] uint8, scales [N*K/block],
-    zero points [N, ceil(K/block*bits/8)] uint8 - by ONNX Runtime's own block quantizer (asymmetric)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        DefaultWeightOnlyQuantizer,
-    )
-
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=bits)
-    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
-        np.ascontiguousarray(weight, dtype=np.float32))
-    return packed, scales.astype(np.float32).reshape(-1), zero_points
-
-
 def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """The [K, N] weight MatMulNBits holds (for tests and error reports)."""
+    """The [K, N] weight a MatMulNBits twin holds (for tests and error reports)."""
     n, blocks, _ = packed.shape
-    if bits == 8:
-        q, zp = packed.astype(np.float32), zero_points[:, :blocks].astype(np.float32)
-    else:
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
-        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    q = unpack_nbits(packed, bits).astype(np.float32)
+    zp = unpack_nbits(zero_points, bits).reshape(n, -1)[:, :blocks].astype(np.float32)
     w = (q - zp[:, :, None]) * scales.reshape(n, blocks)[:, :, None]
     return w.reshape(n, -1)[:, :k].T.astype(np.float32)
 
@@ -94,9 +78,9 @@ def draft_graph(model: onnx.ModelProto, exit_after: int = -1, bits: int = 8, blo
             continue
         k, n = weight.values.shape
         if id(weight) not in done:
-            packed, scales, zps = quantize_nbits(weight.values, bits, block)
+            packed, scales, zps = ort_block_quant(weight.values, bits, block, symmetric=False)
             done[id(weight)] = (gs.Constant(f"{weight.name}@d{bits}p", packed),
-                                gs.Constant(f"{weight.name}@d{bits}s", scales),
+                                gs.Constant(f"{weight.name}@d{bits}s", scales.reshape(-1)),
                                 gs.Constant(f"{weight.name}@d{bits}z", zps))
         a, out = node.inputs[0], node.outputs[0]
         node.inputs, node.outputs = [], []

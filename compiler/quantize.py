@@ -47,10 +47,7 @@ class PackedWeight:
 
     def unpacked(self) -> np.ndarray:
         """Unsigned stored values [N, K/block, block]."""
-        if self.bits == 8:
-            return self.packed.astype(np.int32)
-        lo, hi = self.packed & 0x0F, self.packed >> 4  # two 4-bit values a byte, low nibble first
-        return np.stack([lo, hi], axis=-1).reshape(self.n, -1, self.block).astype(np.int32)
+        return unpack_nbits(self.packed, self.bits).reshape(self.n, -1, self.block)
 
     def dequantize(self) -> np.ndarray:
         """[K, N] float32, as MatMulNBits computes it (default zero point 2^(bits-1))."""
@@ -71,20 +68,35 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block: int = 64) -> Quanti
     return QuantizedWeight(q, scale, bits, block)
 
 
-def quantize_ort(weight: np.ndarray, bits: int, block: int = 64) -> PackedWeight:
-    """The ort flavour, packed by ONNX Runtime's own block quantizer (symmetric)."""
+def unpack_nbits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits bytes -> unsigned stored values (int32; 4 bits: two a byte, low nibble first)."""
+    if bits == 8:
+        return packed.astype(np.int32)
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.int32)
+
+
+def ort_block_quant(weight: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A [K, N] weight as MatMulNBits inputs, by ONNX Runtime's own block quantizer: packed
+    [N, K/block, blob] uint8, scales [N, K/block] float32, zero points [N, ceil(K/block*bits/8)] uint8
+    (ignored by MatMulNBits when symmetric: it then assumes 2^(bits-1))."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         DefaultWeightOnlyQuantizer,
     )
 
-    k, n = weight.shape
+    k = weight.shape[0]
     if k % block:
         raise ValueError(f"weight input dimension {k} is not a multiple of the block size {block}")
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits)
-    packed, scales, _zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits)
+    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
         np.ascontiguousarray(weight, dtype=np.float32))
-    return PackedWeight(packed, scales.astype(np.float32), bits, block, k, n)
+    return packed, scales.astype(np.float32), zero_points
+
+
+def quantize_ort(weight: np.ndarray, bits: int, block: int = 64) -> PackedWeight:
+    """The ort flavour, packed by ONNX Runtime's own block quantizer (symmetric)."""
+    packed, scales, _zero_points = ort_block_quant(weight, bits, block, symmetric=True)
+    return PackedWeight(packed, scales, bits, block, *weight.shape)
 
 
 def quantize(weight: np.ndarray, bits: int, block: int, flavour: str):
