@@ -35,9 +35,9 @@ def verify_pair(model_path: str | Path, exit_after: int | None = None) -> tuple[
     ``exit_after``: the draft's last backbone layer (-1: every layer a twin); None takes the shipped
     ``draft.onnx`` whatever its exit, else -1."""
     model_path = Path(model_path)
-    header = load_onnx_header(model_path)
+    is_river = river_metadata(load_onnx_header(model_path)) is not None
     backbone = model_path
-    if river_metadata(header) is not None:
+    if is_river:
         manifest = model_path.parent / "river.json"
         source = Path(json.loads(manifest.read_text())["source"]["path"]) if manifest.is_file() else None
         backbone = source if source is not None and source.is_file() else model_path
@@ -46,7 +46,7 @@ def verify_pair(model_path: str | Path, exit_after: int | None = None) -> tuple[
         meta = draft_metadata(load_onnx_header(shipped)) or {}
         if exit_after is None or meta.get("exit_after") == exit_after:
             return backbone, shipped
-    if backbone == model_path and river_metadata(header) is not None:
+    if is_river and backbone == model_path:
         raise ModelNotFound(f"no {DRAFT_FILE} with that exit beside {model_path} and the step graph it was compiled "
                             "from is gone: re-run river-export, or draft with the River graph's own exit (--draft river)")
     return backbone, derived_draft_path(backbone, -1 if exit_after is None else exit_after)

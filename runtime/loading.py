@@ -43,16 +43,20 @@ def open_generator(model: str, threads: int | None = None, tokenizer: str | None
         backend = SegmentedBackend(model, threads=threads)
         onnx_path = Path(model).parent / "model.onnx"
         return _generator(backend, onnx_path, tokenizer, max_length, thresholds)
-    if model.endswith(".onnx"):
-        onnx_path = Path(model)
-        if not onnx_path.is_file():
-            raise ModelNotFound(f"ONNX file not found: {onnx_path}")
-    else:
-        from river.export.store import exported_model_path
-
-        onnx_path = exported_model_path(model)
+    onnx_path = step_graph_path(model)
     backend = OrtBackend(onnx_path, threads=threads)  # validates the decoder contract first
     return _generator(backend, onnx_path, tokenizer, max_length, thresholds)
+
+
+def step_graph_path(model: str) -> Path:
+    """The .onnx file itself, or the cached step graph of a model name / .gguf / HF directory."""
+    if model.endswith(".onnx"):
+        if not Path(model).is_file():
+            raise ModelNotFound(f"ONNX file not found: {model}")
+        return Path(model)
+    from river.export.store import exported_model_path
+
+    return exported_model_path(model)
 
 
 def _generator(backend, onnx_path: Path, tokenizer, max_length, thresholds) -> Generator:
@@ -91,13 +95,7 @@ def open_verifier(model: str, threads: int | None = None, tokenizer: str | None 
         gen = open_generator(model, threads=threads, tokenizer=tokenizer, max_length=max_length)
         return SpeculativeGenerator(gen.backend, gen.tokenizer, gen.eos_token_ids, draft_gate=draft_gate, k=k,
                                     adaptive=adaptive, max_length=gen.max_length)
-    onnx_path = Path(model) if model.endswith(".onnx") else None
-    if onnx_path is None:
-        from river.export.store import exported_model_path
-
-        onnx_path = exported_model_path(model)
-    elif not onnx_path.is_file():
-        raise ModelNotFound(f"ONNX file not found: {onnx_path}")
+    onnx_path = step_graph_path(model)
     backbone_path, draft_path = verify_pair(onnx_path, draft_exit)
     backbone = OrtBackend(backbone_path, threads=threads)
     # Sessions with a pool each must not both spin on the cores: without the shared pool the draft
