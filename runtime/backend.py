@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from river.export import contract as C
 from river.export.contract import StepContract
 from river.runtime.kv_cache import SharedKVCache
 
@@ -16,6 +17,28 @@ class StepBackend(ABC):
     def new_cache(self, capacity: int, batch: int = 1) -> SharedKVCache:
         c = self.contract
         return SharedKVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim)
+
+    # --- shared by the backends' prefills ------------------------------------------------------
+    @staticmethod
+    def _check_prefill(input_ids: np.ndarray, cache: SharedKVCache) -> None:
+        if cache.length:
+            raise ValueError("prefill expects an empty cache")
+        cache.require_room(input_ids.shape[1])
+
+    def _contract_prefill_feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Feeds of the contract graph for a prompt [B,S] over an empty past."""
+        c, (b, s) = self.contract, input_ids.shape
+        feeds = {C.INPUT_IDS: input_ids.astype(np.int64), C.ATTENTION_MASK: np.ones((b, s), np.int64),
+                 C.POSITION_IDS: np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
+        empty = np.zeros((b, c.num_kv_heads, 0, c.head_dim), np.float32)
+        for layer in range(c.num_layers):
+            feeds[C.past_name(layer, "key")] = feeds[C.past_name(layer, "value")] = empty
+        return feeds
+
+    def _store_presents(self, outputs: dict[str, np.ndarray], cache: SharedKVCache) -> None:
+        """Copy a contract graph's presents [B,Hkv,S,D] into the cache from position 0."""
+        for layer in range(self.contract.num_layers):
+            cache.write(layer, outputs[C.present_name(layer, "key")], outputs[C.present_name(layer, "value")], at=0)
 
     @abstractmethod
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:

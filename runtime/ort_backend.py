@@ -74,10 +74,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
 
     # --- prefill: the contract graph over an empty past ---------------------------------------
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        if cache.length:
-            raise ValueError("prefill expects an empty cache")
-        b, s = input_ids.shape
-        cache.require_room(s)
+        self._check_prefill(input_ids, cache)
         if self.prefill_session is None:  # in place, whole backbone (exits off), like a decode step
             if self.river is None:
                 return self.extend(input_ids.astype(np.int64), cache).copy()
@@ -88,23 +85,13 @@ class OrtBackend(InPlaceSteps, StepBackend):
             finally:
                 self.thresholds[:] = saved
                 self.last_exit_layer = None
-        c = self.contract
-        feeds = {
-            C.INPUT_IDS: input_ids.astype(np.int64),
-            C.ATTENTION_MASK: np.ones((b, s), np.int64),
-            C.POSITION_IDS: np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
-        }
-        empty = np.zeros((b, c.num_kv_heads, 0, c.head_dim), np.float32)
-        for layer in range(c.num_layers):
-            feeds[C.past_name(layer, "key")] = empty
-            feeds[C.past_name(layer, "value")] = empty
+        feeds = self._contract_prefill_feeds(input_ids)
         if self.river is not None:  # prefill runs the whole backbone
             feeds[THRESHOLDS] = np.full_like(self.thresholds, DISABLED)
         outputs = self.prefill_session.run(None, feeds)
         names = [o.name for o in self.prefill_session.get_outputs()]
         result = dict(zip(names, outputs))
-        for layer in range(c.num_layers):
-            cache.write(layer, result[C.present_name(layer, "key")], result[C.present_name(layer, "value")], at=0)
+        self._store_presents(result, cache)
         return result[C.LOGITS]
 
     # --- decode / extend: shared-KV graph, buffers bound in place ----------------------------

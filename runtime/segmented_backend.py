@@ -106,19 +106,10 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
 
     # --- prefill ---------------------------------------------------------------------------------
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        if cache.length:
-            raise ValueError("prefill expects an empty cache")
-        b, s = input_ids.shape
-        cache.require_room(s)
-        c = self.contract
-        feeds = {C.INPUT_IDS: input_ids.astype(np.int64), C.ATTENTION_MASK: np.ones((b, s), np.int64),
-                 C.POSITION_IDS: np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
-        empty = np.zeros((b, c.num_kv_heads, 0, c.head_dim), np.float32)
-        for layer in range(c.num_layers):
-            feeds[C.past_name(layer, "key")] = feeds[C.past_name(layer, "value")] = empty
+        self._check_prefill(input_ids, cache)
+        feeds = self._contract_prefill_feeds(input_ids)
         out = self.run_step(feeds, np.full_like(self.thresholds, DISABLED))  # prefill: the whole backbone
-        for layer in range(c.num_layers):
-            cache.write(layer, out[C.present_name(layer, "key")], out[C.present_name(layer, "value")], at=0)
+        self._store_presents(out, cache)
         return out[C.LOGITS]
 
     # --- decode / extend: shared-KV segments, buffers bound in place ----------------------------

@@ -350,10 +350,8 @@ class TrtBackend(StepBackend):
         self.thresholds.copy_(self.torch.as_tensor(np.asarray(thresholds, np.float32)))
 
     def prefill(self, input_ids: np.ndarray, cache: DeviceKVCache) -> np.ndarray:
-        if cache.length:
-            raise ValueError("prefill expects an empty cache")
+        self._check_prefill(input_ids, cache)
         b, s = input_ids.shape
-        cache.require_room(s)
         torch = self.torch
         table = self._table(cache)
         tensors = dict(table)
