@@ -14,7 +14,7 @@ from river.compiler.river_pass import DISABLED
 from river.runtime import cli as generate_cli
 from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.ort_backend import OrtBackend
-from tests_helpers import torch_step
+from tests_helpers import poison_decode, torch_step
 
 GATES = "0,2"
 
@@ -30,21 +30,7 @@ def test_no_kv_holes_under_any_exit_sequence(tiny, tiny_river):
     backend = OrtBackend(tiny_river, threads=1)
     patterns = [[-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED], [-2, -2], [DISABLED, -2], [-2, DISABLED]]
     seen = []
-    orig = backend.decode
-
-    def decode(tokens, cache):
-        pattern = patterns[len(seen) % len(patterns)]
-        backend.set_thresholds(pattern)
-        pos = cache.length
-        for buf in cache.buffers():
-            buf[:, :, pos] = np.nan
-        out = orig(tokens, cache)
-        seen.append(backend.last_exit_layer)
-        for buf in cache.buffers():
-            assert np.all(np.isfinite(buf[:, :, :pos + 1])), f"hole at position {pos} after exit {seen[-1]}"
-        return out
-
-    backend.decode = decode
+    poison_decode(backend, patterns, seen)
     result = Generator(backend, tiny.tokenizer).generate("holes?", GenerationConfig(max_new_tokens=13))
     assert seen == [1, 3, 4, 1, 3, 1] * 2
     assert [s.exit_layer for s in result.steps[1:]] == seen

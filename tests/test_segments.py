@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from test_river_pass import step_feeds
+from tests_helpers import poison_decode
 
 from river.compiler.compile import compile_river
 from river.compiler.river_chain import chained_river_graph
@@ -140,23 +141,14 @@ def test_segmented_decode_is_in_place_with_no_holes(tiny, river_int8):
     position, and the KV inputs/outputs are bound to the cache buffers themselves."""
     backend = SegmentedBackend(river_int8.parent / "segments", threads=1)
     patterns = [[-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED]]
-    seen, decode = [], backend.decode
+    seen = []
 
-    def poisoned(tokens, cache):
-        backend.set_thresholds(patterns[len(seen) % 3])
-        pos = cache.length
-        for buf in cache.buffers():
-            buf[:, :, pos] = np.nan
-        out = decode(tokens, cache)
-        seen.append(backend.last_exit_layer)
-        for buf in cache.buffers():
-            assert np.all(np.isfinite(buf[:, :, :pos + 1])), f"hole at {pos} after exit {seen[-1]}"
+    def bound_to_the_buffers(cache):
         ptrs = backend.bound_pointers()
         for layer in range(tiny.config.num_layers):
             assert ptrs[C.past_name(layer, "key")] == ptrs[C.present_name(layer, "key")] == cache.keys[layer].ctypes.data
-        return out
 
-    backend.decode = poisoned
+    poison_decode(backend, patterns, seen, after=bound_to_the_buffers)
     Generator(backend, tiny.tokenizer).generate("holes?", GenerationConfig(max_new_tokens=7))
     assert seen == [1, 3, 4, 1, 3, 4]
 

@@ -21,3 +21,27 @@ def torch_step(model, input_ids, past=None, start=0):
     with torch.no_grad():
         out = model(ids, torch.ones(b, total, dtype=torch.long), torch.arange(start, start + s).repeat(b, 1), *past)
     return out[0].numpy(), [t for t in out[1:]]
+
+
+def poison_decode(backend, patterns, seen: list, after=None) -> None:
+    """Wrap ``backend.decode`` for the no-holes invariant: each step sets the next exit pattern,
+    NaN-poisons its own position in every buffer, runs, records the exit, and asserts every layer
+    holds finite K/V for every position so far; ``after(cache)`` adds checks of its own."""
+    import numpy as np
+
+    decode = backend.decode
+
+    def poisoned(tokens, cache):
+        backend.set_thresholds(patterns[len(seen) % len(patterns)])
+        pos = cache.length
+        for buf in cache.buffers():
+            buf[:, :, pos] = np.nan
+        out = decode(tokens, cache)
+        seen.append(backend.last_exit_layer)
+        for buf in cache.buffers():
+            assert np.all(np.isfinite(buf[:, :, :pos + 1])), f"hole at position {pos} after exit {seen[-1]}"
+        if after is not None:
+            after(cache)
+        return out
+
+    backend.decode = poisoned
