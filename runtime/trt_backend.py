@@ -62,6 +62,20 @@ def _kv_layer(name: str) -> tuple[int, str] | None:
     return None
 
 
+def _step_binding(name: str, is_input: bool, fixed: dict, *, batch: int, seq: int, width: int,
+                  what: str) -> TensorBinding:
+    """A non-KV tensor of a segment engine: step inputs/logits, hidden state, exit flag, similarity."""
+    if name in fixed:
+        return TensorBinding(name, fixed[name][0], fixed[name][1], is_input)
+    if name.startswith("hidden."):
+        return TensorBinding(name, name, (batch, seq, width), is_input)
+    if name.endswith(".exit"):
+        return TensorBinding(name, name, (), is_input)
+    if name.endswith(".similarity"):
+        return TensorBinding(name, name, (batch,), is_input)
+    raise RiverError(f"{what} engine tensor {name!r} has no place in the binding plan")
+
+
 def decode_bindings(inputs: Sequence[str], outputs: Sequence[str], contract: StepContract, *, batch: int,
                     capacity: int, width: int, vocab: int, gates: int) -> list[TensorBinding]:
     """Bindings of a shared-KV segment engine for one decode step (S = 1) over a static cache.
@@ -79,16 +93,8 @@ def decode_bindings(inputs: Sequence[str], outputs: Sequence[str], contract: Ste
             layer = _kv_layer(name)
             if layer is not None:
                 plan.append(TensorBinding(name, f"cache.{layer[1]}.{layer[0]}", kv, is_input))
-            elif name in fixed:
-                plan.append(TensorBinding(name, fixed[name][0], fixed[name][1], is_input))
-            elif name.startswith("hidden."):
-                plan.append(TensorBinding(name, name, (batch, 1, width), is_input))
-            elif name.endswith(".exit"):
-                plan.append(TensorBinding(name, name, (), is_input))
-            elif name.endswith(".similarity"):
-                plan.append(TensorBinding(name, name, (batch,), is_input))
             else:
-                raise RiverError(f"decode engine tensor {name!r} has no place in the binding plan")
+                plan.append(_step_binding(name, is_input, fixed, batch=batch, seq=1, width=width, what="decode"))
     return plan
 
 
@@ -111,16 +117,8 @@ def prefill_bindings(inputs: Sequence[str], outputs: Sequence[str], contract: St
                 plan.append(TensorBinding(name, "empty", (batch, h, 0, d), True))
             elif layer is not None:
                 plan.append(TensorBinding(name, f"scratch.{layer[1]}.{layer[0]}", (batch, h, seq, d), False))
-            elif name in fixed:
-                plan.append(TensorBinding(name, fixed[name][0], fixed[name][1], is_input))
-            elif name.startswith("hidden."):
-                plan.append(TensorBinding(name, name, (batch, seq, width), is_input))
-            elif name.endswith(".exit"):
-                plan.append(TensorBinding(name, name, (), is_input))
-            elif name.endswith(".similarity"):
-                plan.append(TensorBinding(name, name, (batch,), is_input))
             else:
-                raise RiverError(f"prefill engine tensor {name!r} has no place in the binding plan")
+                plan.append(_step_binding(name, is_input, fixed, batch=batch, seq=seq, width=width, what="prefill"))
     return plan
 
 
