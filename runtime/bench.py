@@ -332,6 +332,16 @@ def summarize(results, tf, methods, gates, L, prompts) -> dict:
     return out
 
 
+def _save(fig, path: Path) -> str:
+    """Lay out, write and close a figure; returns its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def make_plots(summary, out: Path) -> list[str]:
     import matplotlib
 
@@ -348,10 +358,7 @@ def make_plots(summary, out: Path) -> list[str]:
     ax.set_ylabel("teacher-forced next-token agreement (%)")
     ax.set_title("speed / quality frontier")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=120)
-    files.append("frontier.png")
-    plt.close(fig)
+    files.append(_save(fig, out / "frontier.png"))
     with_exits = {k: v for k, v in summary.items() if v["exit_histogram"]}
     if with_exits:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -363,10 +370,7 @@ def make_plots(summary, out: Path) -> list[str]:
         ax.set_xlabel("layers run (exit layer)")
         ax.set_ylabel("share of decode steps")
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "exits.png", dpi=120)
-        files.append("exits.png")
-        plt.close(fig)
+        files.append(_save(fig, out / "exits.png"))
     return files
 
 
