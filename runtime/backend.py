@@ -1,26 +1,174 @@
-"""The interface every step backend implements (ONNX Runtime now; TensorRT and torch reference next)."""
+"""The backend protocol: the one interface every step backend implements (ONNX Runtime, segmented
+ONNX Runtime, TensorRT, the torch reference) and the generation loops, verify mode, Triton and the
+benchmark are written against. Nothing outside a backend reaches into its internals.
+
+A backend runs steps of a decode-step graph (or a River graph) over a KV cache it allocates:
+
+- ``new_cache(capacity, batch)``: buffers allocated once per request;
+- ``prefill(ids, cache)``: the prompt over an empty cache, whole backbone (gates off);
+- ``extend(ids, cache)``: S new tokens per row at ``cache.length`` (S = 1: ``decode``); the caller
+  moves ``cache.length`` (verify mode keeps it where a draft was rejected);
+- ``set_thresholds`` / ``thresholds`` / ``default_thresholds``: the operating point (River graphs);
+- ``last_exit_layer``: where the last step left the backbone (None for plain graphs);
+- ``release(cache)``: forget any binding to that cache, so its buffers die with the request.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Callable, Sequence
 
 import numpy as np
 
+from river.compiler.river.manifest import DISABLED, FORCED_EXIT, RiverInfo, check_thresholds
+from river.errors import CacheOverflow, RiverError
 from river.export import contract as C
 from river.export.contract import StepContract
-from river.runtime.kv_cache import SharedKVCache
+
+
+class KVCache:
+    """What the loops see of a cache, host or device: capacity, batch, the valid length (the same for
+    every row), a room check and rollback. Subclasses hold the buffers."""
+
+    capacity: int
+    batch: int
+    length: int = 0
+
+    def require_room(self, new_positions: int) -> None:
+        if self.length + new_positions > self.capacity:
+            raise CacheOverflow(f"{new_positions} new positions do not fit: the cache holds {self.length} of {self.capacity}")
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (their slots are overwritten by later writes)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+
+
+class GateThresholds:
+    """The per-gate thresholds of a River backend: the graph's defaults and the current values, in one
+    float32 array that backends may bind by pointer (so it is changed in place, never replaced)."""
+
+    def __init__(self, info: RiverInfo, defaults: Sequence[float] | None = None, initial: Sequence[float] | None = None):
+        self.gates = tuple(info.gates)
+        base = [DISABLED] * len(self.gates) if defaults is None else defaults
+        self.defaults = np.array(check_thresholds(list(base), len(self.gates), "default thresholds"), np.float32)
+        self.values = self.defaults.copy()
+        if initial is not None:
+            self.set(initial)
+
+    def set(self, values: Sequence[float]) -> None:
+        given = list(values) if isinstance(values, (list, tuple)) else [float(x) for x in np.asarray(values).reshape(-1)]
+        self.values[:] = check_thresholds(given, len(self.gates))
+
+    def disabled(self) -> np.ndarray:
+        return np.full(len(self.gates), DISABLED, np.float32)
+
+    def forced(self, gate_index: int) -> np.ndarray:
+        """Every gate off except ``gate_index``, which always fires (verify mode's River draft)."""
+        if not 0 <= gate_index < len(self.gates):
+            raise RiverError(f"gate index {gate_index} out of range: the graph has gates after layers {list(self.gates)}")
+        out = self.disabled()
+        out[gate_index] = FORCED_EXIT
+        return out
+
+    @contextmanager
+    def applied(self, values: np.ndarray):
+        """Run a block with other thresholds (e.g. prefill's whole backbone), then restore."""
+        saved = self.values.copy()
+        self.values[:] = values
+        try:
+            yield
+        finally:
+            self.values[:] = saved
+
+
+def route_gates(num_gates: int, backbone: Callable[[int], bool], finish: Callable[[int | None], None]) -> int | None:
+    """The one gate router of the segmented backends: run backbone segment k (it returns whether gate
+    k fired) until a gate fires or none is left, then ``finish(exit_gate)`` runs river k or the last
+    backbone segment (exit_gate None). Returns the gate the step exited at."""
+    exit_gate = None
+    for k in range(num_gates):
+        if backbone(k):
+            exit_gate = k
+            break
+    finish(exit_gate)
+    return exit_gate
 
 
 class StepBackend(ABC):
-    contract: StepContract
+    """The backend protocol (module docstring). ``river`` is None for a plain step graph."""
 
-    def new_cache(self, capacity: int, batch: int = 1) -> SharedKVCache:
+    name: str = "backend"
+    contract: StepContract
+    river: RiverInfo | None = None
+    gate_thresholds: GateThresholds | None = None
+    last_exit_layer: int | None = None
+    multi_token_steps: bool = True  # extend by S > 1 over a non-empty cache is exact (verify mode needs it)
+
+    # --- caches -----------------------------------------------------------------------------------
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        from river.runtime.kv_cache import SharedKVCache
+
         c = self.contract
         return SharedKVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim)
 
-    # --- shared by the backends' prefills ------------------------------------------------------
+    def release(self, cache: KVCache | None = None) -> None:
+        """Forget bindings to ``cache`` (None: to any cache). Backends that bind nothing do nothing."""
+
+    # --- steps ------------------------------------------------------------------------------------
+    @abstractmethod
+    def prefill(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run the prompt [B,S] over an empty cache with every gate off; write positions [0,S); return
+        logits [B,S,V]. The caller sets ``cache.length``."""
+
+    @abstractmethod
+    def extend(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run S new tokens per row [B,S] at positions ``cache.length`` .. +S-1, writing only those
+        positions of every layer; return logits [B,S,V] (may be a view valid until the next call).
+        The caller advances (or, after a rejected draft, keeps) ``cache.length``."""
+
+    def decode(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One new token per row [B,1]."""
+        if token_ids.shape[1] != 1:
+            raise ValueError("decode runs one token per row; use extend for several")
+        return self.extend(token_ids, cache)
+
+    # --- thresholds -------------------------------------------------------------------------------
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        return None if self.gate_thresholds is None else self.gate_thresholds.values
+
+    @property
+    def default_thresholds(self) -> np.ndarray | None:
+        return None if self.gate_thresholds is None else self.gate_thresholds.defaults
+
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Change the operating point between steps."""
+        if self.gate_thresholds is None:
+            raise RiverError("thresholds apply to River graphs; this model has no exit gates")
+        self.gate_thresholds.set(thresholds)
+
+    def _init_river(self, info: RiverInfo | None, defaults=None, thresholds=None) -> None:
+        self.river = info
+        self.gate_thresholds = None if info is None else GateThresholds(info, defaults, thresholds)
+
+    @contextmanager
+    def full_depth(self):
+        """Every gate off for the block (prefill, verification); no-op for plain graphs."""
+        if self.gate_thresholds is None:
+            yield
+            return
+        with self.gate_thresholds.applied(self.gate_thresholds.disabled()):
+            yield
+
+    def exit_layer_of(self, exit_gate: int | None) -> int:
+        return self.contract.num_layers if exit_gate is None else self.river.gates[exit_gate] + 1
+
+    # --- shared by the backends' prefills ---------------------------------------------------------
     @staticmethod
-    def _check_prefill(input_ids: np.ndarray, cache: SharedKVCache) -> None:
+    def _check_prefill(input_ids: np.ndarray, cache: KVCache) -> None:
         if cache.length:
             raise ValueError("prefill expects an empty cache")
         cache.require_room(input_ids.shape[1])
@@ -35,19 +183,10 @@ class StepBackend(ABC):
             feeds[C.past_name(layer, "key")] = feeds[C.past_name(layer, "value")] = empty
         return feeds
 
-    def _store_presents(self, outputs: dict[str, np.ndarray], cache: SharedKVCache) -> None:
+    def _store_presents(self, outputs: dict[str, np.ndarray], cache) -> None:
         """Copy a contract graph's presents [B,Hkv,S,D] into the cache from position 0."""
         for layer in range(self.contract.num_layers):
             cache.write(layer, outputs[C.present_name(layer, "key")], outputs[C.present_name(layer, "value")], at=0)
-
-    @abstractmethod
-    def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        """Run the prompt [B,S] over an empty cache; write positions [0,S); return logits [B,S,V]."""
-
-    @abstractmethod
-    def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        """Run one new token per row [B,1] at position ``cache.length``; write only that position;
-        return logits [B,1,V]. The caller advances ``cache.length``."""
 
 
 class InPlaceSteps:
@@ -58,12 +197,11 @@ class InPlaceSteps:
     """
 
     KEEP_BINDINGS_UP_TO = 16  # bindings for short steps are kept; a long prompt's [B,S,V] logits are not
-    multi_token_steps: bool = False
     single_token: bool = False  # a draft session built for [1, 1] steps only
-    _bound_cache: SharedKVCache | None = None
+    _bound_cache = None
     _bindings: dict[int, dict]
 
-    def _step_state(self, token_ids: np.ndarray, cache: SharedKVCache, source) -> dict:
+    def _step_state(self, token_ids: np.ndarray, cache, source) -> dict:
         """Check room and causality, get the binding for S new tokens, and fill its small inputs."""
         s = token_ids.shape[1]
         if self.single_token and token_ids.shape != (1, 1):
@@ -87,11 +225,7 @@ class InPlaceSteps:
         st["mask"][:, pos + s:] = 0
         return st
 
-    def decode(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        if token_ids.shape[1] != 1:
-            raise ValueError("decode runs one token per row; use extend for several")
-        return self.extend(token_ids, cache)
-
-    def unbind(self) -> None:
+    def release(self, cache=None) -> None:
         """Forget the bound cache (a finished request's buffers can then be freed)."""
-        self._bindings, self._bound_cache = {}, None
+        if cache is None or cache is self._bound_cache:
+            self._bindings, self._bound_cache = {}, None
