@@ -73,7 +73,7 @@ def test_budget_zero_never_fires(tiny, tiny_onnx, tiny_river_int4):
 
 def test_calibration_and_evaluation_data_do_not_overlap():
     from river.compiler.calibration_data import CALIBRATION_PROMPTS
-    from river.runtime import eval_data
+    from river.runtime.bench import eval_data
 
     def grams(text, n=8):
         words = text.lower().split()

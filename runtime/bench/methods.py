@@ -1,0 +1,163 @@
+"""Methods (all over ONNX Runtime CPU with shared KV buffers):
+  full                   the step graph, no exits (the reference)
+  river:<op>             River graph, calibrated thresholds of operating point <op> (safe/balanced/fast)
+  fixed@<g>              every decode token exits after layer g (a fixed exit depth)
+  monotone:<op>          SkipDecode-style policy: once a token exits at a gate, later tokens exit there too
+  propagate:<op>         CALM-style: skipped layers' K/V projected from the exit state (kv twins), calibrated
+  uniform-int8/int4      the whole model quantized like the twins, no exits (the honest competitor)
+  draft-alone            the verify draft graph run as a model of its own: every GEMM + head as 8-bit
+                         MatMulNBits (whole-model quantization, lossy)
+  verify:k=<k>           lossless River: the draft graph (8-bit twins of every layer) drafts k tokens
+                         over the shared KV, the backbone verifies (output = full model's)
+  verify-river:k=<k>     the same with the River graph's own exit (first gate) as the draft
+Not implemented here (reported as such): mask (D-LLM), recompute (EE-LLM).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from river.compiler.river.manifest import FORCED_EXIT, RiverManifest
+from river.runtime.backend import StepBackend
+from river.runtime.generate import Generator
+
+NOT_IMPLEMENTED = ["mask (D-LLM)", "recompute (EE-LLM)"]
+
+# What a method is to the report: the reference, a lossy exit policy (judged against whole-model
+# quantization), whole-model quantization itself, or lossless (verify mode: output = the reference's).
+REFERENCE, EXITS, QUANTIZED, LOSSLESS = "reference", "exits", "whole-model quantization", "lossless"
+
+
+@dataclass
+class Method:
+    """One compared method: its generator and, for River graphs, the thresholds it runs at."""
+
+    generator: Generator
+    role: str
+    about: str
+    backend: StepBackend | None = None  # the River backend whose thresholds this method sets
+    thresholds: Sequence[float] | None = None  # None: every gate off
+
+    def use(self) -> Generator:
+        """The generator, with this method's thresholds set (methods share River backends)."""
+        if self.backend is not None:
+            self.backend.set_thresholds(self.backend.gate_thresholds.disabled() if self.thresholds is None
+                                        else self.thresholds)
+        return self.generator
+
+    @property
+    def lossless(self) -> bool:
+        return self.role in (REFERENCE, LOSSLESS)
+
+
+class MonotoneGenerator(Generator):
+    """SkipDecode's rule over a River graph: the exit layer never increases along the sequence."""
+
+    def __init__(self, backend: StepBackend, tokenizer, eos_token_ids: Sequence[int] = (),
+                 base_thresholds: Sequence[float] | None = None):
+        super().__init__(backend, tokenizer, eos_token_ids)
+        self.base_thresholds = backend.default_thresholds if base_thresholds is None else base_thresholds
+
+    def generate(self, *args, **kwargs):
+        self.backend.set_thresholds(self.base_thresholds)
+        return super().generate(*args, **kwargs)
+
+    def decode_one_token(self, token, cache):
+        row = super().decode_one_token(token, cache)
+        gates = self.backend.river.gates
+        exit_layer = self.backend.last_exit_layer
+        if exit_layer is not None and exit_layer - 1 in gates:
+            pinned = np.array(self.backend.thresholds, np.float32)
+            pinned[gates.index(exit_layer - 1)] = FORCED_EXIT
+            self.backend.set_thresholds(pinned)
+        return row
+
+
+@dataclass
+class Graphs:
+    """The graphs the methods run: the step graph, two calibrated River graphs, uniform int8/int4."""
+
+    step: Path
+    river_int8: Path  # int8 full twins
+    river_kv: Path  # kv twins (propagate)
+    uniform: dict[str, Path]  # precision -> graph
+
+
+def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads: int, log=sys.stderr) -> Graphs:
+    """Export (once), compile + calibrate and quantize what the methods need, cached under ``out/graphs``."""
+    from river.compiler.calibration_data import CALIBRATION_PROMPTS
+    from river.compiler.compile import compile_river
+    from river.compiler.graph_io import load_onnx, save_onnx_atomic
+    from river.compiler.uniform_quant import uniform_quantized
+    from river.export.store import exported_model_path
+
+    step = Path(exported_model_path(model))
+    folder = out / "graphs"
+    folder.mkdir(parents=True, exist_ok=True)
+    river = {}
+    for name, kind in (("river-int8", "int8"), ("river-kv", "kv")):
+        graph_dir = folder / f"{name}-cal{n_cal}"
+        if not (graph_dir / "model.onnx").is_file():
+            print(f"[bench] compiling + calibrating {name} ...", file=log, flush=True)
+            compile_river(step, graph_dir, gates=gates, river=kind, calibrate=CALIBRATION_PROMPTS[:n_cal],
+                          budget="balanced", threads=threads, log=log)
+        river[name] = graph_dir / "model.onnx"
+    uniform = {}
+    for precision in ("int8", "int4"):
+        path = folder / f"uniform-{precision}" / "model.onnx"
+        if not path.is_file():
+            print(f"[bench] quantizing the whole model ({precision}) ...", file=log, flush=True)
+            save_onnx_atomic(uniform_quantized(load_onnx(step), precision), path)
+        uniform[precision] = path
+    return Graphs(step, river["river-int8"], river["river-kv"], uniform)
+
+
+def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
+    """Every method, named as the report names it ("full" first: the others are measured against it)."""
+    from river.compiler.ort_session import shared_thread_pool
+    from river.runtime.verify_graphs import verify_pair
+    from river.runtime.loading import open_generator
+    from river.runtime.ort_backend import OrtBackend
+    from river.runtime.speculative import SpeculativeGenerator
+
+    full = open_generator(str(graphs.step), threads=threads)
+    tok, eos = full.tokenizer, full.eos_token_ids
+    river_backend = OrtBackend(graphs.river_int8, threads=threads)
+    kv_backend = OrtBackend(graphs.river_kv, threads=threads)
+    ops = RiverManifest.load(graphs.river_int8.parent).operating_points
+    kv_balanced = RiverManifest.load(graphs.river_kv.parent).operating_points["balanced"]
+    river = Generator(river_backend, tok, eos)
+
+    methods = {"full": Method(full, REFERENCE, "the step graph, no exits")}
+    for op, thr in ops.items():
+        methods[f"river:{op}"] = Method(river, EXITS, f"River graph (int8 twins) at operating point {op}",
+                                        river_backend, thr)
+    for i, g in enumerate(river_backend.river.gates):
+        methods[f"fixed@{g}"] = Method(river, EXITS, f"every decode token exits after layer {g}", river_backend,
+                                       river_backend.gate_thresholds.forced(i))
+    monotone = MonotoneGenerator(river_backend, tok, eos, base_thresholds=np.asarray(ops["balanced"], np.float32))
+    methods["monotone:balanced"] = Method(monotone, EXITS, "SkipDecode-style: the exit layer never rises",
+                                          river_backend, ops["balanced"])
+    methods["propagate:balanced"] = Method(Generator(kv_backend, tok, eos), EXITS,
+                                           "CALM-style: kv twins project the skipped layers' K/V", kv_backend,
+                                           kv_balanced)
+    for precision, path in graphs.uniform.items():
+        uniform = open_generator(str(path), threads=threads, tokenizer=str(graphs.step.parent))
+        uniform.eos_token_ids = eos
+        methods[f"uniform-{precision}"] = Method(uniform, QUANTIZED, f"every weight MatMul {precision}, no exits")
+    _, draft_path = verify_pair(graphs.step, -1)
+    methods["draft-alone"] = Method(Generator(OrtBackend(draft_path, threads=threads), tok, eos), QUANTIZED,
+                                    "the verify draft graph alone: every GEMM + head as 8-bit MatMulNBits")
+    draft_backend = OrtBackend(draft_path, threads=threads if shared_thread_pool() else 1, single_token=True)
+    for k in (3, 4):
+        methods[f"verify:k={k}"] = Method(SpeculativeGenerator(full.backend, tok, eos, draft=draft_backend, k=k),
+                                          LOSSLESS, f"the draft graph drafts {k} tokens, the full model verifies")
+    methods["verify-river:k=4"] = Method(SpeculativeGenerator(river_backend, tok, eos, draft_gate=0, k=4), LOSSLESS,
+                                         "the River graph's first exit drafts 4 tokens, its backbone verifies",
+                                         river_backend)
+    return methods

@@ -1,0 +1,181 @@
+"""The benchmark's figures and how they are written: per-method speed and quality figures (with a
+step-cost model fitted on the fixed-depth runs), ``bench.json``, ``report.md`` and two plots.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from river.runtime.bench.methods import EXITS, LOSSLESS, QUANTIZED, REFERENCE, Method
+
+
+def fit_step_cost(results: dict, gates, L: int) -> dict | None:
+    """Step cost as a function of the layers run e: t(e) = fixed + e * per_layer, where per_layer is
+    what a backbone layer costs more than its twin (backbone and twin costs always add up to L
+    layers, so only their difference is identifiable), fitted on the full and fixed-depth runs."""
+    es, ys = [L], [statistics.median(results["full"]["decode_seconds"])]
+    for g in gates:
+        name = f"fixed@{g}"
+        if name in results and results[name]["decode_seconds"]:
+            es.append(g + 1)
+            ys.append(statistics.median(results[name]["decode_seconds"]))
+    if len(set(es)) < 2:
+        return None
+    per_layer, fixed = np.polyfit(np.asarray(es, float), np.asarray(ys, float), 1)
+    return {"per_backbone_layer_over_twin_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3, "points": len(es)}
+
+
+def summarize(results: dict, tf: dict, methods: dict[str, Method], gates, L: int, prompts: list[str]) -> dict:
+    """Per method: speed (against the full model of the same run), quality and exit figures."""
+    full_med = statistics.median(results["full"]["decode_seconds"])
+    full_tokens = results["full"]["tokens"]
+    costs = fit_step_cost(results, gates, L)
+    out = {}
+    for name, r in results.items():
+        ts = sorted(r["decode_seconds"])
+        med = statistics.median(ts)
+        p90 = ts[int(0.9 * (len(ts) - 1))]
+        agree_overall, prefixes, exact = [], [], 0
+        for prompt in prompts:
+            a, b = r["tokens"][prompt], full_tokens[prompt]
+            n = min(len(a), len(b))
+            same = [a[i] == b[i] for i in range(n)]
+            agree_overall += same + [False] * (max(len(a), len(b)) - n)
+            prefixes.append(next((i for i, s in enumerate(same) if not s), n))
+            exact += a == b
+        theory = None
+        if costs and r["exits"]:
+            predict = lambda e: costs["fixed_ms"] + e * costs["per_backbone_layer_over_twin_ms"]  # noqa: E731
+            theory = predict(L) / float(np.mean([predict(e) for e in r["exits"]]))
+        hist = {}
+        for e in r["exits"]:
+            hist[e] = hist.get(e, 0) + 1
+        nll, ref_nll = np.mean(tf[name]["nll"]), np.mean(tf["full"]["nll"])
+        out[name] = {
+            "role": methods[name].role, "about": methods[name].about,
+            "decode_tokens_per_s": len(ts) / sum(ts), "latency_ms_median": med * 1e3, "latency_ms_p90": p90 * 1e3,
+            "speedup_vs_full": full_med / med, "theoretical_speedup": theory,
+            "practical_over_theoretical": (full_med / med) / theory if theory else None,
+            "teacher_forced_agreement": float(np.mean(tf[name]["agree"])),
+            "perplexity": float(np.exp(nll)), "perplexity_delta_pct": float((np.exp(nll) / np.exp(ref_nll) - 1) * 100),
+            "greedy_agreement_overall": float(np.mean(agree_overall)) if agree_overall else None,
+            "greedy_prefix_until_divergence_mean": float(np.mean(prefixes)) if prefixes else None,
+            "greedy_exact_match": exact / len(prompts) if prompts else None,
+            "humaneval_pass@1": float(np.mean(r["he"])) if r["he"] else None,
+            "math_accuracy": float(np.mean(r["math"])) if r["math"] else None,
+            "mean_layers_run": float(np.mean(r["exits"])) if r["exits"] else None,
+            "exit_histogram": {str(k): v for k, v in sorted(hist.items())},
+            "decode_steps": len(ts),
+            "acceptance_rate": r["accepted"] / r["drafted"] if r.get("drafted") else None,
+            "mean_accepted_per_round": r["accepted"] / r["rounds"] if r.get("rounds") else None,
+        }
+    if costs:
+        out["full"]["layer_costs"] = costs
+    return out
+
+
+def frontier_verdict(method: dict, competitors: list[dict]) -> str:
+    """Plain words: does this lossy method earn its place against whole-model quantization?"""
+    if method["speedup_vs_full"] <= 1.0:
+        return f"slower than the full model ({method['speedup_vs_full']:.2f}x): no gain"
+    dominated = [u for u in competitors if u["speedup_vs_full"] >= method["speedup_vs_full"]
+                 and u["teacher_forced_agreement"] >= method["teacher_forced_agreement"]]
+    if dominated:
+        return "dominated by whole-model quantization (as fast or faster, and as good or better)"
+    return "above the whole-model quantization frontier (no such point is both faster and better)"
+
+
+def markdown(out: dict, plots: list[str]) -> str:
+    s, m = out["settings"], out["methods"]
+
+    def f(x, fmt="{:.3f}"):
+        return "n/a" if x is None else fmt.format(x)
+
+    lines = [f"# river-bench: {s['model']}", "",
+             f"{s['runtime']}, {s['threads']} threads, {s['machine']}; {s['prompts']} prompts x {s['new_tokens']} "
+             f"new tokens, {s['humaneval']} HumanEval, {s['math']} math problems, calibration on {s['calibration_prompts']} "
+             f"prompts (disjoint from evaluation); gates after layers {s['gates']}; {s['seconds']} s.", "",
+             "| method | tok/s | median ms | p90 ms | speedup | theoretical | TF agree | ppl Δ% | greedy agree | prefix | exact | HumanEval | math | layers run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in m.items():
+        lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['latency_ms_median']:.1f} | {r['latency_ms_p90']:.1f} | "
+                     f"{r['speedup_vs_full']:.2f}x | {f(r['theoretical_speedup'], '{:.2f}x')} | {r['teacher_forced_agreement'] * 100:.1f}% | "
+                     f"{r['perplexity_delta_pct']:+.2f} | {f(r['greedy_agreement_overall'], '{:.1%}')} | {f(r['greedy_prefix_until_divergence_mean'], '{:.1f}')} | "
+                     f"{f(r['greedy_exact_match'], '{:.0%}')} | {f(r['humaneval_pass@1'], '{:.0%}')} | {f(r['math_accuracy'], '{:.0%}')} | {f(r['mean_layers_run'], '{:.1f}')} |")
+    lines += ["", "## Methods", ""] + [f"- {name} ({r['role']}): {r['about']}" for name, r in m.items()]
+    spec = {k: v for k, v in m.items() if v.get("acceptance_rate") is not None}
+    if spec:
+        lines += ["", "## Verify mode (lossless)", "", "| method | speedup | acceptance | mean accepted / round | exact match |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['speedup_vs_full']:.2f}x | {v['acceptance_rate']:.1%} | {v['mean_accepted_per_round']:.2f} | "
+                  f"{f(v['greedy_exact_match'], '{:.0%}')} |" for k, v in spec.items()]
+    competitors = {k: v for k, v in m.items() if v["role"] == QUANTIZED}
+    lines += ["", "## Against the honest competitor", "",
+              f"Each lossy exit policy against whole-model quantization ({', '.join(competitors) or 'none run'}):", ""]
+    lines += [f"- {k}: {frontier_verdict(v, list(competitors.values()))}" for k, v in m.items() if v["role"] == EXITS]
+    costs = m.get("full", {}).get("layer_costs")
+    if costs:
+        lines += ["", f"Step cost model fitted on the full and fixed-depth runs: t(e) = {costs['fixed_ms']:.2f} ms + "
+                  f"e x {costs['per_backbone_layer_over_twin_ms']:.3f} ms (e = backbone layers run; the slope is what a "
+                  "backbone layer costs beyond its twin). 'theoretical' = t(L) / mean t(e) over the exits taken; "
+                  "practical/theoretical below 1 is overhead beyond the fixed-depth paths."]
+    lines += ["", f"Not implemented: {', '.join(s['not_implemented'])}.", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+MARKERS = {REFERENCE: "x", EXITS: "o", QUANTIZED: "s", LOSSLESS: "^"}
+
+
+def _save(fig, path: Path) -> str:
+    """Lay out, write and close a figure; returns its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def make_plots(summary: dict, out: Path) -> list[str]:
+    """The speed/quality frontier and, where methods exit, the histogram of exit layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, m in summary.items():
+        ax.scatter(m["speedup_vs_full"], m["teacher_forced_agreement"] * 100, marker=MARKERS[m["role"]])
+        ax.annotate(name, (m["speedup_vs_full"], m["teacher_forced_agreement"] * 100), fontsize=7)
+    ax.set_xlabel("decode speedup vs full model (same run)")
+    ax.set_ylabel("teacher-forced next-token agreement (%)")
+    ax.set_title("speed / quality frontier")
+    ax.grid(alpha=0.3)
+    files.append(_save(fig, out / "frontier.png"))
+    with_exits = {k: v for k, v in summary.items() if v["exit_histogram"]}
+    if with_exits:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / len(with_exits)
+        for i, (name, m) in enumerate(with_exits.items()):
+            xs = [int(k) for k in m["exit_histogram"]]
+            total = sum(m["exit_histogram"].values())
+            ax.bar([x + i * width for x in xs], [v / total for v in m["exit_histogram"].values()], width, label=name)
+        ax.set_xlabel("layers run (exit layer)")
+        ax.set_ylabel("share of decode steps")
+        ax.legend(fontsize=6)
+        files.append(_save(fig, out / "exits.png"))
+    return files
+
+
+def write(out: dict, folder: Path) -> Path:
+    """``bench.json``, the plots and ``report.md`` into ``folder``; returns the report's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps(out, indent=2))
+    path = folder / "report.md"
+    path.write_text(markdown(out, make_plots(out["methods"], folder)))
+    return path

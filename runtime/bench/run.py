@@ -1,0 +1,136 @@
+"""Running the compared methods: every evaluation item goes through every method in turn
+(interleaved, so machine noise hits every method alike), after an untimed warm-up; per-step
+decode times and exit layers are recorded, answers graded, and reference prose scored
+teacher-forced against the full model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from river.compiler.river.manifest import RiverManifest
+from river.runtime.bench import report
+from river.runtime.bench.eval_data import EVAL_PROMPTS, MATH_PROBLEMS, REFERENCE_TEXT, humaneval_problems, last_number
+from river.runtime.bench.methods import NOT_IMPLEMENTED, Method, build_methods, prepare_graphs
+from river.runtime.bench.sandbox import passes
+from river.runtime.generate import GenerationConfig, Generator
+from river.runtime.sampling import softmax
+
+HUMANEVAL_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
+TEACHER_FORCED_PREFIX = 8  # reference tokens fed before scoring starts
+
+
+@dataclass
+class Sizes:
+    """How much of each evaluation set a run uses."""
+
+    prompts: int
+    new_tokens: int
+    humaneval: int
+    math: int
+    calibration: int
+    quick: bool = False
+
+
+def teacher_forced(gen: Generator, ids: list[int], prefix: int = TEACHER_FORCED_PREFIX) -> np.ndarray:
+    """Logits rows [len(ids)-prefix, V] predicting ids[prefix:], each step fed the reference token."""
+    cache = gen.backend.new_cache(len(ids) + 1)
+    rows = [gen.prefill(ids[:prefix], cache).copy()]
+    for tok in ids[prefix:-1]:
+        rows.append(gen.decode_one_token(tok, cache).copy())
+    return np.stack(rows)
+
+
+def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict, dict, list[str]]:
+    """Run every method over the evaluation sets: (results, teacher-forced scores, prompts used)."""
+    from tqdm import tqdm
+
+    results = {name: {"decode_seconds": [], "exits": [], "tokens": {}, "he": [], "math": []} for name in methods}
+    cfg = GenerationConfig(max_new_tokens=sizes.new_tokens)
+    prompts = EVAL_PROMPTS[:sizes.prompts]
+    he = humaneval_problems(sizes.humaneval) if sizes.humaneval else []
+    math = MATH_PROBLEMS[:sizes.math]
+    total = len(methods) * (len(prompts) + len(he) + len(math) + len(REFERENCE_TEXT))
+    bar = tqdm(total=total, desc="river-bench", unit="run", file=sys.stderr)
+    for m in methods.values():  # warm-up, untimed
+        m.use().generate("warm up", GenerationConfig(max_new_tokens=4))
+
+    def record(name, result):
+        r = results[name]
+        stats = getattr(methods[name].generator, "stats", None)
+        if stats is not None and stats.rounds:  # verify mode: acceptance of the drafts
+            r["drafted"] = r.get("drafted", 0) + stats.drafted
+            r["accepted"] = r.get("accepted", 0) + stats.accepted
+            r["rounds"] = r.get("rounds", 0) + stats.rounds
+        r["decode_seconds"] += [s.seconds for s in result.steps if s.phase == "decode"]
+        r["exits"] += [s.exit_layer for s in result.steps if s.phase == "decode" and s.exit_layer is not None]
+
+    for prompt in prompts:
+        for name, m in methods.items():
+            res = m.use().generate(prompt, cfg)
+            record(name, res)
+            results[name]["tokens"][prompt] = res.token_ids
+            bar.update()
+    he_cfg = GenerationConfig(max_new_tokens=64 if sizes.quick else 128, stop=HUMANEVAL_STOP)
+    for problem in he:
+        for name, m in methods.items():
+            res = m.use().generate(problem["prompt"], he_cfg, chat=False)
+            record(name, res)
+            results[name]["he"].append(passes(problem, res.text))
+            bar.update()
+    math_cfg = GenerationConfig(max_new_tokens=48 if sizes.quick else 96)
+    for question, answer in math:
+        for name, m in methods.items():
+            res = m.use().generate(question + " Answer with the final number.", math_cfg)
+            record(name, res)
+            got = last_number(res.text)
+            results[name]["math"].append(got is not None and abs(got - answer) < 1e-6)
+            bar.update()
+    # teacher-forced agreement and perplexity on reference prose (lossless methods: the full model's rows)
+    tf = {name: {"agree": [], "nll": []} for name in methods}
+    for text in REFERENCE_TEXT:
+        ids = tokenizer(text)["input_ids"]
+        ref_rows = teacher_forced(methods["full"].use(), ids)
+        targets = np.asarray(ids[TEACHER_FORCED_PREFIX:])
+        for name, m in methods.items():
+            rows = ref_rows if m.lossless else teacher_forced(m.use(), ids)
+            tf[name]["agree"] += list(rows.argmax(-1) == ref_rows.argmax(-1))
+            logp = np.log(np.maximum(np.stack([softmax(r) for r in rows]), 1e-30))
+            tf[name]["nll"] += list(-logp[np.arange(len(targets)), targets])
+            bar.update()
+    bar.close()
+    return results, tf, prompts
+
+
+def run(model: str, out: Path, threads: int, gates: str | None, sizes: Sizes, only: set[str] | None = None) -> Path:
+    """The whole benchmark: graphs, methods, evaluation, report; returns the markdown report's path.
+    ``only``: the subset of methods to run (the full model always runs: it is the reference)."""
+    import onnxruntime
+
+    t_start = time.time()
+    graphs = prepare_graphs(model, out, gates, sizes.calibration, threads)
+    methods = build_methods(graphs, threads)
+    if only:
+        methods = {k: v for k, v in methods.items() if k in only | {"full"}}
+    results, tf, prompts = evaluate(methods, sizes, methods["full"].generator.tokenizer)
+    river_dir = graphs.river_int8.parent
+    manifest = RiverManifest.load(river_dir)
+    summary = report.summarize(results, tf, methods, manifest.gates, manifest.num_layers, prompts)
+    settings = {
+        "model": model, "runtime": f"onnxruntime {onnxruntime.__version__} CPU", "threads": threads,
+        "machine": f"{platform.machine()} {platform.processor() or ''} ({platform.node()}), {os.cpu_count()} cores",
+        "python": platform.python_version(), "prompts": len(prompts), "new_tokens": sizes.new_tokens,
+        "humaneval": len(results["full"]["he"]), "math": len(results["full"]["math"]),
+        "calibration_prompts": sizes.calibration, "gates": manifest.gates,
+        "operating_points": manifest.operating_points,
+        "calibration_fits": json.loads((river_dir / "calibration.json").read_text())["fits"],
+        "seconds": round(time.time() - t_start, 1), "not_implemented": NOT_IMPLEMENTED, "quick": sizes.quick}
+    return report.write({"settings": settings, "methods": summary}, out)
