@@ -24,7 +24,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from river.models.registry import smollm2_gguf_path
-    from river.runtime.eval_data import EVAL_PROMPTS
+    from river.runtime.bench.eval_data import EVAL_PROMPTS
 
     torch.set_num_threads(args.threads)
     path = smollm2_gguf_path()

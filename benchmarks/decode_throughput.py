@@ -18,18 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-PROMPTS = [
-    "Explain how a river delta forms.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "A shop sells pens at 3 dollars each. How much do 7 pens cost?",
-    "Describe the water cycle for a ten-year-old.",
-    "Give three tips for writing clear technical documentation.",
-    "What are the main differences between TCP and UDP?",
-    "Summarize the plot of a detective story in four sentences.",
-    "List the planets of the solar system in order.",
-]
-
-
 def bench_ours(gen, prompt_ids, n):
     from river.runtime.generate import GenerationConfig
 
@@ -109,6 +97,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     from river.models import load_model
+    from river.runtime.bench.eval_data import EVAL_PROMPTS
     from river.runtime.loading import open_generator
 
     torch.set_num_threads(args.threads)
@@ -131,7 +120,7 @@ def main(argv=None):
         genai_model = og.Model(str(genai_dir))
         engines["onnxruntime-genai (fp32)"] = lambda ids: bench_genai(genai_model, ids, args.new_tokens)
 
-    prompts = [gen.encode(t) for t in PROMPTS[: args.prompts]]
+    prompts = [gen.encode(t) for t in EVAL_PROMPTS[: args.prompts]]
     for fn in engines.values():  # warm-up, untimed
         fn(prompts[0][:8])
     totals = {name: [0.0, 0] for name in engines}

@@ -15,14 +15,6 @@ import statistics
 import sys
 from pathlib import Path
 
-PROMPTS = [
-    "Explain how a river delta forms.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "A shop sells pens at 3 dollars each. How much do 7 pens cost?",
-    "Describe the water cycle for a ten-year-old.",
-]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -37,8 +29,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from river.compiler.compile import compile_river
-    from river.compiler.river_pass import DISABLED
+    from river.compiler.river.manifest import DISABLED
     from river.export.store import exported_model_path
+    from river.runtime.bench.eval_data import EVAL_PROMPTS
     from river.runtime.generate import GenerationConfig, Generator
     from river.runtime.loading import open_generator
     from river.runtime.ort_backend import OrtBackend
@@ -50,14 +43,14 @@ def main(argv=None):
     plain = open_generator(str(step), threads=args.threads)
     river_backend = OrtBackend(river_dir / "model.onnx", threads=args.threads, matmul_accuracy=args.matmul_accuracy)
     river = Generator(river_backend, plain.tokenizer, ())
-    gates = river_backend.river["gates"]
+    gates = river_backend.river.gates
     profiles = {"gates off": [DISABLED] * len(gates)}
     for i, g in enumerate(gates):
-        profiles[f"exit after layer {g}"] = [DISABLED if j != i else -2.0 for j in range(len(gates))]
+        profiles[f"exit after layer {g}"] = river_backend.gate_thresholds.forced(i)
     cfg = GenerationConfig(max_new_tokens=args.tokens, eos_token_ids=[])
     times = {"plain step graph": [], **{k: [] for k in profiles}}
     exits = {k: set() for k in profiles}
-    prompts = [plain.encode(t) for t in PROMPTS[: args.prompts]]
+    prompts = [plain.encode(t) for t in EVAL_PROMPTS[: args.prompts]]
     plain.generate(prompts[0][:8], GenerationConfig(max_new_tokens=4, eos_token_ids=[]))  # warm-up
     river.generate(prompts[0][:8], GenerationConfig(max_new_tokens=4, eos_token_ids=[]))
     for i, ids in enumerate(prompts):

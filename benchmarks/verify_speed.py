@@ -33,14 +33,12 @@ def main(argv=None):
     from river.compiler.ort_session import use_shared_thread_pool
 
     use_shared_thread_pool(args.threads)  # before any session: draft and backbone share one pool
-    from river.runtime.draft_model import verify_pair
-    from river.runtime.eval_data import EVAL_PROMPTS
-    from river.runtime.generate import GenerationConfig
+    from river.runtime.bench.eval_data import EVAL_PROMPTS
+    from river.runtime.generate import GenerationConfig, Generator
     from river.runtime.loading import open_generator
     from river.runtime.ort_backend import OrtBackend
     from river.runtime.speculative import SpeculativeGenerator
-
-    from river.runtime.generate import Generator
+    from river.runtime.verify_graphs import verify_pair
 
     full = open_generator(args.model, threads=args.threads)
     ks = [int(k) for k in args.ks.split(",")]
@@ -59,7 +57,7 @@ def main(argv=None):
                                                                    draft=draft, k=k, adaptive=True)
     if args.river_dir is not None:
         river = open_generator(str(args.river_dir / "model.onnx"), threads=args.threads)
-        for i, g in enumerate(river.backend.river["gates"]):
+        for i, g in enumerate(river.backend.river.gates):
             for k in ks:
                 configs[f"river@{g} k={k}"] = SpeculativeGenerator(river.backend, river.tokenizer, river.eos_token_ids,
                                                                    draft_gate=i, k=k)
