@@ -15,6 +15,10 @@ import onnx
 from river.errors import NotADecoderGraph
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+# metadata property saying how the graph masks causally: "position" = by position ids, so multi-token
+# steps over the shared KV buffers are exact (our exports); absent = by index
+CAUSAL_PROP = "river.causal_mask"
+META_FILE = "river_model.json"  # beside an exported graph: model name, source and config (EOS ids, context)
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 

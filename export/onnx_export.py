@@ -15,13 +15,12 @@ import torch
 
 from river.atomic import atomic_dir
 from river.export import contract
+from river.export.contract import CAUSAL_PROP, META_FILE
 from river.models.llama import LlamaForCausalLM
 from river.models.registry import LoadedModel
 
 OPSET = 17
 MODEL_FILE = "model.onnx"
-CAUSAL_PROP = "river.causal_mask"
-META_FILE = "river_model.json"
 
 
 def export_step_graph(model: LlamaForCausalLM, path: str | Path, opset: int = OPSET) -> Path:

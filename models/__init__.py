@@ -1,12 +1,17 @@
-"""Decoder architectures in torch, their weight loaders, and the registry of named models."""
+"""Decoder architectures in torch, their weight loaders, and the registry of named models.
 
-from river.models.config import LlamaConfig
-from river.models.llama import LlamaForCausalLM
-from river.models.registry import (
-    DEFAULT_MODEL,
-    LoadedModel,
-    available_models,
-    load_model,
-)
+Names load lazily: the registry's names are needed by torch-free commands, the model classes are not.
+"""
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "LoadedModel", "load_model", "available_models", "DEFAULT_MODEL"]
+from importlib import import_module
+
+_HOMES = {"LlamaConfig": "river.models.config", "LlamaForCausalLM": "river.models.llama",
+          "DEFAULT_MODEL": "river.models.registry", "LoadedModel": "river.models.registry",
+          "available_models": "river.models.registry", "load_model": "river.models.registry"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'river.models' has no attribute {name!r}")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from river.errors import ModelNotFound
-from river.models.config import LlamaConfig
-from river.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:  # the registry's names are read by torch-free commands (river-generate --help)
+    from river.models.config import LlamaConfig
+    from river.models.llama import LlamaForCausalLM
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -17,8 +19,8 @@ DEFAULT_MODEL = "smollm2-135m"
 @dataclass
 class LoadedModel:
     name: str
-    model: LlamaForCausalLM
-    config: LlamaConfig
+    model: "LlamaForCausalLM"
+    config: "LlamaConfig"
     tokenizer: Any  # a transformers tokenizer
     source: str  # where the weights came from
 

@@ -39,6 +39,10 @@ class KVCache:
         if self.length + new_positions > self.capacity:
             raise CacheOverflow(f"{new_positions} new positions do not fit: the cache holds {self.length} of {self.capacity}")
 
+    def valid_kv(self, layer: int, kind: str) -> np.ndarray:
+        """A host copy of one layer's valid K or V [B,Hkv,length,D] (checks and parity runs)."""
+        raise NotImplementedError
+
     def truncate(self, length: int) -> None:
         """Forget positions >= length (their slots are overwritten by later writes)."""
         if not 0 <= length <= self.length:

@@ -7,18 +7,25 @@ import sys
 
 from river.errors import RiverError
 from river.models.registry import DEFAULT_MODEL, available_models
+from river.runtime.loading import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="river-generate",
-        description="Generate text with a decoder over shared KV buffers (ONNX Runtime, CPU). "
-        "The model is exported to ONNX once and cached (RIVER_CACHE_DIR, default ~/.cache/river-llm).",
+        description="Generate text with a decoder over shared KV buffers. Backends: ONNX Runtime (default), the "
+        "segmented River (no If nodes), TensorRT engines (GPU), and the torch reference. A model name, .gguf or "
+        "HF directory is exported to ONNX once and cached (RIVER_CACHE_DIR, default ~/.cache/river-llm).",
     )
     p.add_argument("prompt", help="the prompt (wrapped in the model's chat template unless --raw)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"registered name ({', '.join(available_models())}), a .gguf file, a Hugging Face "
                    f"model directory, or an exported step graph model.onnx (default: {DEFAULT_MODEL})")
+    p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto",
+                   help="ort = ONNX Runtime on the step/River graph; segmented = the segments folder (river-export "
+                   "--segmented); tensorrt = the engines folder (river-export --trt; needs a GPU); torch = the torch "
+                   "reference (needs the torch weights: a model name, .gguf, HF directory or a river-export folder "
+                   "made from one). auto (default): segmented for a segments folder, else ort")
     p.add_argument("--tokenizer", help="tokenizer folder, for a model.onnx without tokenizer files beside it")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -63,10 +70,10 @@ def main(argv: list[str] | None = None, shared_pool: bool = False) -> int:
         if args.mode == "verify":
             gen = open_verifier(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
                                 draft=args.draft, draft_exit=args.draft_exit, draft_gate=args.draft_gate,
-                                k=args.draft_k, adaptive=args.adaptive)
+                                k=args.draft_k, adaptive=args.adaptive, backend=args.backend)
         else:
             gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer,
-                                 max_length=args.max_length, thresholds=args.thresholds)
+                                 max_length=args.max_length, thresholds=args.thresholds, backend=args.backend)
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed, stop=args.stop)
         result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None, shared_pool: bool = False) -> int:
         if exits:
             hist = {layer: exits.count(layer) for layer in sorted(set(exits))}
             print(f"[river] exit layers (layers run per decode step): {hist}", file=sys.stderr)
-    stats = getattr(gen, "stats", None)
+    stats = gen.stats if args.mode == "verify" else None
     if stats is not None and stats.rounds:
         print(f"[river] verify: {stats.rounds} rounds, acceptance {stats.acceptance_rate:.1%}, "
               f"mean accepted {stats.mean_accepted:.2f} of {args.draft_k}", file=sys.stderr)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+
 from river.errors import CacheOverflow
-from river.runtime.backend import StepBackend
-from river.runtime.kv_cache import SharedKVCache
-from river.runtime.sampling import choose_token
+from river.runtime.backend import KVCache, StepBackend
+from river.runtime.sampling import sample
 
 
 @dataclass
@@ -100,6 +100,37 @@ class _TextStream:
         return text
 
 
+class Emitter:
+    """The one place that decides "finished" (EOS, a stop string, max_new_tokens) for a request, and
+    streams the printable text of each kept token. Plain decoding and verify mode both feed it."""
+
+    def __init__(self, tokenizer, cfg: GenerationConfig, eos: Sequence[int],
+                 on_token: Callable[[int, str], None] | None):
+        self.cfg, self.eos, self.on_token = cfg, set(eos), on_token
+        self.stream = _TextStream(tokenizer, cfg.stop)
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+
+    def emit(self, token: int) -> str | None:
+        """Keep ``token`` (EOS is not kept); return the finish reason once generation is over."""
+        if token in self.eos:
+            self.reason = "eos"
+            return self.reason
+        self.tokens.append(token)
+        piece, stopped = self.stream.feed(self.tokens)
+        if self.on_token is not None and (piece or stopped):
+            self.on_token(token, piece)
+        if stopped:
+            self.reason = "stop"
+        elif len(self.tokens) >= self.cfg.max_new_tokens:
+            self.reason = "length"
+        return self.reason
+
+    def result(self, prompt_ids: list[int], steps: list[StepStat]) -> GenerationResult:
+        return GenerationResult(prompt_ids, self.tokens, self.stream.final(self.tokens, self.reason == "stop"),
+                                self.reason or "length", steps)
+
+
 class Generator:
     def __init__(self, backend: StepBackend, tokenizer, eos_token_ids: Sequence[int] = (), max_length: int | None = None):
         self.backend = backend
@@ -115,42 +146,34 @@ class Generator:
         return list(self.tokenizer(prompt)["input_ids"])
 
     # --- the three phases ---------------------------------------------------------------------
-    def prefill(self, prompt_ids: Sequence[int], cache: SharedKVCache) -> np.ndarray:
+    def prefill(self, prompt_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         logits = self.backend.prefill(np.asarray([prompt_ids], dtype=np.int64), cache)
         cache.length = len(prompt_ids)
         return logits[0, -1]
 
-    def decode_one_token(self, token: int, cache: SharedKVCache) -> np.ndarray:
+    def decode_one_token(self, token: int, cache: KVCache) -> np.ndarray:
         logits = self.backend.decode(np.asarray([[token]], dtype=np.int64), cache)
         cache.length += 1
         return logits[0, -1]
 
-    def decode_n_tokens(self, first_logits: np.ndarray, cache: SharedKVCache, cfg: GenerationConfig,
-                        on_token: Callable[[int, str], None] | None, steps: list[StepStat]):
-        """Choose tokens until EOS, a stop string or ``max_new_tokens``; yields (ids, finish_reason)."""
+    def decode_n_tokens(self, first_logits: np.ndarray, cache: KVCache, cfg: GenerationConfig,
+                        emitter: Emitter, steps: list[StepStat]) -> None:
+        """Choose tokens until the emitter says generation is finished."""
         rng = np.random.default_rng(cfg.seed)
-        eos = set(cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids)
-        stream = _TextStream(self.tokenizer, cfg.stop)
-        tokens: list[int] = []
         logits = first_logits
         while True:
-            token = choose_token(logits, cfg.temperature, cfg.top_p, rng)
+            token, _ = sample(logits, cfg.temperature, cfg.top_p, rng)
             if steps:
                 steps[-1].token_id = token
-            if token in eos:
-                return tokens, "eos", stream
-            tokens.append(token)
-            piece, stopped = stream.feed(tokens)
-            if on_token is not None and (piece or stopped):
-                on_token(token, piece)
-            if stopped:
-                return tokens, "stop", stream
-            if len(tokens) >= cfg.max_new_tokens:
-                return tokens, "length", stream
+            if emitter.emit(token) is not None:
+                return
             t0 = time.perf_counter()
             logits = self.decode_one_token(token, cache)
-            steps.append(StepStat(len(steps), -1, time.perf_counter() - t0, "decode",
-                                  getattr(self.backend, "last_exit_layer", None)))
+            steps.append(StepStat(len(steps), -1, time.perf_counter() - t0, "decode", self.backend.last_exit_layer))
+
+    def emitter(self, cfg: GenerationConfig, on_token: Callable[[int, str], None] | None) -> Emitter:
+        eos = cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids
+        return Emitter(self.tokenizer, cfg, eos, on_token)
 
     def prompt_and_capacity(self, prompt: str | Sequence[int], chat: bool, wanted: int) -> tuple[list[int], int]:
         """Token ids of the prompt and the cache capacity for ``wanted`` more positions, bounded by
@@ -174,8 +197,12 @@ class Generator:
         prompt_ids, capacity = self.prompt_and_capacity(prompt, chat, cfg.max_new_tokens)
         cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": capacity - len(prompt_ids)})
         cache = self.backend.new_cache(capacity)
-        t0 = time.perf_counter()
-        first = self.prefill(prompt_ids, cache)
-        steps = [StepStat(0, -1, time.perf_counter() - t0, "prefill")]
-        tokens, reason, stream = self.decode_n_tokens(first, cache, cfg, on_token, steps)
-        return GenerationResult(prompt_ids, tokens, stream.final(tokens, reason == "stop"), reason, steps)
+        emitter = self.emitter(cfg, on_token)
+        try:
+            t0 = time.perf_counter()
+            first = self.prefill(prompt_ids, cache)
+            steps = [StepStat(0, -1, time.perf_counter() - t0, "prefill")]
+            self.decode_n_tokens(first, cache, cfg, emitter, steps)
+        finally:
+            self.backend.release(cache)
+        return emitter.result(prompt_ids, steps)

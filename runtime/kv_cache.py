@@ -7,10 +7,14 @@ its new positions, and rolling back (for speculative verification) only moves ``
 from __future__ import annotations
 
 import numpy as np
+
 from river.errors import CacheOverflow
+from river.runtime.backend import KVCache
 
 
-class SharedKVCache:
+class SharedKVCache(KVCache):
+    """Host buffers (numpy) that ONNX Runtime binds by pointer."""
+
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
                  dtype=np.float32):
         if capacity < 1:
@@ -30,12 +34,6 @@ class SharedKVCache:
         """All buffers in the contract's order: key_0, value_0, key_1, ..."""
         return [b for pair in zip(self.keys, self.values) for b in pair]
 
-    def require_room(self, new_positions: int) -> None:
-        if self.length + new_positions > self.capacity:
-            raise CacheOverflow(
-                f"{new_positions} new positions do not fit: the cache holds {self.length} of {self.capacity}"
-            )
-
     def write(self, layer: int, key: np.ndarray, value: np.ndarray, at: int) -> None:
         """Write new K/V [B,Hkv,S,D] at positions [at, at+S) of one layer, in place."""
         s = key.shape[2]
@@ -44,8 +42,5 @@ class SharedKVCache:
         self.keys[layer][:, :, at:at + s] = key
         self.values[layer][:, :, at:at + s] = value
 
-    def truncate(self, length: int) -> None:
-        """Forget positions >= length (their slots are overwritten by later writes)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.length = length
+    def valid_kv(self, layer: int, kind: str) -> np.ndarray:
+        return np.array((self.keys if kind == "key" else self.values)[layer][:, :, :self.length])

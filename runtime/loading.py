@@ -1,24 +1,31 @@
-"""Open a generator for a model name, .gguf file, HF directory or exported step graph (.onnx)."""
+"""Open a backend, a generator or a verifier for whatever the user names: a registered model name,
+a .gguf file, a Hugging Face directory, an exported step graph or River graph (``model.onnx``), a
+segments folder, or a TensorRT engine folder. ``open_backend`` is the one place that picks a backend.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from river.compiler.river_pass import DISABLED
+from river.compiler.river.manifest import DISABLED, MANIFEST_FILE, RiverManifest
 from river.errors import ModelNotFound, RiverError
-from river.export.onnx_export import META_FILE
+from river.export.contract import META_FILE
+from river.runtime.backend import StepBackend
 from river.runtime.generate import Generator
-from river.runtime.ort_backend import OrtBackend
+
+BACKENDS = ("ort", "segmented", "tensorrt", "torch")
+SEGMENTS_INDEX = "segments.json"
+ENGINES_INDEX = "engines.json"
 
 
-def parse_thresholds(text: str | None, backend: OrtBackend):
+def parse_thresholds(text: str | None, backend: StepBackend):
     """'off', comma-separated numbers, or a JSON thresholds file (see river-export --thresholds)."""
     if text is None:
         return None
     if backend.river is None:
         raise RiverError("--thresholds applies to River graphs; this model has no exit gates")
-    gates = backend.river["gates"]
+    gates = list(backend.river.gates)
     if text == "off":
         return [DISABLED] * len(gates)
     if Path(text).is_file():
@@ -34,44 +41,117 @@ def parse_thresholds(text: str | None, backend: OrtBackend):
     return values
 
 
-def open_generator(model: str, threads: int | None = None, tokenizer: str | None = None,
-                   max_length: int | None = None, thresholds: str | None = None) -> Generator:
-
-    if (Path(model) / "segments.json").is_file():  # the segmented River form (river-export --segmented)
-        from river.runtime.segmented_backend import SegmentedBackend
-
-        backend = SegmentedBackend(model, threads=threads)
-        onnx_path = Path(model).parent / "model.onnx"
-        return _generator(backend, onnx_path, tokenizer, max_length, thresholds)
-    onnx_path = step_graph_path(model)
-    backend = OrtBackend(onnx_path, threads=threads)  # validates the decoder contract first
-    return _generator(backend, onnx_path, tokenizer, max_length, thresholds)
-
-
 def step_graph_path(model: str) -> Path:
     """The .onnx file itself, or the cached step graph of a model name / .gguf / HF directory."""
     if model.endswith(".onnx"):
         if not Path(model).is_file():
             raise ModelNotFound(f"ONNX file not found: {model}")
         return Path(model)
+    if (Path(model) / MANIFEST_FILE).is_file():  # a river-export output folder
+        return Path(model) / "model.onnx"
     from river.export.store import exported_model_path
 
     return exported_model_path(model)
 
 
-def _generator(backend, onnx_path: Path, tokenizer, max_length, thresholds) -> Generator:
+def _find(model: str, index: str, sub: str) -> Path | None:
+    """A folder holding ``index``: the model itself, its ``sub`` folder, or (for a model.onnx) the
+    ``sub`` folder beside it."""
+    path = Path(model)
+    base = path.parent if path.suffix == ".onnx" else path
+    for folder in (base, base / sub):
+        if (folder / index).is_file():
+            return folder
+    return None
+
+
+def open_backend(model: str, backend: str = "auto", threads: int | None = None) -> tuple[StepBackend, Path | object]:
+    """(backend, where the tokenizer comes from: a folder, or a loaded tokenizer for the torch backend).
+
+    ``auto``: a segments folder runs segmented, anything else on ONNX Runtime."""
+    if backend not in ("auto", *BACKENDS):
+        raise RiverError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    segments = _find(model, SEGMENTS_INDEX, "segments")
+    if backend == "auto":
+        backend = "segmented" if segments is not None and Path(model).suffix != ".onnx" else "ort"
+    if backend == "ort":
+        from river.runtime.ort_backend import OrtBackend
+
+        path = step_graph_path(model)
+        return OrtBackend(path, threads=threads), path.parent
+    if backend == "segmented":
+        if segments is None:
+            raise ModelNotFound(f"no {SEGMENTS_INDEX} in {model} or its segments/ folder: write one with "
+                                "river-export --segmented")
+        from river.runtime.segmented_backend import SegmentedBackend
+
+        return SegmentedBackend(segments, threads=threads), segments.parent
+    if backend == "tensorrt":
+        engines = _find(model, ENGINES_INDEX, "trt")
+        if engines is None:
+            raise ModelNotFound(f"no {ENGINES_INDEX} in {model} or its trt/ folder: build engines with river-export --trt")
+        from river.runtime.trt_backend import TrtBackend
+
+        return TrtBackend(engines), engines.parent
+    return _torch_backend(model)
+
+
+def _torch_backend(model: str) -> tuple[StepBackend, object]:
+    """The torch reference: a registered name / .gguf / HF directory runs the plain model; a River
+    output folder (or its model.onnx) runs the torch River of the model it was compiled from."""
+    from river.models.registry import load_model
+    from river.runtime.torch_backend import TorchBackend
+
+    path = Path(model)
+    folder = path.parent if path.suffix == ".onnx" else path
+    if (folder / MANIFEST_FILE).is_file():
+        import onnx
+
+        from river.compiler.graph_io import load_onnx_header
+        from river.compiler.river.manifest import THRESHOLDS, RiverInfo
+
+        manifest = RiverManifest.load(folder)
+        try:
+            loaded = load_model(manifest.model)
+        except ModelNotFound:
+            raise RiverError(f"the torch backend needs the torch weights of '{manifest.model}' (the model {folder} was "
+                             "compiled from): give a registered name, a .gguf file or a Hugging Face directory") from None
+        header = load_onnx_header(folder / "model.onnx")
+        defaults = next((onnx.numpy_helper.to_array(i).tolist() for i in header.graph.initializer if i.name == THRESHOLDS),
+                        None)
+        return TorchBackend(loaded.model, RiverInfo.from_model(header), defaults), loaded.tokenizer
+    if path.suffix == ".onnx":
+        raise RiverError(f"the torch backend needs torch weights, not an ONNX graph ({model}): give a registered "
+                         "name, a .gguf file, a Hugging Face directory, or a river-export output folder")
+    loaded = load_model(model)
+    return TorchBackend(loaded.model), loaded.tokenizer
+
+
+def open_generator(model: str, threads: int | None = None, tokenizer: str | None = None,
+                   max_length: int | None = None, thresholds: str | None = None, backend: str = "auto") -> Generator:
+    chosen, where = open_backend(model, backend, threads)
+    return _generator(chosen, where, tokenizer, max_length, thresholds)
+
+
+def _load_tokenizer(where, tokenizer: str | None, source: str):
     from transformers import AutoTokenizer
 
+    if tokenizer is None and not isinstance(where, Path):
+        return where  # a loaded tokenizer (torch backend)
+    tok_dir = Path(tokenizer) if tokenizer else where
+    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
+        raise ModelNotFound(f"no tokenizer next to {source}; pass --tokenizer DIR (a folder with tokenizer.json)")
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def _generator(backend: StepBackend, where, tokenizer, max_length, thresholds) -> Generator:
     chosen = parse_thresholds(thresholds, backend)
     if chosen is not None:
         backend.set_thresholds(chosen)
-    tok_dir = Path(tokenizer) if tokenizer else onnx_path.parent
-    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
-        raise ModelNotFound(f"no tokenizer next to {onnx_path}; pass --tokenizer DIR (a folder with tokenizer.json)")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = _load_tokenizer(where, tokenizer, str(where))
     eos: list[int] = []
-    meta = onnx_path.parent / META_FILE
-    if meta.is_file():
+    meta = where / META_FILE if isinstance(where, Path) else None
+    if meta is not None and meta.is_file():
         cfg = json.loads(meta.read_text()).get("config", {})
         eos = list(cfg.get("eos_token_ids", []))
         max_length = max_length or cfg.get("max_position_embeddings")
@@ -82,25 +162,31 @@ def _generator(backend, onnx_path: Path, tokenizer, max_length, thresholds) -> G
 
 def open_verifier(model: str, threads: int | None = None, tokenizer: str | None = None,
                   max_length: int | None = None, draft: str = "graph", draft_exit: int | None = None,
-                  draft_gate: int = 0, k: int = 4, adaptive: bool = False):
-    """A verify-mode generator. ``draft="graph"``: a draft graph (``runtime/draft_model.py``) over
-    the plain backbone; ``draft="river"``: the River graph's own exit at gate index ``draft_gate``."""
+                  draft_gate: int = 0, k: int = 4, adaptive: bool = False, backend: str = "auto"):
+    """A verify-mode generator. ``draft="graph"``: a draft graph (``runtime/verify_graphs.py``) over
+    the plain backbone (ONNX Runtime); ``draft="river"``: the River graph's own exit at gate index
+    ``draft_gate``, on any backend that runs several tokens a step."""
     from river.compiler.ort_session import shared_thread_pool
-    from river.runtime.draft_model import verify_pair
     from river.runtime.speculative import SpeculativeGenerator
 
     if draft not in ("graph", "river"):
         raise RiverError(f"unknown draft '{draft}' (choose graph or river)")
     if draft == "river":
-        gen = open_generator(model, threads=threads, tokenizer=tokenizer, max_length=max_length)
+        gen = open_generator(model, threads=threads, tokenizer=tokenizer, max_length=max_length, backend=backend)
         return SpeculativeGenerator(gen.backend, gen.tokenizer, gen.eos_token_ids, draft_gate=draft_gate, k=k,
                                     adaptive=adaptive, max_length=gen.max_length)
+    if backend not in ("auto", "ort"):
+        raise RiverError(f"the draft graph runs on ONNX Runtime; with --backend {backend} draft with the River "
+                         "graph's own exit (--draft river)")
+    from river.runtime.verify_graphs import verify_pair
+    from river.runtime.ort_backend import OrtBackend
+
     onnx_path = step_graph_path(model)
     backbone_path, draft_path = verify_pair(onnx_path, draft_exit)
     backbone = OrtBackend(backbone_path, threads=threads)
     # Sessions with a pool each must not both spin on the cores: without the shared pool the draft
     # runs on the calling thread (measured: 2-thread pools each made verify mode 0.75x of the full model)
     draft_backend = OrtBackend(draft_path, threads=threads if shared_thread_pool() else 1, single_token=True)
-    gen = _generator(backbone, onnx_path, tokenizer, max_length, None)  # tokenizer, EOS, context
+    gen = _generator(backbone, onnx_path.parent, tokenizer, max_length, None)  # tokenizer, EOS, context
     return SpeculativeGenerator(backbone, gen.tokenizer, gen.eos_token_ids, draft=draft_backend, k=k,
                                 adaptive=adaptive, max_length=gen.max_length)

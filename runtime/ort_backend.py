@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+
 from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
-from river.compiler.ort_session import make_session, session_options  # noqa: F401 (re-exported)
-from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, river_metadata
-from river.compiler.shared_kv import WRITE_INDICES, to_shared_kv
+from river.compiler.ort_session import session_options
+from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.lowering.shared_kv import WRITE_INDICES, to_shared_kv
 from river.export import contract as C
-from river.export.contract import StepContract
-from river.export.onnx_export import CAUSAL_PROP
+from river.export.contract import CAUSAL_PROP, StepContract
 from river.models.cache import cache_root, file_fingerprint
 from river.runtime.backend import InPlaceSteps, StepBackend
 from river.runtime.kv_cache import SharedKVCache
@@ -36,23 +36,20 @@ def shared_kv_path(model_path: Path) -> Path:
 
 class OrtBackend(InPlaceSteps, StepBackend):
     """Runs a plain step graph or a River graph. For a River graph, prefill runs with every gate
-    disabled (the whole backbone, as DESIGN 4 asks) and decode steps with ``thresholds``
-    (default: the graph's baked-in ones); ``last_exit_layer`` reports where the last step exited."""
+    disabled (the whole backbone, as DESIGN 4 asks) and decode steps with ``thresholds`` (default:
+    the graph's baked-in ones, bound by pointer so ``set_thresholds`` needs no rebinding)."""
+
+    name = "ort"
 
     def __init__(self, model_path: str | Path, threads: int | None = None, providers=None,
                  thresholds=None, matmul_accuracy: int = 1, single_token: bool = False):
         self.model_path = Path(model_path)
         header = load_onnx_header(self.model_path)  # graph without weights: cheap contract check
         self.contract = StepContract.from_model(header, str(model_path))
-        self.river = river_metadata(header)
-        self.last_exit_layer: int | None = None
-        if self.river is not None:
-            defaults = next((i for i in header.graph.initializer if i.name == THRESHOLDS), None)
-            self.default_thresholds = (np.zeros(len(self.river["gates"]), np.float32) + DISABLED if defaults is None
-                                       else onnx.numpy_helper.to_array(defaults).astype(np.float32))
-            self.thresholds = np.array(self.default_thresholds if thresholds is None else thresholds, np.float32)
-            if self.thresholds.shape != self.default_thresholds.shape:
-                raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.default_thresholds)} gates")
+        defaults = next((i for i in header.graph.initializer if i.name == THRESHOLDS), None)
+        self._init_river(RiverInfo.from_model(header),
+                         None if defaults is None else onnx.numpy_helper.to_array(defaults).astype(np.float32).tolist(),
+                         thresholds)
         providers = providers or ["CPUExecutionProvider"]
         so = session_options(threads, matmul_accuracy)
         # Graphs whose causal mask goes by position run every step, prefill included, in the shared-KV
@@ -75,22 +72,16 @@ class OrtBackend(InPlaceSteps, StepBackend):
     # --- prefill: the contract graph over an empty past ---------------------------------------
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         self._check_prefill(input_ids, cache)
-        if self.prefill_session is None:  # in place, whole backbone (exits off), like a decode step
-            if self.river is None:
-                return self.extend(input_ids.astype(np.int64), cache).copy()
-            saved = self.thresholds.copy()
-            self.thresholds[:] = DISABLED
-            try:
-                return self.extend(input_ids.astype(np.int64), cache).copy()
-            finally:
-                self.thresholds[:] = saved
+        with self.full_depth():  # prefill runs the whole backbone (DESIGN 4)
+            if self.prefill_session is None:  # in place, like a decode step
+                logits = self.extend(input_ids.astype(np.int64), cache).copy()
                 self.last_exit_layer = None
-        feeds = self._contract_prefill_feeds(input_ids)
-        if self.river is not None:  # prefill runs the whole backbone
-            feeds[THRESHOLDS] = np.full_like(self.thresholds, DISABLED)
-        outputs = self.prefill_session.run(None, feeds)
-        names = [o.name for o in self.prefill_session.get_outputs()]
-        result = dict(zip(names, outputs))
+                return logits
+            feeds = self._contract_prefill_feeds(input_ids)
+            if self.river is not None:
+                feeds[THRESHOLDS] = self.thresholds.copy()
+            outputs = self.prefill_session.run(None, feeds)
+        result = dict(zip([o.name for o in self.prefill_session.get_outputs()], outputs))
         self._store_presents(result, cache)
         return result[C.LOGITS]
 
@@ -145,8 +136,3 @@ class OrtBackend(InPlaceSteps, StepBackend):
         if self.river is not None:
             self.last_exit_layer = int(st["exit"][0])
         return st["logits"]
-
-
-    def set_thresholds(self, thresholds) -> None:
-        """Change the operating point between steps (bound by pointer: no rebinding needed)."""
-        self.thresholds[:] = np.asarray(thresholds, np.float32)

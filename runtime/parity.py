@@ -20,13 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from river.compiler.graph_io import load_onnx_header
-from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, river_metadata
+from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS, RiverInfo
 from river.errors import ModelNotFound, RiverError
 from river.export import contract as C
 from river.export.contract import StepContract
-
-FORCE = -2.0  # a threshold every similarity clears: forces the exit
-
 
 @dataclass
 class ParityReport:
@@ -59,7 +56,7 @@ def threshold_patterns(num_gates: int, defaults=None) -> list[np.ndarray]:
     pats = []
     for k in range(num_gates):
         p = np.full(num_gates, DISABLED, np.float32)
-        p[k] = FORCE
+        p[k] = FORCED_EXIT
         pats.append(p)
     pats.append(np.full(num_gates, DISABLED, np.float32))
     if defaults is not None and not any(np.array_equal(defaults, p) for p in pats):
@@ -83,14 +80,14 @@ class StepDataLoader:
 
         header = load_onnx_header(river_onnx)
         self.contract = StepContract.from_model(header, str(river_onnx))
-        meta = river_metadata(header)
+        meta = RiverInfo.from_model(header)
         if meta is None:
             raise RiverError(f"{river_onnx} is not a River graph (no river.gates metadata)")
         defaults = next((t for t in header.graph.initializer if t.name == THRESHOLDS), None)
         import onnx
 
         defaults = None if defaults is None else onnx.numpy_helper.to_array(defaults)
-        self.patterns = patterns if patterns is not None else threshold_patterns(len(meta["gates"]), defaults)
+        self.patterns = patterns if patterns is not None else threshold_patterns(len(meta.gates), defaults)
         vocab = self.contract.vocab_size or 32
         rng = np.random.default_rng(seed)
         sess = ort.InferenceSession(str(river_onnx), session_options(threads), providers=["CPUExecutionProvider"])
@@ -101,7 +98,7 @@ class StepDataLoader:
             empty = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), np.float32)
             pre = {C.INPUT_IDS: prompt, C.ATTENTION_MASK: np.ones((batch, past), np.int64),
                    C.POSITION_IDS: np.tile(np.arange(past, dtype=np.int64), (batch, 1)),
-                   THRESHOLDS: np.full(len(meta["gates"]), DISABLED, np.float32)}
+                   THRESHOLDS: np.full(len(meta.gates), DISABLED, np.float32)}
             for layer in range(c.num_layers):
                 pre[C.past_name(layer, "key")] = pre[C.past_name(layer, "value")] = empty
             outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, pre)))
@@ -184,7 +181,7 @@ def _runner_classes():
             out[C.LOGITS] = np.array(logits)
             for layer in range(c.num_layers):
                 for kind in ("key", "value"):
-                    out[C.present_name(layer, kind)] = _cache_kv(cache, layer, kind)
+                    out[C.present_name(layer, kind)] = cache.valid_kv(layer, kind)
             out[EXIT_LAYER] = np.full((batch,), backend.last_exit_layer, np.int64)
             return out
 
@@ -194,24 +191,17 @@ def _runner_classes():
     return RiverOnnxrtRunner, StepBackendRunner
 
 
-def _cache_kv(cache, layer: int, kind: str) -> np.ndarray:
-    """The valid part [B,Hkv,length,D] of one layer's cache, host or device, as a numpy copy."""
-    if hasattr(cache, "kv"):
-        return cache.kv(layer, kind).detach().cpu().numpy()
-    return np.array((cache.keys if kind == "key" else cache.values)[layer][:, :, :cache.length])
-
-
 def trt_can_run() -> str | None:
     """None when TensorRT can run engines here, else why not."""
-    from river.compiler import trt_shim
+    from river.compiler.tensorrt import package
 
-    if trt_shim.trt is None:
+    if package.trt is None:
         return "TensorRT is not installed"
     try:
         import torch
 
         if not torch.cuda.is_available():
-            return f"{trt_shim.FLAVOUR} is installed but there is no CUDA GPU to run engines on"
+            return f"{package.TRT_PACKAGE} is installed but there is no CUDA GPU to run engines on"
     except Exception as exc:  # noqa: BLE001 - any failure to import torch means no GPU path
         return f"torch unavailable: {exc}"
     return None
@@ -219,9 +209,9 @@ def trt_can_run() -> str | None:
 
 def _polygraphy_trt_runner(plan: Path):
     """Polygraphy's own TensorRT runner on a fused engine: a second opinion on our TrtBackend."""
-    from river.compiler import trt_shim
+    from river.compiler.tensorrt import package
 
-    if trt_shim.FLAVOUR == "tensorrt-rtx":
+    if package.TRT_PACKAGE == "tensorrt-rtx":
         import polygraphy.config
 
         polygraphy.config.USE_TENSORRT_RTX = True  # must be set before polygraphy.backend.trt is imported
@@ -239,9 +229,9 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
     return onnx_path, onnx_path.parent
 
 
-def _twins(meta: dict) -> str:
+def _twins(info: RiverInfo) -> str:
     """Which twin weights a River form computes with: graphs agree only when these agree."""
-    return f"{meta['kind']}/{meta['precision']}" + ("" if meta["precision"] == "fp32" else f"/{meta.get('flavour', 'dq')}/{meta['block']}")
+    return f"{info.kind}/{info.precision}" + ("" if info.precision == "fp32" else f"/{info.twin_format}/{info.block}")
 
 
 def check_parity(river: str | Path, *, segments: str | Path | None = None, engines: str | Path | None = None,
@@ -251,13 +241,13 @@ def check_parity(river: str | Path, *, segments: str | Path | None = None, engin
 
     ``river``: a ``river-export`` folder or its ``model.onnx``. ``segments`` / ``engines``: default to
     ``segments/`` and ``trt/engines/`` inside that folder when they exist. Each runner is compared
-    with the River graph that has the same twins: ``model.onnx`` (ONNX Runtime flavour) or, for the
+    with the River graph that has the same twins: ``model.onnx`` (ONNX Runtime twins) or, for the
     TensorRT forms (DequantizeLinear twins), the chained graph the fused engine was built from. The
     TensorRT forms always run in ONNX Runtime (fused chained graph, segments); the engines run where
     TensorRT can (``trt``: None = where possible, False = never). Whatever cannot run is listed in
     ``report.skipped`` with the reason.
     """
-    from river.compiler.segments import SegmentIndex
+    from river.compiler.river.segments import SegmentIndex
     from river.runtime.ort_backend import OrtBackend
     from river.runtime.segmented_backend import SegmentedBackend
 
@@ -271,7 +261,7 @@ def check_parity(river: str | Path, *, segments: str | Path | None = None, engin
     skipped: dict[str, str] = {}
 
     def reference(path: Path) -> str:
-        meta = river_metadata(load_onnx_header(path))
+        meta = RiverInfo.from_model(load_onnx_header(path))
         if meta is None:
             raise RiverError(f"{path} is not a River graph (no river.gates metadata)")
         twins = _twins(meta)
@@ -280,7 +270,7 @@ def check_parity(river: str | Path, *, segments: str | Path | None = None, engin
 
     def segments_twins(folder_: Path) -> str:
         index = SegmentIndex.load(folder_)
-        return _twins({"kind": index.kind, "precision": index.precision, "flavour": index.flavour, "block": index.block})
+        return _twins(RiverInfo(tuple(index.gates), index.kind, index.precision, index.block, index.twin_format))
 
     nested = reference(onnx_path)
     groups.setdefault(nested, []).append(("river-ort-fused", lambda: OrtBackend(onnx_path, threads=threads), "backend"))
@@ -290,7 +280,7 @@ def check_parity(river: str | Path, *, segments: str | Path | None = None, engin
     else:
         skipped["river-ort-segmented"] = f"no segments folder next to {onnx_path} (write one with river.compiler.segments)"
     if engines is not None:  # the TensorRT forms: checked in ONNX Runtime here, in TensorRT where it runs
-        from river.compiler.trt_engines import EnginesReport
+        from river.compiler.tensorrt.engines import EnginesReport
 
         report = EnginesReport.load(engines)
         fused = next((b for b in report.builds if b.form == "fused"), None)

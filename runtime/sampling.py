@@ -1,4 +1,5 @@
-"""Next-token choice: greedy, or temperature + nucleus (top-p) sampling with a seeded generator."""
+"""Next-token choice, one home for plain and speculative decoding: greedy, or temperature + nucleus
+(top-p) sampling with a seeded generator; and the speculative acceptance rule built on the same draws."""
 
 from __future__ import annotations
 
@@ -24,12 +25,32 @@ def next_token_probs(logits: np.ndarray, temperature: float, top_p: float = 1.0)
     return probs
 
 
-def choose_token(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
-                 rng: np.random.Generator | None = None) -> int:
-    """Greedy when temperature == 0, else a draw from the tempered, top-p filtered distribution."""
-    if temperature <= 0.0:
-        return int(np.argmax(logits))
-    if rng is None:
-        rng = np.random.default_rng()
-    probs = next_token_probs(logits, temperature, top_p)
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(rng.choice(probs.shape[0], p=probs))
+
+
+def sample(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
+           rng: np.random.Generator | None = None) -> tuple[int, np.ndarray | None]:
+    """The next token and the distribution it was drawn from (None when greedy: temperature == 0)."""
+    if temperature <= 0.0:
+        return int(np.argmax(logits)), None
+    probs = next_token_probs(logits, temperature, top_p)
+    return draw(probs, rng if rng is not None else np.random.default_rng()), probs
+
+
+def speculative_accept(target_logits: np.ndarray, token: int, draft_probs: np.ndarray | None, temperature: float,
+                       top_p: float, rng: np.random.Generator) -> tuple[bool, int]:
+    """Verify one drafted token against the target's logits: (accepted, the token to keep).
+
+    Greedy (``draft_probs`` None): accepted iff it is the target's argmax, else the argmax replaces it.
+    Sampling: the standard rule, accept with probability min(1, p(y)/q(y)), else draw from
+    max(0, p - q) renormalised, so the kept tokens follow the target's distribution exactly."""
+    if draft_probs is None:
+        best = int(np.argmax(target_logits))
+        return best == token, best
+    p = next_token_probs(target_logits, temperature, top_p)
+    if rng.random() < min(1.0, p[token] / draft_probs[token]):
+        return True, token
+    residual = np.maximum(p - draft_probs, 0.0)
+    total = residual.sum()
+    return False, draw(residual / total if total > 0 else p, rng)

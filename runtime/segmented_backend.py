@@ -16,16 +16,15 @@ import numpy as np
 import onnxruntime as ort
 
 from river.compiler.graph_io import load_onnx_header
-from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS
-from river.compiler.segments import SegmentIndex, exit_name, hidden_name, similarity_name
-from river.compiler.shared_kv import WRITE_INDICES
+from river.compiler.ort_session import session_options
+from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.river.segments import SegmentIndex, exit_name, hidden_name, similarity_name
+from river.compiler.lowering.shared_kv import WRITE_INDICES
 from river.errors import RiverError
 from river.export import contract as C
-from river.export.contract import StepContract
-from river.export.onnx_export import CAUSAL_PROP
-from river.runtime.backend import InPlaceSteps, StepBackend
+from river.export.contract import CAUSAL_PROP, StepContract
+from river.runtime.backend import InPlaceSteps, StepBackend, route_gates
 from river.runtime.kv_cache import SharedKVCache
-from river.runtime.ort_backend import session_options
 
 
 def contract_of(index: SegmentIndex) -> StepContract:
@@ -40,23 +39,20 @@ def contract_of(index: SegmentIndex) -> StepContract:
 
 
 class SegmentedBackend(InPlaceSteps, StepBackend):
-    """Same interface and results as ``OrtBackend`` on the fused River graph (``set_thresholds``,
-    ``last_exit_layer``), plus ``last_similarities`` (per gate reached: per-row similarity)."""
+    """The backend protocol with the same results as ``OrtBackend`` on the fused River graph, plus
+    ``last_similarities`` (per gate reached: per-row similarity)."""
+
+    name = "segmented"
 
     def __init__(self, segments_dir: str | Path, threads: int | None = None, providers=None, thresholds=None,
                  matmul_accuracy: int = 1):
-        self.index = SegmentIndex.load(segments_dir)
-        self.contract = contract_of(self.index)
-        ix = self.index
-        self.river = {"gates": list(ix.gates), "kind": ix.kind, "precision": ix.precision, "block": ix.block}
-        self.default_thresholds = np.array(ix.thresholds, np.float32)
-        self.thresholds = np.array(self.default_thresholds if thresholds is None else thresholds, np.float32)
-        if self.thresholds.shape != self.default_thresholds.shape:
-            raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.default_thresholds)} gates")
+        self.index = ix = SegmentIndex.load(segments_dir)
+        self.contract = contract_of(ix)
+        self._init_river(RiverInfo(tuple(ix.gates), ix.kind, ix.precision, ix.block, ix.twin_format, "segment"),
+                         ix.thresholds, thresholds)
         self._options = session_options(threads, matmul_accuracy)
         self._providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {}
-        self.last_exit_layer: int | None = None
         self.last_similarities: list[np.ndarray] = []
         self._bound_cache: SharedKVCache | None = None
         self._bindings: dict[int, dict] = {}
@@ -71,9 +67,6 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
             self._sessions[key] = ort.InferenceSession(str(path), self._options, providers=self._providers)
         return self._sessions[key]
 
-    def set_thresholds(self, thresholds) -> None:
-        self.thresholds[:] = np.asarray(thresholds, np.float32)
-
     # --- one step in the contract form (any S and P): prefill, parity checks ---------------------
     def run_step(self, feeds: dict[str, np.ndarray], thresholds=None) -> dict[str, np.ndarray]:
         """logits, present.* (contract order) and exit_layer [B] for one contract step, chaining the
@@ -83,21 +76,24 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         values[THRESHOLDS] = thr
         batch = feeds[C.INPUT_IDS].shape[0]
         self.last_similarities = []
-        exit_gate = None
-        for k in range(len(self.index.gates)):
+
+        def backbone(k: int) -> bool:
             values.update(self._run(f"backbone{k}", values))
             self.last_similarities.append(values[similarity_name(k)])
-            if bool(values[exit_name(k)]):
-                exit_gate = k
-                break
-        values.update(self._run(f"river{exit_gate}" if exit_gate is not None else f"backbone{len(self.index.gates)}", values))
+            return bool(values[exit_name(k)])
+
+        exit_gate = route_gates(len(self.index.gates), backbone, lambda gate: values.update(self._run(self._last(gate), values)))
         result = {C.LOGITS: values[C.LOGITS]}
         for layer in range(self.contract.num_layers):
             for kind in ("key", "value"):
                 result[C.present_name(layer, kind)] = values[C.present_name(layer, kind)]
-        self.last_exit_layer = self.index.exit_layer(exit_gate)
+        self.last_exit_layer = self.exit_layer_of(exit_gate)
         result[EXIT_LAYER] = np.full((batch,), self.last_exit_layer, np.int64)
         return result
+
+    def _last(self, exit_gate: int | None) -> str:
+        """The segment that ends a step: the river of the gate that fired, else the last backbone segment."""
+        return f"river{exit_gate}" if exit_gate is not None else f"backbone{len(self.index.gates)}"
 
     def _run(self, name: str, values: dict) -> dict[str, np.ndarray]:
         seg = self.index.segment(name)
@@ -108,7 +104,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         self._check_prefill(input_ids, cache)
         feeds = self._contract_prefill_feeds(input_ids)
-        out = self.run_step(feeds, np.full_like(self.thresholds, DISABLED))  # prefill: the whole backbone
+        out = self.run_step(feeds, self.gate_thresholds.disabled())  # prefill: the whole backbone
         self._store_presents(out, cache)
         return out[C.LOGITS]
 
@@ -169,16 +165,16 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         every row's last position clears it."""
         st = self._step_state(token_ids, cache, self.index.folder)
         self.last_similarities = []
-        exit_gate = None
-        for k in range(len(self.index.gates)):
-            sess, binding = st["bindings"][f"backbone{k}"]
-            sess.run_with_iobinding(binding)
-            self.last_similarities.append(st["sim"][k].copy())
-            if bool(st["exit"][k]):
-                exit_gate = k
-                break
-        sess, binding = st["bindings"][f"river{exit_gate}" if exit_gate is not None else f"backbone{len(self.index.gates)}"]
-        sess.run_with_iobinding(binding)
-        self.last_exit_layer = self.index.exit_layer(exit_gate)
-        return st["logits"]
 
+        def run(name: str) -> None:
+            sess, binding = st["bindings"][name]
+            sess.run_with_iobinding(binding)
+
+        def backbone(k: int) -> bool:
+            run(f"backbone{k}")
+            self.last_similarities.append(st["sim"][k].copy())
+            return bool(st["exit"][k])
+
+        exit_gate = route_gates(len(self.index.gates), backbone, lambda gate: run(self._last(gate)))
+        self.last_exit_layer = self.exit_layer_of(exit_gate)
+        return st["logits"]

@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS
-from river.compiler.segments import SegmentIndex, exit_name
-from river.compiler.shared_kv import WRITE_INDICES
+from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.river.segments import SegmentIndex, exit_name
+from river.compiler.lowering.shared_kv import WRITE_INDICES
 from river.errors import CacheOverflow, RiverError
 from river.export import contract as C
 from river.export.contract import StepContract
-from river.runtime.backend import StepBackend
+from river.runtime.backend import KVCache, StepBackend, route_gates
 
 MODES = ("segmented", "fused")
 
@@ -167,7 +167,7 @@ def check_in_place(plan: Sequence[TensorBinding]) -> list[str]:
 
 def _require_gpu():
     """torch with CUDA and a TensorRT module that can run engines, or a RiverError saying what is missing."""
-    from river.compiler.trt_shim import FLAVOUR, require_trt
+    from river.compiler.tensorrt.package import TRT_PACKAGE, require_trt
 
     try:
         import torch
@@ -177,12 +177,11 @@ def _require_gpu():
         raise RiverError("the TensorRT backend needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "engines can still be built here (river.compiler.trt_engines)")
     trt = require_trt()
-    return torch, trt, FLAVOUR
+    return torch, trt, TRT_PACKAGE
 
 
-class DeviceKVCache:
-    """Shared KV buffers in device memory, allocated once per request (same interface as SharedKVCache
-    for the generation loop: ``capacity``, ``batch``, ``length``, ``require_room``, ``truncate``).
+class DeviceKVCache(KVCache):
+    """Shared KV buffers in device memory, allocated once per request.
 
     ``layout`` "static": one [B,Hkv,C,D] tensor per layer and kind (segmented, in place).
     ``layout`` "pingpong": two flat buffers of B*Hkv*C*D per layer and kind, read as compact
@@ -213,16 +212,10 @@ class DeviceKVCache:
     def num_layers(self) -> int:
         return self.contract.num_layers
 
-    def require_room(self, new_positions: int) -> None:
-        if self.length + new_positions > self.capacity:
-            raise CacheOverflow(f"{new_positions} new positions do not fit: the cache holds {self.length} of {self.capacity}")
-
     def truncate(self, length: int) -> None:
         if self.layout != "static":
             raise RiverError("the fused (ping-pong) cache cannot be truncated in place: its layout depends on the length")
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.length = length
+        super().truncate(length)
 
     def write(self, layer: int, key, value, at: int) -> None:
         """Write K/V [B,Hkv,S,D] (numpy or torch) at positions [at, at+S): for tests and parity runs."""
@@ -241,8 +234,11 @@ class DeviceKVCache:
             else:
                 raise RiverError("the fused (ping-pong) cache takes writes at position 0 only")
 
+    def valid_kv(self, layer: int, kind: str) -> np.ndarray:
+        return self.kv(layer, kind).detach().cpu().numpy()
+
     def kv(self, layer: int, kind: str):
-        """The valid part of one layer's cache as a [B,Hkv,length,D] tensor (for checks)."""
+        """The valid part of one layer's cache as a [B,Hkv,length,D] device tensor."""
         b, h, d = self.batch, self.contract.num_kv_heads, self.contract.head_dim
         if self.layout == "static":
             return self.buffers[f"cache.{kind}.{layer}"][:, :, :self.length]
@@ -275,7 +271,7 @@ class _Engine:
 
 
 class TrtBackend(StepBackend):
-    """A ``StepBackend`` over TensorRT engines built by ``river.compiler.trt_engines``.
+    """The backend protocol over TensorRT engines built by ``river.compiler.trt_engines``.
 
     ``mode`` "segmented" needs the segment engines and their ``.kv`` (static capacity) twins;
     "fused" needs ``fused.plan`` (or ``step.plan`` with ``engine="step"``: the no-exit baseline).
@@ -283,16 +279,17 @@ class TrtBackend(StepBackend):
     segments, exit flags, logits) are allocated once; a decode step fills them and rebinds addresses.
     """
 
+    name = "tensorrt"
+
     def __init__(self, engine_dir: str | Path, mode: str = "segmented", thresholds=None, engine: str = "fused"):
-        from river.compiler.trt_engines import EnginesReport
+        from river.compiler.tensorrt.engines import EnginesReport
 
         if mode not in MODES:
             raise RiverError(f"unknown TensorRT backend mode {mode!r}: choose from {', '.join(MODES)}")
-        self.torch, self.trt, self.flavour = _require_gpu()
+        self.torch, self.trt, self.trt_package = _require_gpu()
         self.mode, self.report = mode, EnginesReport.load(engine_dir)
         self.folder = Path(engine_dir)
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
-        self.last_exit_layer: int | None = None
         if mode == "segmented":
             if self.report.segments is None:
                 raise RiverError(f"{engine_dir} has no segment engines: build them with segments_dir=...")
@@ -304,23 +301,23 @@ class TrtBackend(StepBackend):
             if not kv:
                 raise RiverError(f"{engine_dir} has no shared-KV segment engines: build them with capacity=C")
             self.engine_capacity = kv[0].capacity
-            self.gates = list(self.index.gates)
+            ix = self.index
             self.engines = {b.name: _Engine(self.trt, self.runtime, self.folder / b.plan)
                             for b in self.report.builds if b.form in ("segment", "segment.kv")}
-            defaults = self.index.thresholds
+            self._init_river(RiverInfo(tuple(ix.gates), ix.kind, ix.precision, ix.block, ix.twin_format, "segment"),
+                             ix.thresholds, thresholds)
         else:
             from river.compiler.graph_io import load_onnx_header
-            from river.compiler.river_pass import river_metadata
 
             build = self.report.build(engine)
             header = load_onnx_header(build.onnx)
             self.contract = StepContract.from_model(header, build.onnx)
-            meta = river_metadata(header)
-            self.gates = meta["gates"] if meta else []
+            self._init_river(RiverInfo.from_model(header), None, thresholds)
             self.engines = {"fused": _Engine(self.trt, self.runtime, self.folder / build.plan)}
-            defaults = [DISABLED] * len(self.gates)
-        self.thresholds = self.torch.tensor(np.asarray(defaults if thresholds is None else thresholds, np.float32),
-                                            device="cuda")
+        self.gates = list(self.river.gates) if self.river else []
+        # the device copy of the thresholds; GateThresholds stays the host truth, copied before each step
+        self.device_thresholds = self.torch.tensor(self.thresholds if self.river else np.zeros(0, np.float32),
+                                                   device="cuda")
         self.vocab = self.contract.vocab_size or int(self._shape(C.LOGITS)[-1])
         hidden = [n for e in self.engines.values() for n in e.outputs if n.startswith("hidden.")]
         self.width = int(self._shape(hidden[0])[-1]) if hidden else 0
@@ -344,8 +341,9 @@ class TrtBackend(StepBackend):
             return cache
         return DeviceKVCache(self.contract, batch, capacity, "pingpong")
 
-    def set_thresholds(self, thresholds) -> None:
-        self.thresholds.copy_(self.torch.as_tensor(np.asarray(thresholds, np.float32)))
+    def _sync_thresholds(self) -> None:
+        if self.river is not None:
+            self.device_thresholds.copy_(self.torch.as_tensor(self.thresholds))
 
     def prefill(self, input_ids: np.ndarray, cache: DeviceKVCache) -> np.ndarray:
         self._check_prefill(input_ids, cache)
@@ -355,7 +353,8 @@ class TrtBackend(StepBackend):
         tensors = dict(table)
         tensors["step.input_ids"] = torch.as_tensor(input_ids.astype(np.int64)).cuda()
         tensors["step.position_ids"] = torch.arange(s, device="cuda").repeat(b, 1)
-        tensors["step.thresholds"] = torch.full_like(self.thresholds, DISABLED)  # prefill: the whole backbone
+        tensors["step.thresholds"] = torch.as_tensor(self.gate_thresholds.disabled() if self.river
+                                                     else np.zeros(0, np.float32)).cuda()  # prefill: the whole backbone
         del tensors["logits"], tensors["step.attention_mask"]  # prefill shapes differ from decode's
         if self.mode == "fused":
             tensors["step.attention_mask"] = table["ones"]
@@ -372,10 +371,23 @@ class TrtBackend(StepBackend):
             self.last_exit_layer = self.contract.num_layers
         return tensors["logits"].cpu().numpy()
 
-    def decode(self, token_ids: np.ndarray, cache: DeviceKVCache) -> np.ndarray:
-        if token_ids.shape[1] != 1:
-            raise ValueError("decode runs one token per row; use prefill for prompts")
+    def extend(self, token_ids: np.ndarray, cache: DeviceKVCache) -> np.ndarray:
+        """S new tokens per row; the engines take one token a step, so S > 1 runs S steps (exact: our
+        graphs mask causally by position)."""
+        if token_ids.shape[1] == 1:
+            return self._decode_one(token_ids, cache)
+        start, rows = cache.length, []
+        try:
+            for i in range(token_ids.shape[1]):
+                rows.append(self._decode_one(token_ids[:, i:i + 1], cache))
+                cache.length += 1
+        finally:
+            cache.length = start  # the caller moves the length, as for every backend
+        return np.concatenate(rows, axis=1)
+
+    def _decode_one(self, token_ids: np.ndarray, cache: DeviceKVCache) -> np.ndarray:
         cache.require_room(1)
+        self._sync_thresholds()
         b, pos = token_ids.shape[0], cache.length
         table = self._table(cache)
         table["step.input_ids"].copy_(self.torch.as_tensor(token_ids.astype(np.int64)))
@@ -390,16 +402,21 @@ class TrtBackend(StepBackend):
         mask = table["step.attention_mask"]  # valid = [0, pos]; also right after a truncate (rollback)
         mask[:, :pos + 1] = 1
         mask[:, pos + 1:] = 0
-        exit_gate = None
-        for k in range(len(self.gates)):
+
+        def backbone(k: int) -> bool:
             self._run_segment(f"backbone{k}.kv", table, prefill=False, batch=b, seq=1)
-            if bool(table[exit_name(k)].item()):  # syncs the stream; one byte to the host per gate reached
-                exit_gate = k
-                break
-        last = f"river{exit_gate}.kv" if exit_gate is not None else f"backbone{len(self.gates)}.kv"
-        self._run_segment(last, table, prefill=False, batch=b, seq=1)
-        self.last_exit_layer = self.contract.num_layers if exit_gate is None else self.gates[exit_gate] + 1
+            return bool(table[exit_name(k)].item())  # syncs the stream; one byte to the host per gate reached
+
+        def finish(exit_gate: int | None) -> None:
+            last = f"river{exit_gate}.kv" if exit_gate is not None else f"backbone{len(self.gates)}.kv"
+            self._run_segment(last, table, prefill=False, batch=b, seq=1)
+
+        self.last_exit_layer = self.exit_layer_of(route_gates(len(self.gates), backbone, finish))
         return table["logits"].cpu().numpy()
+
+    def release(self, cache: DeviceKVCache | None = None) -> None:
+        if cache is None or cache is self._table_owner:
+            self._table_owner, self._current = None, {}
 
     # --- internals -------------------------------------------------------------------------------
     def _table(self, cache: DeviceKVCache) -> dict:
@@ -412,7 +429,7 @@ class TrtBackend(StepBackend):
             table["step.write_indices"] = torch.zeros((b,), dtype=torch.int64, device="cuda")
             table["step.attention_mask"] = torch.zeros((b, cache.buffers_length), dtype=torch.int64, device="cuda")
             table["ones"] = torch.ones(b * cache.buffers_length, dtype=torch.int64, device="cuda")
-            table["step.thresholds"] = self.thresholds
+            table["step.thresholds"] = self.device_thresholds
             table["logits"] = torch.zeros((b, 1, self.vocab), dtype=torch.float32, device="cuda")
             table["empty"] = torch.zeros(1, device="cuda")
             self._table_owner, self._current = cache, table  # one live request per backend

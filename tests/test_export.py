@@ -8,7 +8,7 @@ import pytest
 
 from river.export import contract as C
 from river.export.contract import StepContract
-from river.runtime.ort_backend import make_session
+from river.compiler.ort_session import make_session
 from tests_helpers import torch_step
 
 

@@ -8,6 +8,7 @@ import pytest
 from river.compiler.compile import compile_river
 from river.compiler.draft_graph import draft_graph
 from river.compiler.graph_io import load_onnx, save_onnx_atomic
+from river.errors import RiverError
 from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.ort_backend import OrtBackend
 from river.runtime.sampling import next_token_probs
@@ -150,17 +151,17 @@ def test_sampling_matches_backbone_distribution(tiny, tiny_onnx, tiny_river_int4
 
 
 def test_verify_mode_rejects_plain_graph_and_bad_options(tiny, tiny_onnx, tiny_river_int4):
-    with pytest.raises(ValueError, match="needs a draft"):
+    with pytest.raises(RiverError, match="needs a draft"):
         SpeculativeGenerator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer)
     from types import SimpleNamespace
 
     two_layers = SimpleNamespace(contract=SimpleNamespace(num_layers=2))  # a draft of another model
-    with pytest.raises(ValueError, match="cannot share KV buffers"):
+    with pytest.raises(RiverError, match="cannot share KV buffers"):
         SpeculativeGenerator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer, draft=two_layers)
     with pytest.raises(ValueError, match="one token of one sequence"):
         draft = OrtBackend(tiny_onnx, threads=1, single_token=True)
         draft.extend(np.asarray([[1, 2]]), draft.new_cache(4))
-    with pytest.raises(ValueError, match="draft gate index 5 out of range"):
+    with pytest.raises(RiverError, match="gate index 5 out of range"):
         SpeculativeGenerator(OrtBackend(tiny_river_int4, threads=1), tiny.tokenizer, draft_gate=5)
 
 
@@ -168,7 +169,7 @@ def test_verify_mode_rejects_plain_graph_and_bad_options(tiny, tiny_onnx, tiny_r
 def test_smollm2_verify_mode_identical_on_benchmark_prompts(smol, smol_onnx, tmp_path_factory):
     """Both drafts on the real model: the shipped draft graph (8-bit twins of every layer) on every
     benchmark prompt, the River graph's own exit (int8 river, first gate) on four."""
-    from river.runtime.eval_data import EVAL_PROMPTS
+    from river.runtime.bench.eval_data import EVAL_PROMPTS
     from river.runtime.loading import open_verifier
 
     river = compile_river(smol_onnx, tmp_path_factory.mktemp("smol-spec") / "r", river="int8", log=None)
@@ -200,7 +201,7 @@ def test_export_ships_a_draft_and_the_cli_verifies_with_it(tiny, tiny_onnx, tmp_
 
     from river import cli as export_cli
     from river.runtime import cli as generate_cli
-    from river.runtime.draft_model import verify_pair
+    from river.runtime.verify_graphs import verify_pair
 
     out = tmp_path / "r"
     assert export_cli.main([str(tiny_onnx), "-o", str(out), "--gates", "1", "--draft-exit", "0"]) == 0

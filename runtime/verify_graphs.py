@@ -10,12 +10,11 @@ with every gate off.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
 from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
-from river.compiler.river_pass import river_metadata
+from river.compiler.river.manifest import MANIFEST_FILE, RiverInfo, RiverManifest
 from river.errors import ModelNotFound
 from river.models.cache import cache_root, file_fingerprint
 
@@ -35,11 +34,11 @@ def verify_pair(model_path: str | Path, exit_after: int | None = None) -> tuple[
     ``exit_after``: the draft's last backbone layer (-1: every layer a twin); None takes the shipped
     ``draft.onnx`` whatever its exit, else -1."""
     model_path = Path(model_path)
-    is_river = river_metadata(load_onnx_header(model_path)) is not None
+    is_river = RiverInfo.from_model(load_onnx_header(model_path)) is not None
     backbone = model_path
     if is_river:
-        manifest = model_path.parent / "river.json"
-        source = Path(json.loads(manifest.read_text())["source"]["path"]) if manifest.is_file() else None
+        source = (RiverManifest.load(model_path.parent).source_path
+                  if (model_path.parent / MANIFEST_FILE).is_file() else None)
         backbone = source if source is not None and source.is_file() else model_path
     shipped = model_path.parent / DRAFT_FILE
     if shipped.is_file():
