@@ -23,6 +23,7 @@ from river.runtime.bench.methods import NOT_IMPLEMENTED, Method, build_methods, 
 from river.runtime.bench.sandbox import passes
 from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.sampling import softmax
+from river.runtime.speculative import SpeculativeGenerator
 
 HUMANEVAL_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
 TEACHER_FORCED_PREFIX = 8  # reference tokens fed before scoring starts
@@ -43,9 +44,12 @@ class Sizes:
 def teacher_forced(gen: Generator, ids: list[int], prefix: int = TEACHER_FORCED_PREFIX) -> np.ndarray:
     """Logits rows [len(ids)-prefix, V] predicting ids[prefix:], each step fed the reference token."""
     cache = gen.backend.new_cache(len(ids) + 1)
-    rows = [gen.prefill(ids[:prefix], cache).copy()]
-    for tok in ids[prefix:-1]:
-        rows.append(gen.decode_one_token(tok, cache).copy())
+    try:
+        rows = [gen.prefill(ids[:prefix], cache).copy()]
+        for tok in ids[prefix:-1]:
+            rows.append(gen.decode_one_token(tok, cache).copy())
+    finally:
+        gen.backend.release(cache)
     return np.stack(rows)
 
 
@@ -65,8 +69,9 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
 
     def record(name, result):
         r = results[name]
-        stats = getattr(methods[name].generator, "stats", None)
-        if stats is not None and stats.rounds:  # verify mode: acceptance of the drafts
+        gen = methods[name].generator
+        if isinstance(gen, SpeculativeGenerator) and gen.stats.rounds:  # verify mode: acceptance of the drafts
+            stats = gen.stats
             r["drafted"] = r.get("drafted", 0) + stats.drafted
             r["accepted"] = r.get("accepted", 0) + stats.accepted
             r["rounds"] = r.get("rounds", 0) + stats.rounds
