@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.triton_repo is not None:
             if args.step_only:
                 raise RiverError("--triton-repo serves a River graph; drop --step-only")
-            from river.runtime.triton_repo import write_triton_repo
+            from river.runtime.triton.repository import write_triton_repo
 
             print(f"[river] writing the Triton model repository {args.triton_repo} ...", file=sys.stderr, flush=True)
             print(write_triton_repo(Path(path).parent, args.triton_repo, max_length=args.max_length, threads=args.threads))

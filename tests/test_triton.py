@@ -27,12 +27,15 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from river.compiler.compile import compile_river  # noqa: E402
 from river.errors import RiverError  # noqa: E402
-from river.runtime import triton_client  # noqa: E402
-from river.runtime import triton_repo as TR  # noqa: E402
 from river.runtime.generate import GenerationConfig  # noqa: E402
 from river.runtime.loading import open_generator  # noqa: E402
-from river.runtime.triton_client import build_inputs, stream_generate  # noqa: E402
-from river.runtime.triton_server import triton_server  # noqa: E402
+from river.runtime.triton import client as triton_client  # noqa: E402
+from river.runtime.triton import config as TC  # noqa: E402
+from river.runtime.triton import repository  # noqa: E402
+from river.runtime.triton.client import build_inputs, stream_generate  # noqa: E402
+from river.runtime.triton.repository import write_triton_repo  # noqa: E402
+from river.runtime.triton.server import triton_server  # noqa: E402
+from river.runtime.triton.serving import CacheLedger, RequestError, SharedBackendView, parse_request  # noqa: E402
 
 GATES = "0,2"
 MIXED = [0.2, 0.65]  # on the tiny model: exits after layers 1, 3 and 4 (no exit) all occur
@@ -46,7 +49,7 @@ def tiny_river(tiny_onnx, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def repo(tiny_river, tmp_path_factory) -> Path:
-    return TR.write_triton_repo(tiny_river.parent, tmp_path_factory.mktemp("triton") / "repo", threads=1)
+    return write_triton_repo(tiny_river.parent, tmp_path_factory.mktemp("triton") / "repo", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +90,9 @@ def test_repository_layout_and_configs_parse_with_tritons_schema(repo):
         text_format.Parse(path.read_text(), cfg)
         configs[cfg.name] = cfg
         assert cfg.name == path.parent.name and not cfg.HasField("dynamic_batching")
-    assert set(configs) == {TR.STEP_MODEL, TR.STEP_TRT_MODEL, TR.GENERATE_MODEL}
+    assert set(configs) == {TC.STEP_MODEL, TC.STEP_TRT_MODEL, TC.GENERATE_MODEL}
     kind = model_config_pb2.ModelInstanceGroup.Kind
-    ort, trt, gen = configs[TR.STEP_MODEL], configs[TR.STEP_TRT_MODEL], configs[TR.GENERATE_MODEL]
+    ort, trt, gen = configs[TC.STEP_MODEL], configs[TC.STEP_TRT_MODEL], configs[TC.GENERATE_MODEL]
     assert ort.backend == "onnxruntime" and ort.instance_group[0].kind == kind.Value("KIND_CPU")
     assert trt.platform == "tensorrt_plan" and trt.instance_group[0].kind == kind.Value("KIND_GPU")
     assert gen.backend == "python" and gen.model_transaction_policy.decoupled
@@ -98,10 +101,10 @@ def test_repository_layout_and_configs_parse_with_tritons_schema(repo):
         assert dims["input_ids"] == [-1, -1] and dims["past_key_values.3.value"] == [-1, 2, -1, 16]
         assert dims["exit_thresholds"] == [2] and dims["exit_layer"] == [-1]
         assert next(t for t in step.input if t.name == "exit_thresholds").optional
-    assert (repo / TR.STEP_MODEL / "1" / "model.onnx").is_file()
-    assert not (repo / TR.STEP_TRT_MODEL / "1" / "model.plan").exists()
-    assert "model.plan" in (repo / TR.STEP_TRT_MODEL / "README.md").read_text()
-    river = repo / TR.GENERATE_MODEL / "1" / TR.RIVER_SUBDIR
+    assert (repo / TC.STEP_MODEL / "1" / "model.onnx").is_file()
+    assert not (repo / TC.STEP_TRT_MODEL / "1" / "model.plan").exists()
+    assert "model.plan" in (repo / TC.STEP_TRT_MODEL / "README.md").read_text()
+    river = repo / TC.GENERATE_MODEL / "1" / TC.RIVER_SUBDIR
     assert {"model.onnx", "model.onnx.data", "river.json", "tokenizer.json"} <= {p.name for p in river.iterdir()}
     assert "async_stream_infer" in (repo / "README.md").read_text()
 
@@ -110,27 +113,27 @@ def test_writer_refuses_bad_input_and_leaves_nothing_behind(tiny_river, tmp_path
     with pytest.raises(RiverError, match="not empty"):
         (tmp_path / "full").mkdir()
         (tmp_path / "full" / "x").write_text("x")
-        TR.write_triton_repo(tiny_river.parent, tmp_path / "full")
+        write_triton_repo(tiny_river.parent, tmp_path / "full")
     with pytest.raises(RiverError, match="plan"):
-        TR.write_triton_repo(tiny_river.parent, tmp_path / "r1", step_backends=("onnxruntime",), plan_path="x.plan")
+        write_triton_repo(tiny_river.parent, tmp_path / "r1", step_backends=("onnxruntime",), plan_path="x.plan")
     # a config Triton would refuse is caught by the writer's own check, before the rename
-    real = TR.generate_config
-    monkeypatch.setattr(TR, "generate_config", lambda name, **kw: real("wrong_name", **kw))
+    real = TC.generate_config
+    monkeypatch.setattr(repository, "generate_config", lambda name, **kw: real("wrong_name", **kw))
     with pytest.raises(RiverError, match="not the folder name"):
-        TR.write_triton_repo(tiny_river.parent, tmp_path / "r2")
+        write_triton_repo(tiny_river.parent, tmp_path / "r2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
 def test_parse_request_refuses_bad_values():
-    ok = TR.parse_request({"prompt": np.array([b"hi"], object), "max_tokens": np.array([3], np.int32)}, 2)
+    ok = parse_request({"prompt": np.array([b"hi"], object), "max_tokens": np.array([3], np.int32)}, 2)
     assert ok.prompt == "hi" and ok.cfg.max_new_tokens == 3 and ok.chat and ok.thresholds is None
     hi = np.array([b"hi"], object)
     for values, message in [({"prompt": np.array([b""], object)}, "empty"),
                             ({"prompt": np.array([b"\xff"], object)}, "UTF-8"),
                             ({"prompt": hi, "temperature": np.array([-1.0], np.float32)}, "temperature"),
                             ({"prompt": hi, "thresholds": np.ones(3, np.float32)}, "3 thresholds")]:
-        with pytest.raises(TR.RequestError, match=message):
-            TR.parse_request(values, 2)
+        with pytest.raises(RequestError, match=message):
+            parse_request(values, 2)
 
 
 # --- the real server -------------------------------------------------------------------------------
@@ -228,21 +231,77 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(server
                 reference("still serving", 16, MIXED))
 
 
-# --- BLS mode, with a stand-in for Triton ------------------------------------------------------------
+# --- the repository's pieces without a server: configs, model.py with a stand-in for Triton ------------
 
-def fake_pb_utils(step_model_dir: Path):
+def test_validate_config_catches_what_triton_would_refuse(tmp_path):
+    good = TC.generate_config(TC.GENERATE_MODEL, instances=1, params={"mode": "ort"})
+    folder = tmp_path / TC.GENERATE_MODEL
+    folder.mkdir()
+    assert TC.validate_config(TC.write_config(good, folder)).parameters["mode"].string_value == "ort"
+    for change, message in [(lambda c: setattr(c.model_transaction_policy, "decoupled", False), "decoupled"),
+                            (lambda c: c.dynamic_batching.SetInParent(), "dynamic batching"),
+                            (lambda c: c.input[0].dims.__setitem__(0, 0), "bad dims"),
+                            (lambda c: c.output.append(c.output[0]), "duplicate"),
+                            (lambda c: setattr(c, "backend", ""), "neither backend nor platform")]:
+        cfg = model_config_pb2.ModelConfig()
+        cfg.CopyFrom(good)
+        change(cfg)
+        with pytest.raises(RiverError, match=message):
+            TC.validate_config(TC.write_config(cfg, folder))
+    (folder / "config.pbtxt").write_text("name: [")
+    with pytest.raises(RiverError, match="does not parse"):
+        TC.validate_config(folder / "config.pbtxt")
+
+
+def test_writer_copies_the_model_module_and_checks_the_bls_step_model(repo, tiny_river, tmp_path):
+    copied = repo / TC.GENERATE_MODEL / "1" / "model.py"
+    assert copied.read_bytes() == repository.MODEL_PY.read_bytes()
+    with pytest.raises(RiverError, match="river_step_trt"):
+        write_triton_repo(tiny_river.parent, tmp_path / "r", bls=True, step_backends=("onnxruntime",),
+                          bls_step_model=TC.STEP_TRT_MODEL)
+    with pytest.raises(RiverError, match="unknown step backends"):
+        write_triton_repo(tiny_river.parent, tmp_path / "r", step_backends=("tensorflow",))
+    assert not (tmp_path / "r").exists()
+
+
+def test_server_module_runs_as_a_command(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "river.runtime.triton.server", str(tmp_path / "missing")],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "model repository not found" in done.stderr
+
+
+def test_shared_view_releases_only_its_own_cache(tiny_river):
+    shared = open_generator(str(tiny_river), threads=1).backend
+    ledger, lock = CacheLedger(), threading.Lock()
+    first = SharedBackendView(shared, lock, MIXED, ledger=ledger)
+    second = SharedBackendView(shared, lock, ledger=ledger)
+    assert list(first.thresholds) == pytest.approx(MIXED)
+    assert list(second.thresholds) == pytest.approx(list(shared.default_thresholds))
+    caches = [view.new_cache(16) for view in (first, second)]
+    for view, cache in zip((second, first), caches[::-1]):  # the first view steps last: its cache stays bound
+        view.prefill(np.array([[1, 2, 3]]), cache)
+        cache.length = 3
+        view.decode(np.array([[4]]), cache)
+    assert first.fed == second.fed == [4] and first.last_exit_layer is not None
+    assert list(shared.thresholds) == pytest.approx(MIXED)
+    del caches[:], cache
+    second.release()
+    assert ledger.live == 1, "the second view's cache is gone; the first one is still bound by the backend"
+    first.release()
+    assert (ledger.live, ledger.freed) == (0, 2)
+    with pytest.raises(ValueError, match="one token"):
+        first.decode(np.array([[1, 2]]), first.new_cache(4))
+
+
+def fake_pb_utils(step_model_dir: Path | None = None):
     """Just enough of triton_python_backend_utils for model.py, with BLS calls answered by ONNX Runtime on
     the step model's file (what Triton's onnxruntime backend would run). Not Triton: it checks our BLS
     loop's logic (what goes out, what comes back, where it is written), not Triton's BLS plumbing.
     The session takes the runtime's options: with ORT's default MatMulNBits accuracy level (which
     Triton's onnxruntime backend would use) the int8 twins compute differently and tokens can differ."""
-    import onnxruntime as ort
-
-    from river.compiler.ort_session import session_options
-
     pb = types.ModuleType("triton_python_backend_utils")
-    session = ort.InferenceSession(str(step_model_dir / "1" / "model.onnx"), session_options(threads=1),
-                                   providers=["CPUExecutionProvider"])
     pb.calls = []
 
     class Tensor:
@@ -278,13 +337,23 @@ def fake_pb_utils(step_model_dir: Path):
             return self._error
 
     class InferenceRequest:
+        session = None
+
         def __init__(self, model_name, requested_output_names, inputs, preferred_memory=None, **kw):
             self.model_name, self.outputs, self.inputs = model_name, requested_output_names, inputs
 
         def exec(self):
+            if InferenceRequest.session is None:
+                import onnxruntime as ort
+
+                from river.compiler.ort_session import session_options
+
+                InferenceRequest.session = ort.InferenceSession(
+                    str(step_model_dir / "1" / "model.onnx"), session_options(threads=1),
+                    providers=["CPUExecutionProvider"])
             pb.calls.append(self.model_name)
             feeds = {t.name(): t.as_numpy() for t in self.inputs}
-            values = session.run(self.outputs, feeds)
+            values = InferenceRequest.session.run(self.outputs, feeds)
             return InferenceResponse([Tensor(n, v) for n, v in zip(self.outputs, values)])
 
     class Logger:
@@ -310,6 +379,7 @@ class FakeRequest:
     def __init__(self, pb, **inputs):
         self.inputs = {k: pb.Tensor(k, v) for k, v in inputs.items()}
         self.responses, self.flags = [], []
+        self.done = threading.Event()
 
     def request_id(self):
         return "fake"
@@ -321,44 +391,85 @@ class FakeRequest:
             def send(self, response=None, flags=0):
                 request.responses.append(response)
                 request.flags.append(flags)
+                if flags:
+                    request.done.set()
 
             def is_cancelled(self):
                 return False
 
         return Sender()
 
+    def tokens(self):
+        return [int(t) for r in self.responses if r is not None for t in
+                next(x for x in r.output_tensors() if x.name() == "token_ids").as_numpy()]
 
-def test_bls_mode_loop_against_a_stand_in_for_triton(tiny_river, reference, tmp_path, monkeypatch):
-    repo = TR.write_triton_repo(tiny_river.parent, tmp_path / "repo", bls=True, threads=1)
-    gen_cfg = model_config_pb2.ModelConfig()
-    text_format.Parse((repo / TR.GENERATE_MODEL / "config.pbtxt").read_text(), gen_cfg)
-    assert gen_cfg.parameters["mode"].string_value == "bls"
-    assert gen_cfg.parameters["step_model"].string_value == TR.STEP_MODEL
-    pb = fake_pb_utils(repo / TR.STEP_MODEL)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    spec = importlib.util.spec_from_file_location("river_generate_model", repo / TR.GENERATE_MODEL / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    def stats(self):
+        final = self.responses[-1]
+        assert self.flags.count(1) == 1 and self.flags[-1] == 1 and not final.has_error()
+        return json.loads(next(t for t in final.output_tensors() if t.name() == "stats").as_numpy()[0])
+
+
+def start_model(module, repo: Path):
+    """initialize() as Triton calls it: the config as JSON, the model's folder and version."""
     from google.protobuf import json_format
 
+    cfg = model_config_pb2.ModelConfig()
+    text_format.Parse((repo / TC.GENERATE_MODEL / "config.pbtxt").read_text(), cfg)
     model = module.TritonPythonModel()
-    config = json_format.MessageToJson(gen_cfg, preserving_proto_field_name=True)  # as Triton passes it
-    model.initialize({"model_config": config, "model_name": TR.GENERATE_MODEL})
+    model.initialize({"model_config": json_format.MessageToJson(cfg, preserving_proto_field_name=True),
+                      "model_name": TC.GENERATE_MODEL, "model_repository": str(repo / TC.GENERATE_MODEL),
+                      "model_version": "1"})
+    return model, cfg
+
+
+def test_model_module_streams_in_process_requests(repo, reference, monkeypatch):
+    pb = fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "river.runtime.triton.model", raising=False)
+    module = importlib.import_module("river.runtime.triton.model")
+    model, _ = start_model(module, repo)
+    try:
+        assert model.mode == "ort" and model.gates == 2
+        requests = [FakeRequest(pb, prompt=np.array([b"hello river"], object), max_tokens=np.array([24], np.int32),
+                                thresholds=np.array(MIXED, np.float32)),
+                    FakeRequest(pb, prompt=np.array([b"second"], object), max_tokens=np.array([12], np.int32))]
+        bad = FakeRequest(pb, prompt=np.array([b"hi"], object), thresholds=np.ones(3, np.float32))
+        assert model.execute(requests + [bad]) is None
+        assert bad.done.is_set() and "3 thresholds for 2 gates" in bad.responses[-1].error().message()
+        completed = []
+        for request, (prompt, n, thresholds) in zip(requests, [("hello river", 24, MIXED), ("second", 12, None)]):
+            assert request.done.wait(60)
+            ref = reference(prompt, n, thresholds)
+            assert request.tokens() == ref.token_ids
+            stats = request.stats()
+            assert stats["exit_layers"] == [s.exit_layer for s in ref.steps[1:]]
+            completed.append(stats["server"]["completed"])
+        assert max(completed) == 2
+        model.finalize()  # the workers have finished
+        assert (model.ledger.live, model.ledger.freed) == (0, 2), "every request's KV cache is freed"
+    finally:
+        model.finalize()
+
+
+def test_bls_mode_loop_against_a_stand_in_for_triton(tiny_river, reference, tmp_path, monkeypatch):
+    repo = write_triton_repo(tiny_river.parent, tmp_path / "repo", bls=True, threads=1)
+    pb = fake_pb_utils(repo / TC.STEP_MODEL)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    # the copy in the repository, loaded as Triton's stub loads it
+    spec = importlib.util.spec_from_file_location("river_generate_model", repo / TC.GENERATE_MODEL / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, gen_cfg = start_model(module, repo)
+    assert gen_cfg.parameters["mode"].string_value == "bls"
+    assert gen_cfg.parameters["step_model"].string_value == TC.STEP_MODEL
     try:
         request = FakeRequest(pb, prompt=np.array([b"hello river"], object), max_tokens=np.array([24], np.int32),
                               thresholds=np.array(MIXED, np.float32))
         assert model.execute([request]) is None
-        assert request.flags[-1] == 1 and request.flags.count(1) == 1
-        final = request.responses[-1]
-        assert not final.has_error()
-        out = {t.name(): t.as_numpy() for t in final.output_tensors()}
-        tokens = [int(t) for r in request.responses for t in
-                  next(x for x in r.output_tensors() if x.name() == "token_ids").as_numpy()]
         ref = reference("hello river", 24, MIXED)
-        assert tokens == ref.token_ids
-        stats = json.loads(out["stats"][0])
-        assert stats["exit_layers"] == [s.exit_layer for s in ref.steps[1:]]
-        assert pb.calls and set(pb.calls) == {TR.STEP_MODEL} and len(pb.calls) == len(ref.steps)
+        assert request.tokens() == ref.token_ids
+        assert request.stats()["exit_layers"] == [s.exit_layer for s in ref.steps[1:]]
+        assert pb.calls and set(pb.calls) == {TC.STEP_MODEL} and len(pb.calls) == len(ref.steps)
         bad = FakeRequest(pb, prompt=np.array([("x" * (CAPACITY + 10)).encode()], object))
         model.execute([bad])
         assert bad.responses[-1].has_error() and "cache" in bad.responses[-1].error().message()
@@ -366,12 +477,36 @@ def test_bls_mode_loop_against_a_stand_in_for_triton(tiny_river, reference, tmp_
         model.finalize()
 
 
+def test_bls_step_backend_extends_by_several_tokens(tiny_river, repo, monkeypatch):
+    """The BLS backend implements the whole protocol: extend by S tokens equals S decode steps."""
+    pb = fake_pb_utils(repo / TC.STEP_MODEL)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "river.runtime.triton.model", raising=False)
+    module = importlib.import_module("river.runtime.triton.model")
+    base = open_generator(str(tiny_river), threads=1).backend
+    runs = []
+    for chunks in ([[4, 5, 6]], [[4], [5], [6]]):
+        bls = module.BlsStepBackend(TC.STEP_MODEL, base, [2.0, 2.0])
+        cache = bls.new_cache(16)
+        bls.prefill(np.array([[1, 2, 3]]), cache)
+        cache.length = 3
+        logits = []
+        for chunk in chunks:
+            logits.append(bls.extend(np.array([chunk]), cache)[0])
+            cache.length += len(chunk)
+        assert bls.fed == [4, 5, 6] and bls.last_exit_layer == base.contract.num_layers
+        runs.append((np.concatenate(logits), [k[:, :, :6].copy() for k in cache.keys]))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], atol=1e-4)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 # --- SmolLM2 -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_smollm2_stream_equals_runtime_greedy(smol_onnx, tmp_path):
     river = compile_river(smol_onnx, tmp_path / "river", log=None)
-    repo = TR.write_triton_repo(river.parent, tmp_path / "repo", max_length=256)
+    repo = write_triton_repo(river.parent, tmp_path / "repo", max_length=256)
     prompt = "What is a river delta?"
     with triton_server(repo, ready_timeout=300) as s:
         got = stream_generate(prompt, url=s.grpc_url, max_tokens=24)

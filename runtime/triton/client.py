@@ -1,4 +1,4 @@
-"""Stream a generation from the River Triton model over gRPC (``python -m river.runtime.triton_client``).
+"""Stream a generation from the River Triton model over gRPC (``python -m river.runtime.triton.client``).
 
 Decoupled models answer with many responses per request, which only gRPC streaming carries; the final
 response is recognised by Triton's ``triton_final_response`` parameter (requested with
@@ -12,13 +12,14 @@ import json
 import queue
 import sys
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
+from river.runtime.triton.config import GENERATE_MODEL
+
 DEFAULT_URL = "127.0.0.1:8001"
-DEFAULT_MODEL = "river_generate"
 
 
 @dataclass
@@ -60,7 +61,7 @@ def build_inputs(prompt: str, *, max_tokens: int | None = None, temperature: flo
     return inputs
 
 
-def stream_generate(prompt: str, *, url: str = DEFAULT_URL, model: str = DEFAULT_MODEL,
+def stream_generate(prompt: str, *, url: str = DEFAULT_URL, model: str = GENERATE_MODEL,
                     on_piece: Callable[[str, list[int]], bool | None] | None = None, timeout: float = 300.0,
                     inputs=None, request_id: str | None = None, **options) -> StreamResult:
     """Send one request on its own gRPC stream and collect the streamed text, tokens and final stats.
@@ -112,11 +113,11 @@ def stream_generate(prompt: str, *, url: str = DEFAULT_URL, model: str = DEFAULT
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m river.runtime.triton_client",
+    p = argparse.ArgumentParser(prog="python -m river.runtime.triton.client",
                                 description="Stream an answer from a River model served by Triton (gRPC).")
     p.add_argument("prompt")
     p.add_argument("--url", default=DEFAULT_URL, help=f"gRPC address (default {DEFAULT_URL})")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=GENERATE_MODEL)
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                                  max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                  seed=args.seed, stop=args.stop, thresholds=thresholds, raw=args.raw)
     except (InferenceServerException, TimeoutError) as exc:
-        print(f"\ntriton_client: error: {exc}", file=sys.stderr)
+        print(f"\ntriton.client: error: {exc}", file=sys.stderr)
         return 2
     print()
     if result.stats:

@@ -31,12 +31,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from river.errors import RiverError
+from river.runtime.triton.config import GENERATE_MODEL
 
 HOST = "127.0.0.1"
 
@@ -181,7 +182,7 @@ def _tail(text: str, lines: int = 40) -> str:
 
 
 @contextmanager
-def triton_server(repository: str | Path, *, models: Sequence[str] | None = ("river_generate",),
+def triton_server(repository: str | Path, *, models: Sequence[str] | None = (GENERATE_MODEL,),
                   ready_timeout: float = 180.0, log_verbose: int = 0, exit_timeout: int = 5,
                   extra_args: Sequence[str] = (), keep_logs: str | Path | None = None) -> Iterator[TritonServer]:
     """Serve ``repository`` with pytriton's tritonserver on 127.0.0.1; yield when every loaded model is ready.
@@ -237,11 +238,11 @@ def triton_server(repository: str | Path, *, models: Sequence[str] | None = ("ri
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m river.runtime.triton_server",
+    p = argparse.ArgumentParser(prog="python -m river.runtime.triton.server",
                                 description="Serve a River Triton model repository with nvidia-pytriton's "
                                 "tritonserver on 127.0.0.1 until interrupted.")
     p.add_argument("repository")
-    p.add_argument("--model", action="append", help="model to load (repeatable; default: river_generate)")
+    p.add_argument("--model", action="append", help=f"model to load (repeatable; default: {GENERATE_MODEL})")
     p.add_argument("--log-verbose", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, interrupted)
     try:
-        with triton_server(args.repository, models=args.model or ("river_generate",),
+        with triton_server(args.repository, models=args.model or (GENERATE_MODEL,),
                            log_verbose=args.log_verbose) as server:
             print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}",
                   flush=True)
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except RiverError as exc:
-        print(f"triton_server: error: {exc}", file=sys.stderr)
+        print(f"triton.server: error: {exc}", file=sys.stderr)
         return 2
 
 
