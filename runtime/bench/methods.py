@@ -93,7 +93,7 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
     from river.compiler.calibration_data import CALIBRATION_PROMPTS
     from river.compiler.compile import compile_river
     from river.compiler.graph_io import load_onnx, save_onnx_atomic
-    from river.compiler.uniform_quant import uniform_quantized
+    from river.compiler.weight_quant import uniform_quantized
     from river.export.store import exported_model_path
 
     step = Path(exported_model_path(model))
@@ -120,10 +120,10 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
 def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
     """Every method, named as the report names it ("full" first: the others are measured against it)."""
     from river.compiler.ort_session import shared_thread_pool
-    from river.runtime.verify_graphs import verify_pair
     from river.runtime.loading import open_generator
     from river.runtime.ort_backend import OrtBackend
     from river.runtime.speculative import SpeculativeGenerator
+    from river.runtime.verify_graphs import verify_pair
 
     full = open_generator(str(graphs.step), threads=threads)
     tok, eos = full.tokenizer, full.eos_token_ids
