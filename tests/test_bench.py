@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +57,17 @@ def test_frontier_verdict_words():
 def test_last_number():
     assert last_number("so 3 + 4 = 7.") == 7 and last_number("1,250 apples") == 1250
     assert last_number("no digits") is None
+
+
+def test_command_and_module_entry_points():
+    """``river-bench`` (pyproject's entry) and ``python -m river.runtime.bench`` reach the same CLI."""
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    entry = re.search(r'^river-bench = "(.+)"$', pyproject, re.M).group(1)
+    module, func = entry.split(":")
+    assert getattr(importlib.import_module(module), func) is cli.console
+    proc = subprocess.run([sys.executable, "-m", "river.runtime.bench", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: river-bench")
+    assert all(m in proc.stdout for m in ("--quick", "fixed@<g>", "draft-alone", "verify-river:k=<k>"))
 
 
 def test_monotone_policy_never_raises_the_exit_layer(tiny, tiny_onnx, tmp_path):
