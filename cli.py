@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from river.compiler.river import twins
+from river.compiler.river.manifest import TWIN_FORMATS
 from river.errors import RiverError
 from river.models.registry import DEFAULT_MODEL, available_models
 
@@ -33,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder (must not exist or be empty)")
     p.add_argument("--gates", help="comma-separated layer indices after which tokens may exit "
                    "(default 'auto': the middle band, layers L/2-1 .. 3L/4-1)")
-    p.add_argument("--river", default="int8", choices=["int8", "int4", "fp32", "attn", "kv"],
+    p.add_argument("--river", default="int8", choices=list(twins.river_names()),
                    help="twin kind: int8/int4/fp32 = whole-layer twins at that weight precision; attn = "
-                   "attention-only twins; kv = K/V projections of the exit state only (default int8)")
+                   "attention-only twins; kv = K/V projections of the exit state only (default int8); "
+                   "kinds registered in river.compiler.river.twins add their own names")
     p.add_argument("--thresholds", help="JSON file: a list of per-gate similarity thresholds, or "
                    '{"gates": [...], "thresholds": [...]} (default: every gate disabled until calibrated)')
     p.add_argument("--block", type=int, default=64, choices=[32, 64, 128], help="quantization block size (default 64)")
@@ -45,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "number (mean damage of exited tokens on calibration data; default balanced)")
     p.add_argument("--metric", default="flip", choices=["flip", "kl", "kv"],
                    help="damage measure the budget bounds: top-1 flip rate (default), KL, or relative KV error")
-    p.add_argument("--flavour", default=None, choices=["ort", "dq"],
-                   help="quantized twins as ORT MatMulNBits (default) or block DequantizeLinear (TensorRT)")
+    p.add_argument("--twin-format", default="ort", choices=list(TWIN_FORMATS),
+                   help="quantized twins as ONNX Runtime operators (MatMulNBits / dynamic int8, default) or block "
+                   "DequantizeLinear (dq, what TensorRT imports)")
+    p.add_argument("--flavour", dest="twin_format", choices=list(TWIN_FORMATS), help=argparse.SUPPRESS)  # before 0.2
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for calibration")
     p.add_argument("--triton-repo", type=Path, metavar="REPO",
                    help="also write a Triton Inference Server model repository for the River graph to REPO")
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _river_options(args) -> dict:
     return dict(gates=args.gates, river=args.river, thresholds=args.thresholds, block=args.block,
-                flavour=args.flavour or "ort", calibrate=args.calibrate, budget=args.budget, metric=args.metric,
+                twin_format=args.twin_format, calibrate=args.calibrate, budget=args.budget, metric=args.metric,
                 threads=args.threads, draft_exit=None if args.no_draft else args.draft_exit)
 
 
@@ -125,16 +130,16 @@ def _extras(args, step: Path, river_dir: Path) -> bool:
     Returns True when the parity check failed."""
     segments = engines = None
     if args.segmented or args.trt:
-        from river.compiler.trt_engines import spec_from_manifest
+        from river.compiler.tensorrt.engines import spec_from_manifest
 
         spec = spec_from_manifest(river_dir)
     if args.segmented:
-        from river.compiler.segments import write_segments
+        from river.compiler.river.segments import write_segments
 
         print("[river] writing the segmented form ...", file=sys.stderr, flush=True)
         segments = write_segments(step, spec, river_dir / "segments")
     if args.trt:
-        from river.compiler.trt_engines import compile_trt
+        from river.compiler.tensorrt.engines import compile_trt
 
         print("[river] building TensorRT engines ...", file=sys.stderr, flush=True)
         report = compile_trt(step, spec, river_dir, log=sys.stderr)

@@ -10,6 +10,9 @@ Per gate we fit the predictor "cumulative KV error ~ a + b * (1 - s)" (reported 
 rank correlation), and turn an error budget into a threshold: the lowest similarity t such that
 tokens with s >= t have mean damage <= budget on the calibration data. Thresholds therefore never
 fall as the budget shrinks, and budget 0 disables the gate.
+
+The graphs run through a session factory the caller passes (``open_session(model) -> session`` with
+ONNX Runtime's ``run``/``get_outputs``), so calibration does not choose or import a runtime.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from river.compiler.river_pass import DISABLED, THRESHOLDS, river_metadata
+from river.compiler.graph_io import load_onnx, load_onnx_header, write_bytes_atomic
+from river.compiler.river.manifest import DISABLED, FORCED_EXIT, THRESHOLDS, RiverInfo
 from river.compiler.structure import discover
 from river.errors import RiverError
 from river.export import contract as C
@@ -30,6 +34,7 @@ from river.export.contract import StepContract
 
 BUDGETS = {"safe": 0.005, "balanced": 0.02, "fast": 0.05}  # mean top-1 flip rate among exited tokens
 METRICS = ("flip", "kl", "kv")
+OpenSession = Callable[[onnx.ModelProto], object]  # a graph -> a session with run(names, feeds) and get_outputs()
 
 
 @dataclass
@@ -71,21 +76,17 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def collect(step_path: str | Path, river_path: str | Path, sequences: Sequence[Sequence[int]],
-            start: Sequence[int], threads: int | None = None, progress=None) -> list[GateData]:
+            start: Sequence[int], open_session: OpenSession, progress=None) -> list[GateData]:
     """Similarities and damages for every position t >= start[i] of each token sequence."""
-    from river.compiler.graph_io import load_onnx
-    from river.runtime.ort_backend import make_session
-
-    river_model = onnx.load(str(river_path), load_external_data=False)
-    meta = river_metadata(river_model)
-    if meta is None:
+    info = RiverInfo.from_model(load_onnx_header(river_path))
+    if info is None:
         raise RiverError(f"{river_path} is not a River graph")
-    gates = meta["gates"]
+    gates = list(info.gates)
     step = load_onnx(step_path)
     contract = StepContract.from_model(step)
     inst, pairs = instrumented_step_graph(step, gates)
-    full = make_session(inst, threads)
-    river = make_session(load_onnx(river_path), threads)
+    full = open_session(inst)
+    river = open_session(load_onnx(river_path))
     names = [o.name for o in full.get_outputs()]
     data = [GateData(g) for g in gates]
     L = contract.num_layers
@@ -106,7 +107,7 @@ def collect(step_path: str | Path, river_path: str | Path, sequences: Sequence[S
                     step_feeds[C.past_name(layer, kind)] = out[C.present_name(layer, kind)][:, :, :t]
             for gi, (g, (hin, hout)) in enumerate(zip(gates, pairs)):
                 thr = np.full(len(gates), DISABLED, np.float32)
-                thr[gi] = -2.0
+                thr[gi] = FORCED_EXIT
                 r = dict(zip([o.name for o in river.get_outputs()], river.run(None, {**step_feeds, THRESHOLDS: thr})))
                 logp = _log_softmax(r[C.LOGITS][0, -1])
                 num = den = 0.0
@@ -204,14 +205,11 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def greedy_continuations(step_path: str | Path, prompts_ids: Sequence[Sequence[int]], new_tokens: int,
-                         threads: int | None = None, eos: Sequence[int] = ()) -> list[list[int]]:
+                         open_session: OpenSession, eos: Sequence[int] = ()) -> list[list[int]]:
     """Each prompt followed by the full model's own greedy continuation (what decoding will see)."""
-    from river.compiler.graph_io import load_onnx
-    from river.compiler.ort_session import make_session
-
     step = load_onnx(step_path)
     contract = StepContract.from_model(step)
-    session = make_session(step, threads)
+    session = open_session(step)
     names = [o.name for o in session.get_outputs()]
     out = []
     for ids in prompts_ids:
@@ -234,8 +232,8 @@ def greedy_continuations(step_path: str | Path, prompts_ids: Sequence[Sequence[i
     return out
 
 
-def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequence[str], tokenizer, *,
-                    new_tokens: int = 32, threads: int | None = None, metric: str = "flip",
+def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequence[str], tokenizer,
+                    open_session: OpenSession, *, new_tokens: int = 32, metric: str = "flip",
                     budgets: dict | None = None, eos: Sequence[int] = (), log=None) -> dict:
     """Run calibration end to end on text prompts (chat template applied when the tokenizer has one)."""
     from tqdm import tqdm
@@ -248,10 +246,10 @@ def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequ
         else:
             ids = list(tokenizer(p)["input_ids"])
         prompt_ids.append(ids)
-    sequences = greedy_continuations(step_path, prompt_ids, new_tokens, threads, eos)
+    sequences = greedy_continuations(step_path, prompt_ids, new_tokens, open_session, eos)
     total = sum(len(s) - len(p) for s, p in zip(sequences, prompt_ids))
     with tqdm(total=total, desc="calibrating", unit="tok", file=log, disable=log is None) as bar:
-        data = collect(step_path, river_path, sequences, [len(p) for p in prompt_ids], threads, bar)
+        data = collect(step_path, river_path, sequences, [len(p) for p in prompt_ids], open_session, bar)
     result = report(data, metric, budgets)
     result["prompts"] = list(prompts)
     result["new_tokens"] = new_tokens
@@ -260,14 +258,10 @@ def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequ
 
 def set_default_thresholds(river_path: str | Path, values: Sequence[float]) -> None:
     """Rewrite the baked-in ``exit_thresholds`` default of a River graph file in place (weights untouched)."""
-    from river.compiler.graph_io import load_onnx_header
-
     path = Path(river_path)
     model = load_onnx_header(path)
     init = next((t for t in model.graph.initializer if t.name == THRESHOLDS), None)
     if init is None or init.dims[0] != len(values):
         raise RiverError(f"{path} has no exit_thresholds default of {len(values)} values")
     init.CopyFrom(onnx.numpy_helper.from_array(np.asarray(values, np.float32), THRESHOLDS))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model.SerializeToString())
-    tmp.replace(path)
+    write_bytes_atomic(path, model.SerializeToString())

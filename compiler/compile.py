@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -13,34 +14,25 @@ from typing import Sequence
 import onnx
 
 from river.atomic import atomic_dir
-from river.compiler.graph_io import load_onnx, save_onnx_atomic
 from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
-from river.compiler.river_pass import RiverSpec, default_gates, river_graph
+from river.compiler.graph_io import load_onnx, save_onnx_atomic, walk_nodes
+from river.compiler.river.manifest import DISABLED, EXIT_LAYER, SIDE_FILES, THRESHOLDS, RiverManifest
+from river.compiler.river.nested import river_graph
+from river.compiler.river.spec import RiverSpec, default_gates
 from river.errors import NotADecoderGraph, RiverError
 from river.export.contract import StepContract
-
-MANIFEST = "river.json"
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-              "tokenizer.model", "river_model.json", "generation_config.json", "config.json")
 
 
 def check_supported_ops(model: onnx.ModelProto, source: str = "model") -> None:
     """Refuse graphs the River rewrite cannot handle: non-standard ops, or existing control flow."""
     unsupported: dict[str, int] = {}
-
-    def walk(graph):
-        for node in graph.node:
-            if node.domain not in ("", "ai.onnx"):
-                key = f"{node.domain}.{node.op_type}"
-                unsupported[key] = unsupported.get(key, 0) + 1
-            if node.op_type in ("If", "Loop", "Scan"):
-                raise NotADecoderGraph(f"{source} already contains control flow ({node.op_type} '{node.name}'): "
-                                       "is it already a River graph? Give the plain step graph.")
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-
-    walk(model.graph)
+    for node in walk_nodes(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            key = f"{node.domain}.{node.op_type}"
+            unsupported[key] = unsupported.get(key, 0) + 1
+        if node.op_type in ("If", "Loop", "Scan"):
+            raise NotADecoderGraph(f"{source} already contains control flow ({node.op_type} '{node.name}'): "
+                                   "is it already a River graph? Give the plain step graph.")
     if unsupported:
         ops = ", ".join(f"{k} (x{v})" for k, v in sorted(unsupported.items()))
         raise NotADecoderGraph(
@@ -96,7 +88,7 @@ def parse_gates(text: str | None, num_layers: int) -> tuple[int, ...]:
 
 def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | Sequence[int] | None = None,
                   river: str = "int8", thresholds: str | Path | Sequence[float] | None = None, block: int = 64,
-                  model_name: str | None = None, flavour: str = "ort", calibrate: str | Path | Sequence[str] | None = None,
+                  model_name: str | None = None, twin_format: str = "ort", calibrate: str | Path | Sequence[str] | None = None,
                   budget: str | float = "balanced", metric: str = "flip", calibration_tokens: int = 32,
                   threads: int | None = None, draft_exit: int | None = -1, log=sys.stderr) -> Path:
     """Rewrite ``source_onnx`` (a step graph) into ``out_dir/model.onnx`` + ``river.json``.
@@ -124,7 +116,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 thresholds = read_thresholds(thresholds, gate_list)
             if calibrate is not None and thresholds is not None:
                 raise RiverError("give either --thresholds or --calibrate, not both")
-            spec = RiverSpec.from_name(river, gate_list, block=block, flavour=flavour,
+            spec = RiverSpec.from_name(river, gate_list, block=block, twin_format=twin_format,
                                        thresholds=None if thresholds is None else tuple(thresholds))
             draft_info = None
             if draft_exit is not None:
@@ -146,51 +138,45 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 from transformers import AutoTokenizer
 
                 from river.compiler.calibrate import (
-                    calibrate_river,
                     BUDGETS,
+                    calibrate_river,
                     read_prompts,
                     resolve_budget,
                     set_default_thresholds,
                 )
+                from river.compiler.ort_session import make_session
 
                 prompts = read_prompts(calibrate) if isinstance(calibrate, (str, Path)) else list(calibrate)
                 if not (source_onnx.parent / "tokenizer.json").is_file():
                     raise RiverError(f"calibration needs the tokenizer next to {source_onnx} (tokenizer.json)")
                 tokenizer = AutoTokenizer.from_pretrained(str(source_onnx.parent))
                 point = budget if isinstance(budget, str) else "chosen"  # the operating point baked in
-                calibration = calibrate_river(source_onnx, tmp / "model.onnx", prompts, tokenizer, new_tokens=calibration_tokens,
-                                              threads=threads, metric=metric,
+                calibration = calibrate_river(source_onnx, tmp / "model.onnx", prompts, tokenizer,
+                                              lambda graph: make_session(graph, threads),
+                                              new_tokens=calibration_tokens, metric=metric,
                                               budgets={**BUDGETS, point: resolve_budget(budget)},
                                               eos=_eos_ids(source_onnx.parent, tokenizer), log=log)
                 picked = calibration["operating_points"][point]["thresholds"]
                 set_default_thresholds(tmp / "model.onnx", picked)
-                spec = RiverSpec(spec.gates, spec.kind, spec.precision, spec.block, tuple(picked), spec.flavour)
+                spec = dataclasses.replace(spec, thresholds=tuple(picked))
                 (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2))
             data = source_onnx.with_name(source_onnx.name + ".data")
-            manifest = {
-                "format": 1,
-                "model": model_name or source_onnx.parent.name,
-                "source": {"path": str(source_onnx.resolve()),
-                           "sha256": file_sha256([source_onnx] + ([data] if data.is_file() else []))},
-                "num_layers": contract.num_layers,
-                "gates": list(spec.gates),
-                "river": river,
-                "kind": spec.kind,
-                "precision": spec.precision,
-                "block": spec.block,
-                "flavour": spec.flavour,
-                "thresholds": list(spec.thresholds) if spec.thresholds is not None else None,
-                "operating_points": None if calibration is None else
+            RiverManifest(
+                model=model_name or source_onnx.parent.name,
+                source={"path": str(source_onnx.resolve()),
+                        "sha256": file_sha256([source_onnx] + ([data] if data.is_file() else []))},
+                num_layers=contract.num_layers, gates=list(spec.gates), river=river, kind=spec.kind,
+                precision=spec.precision, block=spec.block, twin_format=spec.twin_format,
+                thresholds=list(spec.thresholds) if spec.thresholds is not None else None,
+                operating_points=None if calibration is None else
                 {k: v["thresholds"] for k, v in calibration["operating_points"].items()},
-                "calibration": None if calibration is None else
+                calibration=None if calibration is None else
                 {"metric": metric, "budget": budget, "tokens": calibration["tokens"], "file": "calibration.json"},
-                "thresholds_note": None if spec.thresholds is not None else
-                "no thresholds given: every gate is disabled (2.0) until calibrated; pass exit_thresholds at run time",
-                "draft": draft_info,
-                "inputs_added": ["exit_thresholds"],
-                "outputs_added": ["exit_layer"],
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+                thresholds_note=None if spec.thresholds is not None else
+                f"no thresholds given: every gate is disabled ({DISABLED}) until calibrated; pass {THRESHOLDS} at run time",
+                draft=draft_info,
+                inputs_added=[THRESHOLDS], outputs_added=[EXIT_LAYER],
+            ).save(tmp)
             for name in SIDE_FILES:  # tokenizer and model metadata travel with the graph
                 if (source_onnx.parent / name).is_file():
                     shutil.copy2(source_onnx.parent / name, tmp / name)

@@ -1,4 +1,5 @@
-"""Pass: the draft graph for verify mode - the river's exit path as a straight-line step graph.
+"""Pass: the draft graph for verify mode - the river's exit path as a straight-line step graph
+(a use of the whole-graph quantization pass, ``weight_quant``).
 
 Layers up to ``exit_after`` are the backbone's own nodes; every weight MatMul after it (and, with
 ``head``, the LM head) becomes a twin: ONNX Runtime's ``MatMulNBits`` over block-wise weights with
@@ -27,9 +28,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from river.compiler.gqa_attention import matmul_input_shapes, ungroup_attention
 from river.compiler.quantize import ort_block_quant, unpack_nbits
-from river.compiler.structure import discover
+from river.compiler.river.manifest import set_props
+from river.compiler.weight_quant import quantize_weights
 from river.export.contract import StepContract
 
 DRAFT_PROP = "river.draft"
@@ -57,6 +58,32 @@ def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.nda
     return w.reshape(n, -1)[:, :k].T.astype(np.float32)
 
 
+class DraftMatMuls:
+    """The draft's twins: MatMulNBits over asymmetric block-quantized weights (a tied weight is
+    packed once), at the given accuracy level."""
+
+    min_opset = None
+
+    def __init__(self, bits: int, block: int, accuracy_level: int):
+        self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
+        self.done: dict[int, tuple] = {}  # id(weight) -> its quantized constants
+
+    def quantizable(self, weight: gs.Constant) -> bool:
+        return weight.values.ndim == 2 and weight.values.shape[0] % self.block == 0
+
+    def __call__(self, node: gs.Node, a: gs.Tensor, weight: gs.Constant, tag: str, out: gs.Tensor) -> list[gs.Node]:
+        bits, block = self.bits, self.block
+        if id(weight) not in self.done:
+            packed, scales, zps = ort_block_quant(weight.values, bits, block, symmetric=False)
+            self.done[id(weight)] = (gs.Constant(f"{weight.name}@d{bits}p", packed),
+                                     gs.Constant(f"{weight.name}@d{bits}s", scales.reshape(-1)),
+                                     gs.Constant(f"{weight.name}@d{bits}z", zps))
+        k, n = weight.values.shape
+        return [gs.Node("MatMulNBits", f"{node.name}@{tag}",
+                        {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": self.accuracy_level},
+                        [a, *self.done[id(weight)]], [out], domain="com.microsoft")]
+
+
 def draft_graph(model: onnx.ModelProto, exit_after: int = -1, bits: int = 8, block: int = 32,
                 head: bool = True, accuracy_level: int = 4) -> onnx.ModelProto:
     """The draft graph of a contract step graph (see module docstring)."""
@@ -65,39 +92,13 @@ def draft_graph(model: onnx.ModelProto, exit_after: int = -1, bits: int = 8, blo
         raise ValueError(reason)
     if bits not in BITS:
         raise ValueError(f"draft twins have 4 or 8 bits, not {bits}")
-    shapes = matmul_input_shapes(model)  # before twins: ONNX shape inference cannot see through MatMulNBits
-    graph = gs.import_onnx(model)
-    ungroup_attention(graph, shapes)
-    structure = discover(graph, StepContract.from_model(model))
-    targets = [n for b in structure.blocks[exit_after + 1:] for n in b.nodes] + (list(structure.head) if head else [])
-    done: dict[int, tuple] = {}  # id(weight) -> its quantized constants (a tied weight is packed once)
-    twins = 0
-    for node in targets:
-        weight = node.inputs[1] if node.op == "MatMul" and len(node.inputs) == 2 else None
-        if not isinstance(weight, gs.Constant) or weight.values.ndim != 2 or weight.values.shape[0] % block:
-            continue
-        k, n = weight.values.shape
-        if id(weight) not in done:
-            packed, scales, zps = ort_block_quant(weight.values, bits, block, symmetric=False)
-            done[id(weight)] = (gs.Constant(f"{weight.name}@d{bits}p", packed),
-                                gs.Constant(f"{weight.name}@d{bits}s", scales.reshape(-1)),
-                                gs.Constant(f"{weight.name}@d{bits}z", zps))
-        a, out = node.inputs[0], node.outputs[0]
-        node.inputs, node.outputs = [], []
-        graph.nodes.append(gs.Node("MatMulNBits", f"{node.name}@draft",
-                                   {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": accuracy_level},
-                                   [a, *done[id(weight)]], [out], domain="com.microsoft"))
-        twins += 1
+    info = {"exit_after": exit_after, "bits": bits, "block": block, "head": head, "accuracy_level": accuracy_level}
+    result, twins = quantize_weights(model, DraftMatMuls(bits, block, accuracy_level), after_layer=exit_after,
+                                     head=head, ungroup=True, tag="draft")
     if not twins:
         raise ValueError("no weight MatMul after the draft exit could be quantized (weights must be 2-D initializers "
                          f"whose input dimension is a multiple of {block})")
-    graph.cleanup().toposort()
-    result = gs.export_onnx(graph, do_type_check=False)
-    result.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    info = {"exit_after": exit_after, "bits": bits, "block": block, "head": head,
-            "accuracy_level": accuracy_level, "twins": twins}
-    props = {p.key: p.value for p in model.metadata_props} | {DRAFT_PROP: json.dumps(info)}
-    onnx.helper.set_model_props(result, props)
+    set_props(result, {DRAFT_PROP: json.dumps(info | {"twins": twins})})
     return result
 
 

@@ -1,4 +1,5 @@
-"""Loading and saving ONNX models for the passes: clear errors in, atomic writes out."""
+"""Graph utilities every pass shares: loading (clear errors) and atomic saving, recursive node walks,
+opsets, completing types, stamping metadata, hoisting initializers out of ``If`` branches."""
 
 from __future__ import annotations
 
@@ -89,16 +90,7 @@ def hoist_initializers(model: onnx.ModelProto, keep_local=lambda name: False) ->
     MatMulNBits / MatMulInteger weights only when they are local).
     """
     main = model.graph
-    graphs: list[onnx.GraphProto] = []
-
-    def collect(graph):
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(attr.g)
-                    collect(attr.g)
-
-    collect(main)
+    graphs = list(walk_graphs(main))[1:]
     count: dict[str, int] = {}
     for g in [main] + graphs:
         for t in g.initializer:
@@ -115,3 +107,82 @@ def hoist_initializers(model: onnx.ModelProto, keep_local=lambda name: False) ->
         del sub.initializer[:]
         sub.initializer.extend(keep)
     return model
+
+
+def walk_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs (``If`` branches), depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from walk_nodes(attr.g)
+
+
+def walk_graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph inside it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from walk_graphs(attr.g)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset version (0 when it declares none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def lift_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The model at default-domain opset ``version`` or later (converted only when older)."""
+    if default_opset(model) >= version:
+        return model
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, version)
+
+
+def complete_types(model: onnx.ModelProto, type_of) -> None:
+    """Give graph inputs/outputs (main graph and every subgraph) the type ``type_of(name)`` returns
+    (None leaves one as it is); drop shapeless value_info (shape inference recomputes it).
+
+    Why: onnx-graphsurgeon leaves new tensors untyped, and ONNX wants every graph output typed with
+    a shape; boundary tensors should carry the contract's symbolic axes (TensorRT profiles use them).
+    """
+    for graph in walk_graphs(model.graph):
+        keep = [vi for vi in graph.value_info if vi.type.tensor_type.HasField("shape")]
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+        for vi in list(graph.input) + list(graph.output):
+            t = type_of(vi.name)
+            if t is not None:
+                vi.type.CopyFrom(t)
+
+
+def stamp(model: onnx.ModelProto, source: onnx.ModelProto, props: dict[str, str]) -> onnx.ModelProto:
+    """A pass's output describes itself: the source's metadata plus ``props``, its IR version (or
+    later), our producer name, and an opset import for every non-default domain its nodes use."""
+    model.ir_version = max(model.ir_version, source.ir_version)
+    model.producer_name = "river-llm"
+    domains = {n.domain for n in walk_nodes(model.graph) if n.domain not in ("", "ai.onnx")}
+    have = {o.domain for o in model.opset_import}
+    model.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(domains - have))
+    onnx.helper.set_model_props(model, {p.key: p.value for p in source.metadata_props} | props)
+    return model
+
+
+def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> Path:
+    """Temporary file in the same folder, fsync, rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -278,7 +278,7 @@ def check_parity(river: str | Path, *, segments: str | Path | None = None, engin
         groups.setdefault(segments_twins(segments), []).append(
             ("river-ort-segmented", lambda: SegmentedBackend(segments, threads=threads), "backend"))
     else:
-        skipped["river-ort-segmented"] = f"no segments folder next to {onnx_path} (write one with river.compiler.segments)"
+        skipped["river-ort-segmented"] = f"no segments folder next to {onnx_path} (write one with river.compiler.river.segments)"
     if engines is not None:  # the TensorRT forms: checked in ONNX Runtime here, in TensorRT where it runs
         from river.compiler.tensorrt.engines import EnginesReport
 

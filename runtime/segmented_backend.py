@@ -1,4 +1,4 @@
-"""ONNX Runtime backend over a segmented River (``river.compiler.segments``): no ``If`` anywhere, the
+"""ONNX Runtime backend over a segmented River (``river.compiler.river.segments``): no ``If`` anywhere, the
 runtime reads each gate's exit flag and picks the next segment itself.
 
 Prefill runs the contract-form segments (whole backbone, gates disabled) and writes the prompt's

@@ -4,7 +4,8 @@ graph (same gates, same twins, same KV share), and the way to time River on a GP
 One ``step`` mirrors one River graph step: run the backbone; after each gate layer compare the
 per-row cosine similarity of the block's input and output (last position) with the gate's threshold;
 when every row clears it, run the river (twins of the remaining layers, writing their K/V) and the
-head. Twin weights come from ``river.compiler.quantize``, the same routine the compiler uses.
+head. Twin weights come from ``river.compiler.quantize``, the same routine the compiler uses, and
+each twin kind computes what its class in the twin registry (``river.compiler.river.twins``) says.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import copy
 
 import torch
 from river.compiler.quantize import BITS, dynamic_int8_matmul, quantize, quantize_channels_int8
+from river.compiler.river import twins
 from river.models.llama import DecoderLayer, LlamaForCausalLM, additive_causal_mask
 
 
@@ -24,7 +26,7 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class DynamicInt8Linear(torch.nn.Module):
-    """A twin linear layer computing exactly what the ORT flavour's dynamic-int8 MatMul computes."""
+    """A twin linear layer computing exactly what the ORT twin format's dynamic-int8 MatMul computes."""
 
     def __init__(self, weight):
         super().__init__()
@@ -36,9 +38,9 @@ class DynamicInt8Linear(torch.nn.Module):
 
 class TorchRiver:
     def __init__(self, model: LlamaForCausalLM, gates, kind: str = "full", precision: str = "int8", block: int = 64,
-                 flavour: str = "ort"):
+                 twin_format: str = "ort"):
         self.model, self.gates, self.kind, self.precision, self.block = model.eval(), tuple(gates), kind, precision, block
-        self.flavour = flavour
+        self.twin_kind, self.twin_format = twins.get(kind), twin_format
         self._twins: dict[int, DecoderLayer] = {}
 
     def twin(self, layer: int) -> DecoderLayer:
@@ -52,10 +54,10 @@ class TorchRiver:
                             if not (isinstance(mod, torch.nn.Linear) and mod.in_features % self.block == 0):
                                 continue
                             w = mod.weight.detach().cpu().numpy().T  # the ONNX MatMul layout [in, out]
-                            if self.flavour == "ort" and self.precision == "int8":
+                            if self.twin_format == "ort" and self.precision == "int8":
                                 setattr(parent, name, DynamicInt8Linear(quantize_channels_int8(w)))
                                 continue
-                            deq = quantize(w, BITS[self.precision], self.block, self.flavour).dequantize()
+                            deq = quantize(w, BITS[self.precision], self.block, self.twin_format).dequantize()
                             mod.weight.copy_(torch.from_numpy(deq.T.copy()))
             self._twins[layer] = twin
         return self._twins[layer]
@@ -86,15 +88,7 @@ class TorchRiver:
             h_exit = h
             for l in range(exit_after + 1, L):
                 twin = self.twin(l)
-                pk, pv = past[2 * l], past[2 * l + 1]
-                if self.kind == "kv":
-                    k, v = twin.self_attn.new_kv(twin.input_layernorm(h_exit), cos, sin)
-                    k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
-                elif self.kind == "attn":
-                    attn, k, v = twin.self_attn(twin.input_layernorm(h), cos, sin, mask, pk, pv)
-                    h = h + attn
-                else:
-                    h, k, v = twin(h, cos, sin, mask, pk, pv)
+                h, k, v = self.twin_kind.torch(twin, h, h_exit, (cos, sin), mask, past[2 * l], past[2 * l + 1])
                 presents += [k, v]
         logits = self.model.lm_head(m.norm(h))
         exit_layer = torch.full((input_ids.shape[0],), L if exit_after is None else exit_after + 1, dtype=torch.int64)

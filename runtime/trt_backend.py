@@ -175,7 +175,7 @@ def _require_gpu():
         raise RiverError(f"the TensorRT backend needs torch for device buffers: {exc}") from exc
     if not torch.cuda.is_available():
         raise RiverError("the TensorRT backend needs a CUDA GPU (torch.cuda.is_available() is False); "
-                         "engines can still be built here (river.compiler.trt_engines)")
+                         "engines can still be built here (river.compiler.tensorrt.engines)")
     trt = require_trt()
     return torch, trt, TRT_PACKAGE
 
@@ -271,7 +271,7 @@ class _Engine:
 
 
 class TrtBackend(StepBackend):
-    """The backend protocol over TensorRT engines built by ``river.compiler.trt_engines``.
+    """The backend protocol over TensorRT engines built by ``river.compiler.tensorrt.engines``.
 
     ``mode`` "segmented" needs the segment engines and their ``.kv`` (static capacity) twins;
     "fused" needs ``fused.plan`` (or ``step.plan`` with ``engine="step"``: the no-exit baseline).

@@ -65,7 +65,7 @@ def print_table(title: str, rows: list[tuple[str, float]], base: float, base_nam
 
 # --- torch reference ----------------------------------------------------------------------------
 
-def torch_section(loaded, gates, kinds, device: str, steps: int, prompt_len: int, flavour: str) -> dict:
+def torch_section(loaded, gates, kinds, device: str, steps: int, prompt_len: int, twin_format: str) -> dict:
     import torch
 
     from river.runtime.torch_reference import TorchRiver
@@ -106,10 +106,10 @@ def torch_section(loaded, gates, kinds, device: str, steps: int, prompt_len: int
     base = run(full)
     result = {"device": device, "full_ms": base, "kinds": {}}
     for kind in kinds:
-        from river.compiler.river_pass import RiverSpec
+        from river.compiler.river.spec import RiverSpec
 
         spec = RiverSpec.from_name(kind, gates)
-        river = TorchRiver(model, gates, spec.kind, spec.precision, flavour=flavour)
+        river = TorchRiver(model, gates, spec.kind, spec.precision, twin_format=twin_format)
         rows = []
         for name, thr in patterns(len(gates)):
             thr_t = np.asarray(thr, np.float32)
@@ -160,18 +160,18 @@ def ort_section(river_onnx: Path, segments: Path, step_onnx: Path, gates, steps:
 
 def trt_section(step_onnx: Path, spec, work: Path, gates, steps: int, prompt: list[int], capacity: int,
                 build: bool) -> dict:
-    from river.compiler import trt_shim
+    from river.compiler.tensorrt import package as trt_package
     from river.runtime.parity import trt_can_run
 
-    if trt_shim.trt is None:
-        log(f"\n== TensorRT: not installed ({trt_shim.INSTALL_HINT})")
+    if trt_package.trt is None:
+        log(f"\n== TensorRT: not installed ({trt_package.INSTALL_HINT})")
         return {"skipped": "TensorRT is not installed"}
     if not build:
         log("\n== TensorRT: engine build skipped (--no-trt-build)")
         return {"skipped": "--no-trt-build"}
-    from river.compiler.trt_engines import build_river_engines, write_trt_forms
+    from river.compiler.tensorrt.engines import build_river_engines, write_trt_forms
 
-    log(f"\n== TensorRT ({trt_shim.FLAVOUR} {trt_shim.trt.__version__}): building engines")
+    log(f"\n== TensorRT ({trt_package.TRT_PACKAGE} {trt_package.trt.__version__}): building engines")
     t0 = time.perf_counter()
     shutil.rmtree(work / "trt", ignore_errors=True)  # our own work folder: rebuild from scratch
     forms = write_trt_forms(step_onnx, spec, work / "trt")
@@ -241,9 +241,9 @@ def main(argv=None) -> int:
     import torch
 
     from river.compiler.compile import compile_river, parse_gates
-    from river.compiler.river_pass import RiverSpec
-    from river.compiler.segments import write_segments
-    from river.compiler.trt_engines import check_twins_for_trt
+    from river.compiler.river.spec import RiverSpec
+    from river.compiler.river.segments import write_segments
+    from river.compiler.lowering.tensorrt import check_twins_for_trt
     from river.export import export_model
     from river.models import load_model
 
@@ -258,9 +258,9 @@ def main(argv=None) -> int:
         env["onnxruntime"] = f"{ort.__version__} {ort.get_available_providers()}"
     except Exception as exc:  # noqa: BLE001 - any failure to import torch means no GPU path
         env["onnxruntime"] = f"unavailable: {exc}"
-    from river.compiler import trt_shim
+    from river.compiler.tensorrt import package as trt_package
 
-    env["tensorrt"] = f"{trt_shim.FLAVOUR} {trt_shim.trt.__version__}" if trt_shim.trt is not None else "not installed"
+    env["tensorrt"] = f"{trt_package.TRT_PACKAGE} {trt_package.trt.__version__}" if trt_package.trt is not None else "not installed"
     log("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
 
     work = args.out or Path(tempfile.mkdtemp(prefix="river-gpu-check-"))
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
         results["tensorrt"] = {"error": str(exc)}
 
     kinds = args.torch_kinds.split(",") if args.torch_kinds else list(dict.fromkeys([args.river, "attn", "kv"]))
-    results["torch"] = torch_section(loaded, gates, kinds, args.device, args.steps, args.prompt_len, spec.flavour)
+    results["torch"] = torch_section(loaded, gates, kinds, args.device, args.steps, args.prompt_len, spec.twin_format)
     if not args.no_ort:
         results["onnxruntime"] = ort_section(river_dir / "model.onnx", river_dir / "segments", step, gates,
                                              args.steps, prompt, args.threads)

@@ -7,7 +7,8 @@ import pytest
 
 from river.compiler.calibrate import GateData, collect, fit_predictor, report, threshold_for_budget, thresholds
 from river.compiler.compile import compile_river
-from river.compiler.river_pass import DISABLED
+from river.compiler.ort_session import make_session
+from river.compiler.river.manifest import DISABLED
 from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.ort_backend import OrtBackend
 
@@ -49,7 +50,7 @@ def tiny_river_int4(tiny_onnx, tmp_path_factory):
 
 def test_collect_measures_real_damage(tiny, tiny_onnx, tiny_river_int4):
     seqs = [list(range(40, 60)), list(range(100, 124))]
-    data = collect(tiny_onnx, tiny_river_int4, seqs, [4, 4])
+    data = collect(tiny_onnx, tiny_river_int4, seqs, [4, 4], make_session)
     assert [d.layer for d in data] == [0, 2]
     for d in data:
         a = d.arrays()
@@ -63,7 +64,7 @@ def test_collect_measures_real_damage(tiny, tiny_onnx, tiny_river_int4):
 
 
 def test_budget_zero_never_fires(tiny, tiny_onnx, tiny_river_int4):
-    data = collect(tiny_onnx, tiny_river_int4, [list(range(40, 60))], [4])
+    data = collect(tiny_onnx, tiny_river_int4, [list(range(40, 60))], [4], make_session)
     zero = thresholds(data, 0.0)
     assert zero == [DISABLED, DISABLED]
     backend = OrtBackend(tiny_river_int4, thresholds=zero)

@@ -1,4 +1,4 @@
-"""Grouped-query attention without repeat_kv (compiler/gqa_attention.py), on real exported graphs."""
+"""Grouped-query attention without repeat_kv (compiler/lowering/gqa_attention.py), on real exported graphs."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-import river.compiler.shared_kv as shared_kv
-from river.compiler.gqa_attention import check, matmul_input_shapes, ungroup_attention
+import river.compiler.lowering.shared_kv as shared_kv
 from river.compiler.graph_io import load_onnx
+from river.compiler.lowering.gqa_attention import check, matmul_input_shapes, ungroup_attention
+from river.compiler.lowering.shared_kv import WRITE_INDICES
 from river.compiler.ort_session import make_session
-from river.compiler.shared_kv import WRITE_INDICES
 
 
 def _attention_matmuls(model):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from river.compiler.compile import compile_river
-from river.compiler.river_pass import DISABLED, RiverSpec
-from river.compiler.segments import write_segments
-from river.compiler.trt_engines import spec_from_manifest
+from river.compiler.river.manifest import DISABLED
+from river.compiler.river.segments import write_segments
+from river.compiler.river.spec import RiverSpec
+from river.compiler.tensorrt.engines import spec_from_manifest
 from river.runtime.parity import StepDataLoader, check_parity, threshold_patterns
 
 GATES = [0, 2]
@@ -57,7 +58,7 @@ def test_parity_catches_a_mismatch(river_dir, tiny_onnx, tmp_path):
     than the River graph are not compared with it (skipped, with the reason)."""
     import onnx
 
-    from river.compiler.segments import DATA_FILE, SegmentIndex
+    from river.compiler.river.segments import DATA_FILE, SegmentIndex
 
     write_segments(tiny_onnx, spec_from_manifest(river_dir), tmp_path / "segments")
     index = SegmentIndex.load(tmp_path / "segments")
@@ -104,10 +105,10 @@ def test_parity_of_the_tensorrt_forms(river_dir, tiny_onnx, tmp_path):
     was built from; the engines themselves are reported as skipped, with the reason."""
     import shutil
 
-    from river.compiler import trt_shim
-    from river.compiler.trt_engines import compile_trt
+    from river.compiler.tensorrt import package as trt_package
+    from river.compiler.tensorrt.engines import compile_trt
 
-    pytest.importorskip("tensorrt" if trt_shim.FLAVOUR == "tensorrt" else "tensorrt_rtx", reason=trt_shim.INSTALL_HINT)
+    pytest.importorskip("tensorrt" if trt_package.TRT_PACKAGE == "tensorrt" else "tensorrt_rtx", reason=trt_package.INSTALL_HINT)
     folder = tmp_path / "river"
     shutil.copytree(river_dir, folder)
     report = compile_trt(tiny_onnx, spec_from_manifest(folder), folder, capacity=32, max_seq=8, max_past=32)

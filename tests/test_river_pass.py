@@ -7,21 +7,16 @@ import onnx
 import pytest
 import torch
 
-from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, RiverSpec, river_graph, river_metadata
+from river.compiler.river.manifest import DISABLED, EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.river.nested import river_graph
+from river.compiler.river.spec import RiverSpec
+from river.compiler.graph_io import walk_nodes
+from river.compiler.ort_session import make_session
 from river.errors import RiverError
 from river.export import contract as C
-from river.runtime.ort_backend import make_session
 from river.runtime.torch_reference import TorchRiver
 
 GATES = (0, 2)
-
-
-def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
 
 
 def step_feeds(cfg, batch=2, seq=1, past=6, seed=0):
@@ -51,8 +46,7 @@ def test_gates_disabled_equals_original(tiny, tiny_proto, river):
     spec = RiverSpec.from_name(river, GATES)
     model = river_graph(tiny_proto, spec)
     onnx.checker.check_model(model, full_check=True)  # invariant 4 (checker + full shape inference)
-    assert river_metadata(model) == {"gates": list(GATES), "kind": spec.kind, "precision": spec.precision,
-                                     "block": 64, "flavour": "ort"}
+    assert RiverInfo.from_model(model) == RiverInfo(GATES, spec.kind, spec.precision, 64, "ort", "nested")
     feeds = step_feeds(tiny.config, seq=3)
     ref = make_session(tiny_proto).run(None, feeds)
     out = make_session(model).run(None, feeds)  # baked-in defaults: disabled
@@ -75,19 +69,19 @@ def test_gates_disabled_equals_original_other_exporters(tiny, which, tiny_optimu
     assert np.array_equal(forced[-1], [1, 1])
 
 
-@pytest.mark.parametrize("river, flavour", [("int8", "ort"), ("int4", "ort"), ("int8", "dq"), ("int4", "dq"),
+@pytest.mark.parametrize("river, twin_format", [("int8", "ort"), ("int4", "ort"), ("int8", "dq"), ("int4", "dq"),
                                             ("fp32", "ort"), ("attn", "ort"), ("kv", "ort")])
-def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, flavour):
+def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, twin_format):
     """Invariant 3: same exits and outputs as the torch reference, gate by gate."""
-    spec = RiverSpec.from_name(river, GATES, flavour=flavour)
+    spec = RiverSpec.from_name(river, GATES, twin_format=twin_format)
     model = river_graph(tiny_proto, spec)
-    ops = {n.op_type for n in _all_nodes(model.graph)}
+    ops = {n.op_type for n in walk_nodes(model.graph)}
     expected = {("int8", "ort"): "MatMulInteger", ("int4", "ort"): "MatMulNBits",
-                ("int8", "dq"): "DequantizeLinear", ("int4", "dq"): "DequantizeLinear"}.get((spec.precision, flavour))
-    if expected:  # each flavour really emits its own twin operator
+                ("int8", "dq"): "DequantizeLinear", ("int4", "dq"): "DequantizeLinear"}.get((spec.precision, twin_format))
+    if expected:  # each twin format really emits its own twin operator
         assert expected in ops and not ({"MatMulInteger", "MatMulNBits", "DequantizeLinear"} - {expected}) & ops
     session = make_session(model)
-    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block, spec.flavour)
+    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format)
     feeds = step_feeds(tiny.config, seed=3)
     ids, past = torch_args(feeds, tiny.config)
     for thresholds, expect in (([-2, DISABLED], 1), ([DISABLED, -2], 3), ([DISABLED, DISABLED], 4)):
@@ -102,7 +96,7 @@ def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, flavour):
 def test_batch_exits_only_when_every_row_clears_its_gate(tiny, tiny_proto):
     spec = RiverSpec.from_name("int8", GATES)
     session = make_session(river_graph(tiny_proto, spec))
-    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, flavour=spec.flavour)
+    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, twin_format=spec.twin_format)
     feeds = step_feeds(tiny.config, seed=5)
     ids, past = torch_args(feeds, tiny.config)
     ref.step(*ids, past, np.full(2, DISABLED, np.float32))
@@ -155,7 +149,7 @@ def test_weights_are_not_duplicated(tiny_proto):
     names = all_initializers(fp32.graph)
     assert len(names) == len(set(names)), "a weight is stored more than once"
     assert sum(i.ByteSize() for i in fp32.graph.initializer) < base_bytes * 1.05
-    int8 = river_graph(tiny_proto, RiverSpec.from_name("int8", GATES, flavour="dq"))
+    int8 = river_graph(tiny_proto, RiverSpec.from_name("int8", GATES, twin_format="dq"))
     names = all_initializers(int8.graph)
     backbone = [n for n in names if "@q" not in n]
     assert len(backbone) == len(set(backbone)), "a backbone weight is stored more than once"
@@ -166,7 +160,7 @@ def test_weights_are_not_duplicated(tiny_proto):
 
 @pytest.fixture(scope="module")
 def smol_river(smol_onnx):
-    from river.compiler.river_pass import default_gates
+    from river.compiler.river.spec import default_gates
 
     proto = onnx.load(str(smol_onnx))
     spec = RiverSpec.from_name("int8", default_gates(30))
@@ -193,7 +187,7 @@ def test_smollm2_gates_disabled_equals_original(smol, smol_river):
 def test_smollm2_onnx_river_matches_torch_reference(smol, smol_river):
     _, spec, model = smol_river
     session = make_session(model, threads=2)
-    ref = TorchRiver(smol.model, spec.gates, spec.kind, spec.precision, spec.block, spec.flavour)
+    ref = TorchRiver(smol.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format)
     ids = smol.tokenizer("The river rose after the storm, and the village")["input_ids"]
     feeds = step_feeds(smol.config, batch=1, seq=1, past=len(ids) - 1)
     # a realistic cache: the backbone's own presents for the prompt prefix

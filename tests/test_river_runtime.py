@@ -10,7 +10,7 @@ import pytest
 
 from river import cli as export_cli
 from river.compiler.compile import compile_river
-from river.compiler.river_pass import DISABLED
+from river.compiler.river.manifest import DISABLED
 from river.runtime import cli as generate_cli
 from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.ort_backend import OrtBackend

@@ -1,5 +1,5 @@
-"""Segmented River (compiler/segments.py, runtime/segmented_backend.py) and the chained layout
-(compiler/river_chain.py) compute what the fused nested River graph computes, in ONNX Runtime."""
+"""Segmented River (compiler/river/segments.py, runtime/segmented_backend.py) and the chained layout
+(compiler/river/chained.py) compute what the fused nested River graph computes, in ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ from test_river_pass import step_feeds
 from tests_helpers import poison_decode
 
 from river.compiler.compile import compile_river
-from river.compiler.river_chain import chained_river_graph
-from river.compiler.river_pass import DISABLED, EXIT_LAYER, THRESHOLDS, RiverSpec, river_graph
-from river.compiler.segments import DATA_FILE, INDEX, SegmentIndex, route, write_segments
+from river.compiler.ort_session import make_session
+from river.compiler.river.chained import chained_river_graph
+from river.compiler.river.manifest import DISABLED, EXIT_LAYER, THRESHOLDS
+from river.compiler.river.nested import river_graph
+from river.compiler.river.segments import DATA_FILE, INDEX, SegmentIndex, write_segments
+from river.compiler.river.spec import RiverSpec
 from river.errors import RiverError
 from river.export import contract as C
 from river.runtime.generate import GenerationConfig, Generator
-from river.runtime.ort_backend import OrtBackend, make_session
+from river.runtime.ort_backend import OrtBackend
 from river.runtime.segmented_backend import SegmentedBackend
 
 GATES = (0, 2)
@@ -43,14 +46,6 @@ def _outputs(session, feeds, thr):
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, {**feeds, THRESHOLDS: thr})))
 
 
-def test_route():
-    assert route(2, None) == ["backbone0", "backbone1", "backbone2"]
-    assert route(2, 0) == ["backbone0", "river0"]
-    assert route(2, 1) == ["backbone0", "backbone1", "river1"]
-    with pytest.raises(ValueError):
-        route(2, 2)
-
-
 def test_segments_folder(river_int8):
     folder = river_int8.parent / "segments"
     index = SegmentIndex.load(folder)
@@ -61,7 +56,7 @@ def test_segments_folder(river_int8):
     assert r0.hidden_in == "hidden.0" and r0.outputs[0] == C.LOGITS
     assert b1.hidden_in == "hidden.0" and "exit_thresholds" in b1.inputs
     assert "write_indices" in b1.shared_kv_inputs and "write_indices" not in b1.inputs
-    assert index.thresholds == [DISABLED, DISABLED] and index.flavour == "ort"
+    assert index.thresholds == [DISABLED, DISABLED] and index.twin_format == "ort"
     # one weights file; every external tensor is stored once and every graph passes the full checker
     names = {}
     for seg in index.segments:
@@ -197,7 +192,7 @@ def test_segmented_extend_equals_fused(tiny, river_int8):
 
 @pytest.mark.slow
 def test_smollm2_segmented_equals_fused(smol, smol_onnx, tmp_path):
-    from river.compiler.river_pass import default_gates
+    from river.compiler.river.spec import default_gates
 
     gates = default_gates(smol.config.num_layers)
     spec = RiverSpec.from_name("int8", gates)

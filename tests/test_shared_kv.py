@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from river.compiler.shared_kv import WRITE_INDICES, check, to_shared_kv
+from river.compiler.lowering.shared_kv import WRITE_INDICES, check, to_shared_kv
 from river.errors import NotADecoderGraph
 from river.export import contract as C
 from river.runtime.ort_backend import OrtBackend

@@ -7,12 +7,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from river.compiler import trt_shim
+from river.compiler.tensorrt import package as trt_package
 
-# Skip only when neither flavour is installed; CI installs tensorrt-rtx with the test extras.
-pytest.importorskip("tensorrt" if trt_shim.FLAVOUR == "tensorrt" else "tensorrt_rtx", reason=trt_shim.INSTALL_HINT)
+# Skip only when neither package is installed; CI installs tensorrt-rtx with the test extras.
+pytest.importorskip("tensorrt" if trt_package.TRT_PACKAGE == "tensorrt" else "tensorrt_rtx", reason=trt_package.INSTALL_HINT)
 
-from river.compiler.tensorrt_build import build_engine, default_profiles  # noqa: E402
+from river.compiler.tensorrt.build import build_engine, default_profiles  # noqa: E402
 from river.errors import RiverError  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def test_tiny_export_builds(tiny_onnx, tmp_path):
     assert report.plan_bytes > 0 and plan.stat().st_size == report.plan_bytes
     assert report.plan_path == plan and report.plan is None
     assert sorted(p.name for p in plan.parent.iterdir()) == ["tiny.plan"]  # no temp file left behind
-    assert report.flavour == trt_shim.FLAVOUR
+    assert report.trt_package == trt_package.TRT_PACKAGE
 
 
 def test_default_profiles_are_consistent_steps(tiny_onnx):
@@ -82,7 +82,7 @@ def test_rejected_node_is_named(tmp_path, op, domain):
     assert not plan.exists()
 
 
-@pytest.mark.skipif(trt_shim.FLAVOUR != "tensorrt-rtx", reason="TensorRT-RTX is strongly typed only")
+@pytest.mark.skipif(trt_package.TRT_PACKAGE != "tensorrt-rtx", reason="TensorRT-RTX is strongly typed only")
 def test_reduced_precision_flag_refused_when_strongly_typed(tiny_onnx):
     with pytest.raises(RiverError, match="strongly typed"):
         build_engine(tiny_onnx, precision="fp16")

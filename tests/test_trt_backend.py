@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from river.compiler.river_pass import RiverSpec
-from river.compiler.segments import SegmentIndex, write_segments
+from river.compiler.river.segments import SegmentIndex, write_segments
+from river.compiler.river.spec import RiverSpec
 from river.errors import CacheOverflow, RiverError
 from river.export.contract import StepContract
 from river.runtime.parity import trt_can_run
@@ -30,7 +30,7 @@ CONTRACT = StepContract(num_layers=4, num_kv_heads=2, head_dim=16, vocab_size=25
 @pytest.fixture(scope="module")
 def segments(tiny_onnx, tmp_path_factory) -> SegmentIndex:
     out = tmp_path_factory.mktemp("trt-backend") / "segments"
-    write_segments(tiny_onnx, RiverSpec.from_name("int8", (0, 2), flavour="dq"), out)
+    write_segments(tiny_onnx, RiverSpec.from_name("int8", (0, 2), twin_format="dq"), out)
     return SegmentIndex.load(out)
 
 
@@ -111,7 +111,7 @@ def test_backend_without_gpu_says_why(tmp_path):
 @pytest.mark.skipif(trt_can_run() is not None, reason=f"TensorRT engines cannot run here: {trt_can_run()}")
 def test_trt_backend_matches_onnx_runtime_on_gpu(tiny_onnx, tmp_path):  # pragma: no cover - needs a GPU
     from river.compiler.compile import compile_river
-    from river.compiler.trt_engines import compile_trt
+    from river.compiler.tensorrt.engines import compile_trt
     from river.runtime.parity import check_parity
 
     river = compile_river(tiny_onnx, tmp_path / "river", gates=[0, 2], river="int8", log=None).parent

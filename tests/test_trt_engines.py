@@ -1,4 +1,4 @@
-"""TensorRT engines for River (compiler/trt_engines.py): the fused (chained) River graph and every
+"""TensorRT engines for River (compiler/tensorrt/engines.py): the fused (chained) River graph and every
 segment parse with conditionals where there are If nodes and build. Runs without a GPU through
 TensorRT-RTX; the build times land in the test log (-s)."""
 
@@ -8,25 +8,20 @@ import numpy as np
 import onnx
 import pytest
 
-from river.compiler import trt_shim
+from river.compiler.tensorrt import package as trt_package
 
-pytest.importorskip("tensorrt" if trt_shim.FLAVOUR == "tensorrt" else "tensorrt_rtx", reason=trt_shim.INSTALL_HINT)
+pytest.importorskip("tensorrt" if trt_package.TRT_PACKAGE == "tensorrt" else "tensorrt_rtx", reason=trt_package.INSTALL_HINT)
 
 from test_river_pass import step_feeds
 
 from river.compiler.graph_io import save_onnx_atomic
-from river.compiler.river_chain import chained_river_graph
-from river.compiler.river_pass import DISABLED, THRESHOLDS, RiverSpec, default_gates, river_graph
-from river.compiler.segments import SegmentIndex
-from river.compiler.trt_engines import (
-    EnginesReport,
-    build_river_engines,
-    check_twins_for_trt,
-    compile_trt,
-    fuse_shared_input_int8_dq,
-    trt_onnx,
-    write_trt_forms,
-)
+from river.compiler.lowering.tensorrt import check_twins_for_trt, fuse_shared_input_int8_dq, trt_onnx
+from river.compiler.river.chained import chained_river_graph
+from river.compiler.river.manifest import DISABLED, THRESHOLDS
+from river.compiler.river.nested import river_graph
+from river.compiler.river.segments import SegmentIndex
+from river.compiler.river.spec import RiverSpec, default_gates
+from river.compiler.tensorrt.engines import EnginesReport, build_river_engines, compile_trt, write_trt_forms
 from river.errors import RiverError
 
 GATES = (0, 2)
@@ -34,7 +29,7 @@ SMALL = {"max_seq": 16, "max_past": 64}
 
 
 def _dq(river: str, gates=GATES) -> RiverSpec:
-    return RiverSpec.from_name(river, gates, flavour="dq")
+    return RiverSpec.from_name(river, gates, twin_format="dq")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def test_segment_engines_build(tiny_onnx, tmp_path, river, capacity):
     forms = write_trt_forms(tiny_onnx, RiverSpec.from_name(river, GATES), tmp_path / "river", fused=False)
     report = build_river_engines(tmp_path / "engines", segments_dir=forms["segments"], capacity=capacity, **SMALL)
     index = SegmentIndex.load(forms["segments"])
-    assert index.flavour == "dq"  # write_trt_forms always writes the TensorRT flavour of the twins
+    assert index.twin_format == "dq"  # write_trt_forms always writes the TensorRT twin format
     expected = [s.name for s in index.segments]
     if capacity:
         expected = [n for s in expected for n in (s, f"{s}.kv")]

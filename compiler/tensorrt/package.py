@@ -1,4 +1,4 @@
-"""One place that decides which TensorRT Python module River uses.
+"""One place that decides which TensorRT Python package River uses (``TRT_PACKAGE``).
 
 ``tensorrt`` (the production target on GPU machines) wins when it imports; otherwise
 ``tensorrt_rtx`` (pip package ``tensorrt-rtx``), whose wheels ship their libraries on PyPI and
@@ -39,7 +39,7 @@ def _load() -> tuple[ModuleType | None, str | None, list[str]]:
     return None, None, reasons
 
 
-trt, FLAVOUR, _REASONS = _load()
+trt, TRT_PACKAGE, _REASONS = _load()
 
 
 def require_trt() -> ModuleType:

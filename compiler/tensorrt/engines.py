@@ -1,6 +1,6 @@
 """TensorRT engines for a River model: the fused graph and every segment, from one call.
 
-Forms (see ``river_chain`` and ``segments`` for why each exists):
+Forms (see ``river.chained`` and ``river.segments`` for why each exists):
 
 - ``fused``: the *chained* River graph (one top-level ``If`` per layer group). TensorRT-RTX 1.7's
   builder fails on nested ``If`` nodes, so the nested ONNX Runtime layout is not what engines are
@@ -12,9 +12,9 @@ Forms (see ``river_chain`` and ``segments`` for why each exists):
   a static sequence length, its output bound to the same memory. Only segments qualify: inside an
   ``If`` branch the cache is not a network input, and the builder refuses it.
 
-Twins are block-wise symmetric ``DequantizeLinear`` weights (what ``river_pass`` writes); TensorRT
-wants blocks of 64 or 128. Every build goes through ``tensorrt_build.build_engine``, so a node the
-parser rejects is named with the parser's reason.
+Twins are block-wise symmetric ``DequantizeLinear`` weights (the ``dq`` twin format); TensorRT
+wants blocks of 64 or 128 (``lowering.tensorrt``). Every build goes through ``build.build_engine``,
+so a node the parser rejects is named with the parser's reason.
 """
 
 from __future__ import annotations
@@ -26,147 +26,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from river.atomic import atomic_dir
 from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
-from river.compiler.river_chain import chained_river_graph
-from river.compiler.river_pass import RiverSpec, river_metadata
-from river.compiler.segments import INDEX as SEGMENTS_INDEX
-from river.compiler.segments import SegmentIndex, write_segments
-from river.compiler.tensorrt_build import PAST, TOTAL, BuildReport, build_engine, default_profiles
+from river.compiler.lowering.tensorrt import check_twins_for_trt, trt_onnx
+from river.compiler.river.chained import chained_river_graph
+from river.compiler.river.manifest import RiverInfo, RiverManifest
+from river.compiler.river.segments import SegmentIndex, write_segments
+from river.compiler.river.spec import RiverSpec
+from river.compiler.tensorrt.build import BuildReport, build_engine, default_profiles
 from river.errors import RiverError
 
 ENGINES_INDEX = "engines.json"
-TRT_BLOCKS = (64, 128)
 TRT_DIR, CHAINED_DIR, SEGMENTS_DIR, ENGINES_DIR = "trt", "chained", "segments", "engines"
-
-
-def check_twins_for_trt(precision: str, block: int, flavour: str = "dq") -> None:
-    """TensorRT's block-wise weight-only DequantizeLinear takes blocks of 64 or 128; the ONNX Runtime
-    flavour (com.microsoft MatMulNBits) does not import at all."""
-    if precision != "fp32" and flavour != "dq":
-        raise RiverError(f"{precision} twins in the '{flavour}' flavour (MatMulNBits) do not import into TensorRT: "
-                         "compile the TensorRT forms with flavour 'dq' (DequantizeLinear twins)")
-    if precision != "fp32" and block not in TRT_BLOCKS:
-        raise RiverError(f"{precision} twins with block size {block}: TensorRT's block-wise DequantizeLinear "
-                         f"needs a block of {' or '.join(map(str, TRT_BLOCKS))} (river-export --block)")
-
-
-def fuse_shared_input_int8_dq(model: onnx.ModelProto, base_dir: str | Path) -> int:
-    """Merge INT8 weight-only ``DequantizeLinear -> MatMul`` pairs that read the same activation
-    (a twin's q/k/v projections, its gate/up projections) into one DQ + MatMul + Split.
-
-    Why: TensorRT documents INT8 as activation+weight quantization and INT4 as the weight-only path;
-    TensorRT-RTX 1.7's builder crashes (Myelin ``CHECK(is_value())``) when it fuses three or more
-    INT8 block-wise weight-only GEMMs that share an input. One GEMM over the concatenated weights
-    computes the same columns from the same dequantized values. Returns the number of merges.
-    """
-    base_dir = Path(base_dir)
-    main_inits = {t.name: t for t in model.graph.initializer}
-    merged = 0
-
-    def array(name: str, graph) -> np.ndarray | None:
-        t = next((x for x in graph.initializer if x.name == name), None)
-        t = main_inits.get(name) if t is None else t
-        if t is None:
-            return None
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            from onnx.external_data_helper import load_external_data_for_tensor
-
-            t = onnx.TensorProto.FromString(t.SerializeToString())
-            load_external_data_for_tensor(t, str(base_dir))
-        return onnx.numpy_helper.to_array(t)
-
-    def walk(graph) -> None:
-        nonlocal merged
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-        nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]
-        producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-        readers: dict[str, int] = {}
-        for n in nodes:
-            for name in n.input:
-                readers[name] = readers.get(name, 0) + 1
-        groups: dict[tuple, list] = {}
-        for i, mm in enumerate(nodes):
-            if mm.op_type != "MatMul" or mm.input[1] not in producer or readers.get(mm.input[1]) != 1:
-                continue
-            j = producer[mm.input[1]]
-            dq = nodes[j]
-            if dq.op_type != "DequantizeLinear" or len(dq.input) != 2:
-                continue
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
-            if attrs.get("axis", 1) != 0 or "block_size" not in attrs:
-                continue
-            q = array(dq.input[0], graph)
-            if q is None or q.dtype != np.int8 or q.ndim != 2:
-                continue
-            groups.setdefault((mm.input[0], attrs["block_size"], q.shape[0]), []).append((i, j, q))
-        replaced: dict[int, list] = {}
-        dropped: set[int] = set()
-        for (x, block, _), members in groups.items():
-            if len(members) < 2:
-                continue
-            scales = [array(nodes[j].input[1], graph) for _, j, _ in members]
-            tag = f"{nodes[members[0][0]].name}@fused{len(members)}"
-            widths = [q.shape[1] for _, _, q in members]
-            graph.initializer.extend([
-                onnx.numpy_helper.from_array(np.concatenate([q for _, _, q in members], 1), f"{tag}/q"),
-                onnx.numpy_helper.from_array(np.concatenate(scales, 1).astype(np.float32), f"{tag}/scale"),
-                onnx.numpy_helper.from_array(np.array(widths, np.int64), f"{tag}/widths")])
-            first = min(i for i, _, _ in members)  # the earliest MatMul: after x, before any reader of its outputs
-            replaced[first] = [
-                onnx.helper.make_node("DequantizeLinear", [f"{tag}/q", f"{tag}/scale"], [f"{tag}/w"],
-                                      name=f"{tag}/DequantizeLinear", axis=0, block_size=block),
-                onnx.helper.make_node("MatMul", [x, f"{tag}/w"], [f"{tag}/y"], name=f"{tag}/MatMul"),
-                onnx.helper.make_node("Split", [f"{tag}/y", f"{tag}/widths"], [nodes[i].output[0] for i, _, _ in members],
-                                      name=f"{tag}/Split", axis=-1)]
-            dropped |= {k for i, j, _ in members for k in (i, j)}
-            merged += 1
-        if replaced:
-            out = []
-            for k, n in enumerate(nodes):
-                out += replaced.get(k, [])
-                if k not in dropped:
-                    out.append(n)
-            del graph.node[:]
-            graph.node.extend(out)
-
-    walk(model.graph)
-    return merged
-
-
-def trt_onnx(src: str | Path, capacity: int | None = None) -> Path:
-    """A TensorRT-ready copy of ``src``'s graph, written next to it (it shares ``src``'s weights file).
-
-    - inputs with a default (``exit_thresholds``) lose the default: TensorRT's parser turns an
-      initializer-backed input into a constant, and thresholds must stay settable per step;
-    - INT8 twin projections that share an input are merged (``fuse_shared_input_int8_dq``);
-    - with ``capacity``, the cache axes (past = total = buffer length in the shared-KV form) become
-      static, as TensorRT's KVCacheUpdate requires.
-    The caller deletes the copy (a dot file) after the build.
-    """
-    src = Path(src)
-    model = load_onnx_header(src)
-    inputs = {i.name for i in model.graph.input}
-    keep = [t for t in model.graph.initializer if t.name not in inputs]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    if capacity is not None:
-        for vi in list(model.graph.input) + list(model.graph.output):
-            for d in vi.type.tensor_type.shape.dim:
-                if d.dim_param in (PAST, TOTAL):
-                    d.Clear()
-                    d.dim_value = int(capacity)
-        del model.graph.value_info[:]
-    fuse_shared_input_int8_dq(model, src.parent)
-    dst = src.with_name(f".{src.stem}.trt{'' if capacity is None else f'-c{capacity}'}.onnx")
-    dst.write_bytes(model.SerializeToString())
-    return dst
 
 
 @dataclass
@@ -181,7 +54,7 @@ class EngineBuild:
     conditional_layers: int
     plan_bytes: int
     seconds: float
-    flavour: str
+    trt_package: str  # "tensorrt" | "tensorrt-rtx"
     version: str
     profiles: dict = field(default_factory=dict)
 
@@ -217,8 +90,11 @@ class EnginesReport:
         folder = Path(folder)
         path = folder / ENGINES_INDEX
         if not path.is_file():
-            raise RiverError(f"no {ENGINES_INDEX} in {folder}: build engines with river.compiler.trt_engines")
+            raise RiverError(f"no {ENGINES_INDEX} in {folder}: build engines with river.compiler.tensorrt.engines")
         data = json.loads(path.read_text())
+        for b in data["builds"]:
+            if "flavour" in b:  # the TensorRT package's field name before 0.2
+                b["trt_package"] = b.pop("flavour")
         data["builds"] = [EngineBuild(**b) for b in data["builds"]]
         for b in data["builds"]:
             b.onnx = str((folder / b.onnx).resolve())
@@ -237,9 +113,9 @@ def build_one(onnx_path: str | Path, plan_path: Path, *, name: str, form: str, c
     """Build one engine from a River/segment ONNX file (via a TensorRT-ready copy, see ``trt_onnx``)."""
     onnx_path = Path(onnx_path)
     header = load_onnx_header(onnx_path)
-    meta = river_metadata(header)
-    if meta is not None:
-        check_twins_for_trt(meta["precision"], meta["block"], meta.get("flavour", "dq"))
+    info = RiverInfo.from_model(header)
+    if info is not None:
+        check_twins_for_trt(info.precision, info.block, info.twin_format)
     ready = trt_onnx(onnx_path, capacity)
     try:
         if capacity is not None:  # decode engines: one new token per row over the static cache
@@ -251,7 +127,7 @@ def build_one(onnx_path: str | Path, plan_path: Path, *, name: str, form: str, c
     finally:
         ready.unlink(missing_ok=True)
     return EngineBuild(name, form, str(onnx_path.resolve()), plan_path.name, capacity, report.layers, report.conditionals,
-                       report.conditional_layers, report.plan_bytes, round(report.seconds, 3), report.flavour,
+                       report.conditional_layers, report.plan_bytes, round(report.seconds, 3), report.trt_package,
                        report.version, _profile_json(profiles))
 
 
@@ -262,9 +138,9 @@ def build_river_engines(out_dir: str | Path, *, fused_onnx: str | Path | None = 
                         segment_names: list[str] | None = None) -> EnginesReport:
     """Engines for whichever forms are given, into ``out_dir`` (+ ``engines.json``), atomically.
 
-    ``fused_onnx``: a chained River graph (``river_chain``); a nested one is built as given (and
+    ``fused_onnx``: a chained River graph (``river.chained``); a nested one is built as given (and
     fails on TensorRT-RTX 1.7, see module docstring). ``segments_dir``: a folder written by
-    ``segments.write_segments``: one engine per segment (contract form) and, with ``capacity``, one
+    ``river.segments.write_segments``: one engine per segment (contract form) and, with ``capacity``, one
     per segment in the shared-KV form with that static cache length. ``step_onnx``: the plain step
     graph (the no-exit baseline engine). ``segment_names`` limits which segments are built.
     """
@@ -281,13 +157,13 @@ def build_river_engines(out_dir: str | Path, *, fused_onnx: str | Path | None = 
         if step_onnx is not None:
             builds.append(build_one(step_onnx, tmp / "step.plan", name="step", form="step", **common))
         if fused_onnx is not None:
-            meta = river_metadata(load_onnx_header(fused_onnx)) or {}
-            gates = meta.get("gates", gates)
+            info = RiverInfo.from_model(load_onnx_header(fused_onnx))
+            gates = list(info.gates) if info is not None else gates
             builds.append(build_one(fused_onnx, tmp / "fused.plan", name="fused", form="fused", **common))
         if segments_dir is not None:
             index = SegmentIndex.load(segments_dir)
             gates = list(index.gates)
-            check_twins_for_trt(index.precision, index.block, index.flavour)
+            check_twins_for_trt(index.precision, index.block, index.twin_format)
             for seg in index.segments:
                 if segment_names is not None and seg.name not in segment_names:
                     continue
@@ -301,28 +177,19 @@ def build_river_engines(out_dir: str | Path, *, fused_onnx: str | Path | None = 
 
 
 def spec_from_manifest(river_dir: str | Path) -> RiverSpec:
-    """The RiverSpec a ``river-export`` folder was compiled with (``river.json``, and the graph's own
-    metadata for what the manifest may not say, such as the twin flavour)."""
-    river_dir = Path(river_dir)
-    path = river_dir / "river.json"
-    if not path.is_file():
-        raise RiverError(f"no river.json in {river_dir}: not a river-export output folder")
-    m = json.loads(path.read_text())
-    meta = river_metadata(load_onnx_header(river_dir / "model.onnx")) if (river_dir / "model.onnx").is_file() else None
-    thr = m.get("thresholds")
-    extra = {"flavour": m.get("flavour") or (meta or {}).get("flavour")}
-    extra = {k: v for k, v in extra.items() if v is not None and k in RiverSpec.__dataclass_fields__}
-    return RiverSpec.from_name(m["river"], m["gates"], block=m.get("block", 64),
-                               thresholds=None if thr is None else tuple(thr), **extra)
+    """The RiverSpec a ``river-export`` folder was compiled with (its ``river.json``)."""
+    m = RiverManifest.load(river_dir)
+    return RiverSpec(tuple(m.gates), m.kind, m.precision, m.block,
+                     None if m.thresholds is None else tuple(m.thresholds), m.twin_format)
 
 
 def write_trt_forms(step: str | Path | onnx.ModelProto, spec: RiverSpec, trt_dir: str | Path, *,
                     fused: bool = True, segmented: bool = True) -> dict[str, Path]:
     """Write the ONNX forms engines are built from into ``trt_dir``: ``chained/model.onnx`` (fused)
-    and ``segments/`` (both KV forms), always with the TensorRT flavour of the twins (DequantizeLinear).
+    and ``segments/`` (both KV forms), always with the TensorRT twin format (DequantizeLinear).
     Returns {"fused": path, "segments": folder} for what was written."""
     check_twins_for_trt(spec.precision, spec.block)
-    spec = dataclasses.replace(spec, flavour="dq")  # TensorRT reads DequantizeLinear, not MatMulNBits
+    spec = dataclasses.replace(spec, twin_format="dq")  # TensorRT reads DequantizeLinear, not MatMulNBits
     trt_dir = Path(trt_dir)
     model = load_onnx(step) if not isinstance(step, onnx.ModelProto) else step
     written: dict[str, Path] = {}
@@ -364,16 +231,3 @@ def compile_trt(step: str | Path | onnx.ModelProto, spec: RiverSpec, river_dir: 
                   f"conditionals={b.conditionals}", file=log, flush=True)
     return report
 
-
-__all__ = [
-    "SEGMENTS_INDEX",
-    "EngineBuild",
-    "EnginesReport",
-    "build_one",
-    "build_river_engines",
-    "check_twins_for_trt",
-    "compile_trt",
-    "spec_from_manifest",
-    "trt_onnx",
-    "write_trt_forms",
-]

@@ -23,11 +23,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import version_converter
 
-from river.compiler.gqa_attention import matmul_input_shapes, ungroup_attention
-from river.compiler.graph_io import hoist_initializers
-from river.compiler.river_pass import is_quantized_weight
+from river.compiler.graph_io import hoist_initializers, lift_opset
+from river.compiler.lowering.gqa_attention import matmul_input_shapes, ungroup_attention
+from river.compiler.river.builder import is_quantized_weight
 from river.errors import NotADecoderGraph
 from river.export.contract import StepContract, past_name, present_name
 
@@ -36,11 +35,7 @@ TENSOR_SCATTER_OPSET = 24
 
 
 def _all_nodes(graph: gs.Graph):
-    for node in graph.nodes:
-        yield node
-        for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                yield from _all_nodes(attr)
+    return (node for g in [graph, *graph.subgraphs(recursive=True)] for node in g.nodes)
 
 
 def _kv_concats(graph: gs.Graph, past: gs.Tensor) -> tuple[list[gs.Node], list[gs.Node]]:
@@ -80,8 +75,7 @@ def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
     if problems:
         raise NotADecoderGraph("cannot make the KV cache shared: " + "; ".join(problems[:3]))
     contract = StepContract.from_model(model)
-    if _default_opset(model) < TENSOR_SCATTER_OPSET:
-        model = version_converter.convert_version(model, TENSOR_SCATTER_OPSET)
+    model = lift_opset(model, TENSOR_SCATTER_OPSET)
     # Inputs with defaults (exit_thresholds) must stay runtime inputs: gs would treat them as constants
     # and copy them into the If branches that read them. Detach the defaults, re-attach after export.
     input_names = {i.name for i in model.graph.input}
@@ -158,7 +152,3 @@ def _virtual_past_shape(graph: gs.Graph, inputs: dict, contract: StepContract) -
                 [batch, _i64("/shared_kv/heads", [contract.num_kv_heads]), past_len, _i64("/shared_kv/dim", [contract.head_dim])], [shape]),
     ]
     return shape
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

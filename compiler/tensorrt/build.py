@@ -1,22 +1,20 @@
-"""Build a TensorRT engine (plan) from a River ONNX step graph.
+"""Build one TensorRT engine (plan) from an ONNX step graph (plain, River, or a segment).
 
 The ONNX parser does the import, so whatever it rejects is reported as a RiverError naming the node;
 one optimization profile covers every dynamic axis. With TensorRT-RTX the build needs no GPU, which
-is what lets CI prove our graphs parse and build (see trt_shim).
+is what lets CI prove our graphs parse and build (see ``package``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from river.compiler.graph_io import load_onnx_header
-from river.compiler.trt_shim import FLAVOUR, require_trt
+from river.compiler.graph_io import load_onnx_header, write_bytes_atomic
+from river.compiler.tensorrt.package import TRT_PACKAGE, require_trt
 from river.errors import ModelNotFound, RiverError
 
 log = logging.getLogger("river.tensorrt")
@@ -45,7 +43,7 @@ class BuildReport:
     conditionals: int  # IIfConditional constructs (one condition layer each)
     plan_bytes: int
     seconds: float  # parse + build
-    flavour: str  # "tensorrt" | "tensorrt-rtx"
+    trt_package: str  # "tensorrt" | "tensorrt-rtx"
     version: str
     plan_path: Path | None = None
     plan: bytes | None = field(default=None, repr=False)  # the plan itself when no plan_path was given
@@ -113,7 +111,7 @@ def build_engine(
     reduced = {"fp16": "FP16", "bf16": "BF16"}.get(precision)
     if reduced and not hasattr(trt.BuilderFlag, reduced):
         raise RiverError(
-            f"precision {precision!r} needs a weakly typed build, and {FLAVOUR} {trt.__version__} builds "
+            f"precision {precision!r} needs a weakly typed build, and {TRT_PACKAGE} {trt.__version__} builds "
             f"strongly typed networks only (the graph's own tensor types decide): convert the ONNX graph "
             f"to {precision} (e.g. with ModelOpt AutoCast) and build that"
         )
@@ -125,7 +123,7 @@ def build_engine(
     try:
         builder = trt.Builder(logger)
     except Exception as exc:  # full TensorRT without a usable GPU fails here
-        raise RiverError(f"{FLAVOUR} could not create a builder: {_errors(logger) or exc}") from exc
+        raise RiverError(f"{TRT_PACKAGE} could not create a builder: {_errors(logger) or exc}") from exc
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     flags = 0 if reduced or strongly_typed is None else 1 << int(strongly_typed)
     network = builder.create_network(flags)
@@ -148,12 +146,12 @@ def build_engine(
     try:
         plan = builder.build_serialized_network(network, config)
     except Exception as exc:
-        raise RiverError(f"{FLAVOUR} failed to build {onnx_path}: {exc}; {_errors(logger)}") from exc
+        raise RiverError(f"{TRT_PACKAGE} failed to build {onnx_path}: {exc}; {_errors(logger)}") from exc
     if plan is None:  # build errors are logged, not raised
-        raise RiverError(f"{FLAVOUR} failed to build {onnx_path}: {_errors(logger) or 'no reason logged'}")
+        raise RiverError(f"{TRT_PACKAGE} failed to build {onnx_path}: {_errors(logger) or 'no reason logged'}")
     seconds = time.perf_counter() - start
     if cache is not None:
-        _write_atomic(Path(timing_cache), memoryview(cache.serialize()))
+        write_bytes_atomic(Path(timing_cache), memoryview(cache.serialize()))
 
     kinds = [network.get_layer(i).type for i in range(network.num_layers)]
     boundary = {getattr(trt.LayerType, n, None) for n in ("CONDITION", "CONDITIONAL_INPUT", "CONDITIONAL_OUTPUT")}
@@ -163,11 +161,11 @@ def build_engine(
         conditionals=sum(k == getattr(trt.LayerType, "CONDITION", None) for k in kinds),
         plan_bytes=plan.nbytes,
         seconds=seconds,
-        flavour=FLAVOUR,
+        trt_package=TRT_PACKAGE,
         version=trt.__version__,
     )
     if plan_path is not None:
-        report.plan_path = _write_atomic(Path(plan_path), memoryview(plan))
+        report.plan_path = write_bytes_atomic(Path(plan_path), memoryview(plan))
     else:
         report.plan = bytes(memoryview(plan))
     log.info("built %s in %.1fs: %s", onnx_path, seconds, report)
@@ -213,7 +211,7 @@ def _parser_failure(parser, onnx_path: Path, logger) -> str:
         op = getattr(err, "node_operator", lambda: "")() or "?"
         parts.append(f"node {name!r} ({op}): {desc} [{where}]")
     detail = "; ".join(parts) or _errors(logger) or "no reason given"
-    return f"{FLAVOUR}'s ONNX parser rejected {onnx_path}: {detail}"
+    return f"{TRT_PACKAGE}'s ONNX parser rejected {onnx_path}: {detail}"
 
 
 def _one_line(text: str) -> str:
@@ -237,13 +235,13 @@ def _add_profile(builder, network, config, profiles: Profiles, logger) -> None:
     for name, (lo, opt, hi) in profiles.items():
         profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
     if config.add_optimization_profile(profile) < 0:
-        raise RiverError(f"{FLAVOUR} refused the optimization profile {profiles}: {_errors(logger)}")
+        raise RiverError(f"{TRT_PACKAGE} refused the optimization profile {profiles}: {_errors(logger)}")
 
 
 def _load_timing_cache(trt, config, path):
     if path is None:
         return None
-    if FLAVOUR == "tensorrt-rtx":
+    if TRT_PACKAGE == "tensorrt-rtx":
         log.info("TensorRT-RTX ignores timing caches; not using %s", path)
         return None
     path = Path(path)
@@ -251,19 +249,3 @@ def _load_timing_cache(trt, config, path):
     config.set_timing_cache(cache, ignore_mismatch=False)
     return cache
 
-
-def _write_atomic(path: Path, data: memoryview) -> Path:
-    """Temp file in the same folder, fsync, rename: a reader never sees half a plan."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

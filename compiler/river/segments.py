@@ -38,9 +38,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from river.atomic import atomic_dir
-from river.compiler.graph_io import load_onnx
-from river.compiler.river_pass import RiverSpec, default_thresholds, prepare
-from river.compiler.shared_kv import to_shared_kv
+from river.compiler.graph_io import complete_types, load_onnx, stamp
+from river.compiler.lowering.shared_kv import to_shared_kv
+from river.compiler.river.builder import contract_types, prepare
+from river.compiler.river.gate import gate
+from river.compiler.river.manifest import RiverInfo
+from river.compiler.river.nested import exit_river
+from river.compiler.river.spec import RiverSpec, default_thresholds
 from river.errors import ModelNotFound, RiverError
 from river.export.contract import LOGITS, StepContract, past_name, present_name
 
@@ -98,7 +102,7 @@ class SegmentIndex:
     block: int
     thresholds: list[float]  # default per-gate thresholds (segments take exit_thresholds as a plain input)
     segments: list[Segment]
-    flavour: str = "dq"  # quantized twins: "ort" (MatMulNBits) or "dq" (DequantizeLinear, TensorRT)
+    twin_format: str = "dq"  # quantized twins: "ort" (MatMulNBits) or "dq" (DequantizeLinear, TensorRT)
     data: str = DATA_FILE
     format: int = FORMAT
 
@@ -117,10 +121,6 @@ class SegmentIndex:
             raise RiverError(f"segment {segment.name} has no shared-KV form in {self.folder}")
         return self.folder / name
 
-    def route(self, exit_gate: int | None) -> list[str]:
-        """Segment names one step runs when it exits at gate ``exit_gate`` (None: never exits)."""
-        return route(len(self.gates), exit_gate)
-
     def exit_layer(self, exit_gate: int | None) -> int:
         return self.num_layers if exit_gate is None else self.gates[exit_gate] + 1
 
@@ -136,24 +136,14 @@ class SegmentIndex:
             folder = folder.parent
         path = folder / INDEX
         if not path.is_file():
-            raise ModelNotFound(f"no {INDEX} in {folder}: not a segmented River folder (see river.compiler.segments)")
+            raise ModelNotFound(f"no {INDEX} in {folder}: not a segmented River folder (see river.compiler.river.segments)")
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:
             raise RiverError(f"{path}: segments format {data.get('format')} is not {FORMAT}; re-export the segments")
         data["segments"] = [Segment(**s) for s in data["segments"]]
+        if "flavour" in data:  # the twin format's name before 0.2
+            data["twin_format"] = data.pop("flavour")
         return cls(folder=folder, **data)
-
-
-def route(num_gates: int, exit_gate: int | None) -> list[str]:
-    """backbone0, [river0 | backbone1, [river1 | ... backbone{G}]]: the chain for one exit choice."""
-    if exit_gate is not None and not 0 <= exit_gate < num_gates:
-        raise ValueError(f"exit gate {exit_gate} out of range for {num_gates} gates")
-    names = []
-    for k in range(num_gates):
-        names.append(f"backbone{k}")
-        if exit_gate == k:
-            return names + [f"river{k}"]
-    return names + [f"backbone{num_gates}"]
 
 
 # --- cutting ------------------------------------------------------------------------------------
@@ -197,17 +187,24 @@ def _collect(outputs: list[gs.Tensor], stop: set[int]) -> tuple[list[gs.Node], l
 class _Cutter:
     """Exports named cuts of one graphsurgeon graph (nodes are shared; names are set per export)."""
 
-    def __init__(self, builder, thresholds: gs.Variable, source: onnx.ModelProto, spec: RiverSpec):
-        self.b, self.thresholds, self.spec = builder, thresholds, spec
+    def __init__(self, builder, source: onnx.ModelProto, spec: RiverSpec):
+        self.b, self.thresholds, self.spec = builder, builder.thresholds, spec
         self.graph = builder.s.graph
-        self.known_types = {v.name: v.type for v in list(source.graph.input) + list(source.graph.output)}
         self.source = source
         kv = next(v for v in source.graph.input if v.name == past_name(0, "key")).type.tensor_type
-        hidden = builder.s.blocks[0].output
-        width = hidden.shape[-1] if hidden.shape and isinstance(hidden.shape[-1], int) else None
-        if width is None:
-            width = _hidden_width(builder.s)
-        self.hidden_type = onnx.helper.make_tensor_type_proto(kv.elem_type, ["batch_size", "sequence_length", width])
+        width = int(builder.s.embedding.inputs[0].shape[1])
+        hidden = onnx.helper.make_tensor_type_proto(kv.elem_type, ["batch_size", "sequence_length", width])
+        boundary = {".exit": onnx.helper.make_tensor_type_proto(onnx.TensorProto.BOOL, []),
+                    ".similarity": onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, ["batch_size"])}
+        contract = contract_types(source)
+
+        def type_of(name: str):
+            """Boundary tensors get the contract's types (symbolic axes TensorRT profiles are made from)."""
+            if name.startswith("hidden."):
+                return hidden
+            return next((t for suffix, t in boundary.items() if name.endswith(suffix)), None) or contract(name)
+
+        self.type_of = type_of
 
     def export(self, name: str, inputs: list[tuple[str, gs.Tensor]], outputs: list[tuple[str, gs.Tensor]],
                props: dict[str, str]) -> onnx.ModelProto:
@@ -233,63 +230,24 @@ class _Cutter:
         finally:
             for t, n in saved:
                 t.name = n
-        self._fix_types(model)
-        domains = {n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")}
-        have = {o.domain for o in model.opset_import}
-        model.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(domains - have))
-        model.ir_version = max(model.ir_version, self.source.ir_version)
-        model.producer_name = "river-llm"
-        onnx.helper.set_model_props(model, {
-            **{p.key: p.value for p in self.source.metadata_props},
-            "river.gates": ",".join(map(str, self.spec.gates)), "river.kind": self.spec.kind,
-            "river.precision": self.spec.precision, "river.block": str(self.spec.block),
-            "river.flavour": getattr(self.spec, "flavour", "dq"), **{f"river.segment.{k}": v for k, v in props.items()}})
-        return model
-
-    def _fix_types(self, model: onnx.ModelProto) -> None:
-        """Boundary tensors get the contract's types (symbolic axes TensorRT profiles are made from);
-        shapeless value_info is dropped (shape inference recomputes it)."""
-        g = model.graph
-        keep = [vi for vi in g.value_info if vi.type.tensor_type.HasField("shape")]
-        del g.value_info[:]
-        g.value_info.extend(keep)
-        for vi in list(g.input) + list(g.output):
-            name = vi.name
-            if name in self.known_types:
-                vi.type.CopyFrom(self.known_types[name])
-            elif name.startswith("hidden."):
-                vi.type.CopyFrom(self.hidden_type)
-            elif name.endswith(".exit"):
-                vi.type.CopyFrom(onnx.helper.make_tensor_type_proto(onnx.TensorProto.BOOL, []))
-            elif name.endswith(".similarity"):
-                vi.type.CopyFrom(onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, ["batch_size"]))
-
-
-def _hidden_width(structure) -> int:
-    emb = structure.embedding.inputs[0]
-    return int(emb.shape[1])
-
-
-def _gate_similarity(gate_nodes: list[gs.Node], gi: int) -> gs.Tensor:
-    want = f"/river/gate{gi}/similarity"
-    for node in gate_nodes:
-        for out in node.outputs:
-            if out.name == want:
-                return out
-    raise RiverError(f"gate {gi}: no similarity tensor '{want}' in the gate's nodes")
+        complete_types(model, self.type_of)
+        spec = self.spec
+        info = RiverInfo(tuple(spec.gates), spec.kind, spec.precision, spec.block, spec.twin_format, "segment")
+        return stamp(model, self.source, info.to_props() | {f"river.segment.{k}": v for k, v in props.items()})
 
 
 def segment_graphs(step_model: onnx.ModelProto, spec: RiverSpec) -> list[tuple[Segment, onnx.ModelProto]]:
     """Cut the River graph of ``step_model`` at its gates (see module docstring).
 
     Works on the contract step graph and on its shared-KV form alike: the pieces are the River pass's
-    own (``_Builder.gate`` / ``river``), so a segment computes exactly what the matching part of the
+    own (``gate``, ``exit_river``), so a segment computes exactly what the matching part of the
     fused graph computes.
     """
-    b, thresholds, _, model = prepare(step_model, spec)
+    p = prepare(step_model, spec)
+    b = p.builder
     s, L, gates = b.s, b.s.num_layers, list(spec.gates)
-    outputs = {t.name: t for t in s.graph.outputs}
-    cut = _Cutter(b, thresholds, model, spec)
+    outputs = b.outputs
+    cut = _Cutter(b, p.model, spec)
 
     def presents(tensors: dict, layers) -> list[tuple[str, gs.Tensor]]:
         return [(present_name(l, k), tensors[present_name(l, k)]) for l in layers for k in ("key", "value")]
@@ -297,16 +255,15 @@ def segment_graphs(step_model: onnx.ModelProto, spec: RiverSpec) -> list[tuple[S
     result = []
     prev = None  # (layer, tensor) of the stream entering the next backbone segment
     for gi, g in enumerate(gates):
-        gate_nodes, cond = b.gate(gi, s.blocks[g], thresholds)
-        sim = _gate_similarity(gate_nodes, gi)
+        gt = gate(gi, s.blocks[g].input, s.blocks[g].output, b.thresholds)
         first = 0 if prev is None else prev[0] + 1
         ins = [] if prev is None else [(hidden_name(prev[0]), prev[1])]
-        outs = [(hidden_name(g), s.blocks[g].output), (exit_name(gi), cond), (similarity_name(gi), sim)]
+        outs = [(hidden_name(g), s.blocks[g].output), (exit_name(gi), gt.exit), (similarity_name(gi), gt.similarity)]
         outs += presents(outputs, range(first, g + 1))
         seg = Segment(f"backbone{gi}", "backbone", gi, first, g, f"backbone{gi}.onnx", None)
         result.append((seg, cut.export(seg.name, ins, outs, {"name": seg.name, "role": seg.role})))
 
-        _, river_outs = b.river(gi, g)  # logits, presents g+1..L-1, exit_layer (not needed here)
+        _, river_outs = exit_river(b, gi, g)  # logits, presents g+1..L-1, exit_layer (not needed here)
         twin = dict(zip([LOGITS] + [present_name(l, k) for l in range(g + 1, L) for k in ("key", "value")], river_outs))
         seg = Segment(f"river{gi}", "river", gi, g + 1, L - 1, f"river{gi}.onnx", None)
         r_outs = [(LOGITS, twin[LOGITS])] + presents(twin, range(g + 1, L))
@@ -396,7 +353,7 @@ def write_segments(step: str | Path | onnx.ModelProto, spec: RiverSpec, out_dir:
             for name, _ in files:
                 onnx.checker.check_model(str(tmp / name), full_check=True)
         index = SegmentIndex(folder=out_dir, num_layers=L, gates=list(spec.gates), kind=spec.kind,
-                             precision=spec.precision, block=spec.block, flavour=getattr(spec, "flavour", "dq"),
+                             precision=spec.precision, block=spec.block, twin_format=spec.twin_format,
                              thresholds=[float(x) for x in default_thresholds(spec)],
                              segments=[seg for seg, _ in concat])
         (tmp / INDEX).write_text(json.dumps(index.to_json(), indent=2))

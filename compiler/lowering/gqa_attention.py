@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from river.compiler.graph_io import walk_graphs, walk_nodes
+
 
 def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
     if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == op:
@@ -89,20 +91,9 @@ def matmul_input_shapes(model: onnx.ModelProto) -> dict[str, list]:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - no shapes, no rewrite: the graph stays as it was
         return {}
-    shapes, wanted = {}, set()
-
-    def walk(g: onnx.GraphProto):
-        for n in g.node:
-            if n.op_type == "MatMul":
-                wanted.update(n.input)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-        for vi in g.value_info:
-            dims = vi.type.tensor_type.shape.dim
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
-
-    walk(inferred.graph)
+    wanted = {name for n in walk_nodes(inferred.graph) if n.op_type == "MatMul" for name in n.input}
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
+              for g in walk_graphs(inferred.graph) for vi in g.value_info}
     return {k: v for k, v in shapes.items() if k in wanted}
 
 

@@ -1,0 +1,190 @@
+"""What every River layout starts from: the step graph's structure, a builder that clones backbone
+nodes into twins (quantizing their weight MatMuls) under fresh names, and the common finish
+(export, hoisting, default thresholds, metadata, output types)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from river.compiler.graph_io import complete_types, hoist_initializers, lift_opset, stamp
+from river.compiler.quantize import BITS, quantize, quantize_channels_int8
+from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.river.spec import RiverSpec, check_spec, default_thresholds
+from river.compiler.structure import DecoderStructure, discover
+from river.export.contract import INPUT_IDS, LOGITS, StepContract
+
+RIVER_OPSET = 21  # block-wise DequantizeLinear (and INT4) need opset 21
+
+
+def is_quantized_weight(name: str) -> bool:
+    """Names of twin weights the builder writes (``<weight>@q8``, ``@q4``, ``@q8_scale``...)."""
+    return "@q" in name
+
+
+class TwinMatMuls:
+    """Quantized twins of weight MatMuls at one precision/block/format; each weight is quantized
+    once, however many twins (rivers) use it.
+
+    ort format: dynamic int8 (DynamicQuantizeLinear -> MatMulInteger, fused by ONNX Runtime) or
+    MatMulNBits int4 over ONNX Runtime-packed weights. dq format: DequantizeLinear right before the
+    MatMul (the pattern TensorRT imports as weight-only quantization).
+    """
+
+    min_opset = RIVER_OPSET
+
+    def __init__(self, precision: str, block: int = 64, twin_format: str = "ort"):
+        self.precision, self.block, self.twin_format = precision, block, twin_format
+        self.quantized: dict[int, tuple] = {}  # id(weight constant) -> its quantized constants
+
+    def quantizable(self, weight: gs.Constant) -> bool:
+        return self.precision != "fp32" and weight.values.ndim == 2 and weight.values.shape[0] % self.block == 0
+
+    def __call__(self, node: gs.Node, a: gs.Tensor, weight: gs.Constant, tag: str, out: gs.Variable) -> list[gs.Node]:
+        """Nodes computing ``out = a @ weight`` with the quantized weight."""
+        bits, block, fmt = BITS[self.precision], self.block, self.twin_format
+        if fmt == "ort" and bits == 8:
+            return self._dynamic_int8(node, a, weight, tag, out)
+        key = id(weight)
+        if key not in self.quantized:
+            qw = quantize(weight.values, bits, block, fmt)
+            if fmt == "ort":
+                consts = (gs.Constant(f"{weight.name}@q{bits}p", qw.packed),
+                          gs.Constant(f"{weight.name}@q{bits}s", qw.scales.reshape(-1)))
+            elif bits == 4:  # gs cannot pack INT4 itself: hand it a packed TensorProto
+                proto = onnx.helper.make_tensor(f"{weight.name}@q4", onnx.TensorProto.INT4, qw.q.shape, qw.q.flatten().tolist())
+                consts = (gs.Constant(proto.name, LazyValues(proto)), gs.Constant(f"{weight.name}@q4_scale", qw.scale))
+            else:
+                consts = (gs.Constant(f"{weight.name}@q8", qw.q), gs.Constant(f"{weight.name}@q8_scale", qw.scale))
+            self.quantized[key] = consts
+        c0, c1 = self.quantized[key]
+        k, n = weight.values.shape
+        if fmt == "ort":
+            return [gs.Node("MatMulNBits", f"{node.name}@{tag}", {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 1},
+                            [a, c0, c1], [out], domain="com.microsoft")]
+        w = gs.Variable(f"{weight.name}@twin@{tag}", dtype=np.float32, shape=[k, n])
+        return [gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear@{tag}", {"axis": 0, "block_size": block}, [c0, c1], [w]),
+                gs.Node("MatMul", f"{node.name}@{tag}", {}, [a, w], [out])]
+
+    def _dynamic_int8(self, node, a, weight, tag, out) -> list[gs.Node]:
+        """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul: ORT fuses it to DynamicQuantizeMatMul."""
+        key = id(weight)
+        if key not in self.quantized:
+            qw = quantize_channels_int8(weight.values)
+            # stored as uint8 with zero point 128: ORT's u8s8 x86 kernel saturates int16 pair sums
+            # (255*127*2 > 32767) and gave wrong products; u8u8 is exact
+            self.quantized[key] = (gs.Constant(f"{weight.name}@q8c", (qw.q.astype(np.int16) + 128).astype(np.uint8)),
+                                   gs.Constant(f"{weight.name}@q8c_scale", qw.scale),
+                                   gs.Constant(f"{weight.name}@q8c_zp", np.full(qw.q.shape[1], 128, np.uint8)))
+        wq, wscale, wzp = self.quantized[key]
+        v = lambda name, dtype=np.float32: gs.Variable(f"{node.name}@{tag}/{name}", dtype=dtype)  # noqa: E731
+        aq, ascale, azp, acc, accf, scale = v("a_q", np.uint8), v("a_scale"), v("a_zp", np.uint8), v("acc", np.int32), v("acc_f"), v("scale")
+        n = f"{node.name}@{tag}"
+        return [
+            gs.Node("DynamicQuantizeLinear", f"{n}/DynamicQuantizeLinear", {}, [a], [aq, ascale, azp]),
+            gs.Node("MatMulInteger", f"{n}/MatMulInteger", {}, [aq, wq, azp, wzp], [acc]),
+            gs.Node("Cast", f"{n}/Cast", {"to": onnx.TensorProto.FLOAT}, [acc], [accf]),
+            gs.Node("Mul", f"{n}/scale", {}, [ascale, wscale], [scale]),
+            gs.Node("Mul", f"{n}/Mul", {}, [accf, scale], [out]),
+        ]
+
+
+class Builder:
+    """Per-rewrite state: the structure, the twin quantizer (shared by every river) and fresh names."""
+
+    def __init__(self, structure: DecoderStructure, spec: RiverSpec):
+        self.s, self.spec = structure, spec
+        self.matmuls = TwinMatMuls(spec.precision, spec.block, spec.twin_format)
+        self.outputs = {t.name: t for t in structure.graph.outputs}
+        ids = next(t for t in structure.graph.inputs if t.name == INPUT_IDS)
+        self.batch = gs.Variable("/river/batch", dtype=np.int64, shape=[1])
+        self.batch_node = gs.Node("Shape", "/river/batch/Shape", {"start": 0, "end": 1}, [ids], [self.batch])
+        self.thresholds = gs.Variable(THRESHOLDS, dtype=np.float32, shape=[len(spec.gates)])
+
+    def clone(self, nodes: list[gs.Node], mapping: dict[int, gs.Tensor], tag: str, twin: bool = True) -> list[gs.Node]:
+        """Copies of ``nodes`` whose inputs go through ``mapping`` (id -> replacement) and whose
+        outputs are fresh tensors named ``<name>@<tag>`` (added to ``mapping``). With ``twin``,
+        MatMul weights become the twin's (quantized) weights; the head keeps backbone precision."""
+        clones = []
+        for n in nodes:
+            inputs = [mapping.get(id(t), t) for t in n.inputs]
+            outputs = []
+            for o in n.outputs:
+                new = gs.Variable(f"{o.name}@{tag}", dtype=o.dtype, shape=o.shape)
+                mapping[id(o)] = new
+                outputs.append(new)
+            w = inputs[1] if n.op == "MatMul" and len(inputs) == 2 else None
+            if twin and isinstance(w, gs.Constant) and self.matmuls.quantizable(w):
+                clones += self.matmuls(n, inputs[0], w, tag, outputs[0])
+            else:
+                clones.append(gs.Node(n.op, f"{n.name}@{tag}", dict(n.attrs), inputs, outputs))
+        return clones
+
+    def head(self, stream: gs.Tensor, tag: str) -> tuple[list[gs.Node], gs.Tensor]:
+        """The final norm and LM head (backbone precision) on ``stream``; returns (nodes, logits)."""
+        mapping = {id(self.s.final_hidden): stream}
+        nodes = self.clone(list(self.s.head), mapping, tag, twin=False)
+        return nodes, mapping[id(self.outputs[LOGITS])]
+
+    def exit_layer(self, value, tag: str) -> tuple[gs.Node, gs.Variable]:
+        """``exit_layer`` [B] from a scalar (an int, or an int64 tensor)."""
+        value = value if isinstance(value, gs.Tensor) else gs.Constant(f"exit_value@{tag}", np.asarray(np.int64(value)))
+        out = gs.Variable(f"{EXIT_LAYER}@{tag}", dtype=np.int64, shape=["batch_size"])
+        return gs.Node("Expand", f"/river/exit_layer@{tag}", {}, [value, self.batch], [out]), out
+
+    def branch(self, nodes: list[gs.Node], outs: list[gs.Tensor], tag: str) -> gs.Graph:
+        """An ``If`` branch: subgraph outputs get names of their own (ONNX names are global)."""
+        final = []
+        for t in outs:
+            name = f"{t.name.split('@')[0]}@out_{tag}"
+            out = gs.Variable(name, dtype=t.dtype, shape=t.shape)
+            nodes.append(gs.Node("Identity", f"/river/{name}/Identity", {}, [t], [out]))
+            final.append(out)
+        return gs.Graph(nodes=nodes, outputs=final, name=tag)
+
+    def finish(self, source: onnx.ModelProto, nodes: list[gs.Node], outputs: list[tuple[str, gs.Tensor]],
+               layout: str) -> onnx.ModelProto:
+        """The River graph: prologue + ``nodes``, the contract's inputs plus ``exit_thresholds`` (its
+        defaults as a same-named initializer), ``outputs`` under their final names, River metadata."""
+        graph = self.s.graph
+        for old in graph.outputs:  # the backbone's original output tensors now live inside branches
+            old.name = f"{old.name}@backbone"
+        for name, t in outputs:
+            t.name = name
+            t.dtype = t.dtype or (np.int64 if name == EXIT_LAYER else np.float32)
+        graph.nodes = list(self.s.prologue) + [self.batch_node] + nodes
+        graph.inputs.append(self.thresholds)
+        graph.outputs = [t for _, t in outputs]
+        graph.cleanup().toposort()
+        result = hoist_initializers(gs.export_onnx(graph, do_type_check=False), keep_local=is_quantized_weight)
+        result.graph.initializer.append(onnx.numpy_helper.from_array(default_thresholds(self.spec), THRESHOLDS))
+        spec = self.spec
+        info = RiverInfo(tuple(spec.gates), spec.kind, spec.precision, spec.block, spec.twin_format, layout)
+        stamp(result, source, info.to_props())
+        complete_types(result, contract_types(source))
+        return result
+
+
+def contract_types(source: onnx.ModelProto):
+    """type_of(name) for ``complete_types``: a tensor named ``<contract name>@...`` takes the contract's type."""
+    known = {v.name: v.type for v in list(source.graph.input) + list(source.graph.output)}
+    known[EXIT_LAYER] = onnx.helper.make_tensor_type_proto(onnx.TensorProto.INT64, ["batch_size"])
+    return lambda name: known.get(name.split("@")[0])
+
+
+@dataclass
+class Prepared:
+    builder: Builder
+    model: onnx.ModelProto  # the step graph at the River opset (what metadata and types come from)
+
+
+def prepare(model: onnx.ModelProto, spec: RiverSpec) -> Prepared:
+    """The shared start of every River layout: check the spec, lift the opset, find the structure."""
+    contract = StepContract.from_model(model)
+    check_spec(spec, contract.num_layers)
+    model = lift_opset(model, RIVER_OPSET)
+    return Prepared(Builder(discover(gs.import_onnx(model), contract), spec), model)
