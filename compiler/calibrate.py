@@ -141,7 +141,7 @@ def fit_predictor(d: GateData) -> dict:
 
 
 def threshold_for_budget(d: GateData, budget: float, metric: str = "flip") -> float:
-    """Lowest similarity t such that tokens with s >= t have mean damage <= budget (2.0 = never)."""
+    """Lowest similarity t such that tokens with s >= t have mean damage <= budget (DISABLED: never)."""
     if metric not in METRICS:
         raise RiverError(f"unknown calibration metric '{metric}' (choose from {', '.join(METRICS)})")
     a = d.arrays()

@@ -1,7 +1,7 @@
 """Built-in calibration prompts (chat style, mixed code / math / prose), one per line in
 ``calibration_prompts.txt`` (the file ``river-export --calibrate`` can be given directly).
 
-They must never overlap the evaluation sets in ``river.runtime.eval_data``; a test checks that.
+They must never overlap the benchmark's evaluation sets; a test checks that.
 """
 
 from pathlib import Path

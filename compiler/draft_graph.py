@@ -35,7 +35,7 @@ from river.export.contract import StepContract
 
 DRAFT_PROP = "river.draft"
 DRAFT_FILE = "draft.onnx"  # its name beside a River graph (river-export writes it)
-BITS = (4, 8)
+DRAFT_BITS = (4, 8)
 
 
 def check(model: onnx.ModelProto, exit_after: int) -> str | None:
@@ -90,7 +90,7 @@ def draft_graph(model: onnx.ModelProto, exit_after: int = -1, bits: int = 8, blo
     reason = check(model, exit_after)
     if reason:
         raise ValueError(reason)
-    if bits not in BITS:
+    if bits not in DRAFT_BITS:
         raise ValueError(f"draft twins have 4 or 8 bits, not {bits}")
     info = {"exit_after": exit_after, "bits": bits, "block": block, "head": head, "accuracy_level": accuracy_level}
     result, twins = quantize_weights(model, DraftMatMuls(bits, block, accuracy_level), after_layer=exit_after,

@@ -13,22 +13,20 @@ from river.errors import InvalidModelFile, ModelNotFound
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
     """The model with its external weights, or a clear error for a missing/unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelNotFound(f"ONNX file not found: {path}")
-    try:
-        return onnx.load(str(path), load_external_data=True)
-    except Exception as exc:
-        raise InvalidModelFile(f"cannot read {path} as an ONNX model: {exc}") from exc
+    return _load(path, external=True)
 
 
 def load_onnx_header(path: str | Path) -> onnx.ModelProto:
     """The graph without external weights (fast; enough to check signatures and structure)."""
+    return _load(path, external=False)
+
+
+def _load(path: str | Path, external: bool) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise ModelNotFound(f"ONNX file not found: {path}")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=external)
     except Exception as exc:
         raise InvalidModelFile(f"cannot read {path} as an ONNX model: {exc}") from exc
 

@@ -1,12 +1,12 @@
 """Weight-only quantization for river twins, block-wise along the input dimension, symmetric.
 
-Two flavours, each with one definition shared by the compiler (which writes the twin weights) and
+Two twin formats, each with one definition shared by the compiler (which writes the twin weights) and
 the torch reference (which dequantizes the very same values):
 
-- ``dq`` (the TensorRT flavour, also runs in ONNX Runtime): ``DequantizeLinear(q, scale, axis=0,
+- ``dq`` (the TensorRT format, also runs in ONNX Runtime): ``DequantizeLinear(q, scale, axis=0,
   block_size=B)`` (opset 21), int8/int4 values in [-(2^(b-1)-1), 2^(b-1)-1], positive scales, zero
   points 0, which TensorRT 10+ imports as block-wise weight-only quantization.
-- ``ort`` (the ONNX Runtime flavour): ``com.microsoft.MatMulNBits`` with weights packed by ONNX
+- ``ort`` (the ONNX Runtime format): ``com.microsoft.MatMulNBits`` with weights packed by ONNX
   Runtime's own block quantizer (``DefaultWeightOnlyQuantizer``, symmetric), which ORT prepacks
   for its fast int8/int4 kernels.
 """
@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BITS = {"int8": 8, "int4": 4}
-FLAVOURS = ("ort", "dq")
+from river.compiler.river.manifest import TWIN_FORMATS
+
+BITS = {"int8": 8, "int4": 4}  # twin precision -> bits
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """The dq flavour: signed integers (int8 storage) and float scales per block."""
+    """The dq format: signed integers (int8 storage) and float scales per block."""
 
     q: np.ndarray  # [K, N] integer values
     scale: np.ndarray  # float32 [K / block, N]
@@ -36,7 +37,7 @@ class QuantizedWeight:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """The ort flavour: MatMulNBits layout, B [N, K/block, blob] uint8, scales [N, K/block]."""
+    """The ort format: MatMulNBits layout, B [N, K/block, blob] uint8, scales [N, K/block]."""
 
     packed: np.ndarray
     scales: np.ndarray
@@ -56,7 +57,7 @@ class PackedWeight:
 
 
 def quantize_blockwise(weight: np.ndarray, bits: int, block: int = 64) -> QuantizedWeight:
-    """The dq flavour of a MatMul weight [K (input), N (output)], blocks of ``block`` rows along K."""
+    """The dq format of a MatMul weight [K (input), N (output)], blocks of ``block`` rows along K."""
     k, n = weight.shape
     if k % block:
         raise ValueError(f"weight input dimension {k} is not a multiple of the block size {block}")
@@ -94,20 +95,20 @@ def ort_block_quant(weight: np.ndarray, bits: int, block: int, symmetric: bool) 
 
 
 def quantize_ort(weight: np.ndarray, bits: int, block: int = 64) -> PackedWeight:
-    """The ort flavour, packed by ONNX Runtime's own block quantizer (symmetric)."""
+    """The ort format, packed by ONNX Runtime's own block quantizer (symmetric)."""
     packed, scales, _zero_points = ort_block_quant(weight, bits, block, symmetric=True)
     return PackedWeight(packed, scales, bits, block, *weight.shape)
 
 
-def quantize(weight: np.ndarray, bits: int, block: int, flavour: str):
-    if flavour not in FLAVOURS:
-        raise ValueError(f"unknown quantization flavour '{flavour}' (choose from {', '.join(FLAVOURS)})")
-    return quantize_ort(weight, bits, block) if flavour == "ort" else quantize_blockwise(weight, bits, block)
+def quantize(weight: np.ndarray, bits: int, block: int, twin_format: str):
+    if twin_format not in TWIN_FORMATS:
+        raise ValueError(f"unknown twin format '{twin_format}' (choose from {', '.join(TWIN_FORMATS)})")
+    return quantize_ort(weight, bits, block) if twin_format == "ort" else quantize_blockwise(weight, bits, block)
 
 
 @dataclass(frozen=True)
 class ChannelQuantizedWeight:
-    """Dynamic-int8 twin weights (ORT flavour, int8): per output channel, symmetric, zero point 0.
+    """Dynamic-int8 twin weights (ort format, int8): per output channel, symmetric, zero point 0.
 
     At run time the activation is quantized per tensor (``DynamicQuantizeLinear``, uint8) and the
     product is an integer ``MatMulInteger``: the pattern ONNX Runtime fuses into its fast

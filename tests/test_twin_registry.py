@@ -131,3 +131,14 @@ def test_toy_kind_in_every_layout_and_the_torch_reference(tiny, tiny_onnx, tmp_p
             for got in (_named(chained, {**feeds, THRESHOLDS: thr}), segs, torch_out):
                 assert np.array_equal(got[EXIT_LAYER], ref[EXIT_LAYER])
                 assert max(np.abs(got[n] - ref[n]).max() for n in names) <= 1e-4
+
+
+def test_export_cli_takes_registered_kinds_and_twin_formats():
+    from river import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["m.onnx", "-o", "out", "--river", TOY, "--twin-format", "dq"])
+    assert (args.river, args.twin_format) == (TOY, "dq")
+    assert parser.parse_args(["m.onnx", "-o", "out", "--flavour", "dq"]).twin_format == "dq"  # the old name still works
+    assert parser.parse_args(["m.onnx", "-o", "out"]).twin_format == "ort"
+    assert "--flavour" not in parser.format_help()
