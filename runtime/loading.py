@@ -133,22 +133,19 @@ def open_generator(model: str, threads: int | None = None, tokenizer: str | None
     return _generator(chosen, where, tokenizer, max_length, thresholds)
 
 
-def _load_tokenizer(where, tokenizer: str | None, source: str):
-    from transformers import AutoTokenizer
+def _load_tokenizer(where, tokenizer: str | None):
+    from river.runtime.tokenizer import TextTokenizer
 
     if tokenizer is None and not isinstance(where, Path):
         return where  # a loaded tokenizer (torch backend)
-    tok_dir = Path(tokenizer) if tokenizer else where
-    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
-        raise ModelNotFound(f"no tokenizer next to {source}; pass --tokenizer DIR (a folder with tokenizer.json)")
-    return AutoTokenizer.from_pretrained(str(tok_dir))
+    return TextTokenizer(Path(tokenizer) if tokenizer else where)
 
 
 def _generator(backend: StepBackend, where, tokenizer, max_length, thresholds) -> Generator:
     chosen = parse_thresholds(thresholds, backend)
     if chosen is not None:
         backend.set_thresholds(chosen)
-    tok = _load_tokenizer(where, tokenizer, str(where))
+    tok = _load_tokenizer(where, tokenizer)
     eos: list[int] = []
     meta = where / META_FILE if isinstance(where, Path) else None
     if meta is not None and meta.is_file():
