@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from river.compiler.river.manifest import DISABLED, EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS, RiverInfo
 from river.compiler.river.nested import river_graph
 from river.compiler.river.spec import RiverSpec
 from river.compiler.graph_io import walk_nodes
@@ -65,7 +65,7 @@ def test_gates_disabled_equals_original_other_exporters(tiny, which, tiny_optimu
     ref = make_session(proto).run(None, feeds)
     out = make_session(model).run(None, feeds)
     assert max(np.abs(a - b).max() for a, b in zip(ref, out[:-1])) <= 1e-5
-    forced = make_session(model).run(None, {**feeds, THRESHOLDS: np.array([-2, DISABLED], np.float32)})
+    forced = make_session(model).run(None, {**feeds, THRESHOLDS: np.array([FORCED_EXIT, DISABLED], np.float32)})
     assert np.array_equal(forced[-1], [1, 1])
 
 
@@ -84,7 +84,7 @@ def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, twin_format
     ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format)
     feeds = step_feeds(tiny.config, seed=3)
     ids, past = torch_args(feeds, tiny.config)
-    for thresholds, expect in (([-2, DISABLED], 1), ([DISABLED, -2], 3), ([DISABLED, DISABLED], 4)):
+    for thresholds, expect in (([FORCED_EXIT, DISABLED], 1), ([DISABLED, FORCED_EXIT], 3), ([DISABLED, DISABLED], 4)):
         thr = np.array(thresholds, np.float32)
         out = session.run(None, {**feeds, THRESHOLDS: thr})
         logits, presents, exit_layer = ref.step(*ids, past, thr)
@@ -113,7 +113,7 @@ def test_exit_river_writes_every_layer(tiny, tiny_proto):
     model = river_graph(tiny_proto, RiverSpec.from_name("int8", GATES))
     feeds = step_feeds(tiny.config, seq=1, past=4)
     out = dict(zip([o.name for o in model.graph.output],
-                   make_session(model).run(None, {**feeds, THRESHOLDS: np.array([-2, DISABLED], np.float32)})))
+                   make_session(model).run(None, {**feeds, THRESHOLDS: np.array([FORCED_EXIT, DISABLED], np.float32)})))
     assert int(out[EXIT_LAYER][0]) == 1
     for layer in range(4):
         for kind in ("key", "value"):
@@ -199,7 +199,8 @@ def test_smollm2_onnx_river_matches_torch_reference(smol, smol_river):
         feeds[C.past_name(layer, "value")] = presents[2 * layer + 1].numpy()
     feeds[C.INPUT_IDS] = np.asarray([[ids[-1]]])
     targs, past = torch_args(feeds, smol.config)
-    for thresholds, expect in (([-2, DISABLED, DISABLED], 15), ([DISABLED, DISABLED, -2], 21), ([DISABLED] * 3, 30)):
+    patterns = (([FORCED_EXIT, DISABLED, DISABLED], 15), ([DISABLED, DISABLED, FORCED_EXIT], 21), ([DISABLED] * 3, 30))
+    for thresholds, expect in patterns:
         thr = np.array(thresholds, np.float32)
         out = session.run(None, {**feeds, THRESHOLDS: thr})
         logits, presents_ref, exit_layer = ref.step(*targs, past, thr)

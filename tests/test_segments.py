@@ -14,7 +14,7 @@ from tests_helpers import poison_decode
 from river.compiler.compile import compile_river
 from river.compiler.ort_session import make_session
 from river.compiler.river.chained import chained_river_graph
-from river.compiler.river.manifest import DISABLED, EXIT_LAYER, THRESHOLDS
+from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS
 from river.compiler.river.nested import river_graph
 from river.compiler.river.segments import DATA_FILE, INDEX, SegmentIndex, write_segments
 from river.compiler.river.spec import RiverSpec
@@ -25,7 +25,7 @@ from river.runtime.ort_backend import OrtBackend
 from river.runtime.segmented_backend import SegmentedBackend
 
 GATES = (0, 2)
-PATTERNS = [([-2, DISABLED], 1), ([DISABLED, -2], 3), ([DISABLED, DISABLED], 4)]
+PATTERNS = [([FORCED_EXIT, DISABLED], 1), ([DISABLED, FORCED_EXIT], 3), ([DISABLED, DISABLED], 4)]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_segmented_decode_is_in_place_with_no_holes(tiny, river_int8):
     """Invariant 2 for the segmented runtime: after any exit every layer holds finite K/V for every
     position, and the KV inputs/outputs are bound to the cache buffers themselves."""
     backend = SegmentedBackend(river_int8.parent / "segments", threads=1)
-    patterns = [[-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED]]
+    patterns = [[FORCED_EXIT, DISABLED], [DISABLED, FORCED_EXIT], [DISABLED, DISABLED]]
     seen = []
 
     def bound_to_the_buffers(cache):
@@ -205,7 +205,7 @@ def test_smollm2_segmented_equals_fused(smol, smol_onnx, tmp_path):
     for k in range(len(gates) + 1):
         thr = np.full(len(gates), DISABLED, np.float32)
         if k < len(gates):
-            thr[k] = -2
+            thr[k] = FORCED_EXIT
         ref = _outputs(fused, feeds, thr)
         got = segmented.run_step(feeds, thr)
         assert int(ref[EXIT_LAYER][0]) == int(got[EXIT_LAYER][0]) == (gates[k] + 1 if k < len(gates) else 30)

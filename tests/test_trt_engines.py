@@ -17,7 +17,7 @@ from test_river_pass import step_feeds
 from river.compiler.graph_io import save_onnx_atomic
 from river.compiler.lowering.tensorrt import check_twins_for_trt, fuse_shared_input_int8_dq, trt_onnx
 from river.compiler.river.chained import chained_river_graph
-from river.compiler.river.manifest import DISABLED, THRESHOLDS
+from river.compiler.river.manifest import DISABLED, FORCED_EXIT, THRESHOLDS
 from river.compiler.river.nested import river_graph
 from river.compiler.river.segments import SegmentIndex
 from river.compiler.river.spec import RiverSpec, default_gates
@@ -104,7 +104,7 @@ def test_trt_ready_copy(tiny_proto, tiny, tmp_path):
     dq = lambda m: sum(n.op_type == "DequantizeLinear" for g in _graphs(m.graph) for n in g.node)
     assert dq(copy) < dq(model)  # q/k/v and gate/up merged per twin layer
     feeds = step_feeds(tiny.config, batch=1, seq=1, past=5)
-    for thr in ([-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED]):
+    for thr in ([FORCED_EXIT, DISABLED], [DISABLED, FORCED_EXIT], [DISABLED, DISABLED]):
         thr = np.array(thr, np.float32)
         a = _run_path(path, {**feeds, THRESHOLDS: thr})
         b = _run_path(ready, {**feeds, THRESHOLDS: thr})  # the copy reads the original's weights file

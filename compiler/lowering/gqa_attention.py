@@ -92,8 +92,9 @@ def matmul_input_shapes(model: onnx.ModelProto) -> dict[str, list]:
     except Exception:  # noqa: BLE001 - no shapes, no rewrite: the graph stays as it was
         return {}
     wanted = {name for n in walk_nodes(inferred.graph) if n.op_type == "MatMul" for name in n.input}
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
-              for g in walk_graphs(inferred.graph) for vi in g.value_info}
+    dims = lambda vi: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)  # noqa: E731
+                       for d in vi.type.tensor_type.shape.dim]
+    shapes = {vi.name: dims(vi) for g in walk_graphs(inferred.graph) for vi in g.value_info}
     return {k: v for k, v in shapes.items() if k in wanted}
 
 

@@ -91,10 +91,9 @@ def register(kind: TwinKind) -> TwinKind:
     """Add a twin kind (and its ``--river`` names); a name already taken is refused."""
     if not kind.name:
         raise RiverError(f"twin kind {type(kind).__name__} has no name")
-    taken = set(_KINDS) | set(river_names())
     clash = ({kind.name} & set(_KINDS)) | (set(kind.river_names) & set(river_names()))
     if clash:
-        raise RiverError(f"twin kind name(s) {', '.join(sorted(clash))} already registered (taken: {', '.join(sorted(taken))})")
+        raise RiverError(f"twin kind name(s) {', '.join(sorted(clash))} already registered")
     _KINDS[kind.name] = kind
     return kind
 
