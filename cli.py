@@ -14,6 +14,7 @@ from pathlib import Path
 
 from river.compiler.river import twins
 from river.compiler.river.manifest import TWIN_FORMATS
+from river.atomic import require_empty
 from river.errors import RiverError
 from river.models.registry import DEFAULT_MODEL, available_models
 
@@ -100,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = export_model(loaded, args.output)
                 failed = False
             else:
-                if args.output.exists() and any(args.output.iterdir()):
-                    raise RiverError(f"output folder {args.output} exists and is not empty")
+                require_empty(args.output)
                 args.output.parent.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".step.") as tmp:
                     step = export_model(loaded, Path(tmp) / "step")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"[river] writing the Triton model repository {args.triton_repo} ...", file=sys.stderr, flush=True)
             print(write_triton_repo(Path(path).parent, args.triton_repo, max_length=args.max_length, threads=args.threads))
-    except (RiverError, FileExistsError) as exc:
+    except RiverError as exc:
         print(f"river-export: error: {exc}", file=sys.stderr)
         return 2
     except PermissionError as exc:

@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from river.compiler.graph_io import load_onnx, load_onnx_header, write_bytes_atomic
+from river.atomic import write_bytes_atomic
+from river.compiler.graph_io import load_onnx, load_onnx_header
 from river.compiler.river.manifest import DISABLED, FORCED_EXIT, THRESHOLDS, RiverInfo
 from river.compiler.structure import discover
 from river.errors import RiverError
@@ -238,14 +239,9 @@ def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequ
     """Run calibration end to end on text prompts (chat template applied when the tokenizer has one)."""
     from tqdm import tqdm
 
-    prompt_ids = []
-    for p in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        else:
-            ids = list(tokenizer(p)["input_ids"])
-        prompt_ids.append(ids)
+    from river.models.tokenizer import encode_prompt
+
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     sequences = greedy_continuations(step_path, prompt_ids, new_tokens, open_session, eos)
     total = sum(len(s) - len(p) for s, p in zip(sequences, prompt_ids))
     with tqdm(total=total, desc="calibrating", unit="tok", file=log, disable=log is None) as bar:

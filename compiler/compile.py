@@ -13,7 +13,7 @@ from typing import Sequence
 
 import onnx
 
-from river.atomic import atomic_dir
+from river.atomic import atomic_dir, require_empty
 from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
 from river.compiler.graph_io import load_onnx, save_onnx_atomic, walk_nodes
 from river.compiler.river.manifest import DISABLED, EXIT_LAYER, SIDE_FILES, THRESHOLDS, RiverManifest
@@ -100,8 +100,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
     from tqdm import tqdm
 
     source_onnx, out_dir = Path(source_onnx), Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RiverError(f"output folder {out_dir} exists and is not empty")
+    require_empty(out_dir)
     bar = tqdm(total=5, desc="river-export", unit="step", file=log, disable=log is None)
     try:
         t0 = time.perf_counter()
@@ -135,8 +134,6 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
             bar.update()
             calibration = None
             if calibrate is not None:
-                from transformers import AutoTokenizer
-
                 from river.compiler.calibrate import (
                     BUDGETS,
                     calibrate_river,
@@ -149,7 +146,9 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 prompts = read_prompts(calibrate) if isinstance(calibrate, (str, Path)) else list(calibrate)
                 if not (source_onnx.parent / "tokenizer.json").is_file():
                     raise RiverError(f"calibration needs the tokenizer next to {source_onnx} (tokenizer.json)")
-                tokenizer = AutoTokenizer.from_pretrained(str(source_onnx.parent))
+                from river.models.tokenizer import TextTokenizer
+
+                tokenizer = TextTokenizer(source_onnx.parent)
                 point = budget if isinstance(budget, str) else "chosen"  # the operating point baked in
                 calibration = calibrate_river(source_onnx, tmp / "model.onnx", prompts, tokenizer,
                                               lambda graph: make_session(graph, threads),

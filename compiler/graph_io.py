@@ -166,21 +166,3 @@ def stamp(model: onnx.ModelProto, source: onnx.ModelProto, props: dict[str, str]
     model.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(domains - have))
     onnx.helper.set_model_props(model, {p.key: p.value for p in source.metadata_props} | props)
     return model
-
-
-def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> Path:
-    """Temporary file in the same folder, fsync, rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

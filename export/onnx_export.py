@@ -63,8 +63,6 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, opset: int = OPSET) -
     Written into a temporary sibling folder and renamed into place: a failure leaves nothing behind.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"output folder {out_dir} exists and is not empty")
     with atomic_dir(out_dir) as tmp:
         export_step_graph(loaded.model, tmp / MODEL_FILE, opset)
         meta = {"name": loaded.name, "source": loaded.source, "config": json.loads(loaded.model.config.to_json())}

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None, shared_pool: bool = False) -> int:
                                top_p=args.top_p, seed=args.seed, stop=args.stop)
         result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
                               chat=not args.raw)
-    except (RiverError, ValueError, FileExistsError) as exc:
+    except (RiverError, ValueError) as exc:
         print(f"river-generate: error: {exc}", file=sys.stderr)
         return 2
     print()

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from river.errors import CacheOverflow
+from river.models.tokenizer import encode_prompt
 from river.runtime.backend import KVCache, StepBackend
 from river.runtime.sampling import sample
 
@@ -140,10 +141,7 @@ class Generator:
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids of a prompt; with ``chat`` the model's chat template wraps it as a user turn."""
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        return list(self.tokenizer(prompt)["input_ids"])
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     # --- the three phases ---------------------------------------------------------------------
     def prefill(self, prompt_ids: Sequence[int], cache: KVCache) -> np.ndarray:

@@ -134,7 +134,7 @@ def open_generator(model: str, threads: int | None = None, tokenizer: str | None
 
 
 def _load_tokenizer(where, tokenizer: str | None):
-    from river.runtime.tokenizer import TextTokenizer
+    from river.models.tokenizer import TextTokenizer
 
     if tokenizer is None and not isinstance(where, Path):
         return where  # a loaded tokenizer (torch backend)

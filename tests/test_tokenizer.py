@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from river.runtime.tokenizer import TextTokenizer
+from river.models.tokenizer import TextTokenizer
 
 TEXTS = ["What is a river delta?", "  spaces  and\ttabs\nnew lines", "naïve café — 東京 🙂", "x = [1, 2]; print(x) ",
          "Don't stop . ok ?", ""]

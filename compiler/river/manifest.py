@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import onnx
 
+from river.atomic import write_bytes_atomic
 from river.errors import RiverError
 
 THRESHOLDS = "exit_thresholds"  # graph input [G] float32 (with a same-named initializer as its default)
@@ -110,17 +109,8 @@ class RiverManifest:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/river.json`` atomically (temporary file, then rename)."""
-        path = Path(folder) / MANIFEST_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(self), f, indent=2, allow_nan=False)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_bytes_atomic(Path(folder) / MANIFEST_FILE,
+                                  json.dumps(asdict(self), indent=2, allow_nan=False).encode())
 
     @classmethod
     def load(cls, folder: str | Path) -> RiverManifest:

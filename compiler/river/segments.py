@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from river.atomic import atomic_dir
+from river.atomic import atomic_dir, require_empty
 from river.compiler.graph_io import complete_types, load_onnx, stamp
 from river.compiler.lowering.shared_kv import to_shared_kv
 from river.compiler.river.builder import contract_types, prepare
@@ -336,8 +336,7 @@ def write_segments(step: str | Path | onnx.ModelProto, spec: RiverSpec, out_dir:
     Returns the index path.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RiverError(f"output folder {out_dir} exists and is not empty")
+    require_empty(out_dir)
     model = load_onnx(step) if not isinstance(step, onnx.ModelProto) else step
     concat = segment_graphs(model, spec)
     kv = segment_graphs(to_shared_kv(model), spec) if shared_kv else []

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from river.compiler.graph_io import load_onnx_header, write_bytes_atomic
+from river.atomic import write_bytes_atomic
+from river.compiler.graph_io import load_onnx_header
 from river.compiler.tensorrt.package import TRT_PACKAGE, require_trt
 from river.errors import ModelNotFound, RiverError
 

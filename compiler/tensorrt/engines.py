@@ -28,7 +28,7 @@ from pathlib import Path
 
 import onnx
 
-from river.atomic import atomic_dir
+from river.atomic import atomic_dir, require_empty
 from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
 from river.compiler.lowering.tensorrt import check_twins_for_trt, trt_onnx
 from river.compiler.river.chained import chained_river_graph
@@ -145,8 +145,7 @@ def build_river_engines(out_dir: str | Path, *, fused_onnx: str | Path | None = 
     graph (the no-exit baseline engine). ``segment_names`` limits which segments are built.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RiverError(f"output folder {out_dir} exists and is not empty")
+    require_empty(out_dir)
     if fused_onnx is None and segments_dir is None and step_onnx is None:
         raise RiverError("nothing to build: give fused_onnx, segments_dir and/or step_onnx")
     common = {"precision": precision, "max_batch": max_batch, "max_seq": max_seq, "max_past": max_past,
@@ -212,8 +211,7 @@ def compile_trt(step: str | Path | onnx.ModelProto, spec: RiverSpec, river_dir: 
     the in-place decode engines) defaults to ``max_past`` when segmented."""
     t0 = time.perf_counter()
     trt_dir = Path(river_dir) / TRT_DIR
-    if trt_dir.exists() and (not trt_dir.is_dir() or any(trt_dir.iterdir())):
-        raise RiverError(f"{trt_dir} exists and is not empty")
+    require_empty(trt_dir, "TensorRT folder")
     check_twins_for_trt(spec.precision, spec.block)
     with atomic_dir(trt_dir) as tmp:  # forms and engines side by side, renamed into place at the end
         forms = write_trt_forms(step, spec, tmp, fused=fused, segmented=segmented)

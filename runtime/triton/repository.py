@@ -95,9 +95,7 @@ def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
     river = RiverInfo.from_model(header)
 
     repo_dir = Path(repo_dir)
-    if repo_dir.exists() and (not repo_dir.is_dir() or any(repo_dir.iterdir())):
-        raise RiverError(f"repository folder {repo_dir} exists and is not empty")
-    with atomic_dir(repo_dir) as tmp:
+    with atomic_dir(repo_dir, what="repository folder") as tmp:
         configs = []
         if "onnxruntime" in step_backends:
             d = tmp / STEP_MODEL

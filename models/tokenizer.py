@@ -1,4 +1,4 @@
-"""The tokenizer the generation and serving path uses: the folder's ``tokenizer.json`` through the
+"""The tokenizer of an exported model folder, for the generation and serving path and calibration: the folder's ``tokenizer.json`` through the
 ``tokenizers`` library and its chat template through jinja2, as Hugging Face's fast tokenizers do,
 without importing ``transformers`` (whose tokenizer modules load torch).
 
@@ -81,3 +81,13 @@ class TextTokenizer:
         text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **{k: v for k, v in self.special_tokens.items() if v is not None})
         return self._tok.encode(text, add_special_tokens=False).ids if tokenize else text
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of a prompt; with ``chat`` (and a chat template) it is wrapped as one user turn.
+    The one home of prompt encoding: generation, serving and calibration all call it."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return list(tokenizer(prompt)["input_ids"])
