@@ -33,6 +33,8 @@ from river.compiler.river.manifest import set_props
 from river.compiler.weight_quant import quantize_weights
 from river.export.contract import StepContract
 
+DRAFT_FORMAT = 1  # the version of this pass's output: bump it when the output changes (cached graphs)
+
 DRAFT_PROP = "river.draft"
 DRAFT_FILE = "draft.onnx"  # its name beside a River graph (river-export writes it)
 DRAFT_BITS = (4, 8)

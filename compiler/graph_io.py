@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from river.errors import InvalidModelFile, ModelNotFound
@@ -166,3 +167,15 @@ def stamp(model: onnx.ModelProto, source: onnx.ModelProto, props: dict[str, str]
     model.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in sorted(domains - have))
     onnx.helper.set_model_props(model, {p.key: p.value for p in source.metadata_props} | props)
     return model
+
+
+def derived_graph(kind: str, source: Path, version: int, make: Callable[[onnx.ModelProto], onnx.ModelProto],
+                  variant: str = "") -> Path:
+    """The graph ``make`` derives from ``source`` (the shared-KV form, a draft graph), built once and cached
+    by the source's fingerprint, the pass's ``version`` (bumped when its output changes) and ``variant``."""
+    from river.models.cache import cache_root, file_fingerprint
+
+    out = cache_root() / kind / f"{file_fingerprint(source)}{variant}-v{version}" / "model.onnx"
+    if not out.is_file():
+        save_onnx_atomic(make(load_onnx(source)), out)
+    return out

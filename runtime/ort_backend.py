@@ -13,26 +13,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
+from river.compiler.graph_io import derived_graph, load_onnx_header
 from river.compiler.ort_session import session_options
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
-from river.compiler.lowering.shared_kv import WRITE_INDICES, to_shared_kv
+from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, WRITE_INDICES, to_shared_kv
 from river.export import contract as C
 from river.export.contract import CAUSAL_PROP, StepContract
-from river.models.cache import cache_root, file_fingerprint
 from river.runtime.backend import InPlaceSteps, StepBackend
 from river.runtime.kv_cache import SharedKVCache
-
-SHARED_KV_FORMAT = 9  # bump when the pass's output changes, to invalidate cached derived graphs
-
-
-def shared_kv_path(model_path: Path) -> Path:
-    """The shared-KV form of a step graph, derived once and cached by the source's fingerprint."""
-    out = cache_root() / "shared_kv" / f"{file_fingerprint(model_path)}-v{SHARED_KV_FORMAT}" / "model.onnx"
-    if not out.is_file():
-        save_onnx_atomic(to_shared_kv(load_onnx(model_path)), out)
-    return out
-
 
 class OrtBackend(InPlaceSteps, StepBackend):
     """Runs a plain step graph or a River graph. For a River graph, prefill runs with every gate
@@ -58,7 +46,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
         self.multi_token_steps = props.get(CAUSAL_PROP) == "position"
         self.prefill_session = (None if self.multi_token_steps else
                                 ort.InferenceSession(str(self.model_path), so, providers=providers))
-        decode_path = shared_kv_path(self.model_path)
+        decode_path = derived_graph("shared_kv", self.model_path, SHARED_KV_FORMAT, to_shared_kv)
         self.single_token = single_token
         if single_token:  # a draft: batch 1, one token a step; static sizes let ORT fold the shape arithmetic
             dims = next(i for i in header.graph.input if i.name == C.INPUT_IDS).type.tensor_type.shape.dim

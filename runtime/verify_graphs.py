@@ -12,22 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
-from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
+from river.compiler.draft_graph import DRAFT_FILE, DRAFT_FORMAT, draft_graph, draft_metadata
+from river.compiler.graph_io import derived_graph, load_onnx_header
 from river.compiler.river.manifest import MANIFEST_FILE, RiverInfo, RiverManifest
 from river.errors import ModelNotFound
-from river.models.cache import cache_root, file_fingerprint
-
-DRAFT_FORMAT = 1  # bump when the draft pass's output changes
-
-
-def derived_draft_path(step_graph: Path, exit_after: int = -1) -> Path:
-    """The draft graph of a plain step graph, made once and cached."""
-    out = cache_root() / "draft" / f"{file_fingerprint(step_graph)}-e{exit_after}-v{DRAFT_FORMAT}" / "model.onnx"
-    if not out.is_file():
-        save_onnx_atomic(draft_graph(load_onnx(step_graph), exit_after), out)
-    return out
-
 
 def verify_pair(model_path: str | Path, exit_after: int | None = None) -> tuple[Path, Path]:
     """(backbone step graph, draft graph) for ``model_path`` (a plain step graph or a River graph).
@@ -48,4 +36,5 @@ def verify_pair(model_path: str | Path, exit_after: int | None = None) -> tuple[
     if is_river and backbone == model_path:
         raise ModelNotFound(f"no {DRAFT_FILE} with that exit beside {model_path} and the step graph it was compiled "
                             "from is gone: re-run river-export, or draft with the River graph's own exit (--draft river)")
-    return backbone, derived_draft_path(backbone, -1 if exit_after is None else exit_after)
+    exit_after = -1 if exit_after is None else exit_after
+    return backbone, derived_graph("draft", backbone, DRAFT_FORMAT, lambda m: draft_graph(m, exit_after), f"-e{exit_after}")

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORCE, OFF = -2.0, 2.0
+from river.compiler.river.manifest import DISABLED, FORCED_EXIT
+
 
 
 def log(msg: str) -> None:
@@ -41,10 +42,10 @@ def log(msg: str) -> None:
 def patterns(num_gates: int) -> list[tuple[str, list[float]]]:
     out = []
     for k in range(num_gates):
-        p = [OFF] * num_gates
-        p[k] = FORCE
+        p = [DISABLED] * num_gates
+        p[k] = FORCED_EXIT
         out.append((f"exit@gate{k}", p))
-    out.append(("no-exit", [OFF] * num_gates))
+    out.append(("no-exit", [DISABLED] * num_gates))
     return out
 
 

@@ -30,6 +30,8 @@ from river.compiler.river.builder import is_quantized_weight
 from river.errors import NotADecoderGraph
 from river.export.contract import StepContract, past_name, present_name
 
+SHARED_KV_FORMAT = 9  # the version of this pass's output: bump it when the output changes (cached graphs)
+
 WRITE_INDICES = "write_indices"
 TENSOR_SCATTER_OPSET = 24
 
