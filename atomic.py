@@ -3,6 +3,8 @@ to a temporary name and renamed. A failure leaves nothing behind."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -10,6 +12,74 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from river.errors import RiverError
+
+# Every temporary name we create carries this mark and its owner's pid, so a later run can tell a
+# temporary left by a killed process (owner gone) from one still being written.
+TEMP_MARK = ".river-tmp-"
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix for a temporary sibling of ``name``: ``.<name>.river-tmp-<pid>-``."""
+    return f".{name}{TEMP_MARK}{os.getpid()}-"
+
+
+def _owner_alive(entry: Path) -> bool:
+    pid = entry.name.rpartition(TEMP_MARK)[2].partition("-")[0]
+    if not pid.isdigit():
+        return True  # not one of ours: leave it alone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def clean_stale_temps(folder: str | Path) -> None:
+    """Remove temporaries in ``folder`` whose owner process is gone (killed runs leave them behind)."""
+    try:
+        entries = [e for e in Path(folder).iterdir() if TEMP_MARK in e.name]
+    except OSError:
+        return
+    for entry in entries:
+        if not _owner_alive(entry):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def make_temp_dir(parent: str | Path, name: str) -> Path:
+    """A fresh temporary folder in ``parent`` marked with our pid (stale ones are cleaned first)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(parent)
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent))
+
+
+@contextmanager
+def temp_dir(parent: str | Path, name: str):
+    """A temporary folder in ``parent`` for the duration of the block, removed afterwards."""
+    tmp = make_temp_dir(parent, name)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def cache_lock(entry: str | Path):
+    """Hold an exclusive lock beside the cache entry ``entry`` (``.<name>.lock``), so that concurrent
+    processes build it once: the others wait, then find it complete."""
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f".{entry.name}.lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def require_empty(out_dir: str | Path, what: str = "output folder") -> None:
@@ -20,6 +90,18 @@ def require_empty(out_dir: str | Path, what: str = "output folder") -> None:
         raise RiverError(f"{what} {out_dir} exists and is not empty")
 
 
+def build_once(entry: str | Path, marker: str, build) -> Path:
+    """The cache folder ``entry``, complete when it holds ``marker``; else ``build(tmp)`` fills a temporary
+    folder that becomes ``entry``. Concurrent processes build it once: the others wait and use it."""
+    entry = Path(entry)
+    with cache_lock(entry):
+        if not (entry / marker).is_file():
+            shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry (we hold the lock: nobody writes it)
+            with atomic_dir(entry, what="cache entry") as tmp:
+                build(tmp)
+    return entry
+
+
 @contextmanager
 def atomic_dir(out_dir: str | Path, prefix: str | None = None, what: str = "output folder"):
     """Yield a temporary folder beside ``out_dir``; when the block succeeds it becomes ``out_dir`` (an
@@ -28,16 +110,18 @@ def atomic_dir(out_dir: str | Path, prefix: str | None = None, what: str = "outp
     out_dir = Path(out_dir)
     require_empty(out_dir, what)
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix or out_dir.name}.", dir=out_dir.parent))
+        tmp = make_temp_dir(out_dir.parent, prefix or out_dir.name)
     except OSError as exc:
         raise RiverError(f"cannot write to {out_dir.parent}: {exc.strerror}") from None
     try:
         yield tmp
         tmp.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
+        try:
+            tmp.rename(out_dir)  # replaces an empty folder; fails if another run filled it meanwhile
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise RiverError(f"{what} {out_dir} exists and is not empty") from None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -47,7 +131,7 @@ def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> Path:
     """Temporary file in the same folder, fsync, rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -8,14 +8,14 @@ that calls all of them, so no layer imports a later one.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from river.compiler.river import twins
 from river.compiler.river.manifest import TWIN_FORMATS
-from river.atomic import require_empty
-from river.errors import RiverError
+from river.atomic import atomic_dir, require_empty, temp_dir
+from river.errors import RiverError, sigterm_as_interrupt
 from river.models.registry import DEFAULT_MODEL, available_models
 
 
@@ -83,38 +83,11 @@ def _river_options(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from river.compiler.compile import compile_river
-        from river.export.onnx_export import export_model
-        from river.models.registry import load_model
-
-        if args.model.endswith(".onnx"):
-            if args.step_only:
-                raise RiverError("--step-only exports a model; the input is already an ONNX graph")
-            path = compile_river(args.model, args.output, **_river_options(args))
-            failed = _extras(args, Path(args.model), Path(path).parent)
-        else:
-            print(f"[river] loading {args.model} ...", file=sys.stderr, flush=True)
-            loaded = load_model(args.model)
-            print(f"[river] exporting {loaded.name} ({loaded.config.num_layers} layers) to a step graph ...",
-                  file=sys.stderr, flush=True)
-            if args.step_only:
-                path = export_model(loaded, args.output)
-                failed = False
-            else:
-                require_empty(args.output)
-                args.output.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".step.") as tmp:
-                    step = export_model(loaded, Path(tmp) / "step")
-                    del loaded
-                    path = compile_river(step, args.output, model_name=args.model, **_river_options(args))
-                    failed = _extras(args, step, Path(path).parent)
-        if args.triton_repo is not None:
-            if args.step_only:
-                raise RiverError("--triton-repo serves a River graph; drop --step-only")
-            from river.runtime.triton.repository import write_triton_repo
-
-            print(f"[river] writing the Triton model repository {args.triton_repo} ...", file=sys.stderr, flush=True)
-            print(write_triton_repo(Path(path).parent, args.triton_repo, max_length=args.max_length, threads=args.threads))
+        with sigterm_as_interrupt():
+            path, failed = _export(args)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the temporary folders are gone, say so in one line
+        print("river-export: interrupted", file=sys.stderr)
+        return 130
     except RiverError as exc:
         print(f"river-export: error: {exc}", file=sys.stderr)
         return 2
@@ -123,6 +96,62 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(path)
     return 1 if failed else 0
+
+
+def _export(args) -> tuple[Path, bool]:
+    """(the graph written, whether the parity check failed). One invocation is all or nothing."""
+    from river.export.onnx_export import export_model
+
+    if args.step_only:
+        if args.model.endswith(".onnx"):
+            raise RiverError("--step-only exports a model; the input is already an ONNX graph")
+        if args.triton_repo is not None:
+            raise RiverError("--triton-repo serves a River graph; drop --step-only")
+        return export_model(_load(args.model), args.output), False
+    require_empty(args.output)
+    if args.triton_repo is not None:
+        require_empty(args.triton_repo, "repository folder")
+    if args.model.endswith(".onnx"):
+        return _river(args, Path(args.model))
+    loaded = _load(args.model)
+    with temp_dir(args.output.parent, "step") as tmp:
+        step = export_model(loaded, tmp / "step")
+        del loaded
+        return _river(args, step, model_name=args.model)
+
+
+def _load(model: str):
+    from river.models.registry import load_model
+
+    print(f"[river] loading {model} ...", file=sys.stderr, flush=True)
+    loaded = load_model(model)
+    print(f"[river] exporting {loaded.name} ({loaded.config.num_layers} layers) to a step graph ...",
+          file=sys.stderr, flush=True)
+    return loaded
+
+
+def _river(args, step: Path, model_name: str | None = None) -> tuple[Path, bool]:
+    """The River folder, its extras and the Triton repository, built in temporary folders: if any part
+    fails (or the run is interrupted) nothing of this invocation remains. A failed --check is a result,
+    not a failure: the output stays for inspection and the exit code is 1."""
+    from river.compiler.compile import compile_river
+
+    repo_written = False
+    try:
+        with atomic_dir(args.output) as out:
+            compile_river(step, out, model_name=model_name, **_river_options(args))
+            failed = _extras(args, step, out)
+            if args.triton_repo is not None:
+                from river.runtime.triton.repository import write_triton_repo
+
+                print(f"[river] writing the Triton model repository {args.triton_repo} ...", file=sys.stderr, flush=True)
+                print(write_triton_repo(out, args.triton_repo, max_length=args.max_length, threads=args.threads))
+                repo_written = True
+    except BaseException:
+        if repo_written:  # the River folder could not be renamed into place after the repository was
+            shutil.rmtree(args.triton_repo, ignore_errors=True)
+        raise
+    return args.output / "model.onnx", failed
 
 
 def _extras(args, step: Path, river_dir: Path) -> bool:

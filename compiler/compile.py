@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -15,12 +14,13 @@ import onnx
 
 from river.atomic import atomic_dir, require_empty
 from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
-from river.compiler.graph_io import load_onnx, save_onnx_atomic, walk_nodes
+from river.compiler.graph_io import graph_files, load_onnx, save_onnx_atomic, walk_nodes
 from river.compiler.river.manifest import DISABLED, EXIT_LAYER, SIDE_FILES, THRESHOLDS, RiverManifest
 from river.compiler.river.nested import river_graph
 from river.compiler.river.spec import RiverSpec, default_gates
 from river.errors import NotADecoderGraph, RiverError
 from river.export.contract import StepContract
+from river.models.cache import cached_sha256
 
 
 def check_supported_ops(model: onnx.ModelProto, source: str = "model") -> None:
@@ -57,15 +57,6 @@ def read_thresholds(path: str | Path, gates: Sequence[int]) -> tuple[float, ...]
     if not isinstance(data, list) or not all(isinstance(x, (int, float)) for x in data):
         raise RiverError(f"{path}: expected a list of numbers (one threshold per gate)")
     return tuple(float(x) for x in data)
-
-
-def file_sha256(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _eos_ids(folder: Path, tokenizer) -> list[int]:
@@ -159,11 +150,10 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 set_default_thresholds(tmp / "model.onnx", picked)
                 spec = dataclasses.replace(spec, thresholds=tuple(picked))
                 (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2))
-            data = source_onnx.with_name(source_onnx.name + ".data")
             RiverManifest(
                 model=model_name or source_onnx.parent.name,
                 source={"path": str(source_onnx.resolve()),
-                        "sha256": file_sha256([source_onnx] + ([data] if data.is_file() else []))},
+                        "sha256": cached_sha256(graph_files(source_onnx))},
                 num_layers=contract.num_layers, gates=list(spec.gates), river=river, kind=spec.kind,
                 precision=spec.precision, block=spec.block, twin_format=spec.twin_format,
                 thresholds=list(spec.thresholds) if spec.thresholds is not None else None,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
+from river.atomic import build_once, temp_prefix
 from river.errors import InvalidModelFile, ModelNotFound
 
 
@@ -39,7 +40,7 @@ def save_onnx_atomic(model: onnx.ModelProto, path: str | Path, check: bool = Tru
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     data_name = path.name + ".data"
@@ -169,13 +170,20 @@ def stamp(model: onnx.ModelProto, source: onnx.ModelProto, props: dict[str, str]
     return model
 
 
+def graph_files(path: str | Path) -> list[Path]:
+    """The graph file and every external data file it references: what its identity depends on."""
+    path = Path(path)
+    locations = {entry.value for t in _external_tensors(load_onnx_header(path))
+                 for entry in t.external_data if entry.key == "location"}
+    return [path] + [path.parent / loc for loc in sorted(locations) if (path.parent / loc).is_file()]
+
+
 def derived_graph(kind: str, source: Path, version: int, make: Callable[[onnx.ModelProto], onnx.ModelProto],
                   variant: str = "") -> Path:
     """The graph ``make`` derives from ``source`` (the shared-KV form, a draft graph), built once and cached
-    by the source's fingerprint, the pass's ``version`` (bumped when its output changes) and ``variant``."""
-    from river.models.cache import cache_root, file_fingerprint
+    by the fingerprint of the source graph and its weights, the pass's ``version`` (bumped when its output
+    changes) and ``variant``; concurrent runs build it once."""
+    from river.models.cache import cache_root, files_fingerprint
 
-    out = cache_root() / kind / f"{file_fingerprint(source)}{variant}-v{version}" / "model.onnx"
-    if not out.is_file():
-        save_onnx_atomic(make(load_onnx(source)), out)
-    return out
+    entry = cache_root() / kind / f"{files_fingerprint(graph_files(source))}{variant}-v{version}"
+    return build_once(entry, "model.onnx", lambda tmp: save_onnx_atomic(make(load_onnx(source)), tmp / "model.onnx")) / "model.onnx"

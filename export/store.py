@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from river.atomic import build_once
 from river.export.onnx_export import MODEL_FILE, OPSET, export_model
-from river.models.cache import cache_root, file_fingerprint
+from river.models.cache import cache_root, file_fingerprint, files_fingerprint
 from river.models.registry import REGISTRY, load_model, smollm2_gguf_path
 
 EXPORT_FORMAT = 2  # bump when the exported graph changes, to invalidate cached exports
@@ -23,11 +24,7 @@ def _source_fingerprint(name_or_path: str) -> str:
     if path.is_file():
         return file_fingerprint(path)
     if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if f.is_file():
-                h.update(file_fingerprint(f).encode())
-        return h.hexdigest()[:16]
+        return files_fingerprint(sorted(f for f in path.iterdir() if f.is_file()))
     return name_or_path  # load_model reports the error
 
 
@@ -36,12 +33,13 @@ def exported_model_path(name_or_path: str, log=sys.stderr) -> Path:
     slug = Path(name_or_path).name.replace(".", "_")
     key = hashlib.sha256(f"{_source_fingerprint(name_or_path)}|{OPSET}|{EXPORT_FORMAT}".encode()).hexdigest()[:12]
     out = cache_root() / "onnx" / f"{slug}-{key}"
-    if (out / MODEL_FILE).is_file():
-        return out / MODEL_FILE
-    t0 = time.perf_counter()
-    print(f"[river] loading {name_or_path} ...", file=log, flush=True)
-    loaded = load_model(name_or_path)
-    print(f"[river] exporting {loaded.name} to ONNX (once; cached in {out}) ...", file=log, flush=True)
-    path = export_model(loaded, out)
-    print(f"[river] exported in {time.perf_counter() - t0:.1f}s", file=log, flush=True)
-    return path
+
+    def build(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        print(f"[river] loading {name_or_path} ...", file=log, flush=True)
+        loaded = load_model(name_or_path)
+        print(f"[river] exporting {loaded.name} to ONNX (once; cached in {out}) ...", file=log, flush=True)
+        export_model(loaded, tmp)
+        print(f"[river] exported in {time.perf_counter() - t0:.1f}s", file=log, flush=True)
+
+    return build_once(out, MODEL_FILE, build) / MODEL_FILE

@@ -22,3 +22,34 @@ def file_fingerprint(path: Path) -> str:
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read())
     return h.hexdigest()[:16]
+
+
+def files_fingerprint(paths) -> str:
+    """Cheap identity of a set of files (a graph and its external weights): their file fingerprints."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(file_fingerprint(Path(p)).encode())
+    return h.hexdigest()[:16]
+
+
+def files_sha256(paths) -> str:
+    """SHA-256 of the files' contents, in order."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_sha256(paths) -> str:
+    """``files_sha256``, remembered per ``files_fingerprint`` so a large model is hashed once, not every run."""
+    from river.atomic import write_bytes_atomic
+
+    paths = list(paths)
+    memo = cache_root() / "sha256" / files_fingerprint(paths)
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = files_sha256(paths)
+    write_bytes_atomic(memo, digest.encode())
+    return digest

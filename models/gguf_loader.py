@@ -9,12 +9,11 @@ transformers once, then cached).
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from river.atomic import build_once
 from river.errors import InvalidModelFile, ModelNotFound
 from river.models.cache import cache_root, file_fingerprint
 from river.models.config import LlamaConfig
@@ -147,16 +146,10 @@ def load_gguf_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    cached = cache_root() / "tokenizers" / file_fingerprint(path)
-    if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cached.parent))
-    tok.save_pretrained(str(tmp))
-    try:
-        tmp.rename(cached)
-    except OSError:  # another process cached it first
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def convert(tmp: Path) -> None:
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(tmp))
+
+    cached = build_once(cache_root() / "tokenizers" / file_fingerprint(path), "tokenizer.json", convert)
     return AutoTokenizer.from_pretrained(str(cached))

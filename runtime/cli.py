@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from river.errors import RiverError
+from river.errors import RiverError, sigterm_as_interrupt
 from river.models.registry import DEFAULT_MODEL, available_models
 from river.runtime.loading import BACKENDS
 
@@ -60,6 +60,16 @@ def main(argv: list[str] | None = None, shared_pool: bool = False) -> int:
     shares one thread pool (verify mode alternates two sessions); callers in a bigger process keep
     per-session pools."""
     args = build_parser().parse_args(argv)
+    try:
+        with sigterm_as_interrupt():
+            return _generate(args, shared_pool)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, no traceback
+        print(flush=True)  # end the streamed text's line
+        print("river-generate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _generate(args, shared_pool: bool) -> int:
     try:
         from river.compiler.ort_session import use_shared_thread_pool
         from river.runtime.generate import GenerationConfig

@@ -13,9 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from river.compiler.draft_graph import DRAFT_FILE, DRAFT_FORMAT, draft_graph, draft_metadata
-from river.compiler.graph_io import derived_graph, load_onnx_header
+from river.compiler.graph_io import derived_graph, graph_files, load_onnx_header
 from river.compiler.river.manifest import MANIFEST_FILE, RiverInfo, RiverManifest
-from river.errors import ModelNotFound
+from river.errors import ModelNotFound, RiverError
+from river.models.cache import cached_sha256
+
+
+def _check_source(source: Path, sha256: str | None) -> None:
+    """The backbone must be the very graph the River graph was compiled from, or verify mode would
+    silently verify against other weights (hashed once per file fingerprint, not every run)."""
+    if sha256 is not None and cached_sha256(graph_files(source)) != sha256:
+        raise RiverError(f"{source} changed since river-export compiled this River graph from it (sha256 mismatch): "
+                         "re-run river-export, or draft with the River graph's own exit (--draft river)")
+
 
 def verify_pair(model_path: str | Path, exit_after: int | None = None) -> tuple[Path, Path]:
     """(backbone step graph, draft graph) for ``model_path`` (a plain step graph or a River graph).
@@ -25,9 +35,11 @@ def verify_pair(model_path: str | Path, exit_after: int | None = None) -> tuple[
     is_river = RiverInfo.from_model(load_onnx_header(model_path)) is not None
     backbone = model_path
     if is_river:
-        source = (RiverManifest.load(model_path.parent).source_path
-                  if (model_path.parent / MANIFEST_FILE).is_file() else None)
-        backbone = source if source is not None and source.is_file() else model_path
+        manifest = RiverManifest.load(model_path.parent) if (model_path.parent / MANIFEST_FILE).is_file() else None
+        source = manifest.source_path if manifest is not None else None
+        if source is not None and source.is_file():
+            _check_source(source, manifest.source.get("sha256"))
+            backbone = source
     shipped = model_path.parent / DRAFT_FILE
     if shipped.is_file():
         meta = draft_metadata(load_onnx_header(shipped)) or {}
