@@ -4,8 +4,8 @@ The draft comes from ``draft.onnx`` beside the model (``river-export`` writes on
 derived from the plain step graph with ``compiler/draft_graph.py`` and cached by the source's
 fingerprint, like the shared-KV form. The backbone that verifies is the plain step graph: the model
 itself, or for a River graph the step graph it was compiled from (``river.json``; refused when it no
-longer has the recorded sha256), which runs the same weights without the River graph's ``If`` overhead; when that file is gone, the River graph
-with every gate off.
+longer has the recorded sha256), which runs the same weights without the River graph's ``If``
+overhead; when that file is gone, the River graph with every gate off.
 """
 
 from __future__ import annotations
