@@ -18,6 +18,7 @@ from river.compiler.graph_io import graph_files, load_onnx, save_onnx_atomic, wa
 from river.compiler.river.manifest import DISABLED, EXIT_LAYER, SIDE_FILES, THRESHOLDS, RiverManifest
 from river.compiler.river.nested import river_graph
 from river.compiler.river.spec import RiverSpec, default_gates
+from river.compiler.structure import check_wiring
 from river.errors import NotADecoderGraph, RiverError
 from river.export.contract import StepContract
 from river.models.cache import cached_sha256
@@ -100,6 +101,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
             model = load_onnx(source_onnx)
             contract = StepContract.from_model(model, str(source_onnx))
             check_supported_ops(model, str(source_onnx))
+            check_wiring(model, str(source_onnx))
             bar.update()
             gate_list = parse_gates(gates, contract.num_layers) if gates is None or isinstance(gates, str) else tuple(gates)
             if thresholds is not None and not isinstance(thresholds, (list, tuple)):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from river.errors import NotADecoderGraph
 from river.export.contract import (
@@ -63,6 +65,51 @@ class DecoderStructure:
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+
+def check_wiring(model: onnx.ModelProto, source: str = "model") -> None:
+    """Every top-level node reads only values defined before it, and standard ops match their schema
+    (arity, attributes): a damaged graph gets a one-line error here, not a crash deep in a pass."""
+    graph = model.graph
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = model.ir_version
+    ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
+    defined = {""} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        where = f"{source}: node '{node.name}' ({node.op_type})"
+        undefined = [x for x in node.input if x not in defined]
+        if undefined:
+            raise NotADecoderGraph(f"{where} reads {undefined[0]!r}, which nothing defines before it")
+        if node.domain in ("", "ai.onnx") and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                       for a in node.attribute):
+            try:
+                onnx.checker.check_node(node, ctx)
+            except (onnx.checker.ValidationError, onnx.defs.SchemaError) as exc:
+                raise NotADecoderGraph(f"{where} is invalid: {str(exc).strip().splitlines()[0]}") from None
+        defined.update(node.output)
+    missing = [o.name for o in graph.output if o.name not in defined]
+    if missing:
+        raise NotADecoderGraph(f"{source}: output {missing[0]!r} is computed by no node")
+    _check_shapes(model, source)
+
+
+def _check_shapes(model: onnx.ModelProto, source: str) -> None:
+    """Strict ONNX shape inference over the graph with its large weights as typed inputs (no data
+    copied or serialized): shapes and types that do not agree are reported before any pass runs."""
+    g = model.graph
+    small = [t for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() <= 4096]
+    kept = {t.name for t in small}
+    weights = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer
+               if t.name not in kept]
+    light = onnx.helper.make_model(onnx.helper.make_graph(g.node, g.name, list(g.input) + weights, g.output, small),
+                                   opset_imports=model.opset_import, ir_version=model.ir_version)
+    for t in g.initializer:
+        if t.raw_data and len(t.raw_data) != int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize:
+            raise NotADecoderGraph(f"{source}: initializer '{t.name}' holds {len(t.raw_data)} bytes, not shape {list(t.dims)}")
+    try:
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise NotADecoderGraph(f"{source}: shapes or types do not agree: {str(exc).strip().splitlines()[0]}") from None
 
 
 def _ancestor_nodes(values) -> set[int]:

@@ -131,7 +131,11 @@ def load_gguf_model(path: str | Path) -> tuple[LlamaForCausalLM, LlamaConfig]:
     cfg = config_from_gguf(reader)
     model = LlamaForCausalLM(cfg)
     sd = state_dict_from_gguf(reader, cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # weight shapes that disagree with the config
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise InvalidModelFile(f"{path}: weights do not match the GGUF metadata ({detail})") from None
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise InvalidModelFile(f"GGUF {path}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")

@@ -42,7 +42,11 @@ def load_hf_dir(path: str | Path) -> tuple[LlamaForCausalLM, LlamaConfig]:
             raise InvalidModelFile(f"cannot read {f}: {exc}") from exc
     model = LlamaForCausalLM(cfg)
     sd = {k: v.to(torch.float32) for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # weight shapes that disagree with the config
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise InvalidModelFile(f"{path}: weights do not match config.json ({detail})") from None
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise InvalidModelFile(f"{path}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
