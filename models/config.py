@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
+
+_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+           "max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,15 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
+        """Refuse what would otherwise fail deep inside torch (a string size, zero heads)."""
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -42,7 +55,7 @@ class LlamaConfig:
     def from_hf_config(cls, cfg: dict) -> "LlamaConfig":
         """From a Hugging Face ``config.json``; accepts both ``rope_theta`` (transformers 4) and
         ``rope_parameters`` (transformers 5) for the RoPE base."""
-        heads = cfg["num_attention_heads"]
+        heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
         theta = cfg.get("rope_theta")
         if theta is None:
             theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -54,12 +67,13 @@ class LlamaConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
             vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
+            hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
+                                             and heads > 0 else None),  # __post_init__ says what is wrong
             rope_theta=float(theta),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from river.errors import InvalidModelFile, ModelNotFound
+from river.errors import InvalidModelFile, ModelNotFound, read_json
 from river.models.config import LlamaConfig
 from river.models.llama import LlamaForCausalLM
 
@@ -24,13 +24,15 @@ def load_hf_dir(path: str | Path) -> tuple[LlamaForCausalLM, LlamaConfig]:
     path = Path(path)
     if not is_hf_dir(path):
         raise ModelNotFound(f"{path} is not a Hugging Face model directory (no config.json)")
-    raw = json.loads((path / "config.json").read_text())
-    if raw.get("model_type") not in ("llama", "mistral", None) and "LlamaForCausalLM" not in raw.get("architectures", []):
-        raise InvalidModelFile(f"{path}: model_type '{raw.get('model_type')}' is not a Llama-family decoder")
+    raw = _read_config(path / "config.json")
     try:
+        if raw.get("model_type") not in ("llama", "mistral", None) and "LlamaForCausalLM" not in raw.get("architectures", []):
+            raise InvalidModelFile(f"{path}: model_type '{raw.get('model_type')}' is not a Llama-family decoder")
         cfg = LlamaConfig.from_hf_config(raw)
-    except (KeyError, ValueError) as exc:
-        raise InvalidModelFile(f"{path}/config.json: {exc}") from exc
+    except KeyError as exc:
+        raise InvalidModelFile(f"{path}/config.json: no {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidModelFile(f"{path}/config.json: {exc}") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelNotFound(f"{path}: no *.safetensors weight files")
@@ -51,6 +53,14 @@ def load_hf_dir(path: str | Path) -> tuple[LlamaForCausalLM, LlamaConfig]:
     if missing or unexpected:
         raise InvalidModelFile(f"{path}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval(), cfg
+
+
+def _read_config(path: Path) -> dict:
+    """config.json as a dict, or an InvalidModelFile naming the file."""
+    raw = read_json(path, InvalidModelFile)
+    if not isinstance(raw, dict):
+        raise InvalidModelFile(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def save_hf_dir(model: LlamaForCausalLM, path: str | Path, tokenizer=None) -> Path:

@@ -14,7 +14,7 @@ from typing import Sequence
 import onnx
 
 from river.atomic import write_bytes_atomic
-from river.errors import RiverError
+from river.errors import RiverError, read_json
 
 THRESHOLDS = "exit_thresholds"  # graph input [G] float32 (with a same-named initializer as its default)
 EXIT_LAYER = "exit_layer"  # graph output [B] int64: backbone layers run (L: never exited)
@@ -118,10 +118,7 @@ class RiverManifest:
         path = folder if folder.name == MANIFEST_FILE else folder / MANIFEST_FILE
         if not path.is_file():
             raise RiverError(f"no {MANIFEST_FILE} in {path.parent}: not a river-export output folder")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RiverError(f"{path} cannot be read as JSON: {exc}") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise RiverError(f"{path}: expected a JSON object")
         if data.get("format") == 1:  # the first format: "flavour" for the twin format
