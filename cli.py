@@ -15,7 +15,7 @@ from pathlib import Path
 from river.compiler.river import twins
 from river.compiler.river.manifest import TWIN_FORMATS
 from river.atomic import atomic_dir, require_empty, temp_dir
-from river.errors import RiverError, sigterm_as_interrupt
+from river.errors import RiverError, disk_error, sigterm_as_interrupt
 from river.models.registry import DEFAULT_MODEL, available_models
 
 
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=64, choices=[32, 64, 128], help="quantization block size (default 64)")
     p.add_argument("--calibrate", metavar="PROMPTS", help="calibrate thresholds on these prompts (text file, one "
                    "per line, or a JSON list): writes calibration.json and bakes in the --budget operating point")
-    p.add_argument("--budget", default="balanced", help="error budget for --calibrate: safe, balanced, fast, or a "
+    p.add_argument("--budget", help="error budget for --calibrate: safe, balanced, fast, or a "
                    "number (mean damage of exited tokens on calibration data; default balanced)")
-    p.add_argument("--metric", default="flip", choices=["flip", "kl", "kv"],
+    p.add_argument("--metric", choices=["flip", "kl", "kv"],
                    help="damage measure the budget bounds: top-1 flip rate (default), KL, or relative KV error")
     p.add_argument("--twin-format", default="ort", choices=list(TWIN_FORMATS),
                    help="quantized twins as ONNX Runtime operators (MatMulNBits / dynamic int8, default) or block "
@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except RiverError as exc:
         print(f"river-export: error: {exc}", file=sys.stderr)
         return 2
-    except PermissionError as exc:
-        print(f"river-export: error: cannot write: {exc}", file=sys.stderr)
+    except OSError as exc:  # a full, read-only or foreign disk: one line naming the path
+        message = disk_error(exc, args.output)
+        if message is None:
+            raise
+        print(f"river-export: error: {message}", file=sys.stderr)
         return 2
     print(path)
     return 1 if failed else 0
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(args) -> tuple[Path, bool]:
     """(the graph written, whether the parity check failed). One invocation is all or nothing."""
+    from river.compiler.compile import river_spec
     from river.export.onnx_export import export_model
 
     if args.step_only:
@@ -114,6 +118,7 @@ def _export(args) -> tuple[Path, bool]:
     if args.model.endswith(".onnx"):
         return _river(args, Path(args.model))
     loaded = _load(args.model)
+    river_spec(loaded.config.num_layers, **_river_options(args))  # bad options fail before the export
     with temp_dir(args.output.parent, "step") as tmp:
         step = export_model(loaded, tmp / "step")
         del loaded

@@ -18,6 +18,7 @@ ONNX Runtime's ``run``/``get_outputs``), so calibration does not choose or impor
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -141,10 +142,14 @@ def fit_predictor(d: GateData) -> dict:
     return {"slope": float(slope), "intercept": float(intercept), "r2": float(r2), "spearman": spearman, "n": int(len(x))}
 
 
-def threshold_for_budget(d: GateData, budget: float, metric: str = "flip") -> float:
-    """Lowest similarity t such that tokens with s >= t have mean damage <= budget (DISABLED: never)."""
+def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise RiverError(f"unknown calibration metric '{metric}' (choose from {', '.join(METRICS)})")
+
+
+def threshold_for_budget(d: GateData, budget: float, metric: str = "flip") -> float:
+    """Lowest similarity t such that tokens with s >= t have mean damage <= budget (DISABLED: never)."""
+    check_metric(metric)
     a = d.arrays()
     if budget <= 0 or not len(a["similarity"]):
         return DISABLED
@@ -167,14 +172,17 @@ def thresholds(data: Sequence[GateData], budget: float, metric: str = "flip") ->
 
 
 def resolve_budget(budget: str | float) -> float:
-    if isinstance(budget, (int, float)):
-        return float(budget)
+    """A budget name or number as the mean damage allowed: a finite number >= 0 (a NaN budget
+    would pick no threshold and say nothing)."""
     if budget in BUDGETS:
         return BUDGETS[budget]
     try:
-        return float(budget)
-    except ValueError:
-        raise RiverError(f"unknown budget '{budget}': a number or one of {', '.join(BUDGETS)}") from None
+        value = float(budget)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(budget, bool) or not math.isfinite(value) or value < 0:
+        raise RiverError(f"bad budget {budget!r}: a number >= 0 or one of {', '.join(BUDGETS)}")
+    return value
 
 
 def report(data: Sequence[GateData], metric: str = "flip", budgets: dict | None = None) -> dict:
@@ -195,12 +203,14 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise RiverError(f"calibration prompts file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".json":
-        prompts = json.loads(text)
-    else:
+    try:
+        text = path.read_text()
+        prompts = json.loads(text) if path.suffix == ".json" else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RiverError(f"calibration prompts file {path} cannot be read: {exc}") from None
+    if prompts is None:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise RiverError(f"{path}: expected prompts (one per line, or a JSON list of strings)")
     return prompts
 

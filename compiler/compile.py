@@ -14,12 +14,19 @@ import onnx
 
 from river.atomic import atomic_dir, require_empty
 from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
-from river.compiler.graph_io import graph_files, load_onnx, save_onnx_atomic, walk_nodes
-from river.compiler.river.manifest import DISABLED, EXIT_LAYER, SIDE_FILES, THRESHOLDS, RiverManifest
+from river.compiler.graph_io import graph_files, load_onnx, load_onnx_header, save_onnx_atomic, walk_nodes
+from river.compiler.river.manifest import (
+    DISABLED,
+    EXIT_LAYER,
+    SIDE_FILES,
+    THRESHOLDS,
+    RiverManifest,
+    check_thresholds,
+)
 from river.compiler.river.nested import river_graph
-from river.compiler.river.spec import RiverSpec, default_gates
+from river.compiler.river.spec import RiverSpec, check_spec, default_gates
 from river.compiler.structure import check_wiring
-from river.errors import NotADecoderGraph, RiverError
+from river.errors import NotADecoderGraph, RiverError, read_json
 from river.export.contract import StepContract
 from river.models.cache import cached_sha256
 
@@ -43,21 +50,17 @@ def check_supported_ops(model: onnx.ModelProto, source: str = "model") -> None:
 
 
 def read_thresholds(path: str | Path, gates: Sequence[int]) -> tuple[float, ...]:
-    """A JSON list, or an object with "thresholds" (and optionally "gates", which must match)."""
+    """A JSON list, or an object with "thresholds" (and optionally "gates", which must match);
+    the values pass ``check_thresholds`` (finite numbers, one per gate)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RiverError(f"thresholds file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise RiverError(f"thresholds file {path} is not JSON: {exc}") from None
+    if not path.exists():
+        raise RiverError(f"thresholds file not found: {path}")
+    data = read_json(path)
     if isinstance(data, dict):
-        if "gates" in data and list(data["gates"]) != list(gates):
-            raise RiverError(f"thresholds in {path} are for gates {data['gates']}, not {list(gates)}")
+        if "gates" in data and data["gates"] != list(gates):
+            raise RiverError(f"thresholds in {path} are for gates {data['gates']!r}, not {list(gates)}")
         data = data.get("thresholds")
-    if not isinstance(data, list) or not all(isinstance(x, (int, float)) for x in data):
-        raise RiverError(f"{path}: expected a list of numbers (one threshold per gate)")
-    return tuple(float(x) for x in data)
+    return check_thresholds(data, len(gates), f"thresholds file {path}")
 
 
 def _eos_ids(folder: Path, tokenizer) -> list[int]:
@@ -70,18 +73,55 @@ def _eos_ids(folder: Path, tokenizer) -> list[int]:
 
 
 def parse_gates(text: str | None, num_layers: int) -> tuple[int, ...]:
-    if text in (None, "", "auto"):
+    """``--gates``: None or 'auto' for the default band; an empty list is a mistake, not 'auto'."""
+    if text in (None, "auto"):
         return default_gates(num_layers)
+    if not text.strip():
+        raise RiverError("empty gate list: give layer indices like 14,16,18, or 'auto'")
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise RiverError(f"bad gate list '{text}': expected comma-separated layer indices like 14,16,18") from None
 
 
+def river_spec(num_layers: int, *, gates: str | Sequence[int] | None = None, river: str = "int8",
+               thresholds: str | Path | Sequence[float] | None = None, block: int = 64, twin_format: str = "ort",
+               calibrate=None, budget: str | float | None = None, metric: str | None = None,
+               threads: int | None = None, draft_exit: int | None = -1) -> RiverSpec:
+    """The RiverSpec that river-export's options ask for, every option checked against the model's
+    layer count. Called as soon as the layer count is known (graph header, model config) so that a
+    bad option fails in a second, not after the draft graph or the step graph export."""
+    from river.compiler.calibrate import check_metric, read_prompts, resolve_budget
+    from river.compiler.draft_graph import exit_range_error
+    from river.compiler.ort_session import check_threads
+
+    gate_list = parse_gates(gates, num_layers) if gates is None or isinstance(gates, str) else tuple(gates)
+    if thresholds is not None and not isinstance(thresholds, (list, tuple)):
+        thresholds = read_thresholds(thresholds, gate_list)
+    if calibrate is not None and thresholds is not None:
+        raise RiverError("give either --thresholds or --calibrate, not both")
+    if calibrate is None and (budget is not None or metric is not None):
+        raise RiverError("--budget and --metric choose the operating point of --calibrate: add --calibrate PROMPTS")
+    if isinstance(calibrate, (str, Path)):
+        read_prompts(calibrate)
+    if budget is not None:
+        resolve_budget(budget)
+    if metric is not None:
+        check_metric(metric)
+    check_threads(threads)
+    spec = RiverSpec.from_name(river, gate_list, block=block, twin_format=twin_format,
+                               thresholds=None if thresholds is None else check_thresholds(thresholds, len(gate_list)))
+    check_spec(spec, num_layers)
+    reason = None if draft_exit is None else exit_range_error(draft_exit, num_layers)
+    if reason:
+        raise RiverError(reason)
+    return spec
+
+
 def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | Sequence[int] | None = None,
                   river: str = "int8", thresholds: str | Path | Sequence[float] | None = None, block: int = 64,
                   model_name: str | None = None, twin_format: str = "ort", calibrate: str | Path | Sequence[str] | None = None,
-                  budget: str | float = "balanced", metric: str = "flip", calibration_tokens: int = 32,
+                  budget: str | float | None = None, metric: str | None = None, calibration_tokens: int = 32,
                   threads: int | None = None, draft_exit: int | None = -1, log=sys.stderr) -> Path:
     """Rewrite ``source_onnx`` (a step graph) into ``out_dir/model.onnx`` + ``river.json``.
 
@@ -98,18 +138,18 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
         t0 = time.perf_counter()
         with atomic_dir(out_dir) as tmp:
             bar.set_postfix_str("loading")
+            header = load_onnx_header(source_onnx)
+            contract = StepContract.from_model(header, str(source_onnx))
+            check_supported_ops(header, str(source_onnx))
+            check_wiring(header, str(source_onnx))
+            spec = river_spec(contract.num_layers, gates=gates, river=river, thresholds=thresholds, block=block,
+                              twin_format=twin_format, calibrate=calibrate, budget=budget, metric=metric,
+                              threads=threads, draft_exit=draft_exit)
+            budget, metric = "balanced" if budget is None else budget, metric or "flip"
+            if calibrate is not None and not (source_onnx.parent / "tokenizer.json").is_file():
+                raise RiverError(f"calibration needs the tokenizer next to {source_onnx} (tokenizer.json)")
             model = load_onnx(source_onnx)
-            contract = StepContract.from_model(model, str(source_onnx))
-            check_supported_ops(model, str(source_onnx))
-            check_wiring(model, str(source_onnx))
             bar.update()
-            gate_list = parse_gates(gates, contract.num_layers) if gates is None or isinstance(gates, str) else tuple(gates)
-            if thresholds is not None and not isinstance(thresholds, (list, tuple)):
-                thresholds = read_thresholds(thresholds, gate_list)
-            if calibrate is not None and thresholds is not None:
-                raise RiverError("give either --thresholds or --calibrate, not both")
-            spec = RiverSpec.from_name(river, gate_list, block=block, twin_format=twin_format,
-                                       thresholds=None if thresholds is None else tuple(thresholds))
             draft_info = None
             if draft_exit is not None:
                 bar.set_postfix_str(f"draft graph (8-bit twins after layer {draft_exit})")
@@ -137,8 +177,6 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 from river.compiler.ort_session import make_session
 
                 prompts = read_prompts(calibrate) if isinstance(calibrate, (str, Path)) else list(calibrate)
-                if not (source_onnx.parent / "tokenizer.json").is_file():
-                    raise RiverError(f"calibration needs the tokenizer next to {source_onnx} (tokenizer.json)")
                 from river.models.tokenizer import TextTokenizer
 
                 tokenizer = TextTokenizer(source_onnx.parent)

@@ -42,12 +42,20 @@ DRAFT_BITS = (4, 8)
 
 def check(model: onnx.ModelProto, exit_after: int) -> str | None:
     """Why no draft graph can be made at ``exit_after`` (None when it can)."""
-    layers = StepContract.from_model(model).num_layers
-    if not -1 <= exit_after < layers - 1:
-        return (f"draft exit after layer {exit_after} is out of range: use -1 (every layer a twin) up to "
-                f"{layers - 2} (the model has {layers} layers)")
+    reason = exit_range_error(exit_after, StepContract.from_model(model).num_layers)
+    if reason:
+        return reason
     if any(n.op_type == "If" for n in model.graph.node):
         return "this is already a River graph: make the draft from the plain step graph it came from"
+    return None
+
+
+def exit_range_error(exit_after: int, layers: int) -> str | None:
+    """Why ``exit_after`` is no draft exit for a model of ``layers`` layers (None when it is one):
+    river-export checks it from the graph header, before any graph is built."""
+    if isinstance(exit_after, bool) or not isinstance(exit_after, int) or not -1 <= exit_after < layers - 1:
+        return (f"draft exit after layer {exit_after} is out of range: use -1 (every layer a twin) up to "
+                f"{layers - 2} (the model has {layers} layers)")
     return None
 
 

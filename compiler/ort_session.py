@@ -8,8 +8,16 @@ import tempfile
 import onnx
 import onnxruntime as ort
 
+from river.errors import RiverError
+
 _PROTO_LIMIT = 1_800_000_000  # serialized protos near 2 GiB must go through a file
 _shared_pool_threads: int | None = None
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads``: None (all cores) or a positive count; the CLIs check it before any work."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise RiverError(f"--threads must be a positive number of threads, not {threads!r}")
 
 
 def use_shared_thread_pool(threads: int | None = None) -> None:
@@ -22,6 +30,7 @@ def use_shared_thread_pool(threads: int | None = None) -> None:
     that own their process call this (the CLIs, the benchmarks); library code never does.
     """
     global _shared_pool_threads
+    check_threads(threads)
     if _shared_pool_threads is not None:
         return
     from onnxruntime.capi import _pybind_state
@@ -40,6 +49,7 @@ def session_options(threads: int | None = None, matmul_accuracy: int = 1, optimi
     """ORT options. ``matmul_accuracy``: ONNX Runtime fuses our twins' DequantizeLinear -> MatMul into
     MatMulNBits; its accuracy level 4 (ORT's default) quantizes activations to int8 as well, level 1
     computes in fp32 and matches the weight-only twins the compiler wrote. We default to 1."""
+    check_threads(threads)
     so = ort.SessionOptions()
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_accuracy))
     if not prepacking:  # ORT prepacks only a graph's own initializers: off, both graphs run the same GEMMs
