@@ -86,6 +86,10 @@ class TextTokenizer:
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     """Token ids of a prompt; with ``chat`` (and a chat template) it is wrapped as one user turn.
     The one home of prompt encoding: generation, serving and calibration all call it."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # e.g. undecodable bytes in sys.argv arrive as lone surrogates
+        raise RiverError(f"the prompt is not valid UTF-8 text (character {exc.start})") from None
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True)

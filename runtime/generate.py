@@ -6,6 +6,7 @@ written in place by the backend; the loop itself never touches the cache content
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -30,10 +31,10 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # NaN compared False: silently greedy
+            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:  # also refuses NaN
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
 
 
 @dataclass
@@ -137,6 +138,8 @@ class Generator:
         self.backend = backend
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be at least 1, not {max_length}")
         self.max_length = max_length  # the longest sequence (prompt + new tokens) the cache may hold
 
     def encode(self, prompt: str, chat: bool = True) -> list[int]:

@@ -6,10 +6,21 @@ its new positions, and rolling back (for speculative verification) only moves ``
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 
 from river.errors import CacheOverflow
 from river.runtime.backend import KVCache
+
+
+def _physical_memory() -> float:
+    """This machine's RAM in bytes (inf where the OS does not say): no cache may ask for more."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return math.inf
 
 
 class SharedKVCache(KVCache):
@@ -20,8 +31,16 @@ class SharedKVCache(KVCache):
         if capacity < 1:
             raise ValueError("cache capacity must be at least 1")
         shape = (batch, num_kv_heads, capacity, head_dim)
-        self.keys = [np.zeros(shape, dtype) for _ in range(num_layers)]
-        self.values = [np.zeros(shape, dtype) for _ in range(num_layers)]
+        need = 2 * num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if need > _physical_memory():
+            raise CacheOverflow(f"a cache of {capacity} positions needs {need / 2**30:.1f} GiB of KV buffers, more than "
+                                f"this machine's {_physical_memory() / 2**30:.1f} GiB: lower --max-length")
+        try:
+            self.keys = [np.zeros(shape, dtype) for _ in range(num_layers)]
+            self.values = [np.zeros(shape, dtype) for _ in range(num_layers)]
+        except MemoryError:
+            raise CacheOverflow(f"no memory for a cache of {capacity} positions ({need / 2**30:.1f} GiB of KV "
+                                "buffers): lower --max-length") from None
         self.capacity = capacity
         self.batch = batch
         self.length = 0  # number of valid positions (the same for every row)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from river.compiler.river.manifest import DISABLED, MANIFEST_FILE, RiverManifest
-from river.errors import ModelNotFound, RiverError
+from river.compiler.river.manifest import DISABLED, MANIFEST_FILE, RiverManifest, check_thresholds
+from river.errors import CacheOverflow, ModelNotFound, RiverError
 from river.export.contract import META_FILE
 from river.runtime.backend import StepBackend
 from river.runtime.generate import Generator
@@ -36,9 +36,7 @@ def parse_thresholds(text: str | None, backend: StepBackend):
         values = [float(x) for x in text.split(",")]
     except ValueError:
         raise RiverError(f"bad thresholds '{text}': give numbers separated by commas, 'off', or a JSON file") from None
-    if len(values) != len(gates):
-        raise RiverError(f"{len(values)} thresholds for {len(gates)} gates (after layers {gates})")
-    return values
+    return list(check_thresholds(values, len(gates), f"--thresholds (gates after layers {gates})"))
 
 
 def step_graph_path(model: str) -> Path:
@@ -151,7 +149,10 @@ def _generator(backend: StepBackend, where, tokenizer, max_length, thresholds) -
     if meta is not None and meta.is_file():
         cfg = json.loads(meta.read_text()).get("config", {})
         eos = list(cfg.get("eos_token_ids", []))
-        max_length = max_length or cfg.get("max_position_embeddings")
+        context = cfg.get("max_position_embeddings")
+        if max_length is not None and context and max_length > context:
+            raise CacheOverflow(f"--max-length {max_length} is beyond the model's context of {context} positions")
+        max_length = context if max_length is None else max_length
     if not eos and tok.eos_token_id is not None:
         eos = [tok.eos_token_id]
     return Generator(backend, tok, eos, max_length=max_length)
