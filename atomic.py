@@ -90,12 +90,13 @@ def require_empty(out_dir: str | Path, what: str = "output folder") -> None:
         raise RiverError(f"{what} {out_dir} exists and is not empty")
 
 
-def build_once(entry: str | Path, marker: str, build) -> Path:
-    """The cache folder ``entry``, complete when it holds ``marker``; else ``build(tmp)`` fills a temporary
-    folder that becomes ``entry``. Concurrent processes build it once: the others wait and use it."""
+def build_once(entry: str | Path, marker: str, build, intact=None) -> Path:
+    """The cache folder ``entry``, complete when it holds ``marker`` (and, given ``intact``, when
+    ``intact(entry)`` finds it undamaged); else ``build(tmp)`` fills a temporary folder that becomes
+    ``entry``. Concurrent processes build it once: the others wait and use it."""
     entry = Path(entry)
     with cache_lock(entry):
-        if not (entry / marker).is_file():
+        if not (entry / marker).is_file() or (intact is not None and not intact(entry)):
             shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry (we hold the lock: nobody writes it)
             with atomic_dir(entry, what="cache entry") as tmp:
                 build(tmp)
