@@ -19,6 +19,7 @@ from river.errors import RiverError
 from river.runtime.cli import main as river_generate
 from river.runtime.generate import GenerationConfig
 from river.runtime.loading import open_backend, open_generator, open_verifier
+from tests_helpers import assert_one_line_error
 
 HERE = ("ort", "segmented", "torch")
 PROMPT = [5, 17, 33, 2, 41, 8]
@@ -133,8 +134,7 @@ def test_river_generate_reaches_each_backend(river_dir, capsys):
     for name in HERE:
         assert river_generate(["--model", str(river_dir), "--backend", name, "--raw", "--max-new-tokens", "4", "hi"]) == 0
     assert river_generate(["--model", str(river_dir), "--backend", "tensorrt", "hi"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("river-generate: error:") and "--trt" in err[-1]
+    assert "--trt" in assert_one_line_error(capsys.readouterr().err, "river-generate")
 
 
 def test_generation_path_loads_no_torch(river_dir):

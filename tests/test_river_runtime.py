@@ -14,7 +14,7 @@ from river.compiler.river.manifest import DISABLED
 from river.runtime import cli as generate_cli
 from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.ort_backend import OrtBackend
-from tests_helpers import poison_decode, torch_step
+from tests_helpers import assert_one_line_error, poison_decode, torch_step
 
 GATES = "0,2"
 
@@ -77,8 +77,7 @@ def test_export_cli_on_onnx_writes_graph_and_manifest(tiny_onnx, tmp_path, capsy
 def test_export_cli_bad_gates(tiny_onnx, tmp_path, capsys, args, message):
     out = tmp_path / "out"
     assert export_cli.main([str(tiny_onnx), "-o", str(out)] + args) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in assert_one_line_error(capsys.readouterr().err, "river-export")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
@@ -86,13 +85,13 @@ def test_export_cli_refuses_non_onnx_and_non_decoder(tmp_path, capsys):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"definitely not protobuf")
     assert export_cli.main([str(junk), "-o", str(tmp_path / "o1")]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert "cannot read" in assert_one_line_error(capsys.readouterr().err, "river-export")
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     relu = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x],
                                                          [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
     onnx.save(relu, tmp_path / "relu.onnx")
     assert export_cli.main([str(tmp_path / "relu.onnx"), "-o", str(tmp_path / "o2")]) == 2
-    assert "not a decoder step graph" in capsys.readouterr().err
+    assert "not a decoder step graph" in assert_one_line_error(capsys.readouterr().err, "river-export")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.onnx", "relu.onnx"]
 
 
@@ -103,7 +102,8 @@ def test_export_cli_refuses_unsupported_ops(tiny_onnx, tmp_path, capsys):
     model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, tmp_path / "contrib.onnx", save_as_external_data=True, location="contrib.onnx.data")
     assert export_cli.main([str(tmp_path / "contrib.onnx"), "-o", str(tmp_path / "o")]) == 2
-    assert "ops outside the standard ONNX domain: com.microsoft.FusedAdd (x1)" in capsys.readouterr().err
+    assert "ops outside the standard ONNX domain: com.microsoft.FusedAdd (x1)" in assert_one_line_error(
+        capsys.readouterr().err, "river-export")
     assert not (tmp_path / "o").exists()
 
 
@@ -111,7 +111,7 @@ def test_export_cli_unwritable_output(tiny_onnx, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert export_cli.main([str(tiny_onnx), "-o", str(blocker / "sub")]) == 2
-    assert "cannot write" in capsys.readouterr().err
+    assert "cannot write" in assert_one_line_error(capsys.readouterr().err, "river-export")
 
 
 def test_river_decode_matches_torch_after_forced_exit(tiny, tiny_river):

@@ -13,7 +13,7 @@ from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.ort_backend import OrtBackend
 from river.runtime.sampling import next_token_probs
 from river.runtime.speculative import SpeculativeGenerator
-from tests_helpers import torch_step
+from tests_helpers import assert_one_line_error, torch_step
 
 PROMPTS = ["hello there", "rivers and seas", "0123456789", "spec"]
 
@@ -227,4 +227,4 @@ def test_export_ships_a_draft_and_the_cli_verifies_with_it(tiny, tiny_onnx, tmp_
     manifest["source"]["path"] = str(tmp_path / "gone.onnx")
     (out / "river.json").write_text(json.dumps(manifest))
     assert generate_cli.main(["--model", str(out / "model.onnx"), "--mode", "verify", "hi"]) == 2
-    assert "re-run river-export" in capsys.readouterr().err
+    assert "re-run river-export" in assert_one_line_error(capsys.readouterr().err, "river-generate")

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+# what the commands print before an error: "[river] ..." progress lines and river-export's tqdm bar
+_PROGRESS = re.compile(r"^\[river\] |^river-export: +\d+%\|")
+
+
+def assert_one_line_error(stderr: str, prog: str) -> str:
+    """A CLI error as a user sees it: apart from progress lines, exactly one non-empty line, and it is
+    "<prog>: error: ..." (no traceback, no usage dump). Returns the line."""
+    lines = [line for line in re.split(r"[\r\n]", stderr) if line.strip() and not _PROGRESS.match(line)]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), f"not one error line:\n{stderr[-3000:]}"
+    return lines[0]
 
 
 def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
