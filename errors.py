@@ -6,7 +6,6 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
-
 # a disk or path the user must fix: full, read-only, not theirs, a file where a folder should be (other
 # OS errors are bugs and keep their traceback)
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
