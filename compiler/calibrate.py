@@ -95,18 +95,12 @@ def collect(step_path: str | Path, river_path: str | Path, sequences: Sequence[S
     for seq, s0 in zip(sequences, start):
         ids = np.asarray([seq], np.int64)
         n = ids.shape[1]
-        feeds = {C.INPUT_IDS: ids, C.ATTENTION_MASK: np.ones((1, n), np.int64), C.POSITION_IDS: np.arange(n)[None]}
-        empty = np.zeros((1, contract.num_kv_heads, 0, contract.head_dim), np.float32)
-        for layer in range(L):
-            feeds[C.past_name(layer, "key")] = feeds[C.past_name(layer, "value")] = empty
-        out = dict(zip(names, full.run(None, feeds)))
+        out = dict(zip(names, full.run(None, C.step_feeds(contract, ids))))
         logp_full = _log_softmax(out[C.LOGITS][0])
         for t in range(max(s0, 1), n):
-            step_feeds = {C.INPUT_IDS: ids[:, t:t + 1], C.ATTENTION_MASK: np.ones((1, t + 1), np.int64),
-                          C.POSITION_IDS: np.array([[t]])}
-            for layer in range(L):
-                for kind in ("key", "value"):
-                    step_feeds[C.past_name(layer, kind)] = out[C.present_name(layer, kind)][:, :, :t]
+            step_feeds = C.step_feeds(contract, ids[:, t:t + 1], {
+                C.past_name(layer, kind): out[C.present_name(layer, kind)][:, :, :t]
+                for layer in range(L) for kind in ("key", "value")})
             for gi, (g, (hin, hout)) in enumerate(zip(gates, pairs)):
                 thr = np.full(len(gates), DISABLED, np.float32)
                 thr[gi] = FORCED_EXIT
@@ -225,14 +219,10 @@ def greedy_continuations(step_path: str | Path, prompts_ids: Sequence[Sequence[i
     out = []
     for ids in prompts_ids:
         seq = list(ids)
-        past = {C.past_name(l, k): np.zeros((1, contract.num_kv_heads, 0, contract.head_dim), np.float32)
-                for l in range(contract.num_layers) for k in ("key", "value")}
+        past = None
         new = np.asarray([seq], np.int64)
         for _ in range(new_tokens):
-            n = len(seq)
-            s = new.shape[1]
-            r = dict(zip(names, session.run(None, {C.INPUT_IDS: new, C.ATTENTION_MASK: np.ones((1, n), np.int64),
-                                                   C.POSITION_IDS: np.arange(n - s, n)[None], **past})))
+            r = dict(zip(names, session.run(None, C.step_feeds(contract, new, past))))
             tok = int(np.argmax(r[C.LOGITS][0, -1]))
             if tok in eos:
                 break

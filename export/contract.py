@@ -1,15 +1,18 @@
 """The decode-step graph contract (DESIGN section 3): Hugging Face Optimum's names and axes.
 
 One graph computes one forward step of S new tokens over P cached ones:
-inputs  input_ids [B,S] int64, attention_mask [B,P+S] int64, position_ids [B,S] int64,
+inputs  input_ids [B,S] int64, attention_mask [B,P+S] int64, position_ids [B,S] int64 (optional:
+        some exports derive positions from the mask and the past length),
         past_key_values.{l}.key / .value [B,Hkv,P,D]
 outputs logits [B,S,V], present.{l}.key / .value [B,Hkv,P+S,D]
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 from river.errors import NotADecoderGraph
@@ -67,13 +70,14 @@ class StepContract:
     head_dim: int
     vocab_size: int | None
     kv_dtype: int  # onnx.TensorProto element type of the KV tensors
+    position_ids: bool = True  # the graph takes position_ids (Gemma's Optimum exports derive them from the mask)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, source: str = "model") -> "StepContract":
         graph = model.graph
         inputs = {i.name: i for i in graph.input}
         outputs = {o.name: o for o in graph.output}
-        missing = [n for n in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) if n not in inputs]
+        missing = [n for n in (INPUT_IDS, ATTENTION_MASK) if n not in inputs]
         if LOGITS not in outputs:
             missing.append(LOGITS + " (output)")
         layers = sorted({int(m.group(1)) for n in inputs if (m := _PAST_RE.match(n))})
@@ -98,4 +102,38 @@ class StepContract:
             raise NotADecoderGraph(f"{source}: past KV must be [B,Hkv,P,D] with static Hkv and D, got {dims}")
         logit_dims = outputs[LOGITS].type.tensor_type.shape.dim
         vocab = logit_dims[-1].dim_value if logit_dims and logit_dims[-1].HasField("dim_value") else None
-        return cls(len(layers), dims[1], dims[3], vocab, kv.elem_type)
+        return cls(len(layers), dims[1], dims[3], vocab, kv.elem_type, POSITION_IDS in inputs)
+
+
+def step_feeds(contract: StepContract, token_ids, past: dict | None = None) -> dict:
+    """Feeds of one contract step: ``token_ids`` [B,S] after ``past`` ({past name: [B,Hkv,P,D]}, None =
+    empty), an all-ones mask and positions P..P+S-1 (when the graph takes them). The one place feeds of
+    the contract form are built (runtime fallbacks, calibration, parity)."""
+    import numpy as np
+
+    ids = np.asarray(token_ids, np.int64)
+    b, s = ids.shape
+    if past is None:
+        empty = np.zeros((b, contract.num_kv_heads, 0, contract.head_dim), np.float32)
+        past = {past_name(layer, kind): empty for layer in range(contract.num_layers) for kind in ("key", "value")}
+    p = past[past_name(0, "key")].shape[2]
+    feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((b, p + s), np.int64)}
+    if contract.position_ids:
+        feeds[POSITION_IDS] = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
+    feeds.update(past)
+    return feeds
+
+
+def kv_window(folder: str | Path) -> int | None:
+    """The sliding attention window the model's ``config.json`` declares (Mistral v0.1, Gemma 2, Phi-3...),
+    None when it has none. Such exports mask keys by their distance to the step's cache position, which
+    their shared-KV form misplaces (it derives the position from the buffer's capacity)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    window = config.get("sliding_window") if isinstance(config, dict) else None
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0 or config.get("use_sliding_window") is False:
+        return None
+    return window

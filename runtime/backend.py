@@ -109,7 +109,8 @@ class StepBackend(ABC):
     river: RiverInfo | None = None
     gate_thresholds: GateThresholds | None = None
     last_exit_layer: int | None = None
-    multi_token_steps: bool = True  # extend by S > 1 over a non-empty cache is exact (verify mode needs it)
+    multi_token_steps: bool = True  # extend by S > 1 over a non-empty cache runs in place (else by a contract step)
+    kv_window: int | None = None  # the graph masks by a sliding window: every step runs in the contract form
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -177,20 +178,26 @@ class StepBackend(ABC):
             raise ValueError("prefill expects an empty cache")
         cache.require_room(input_ids.shape[1])
 
-    def _contract_prefill_feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Feeds of the contract graph for a prompt [B,S] over an empty past."""
-        c, (b, s) = self.contract, input_ids.shape
-        feeds = {C.INPUT_IDS: input_ids.astype(np.int64), C.ATTENTION_MASK: np.ones((b, s), np.int64),
-                 C.POSITION_IDS: np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
-        empty = np.zeros((b, c.num_kv_heads, 0, c.head_dim), np.float32)
-        for layer in range(c.num_layers):
-            feeds[C.past_name(layer, "key")] = feeds[C.past_name(layer, "value")] = empty
-        return feeds
+    def _needs_contract_step(self, token_ids: np.ndarray, cache: KVCache) -> bool:
+        """Whether this step must run in the contract form to stay exact: several tokens over a non-empty
+        cache of a graph that masks by index, or any step of a sliding-window graph (its shared-KV form
+        derives the step's cache position from the buffer's capacity, which misplaces the window)."""
+        return bool((token_ids.shape[1] > 1 and cache.length and not self.multi_token_steps)
+                    or self.kv_window is not None)
 
-    def _store_presents(self, outputs: dict[str, np.ndarray], cache) -> None:
-        """Copy a contract graph's presents [B,Hkv,S,D] into the cache from position 0."""
+    def _contract_step(self, token_ids: np.ndarray, cache: KVCache, run) -> np.ndarray:
+        """One step through a contract-form runner ``run(feeds) -> outputs``: the prefill of graphs that
+        cannot prefill in place, and multi-token steps of graphs that mask causally by index (exact,
+        at the price of copying the valid past). Writes only the new positions back into the cache."""
+        cache.require_room(token_ids.shape[1])
+        p = cache.length
+        past = {C.past_name(layer, kind): np.ascontiguousarray(cache.valid_kv(layer, kind))
+                for layer in range(self.contract.num_layers) for kind in ("key", "value")}
+        out = run(C.step_feeds(self.contract, token_ids, past))
         for layer in range(self.contract.num_layers):
-            cache.write(layer, outputs[C.present_name(layer, "key")], outputs[C.present_name(layer, "value")], at=0)
+            key, value = out[C.present_name(layer, "key")], out[C.present_name(layer, "value")]
+            cache.write(layer, key[:, :, p:], value[:, :, p:], at=p)
+        return out[C.LOGITS]
 
 
 class InPlaceSteps:
@@ -205,15 +212,12 @@ class InPlaceSteps:
     _bound_cache = None
     _bindings: dict[int, dict]
 
-    def _step_state(self, token_ids: np.ndarray, cache, source) -> dict:
+    def _step_state(self, token_ids: np.ndarray, cache) -> dict:
         """Check room and causality, get the binding for S new tokens, and fill its small inputs."""
         s = token_ids.shape[1]
         if self.single_token and token_ids.shape != (1, 1):
             raise ValueError(f"this backend runs one token of one sequence a step, got {token_ids.shape}")
         cache.require_room(s)
-        if s > 1 and cache.length and not self.multi_token_steps:
-            raise ValueError(f"{source} masks causally by index: its shared-KV form runs one new token "
-                             "per step over a non-empty cache (export with river-export for multi-token steps)")
         if self._bound_cache is not cache:
             self._bindings, self._bound_cache = {}, cache
         st = self._bindings.get(s)

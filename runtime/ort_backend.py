@@ -18,7 +18,7 @@ from river.compiler.ort_session import session_options
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, WRITE_INDICES, to_shared_kv
 from river.export import contract as C
-from river.export.contract import CAUSAL_PROP, StepContract
+from river.export.contract import CAUSAL_PROP, StepContract, kv_window
 from river.runtime.backend import InPlaceSteps, StepBackend
 from river.runtime.kv_cache import SharedKVCache
 
@@ -41,10 +41,13 @@ class OrtBackend(InPlaceSteps, StepBackend):
         providers = providers or ["CPUExecutionProvider"]
         so = session_options(threads, matmul_accuracy)
         # Graphs whose causal mask goes by position run every step, prefill included, in the shared-KV
-        # form (one session, one copy of the weights); others prefill with the contract graph.
+        # form (one session, one copy of the weights); others prefill, and run multi-token steps, with
+        # the contract graph (their shared-KV form is exact for one new token a step only), as do
+        # sliding-window graphs once the cache outgrows the window (see _needs_contract_step).
         props = {p.key: p.value for p in header.metadata_props}
         self.multi_token_steps = props.get(CAUSAL_PROP) == "position"
-        self.prefill_session = (None if self.multi_token_steps else
+        self.kv_window = kv_window(self.model_path.parent)
+        self.prefill_session = (None if self.multi_token_steps and self.kv_window is None else
                                 ort.InferenceSession(str(self.model_path), so, providers=providers))
         decode_path = derived_graph("shared_kv", self.model_path, SHARED_KV_FORMAT, to_shared_kv)
         self.single_token = single_token
@@ -61,17 +64,21 @@ class OrtBackend(InPlaceSteps, StepBackend):
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         self._check_prefill(input_ids, cache)
         with self.full_depth():  # prefill runs the whole backbone (DESIGN 4)
-            if self.prefill_session is None:  # in place, like a decode step
+            if self.multi_token_steps and not self._needs_contract_step(input_ids, cache):  # in place, like a decode step
                 logits = self.extend(input_ids.astype(np.int64), cache).copy()
-                self.last_exit_layer = None
-                return logits
-            feeds = self._contract_prefill_feeds(input_ids)
-            if self.river is not None:
-                feeds[THRESHOLDS] = self.thresholds.copy()
-            outputs = self.prefill_session.run(None, feeds)
+            else:
+                logits = self._contract_step(input_ids, cache, self._run_contract)
+        self.last_exit_layer = None
+        return logits
+
+    def _run_contract(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.river is not None:
+            feeds[THRESHOLDS] = self.thresholds.copy()
+        outputs = self.prefill_session.run(None, feeds)
         result = dict(zip([o.name for o in self.prefill_session.get_outputs()], outputs))
-        self._store_presents(result, cache)
-        return result[C.LOGITS]
+        if self.river is not None:
+            self.last_exit_layer = int(result[EXIT_LAYER][0])
+        return result
 
     # --- decode / extend: shared-KV graph, buffers bound in place ----------------------------
     def _bind(self, cache: SharedKVCache, s: int) -> dict:
@@ -89,7 +96,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
             C.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(st["mask"]),
             C.LOGITS: ort.OrtValue.ortvalue_from_numpy(st["logits"]),
         }
-        for name in (C.INPUT_IDS, C.POSITION_IDS, WRITE_INDICES, C.ATTENTION_MASK):
+        for name in (C.INPUT_IDS, WRITE_INDICES, C.ATTENTION_MASK) + ((C.POSITION_IDS,) if c.position_ids else ()):
             binding.bind_ortvalue_input(name, values[name])
         binding.bind_ortvalue_output(C.LOGITS, values[C.LOGITS])
         if self.river is not None:
@@ -118,8 +125,11 @@ class OrtBackend(InPlaceSteps, StepBackend):
     def extend(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         """Run S new tokens per row [B,S] at positions ``cache.length`` .. +S-1, writing only those
         positions of every layer in place; return logits [B,S,V] (a view, valid until the next call).
-        The caller advances (or, after a rejected draft, keeps) ``cache.length``."""
-        st = self._step_state(token_ids, cache, self.model_path)
+        The caller advances (or, after a rejected draft, keeps) ``cache.length``. Steps the shared-KV
+        form would get wrong run as contract steps (exact, copies the valid past): _needs_contract_step."""
+        if self._needs_contract_step(token_ids, cache):
+            return self._contract_step(token_ids, cache, self._run_contract)
+        st = self._step_state(token_ids, cache)
         self.decode_session.run_with_iobinding(st["binding"])
         if self.river is not None:
             self.last_exit_layer = int(st["exit"][0])

@@ -95,22 +95,14 @@ class StepDataLoader:
         self.feeds: list[OrderedDict] = []
         for _ in range(contexts):
             prompt = rng.integers(0, vocab, (batch, past))
-            empty = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), np.float32)
-            pre = {C.INPUT_IDS: prompt, C.ATTENTION_MASK: np.ones((batch, past), np.int64),
-                   C.POSITION_IDS: np.tile(np.arange(past, dtype=np.int64), (batch, 1)),
-                   THRESHOLDS: np.full(len(meta.gates), DISABLED, np.float32)}
-            for layer in range(c.num_layers):
-                pre[C.past_name(layer, "key")] = pre[C.past_name(layer, "value")] = empty
+            pre = C.step_feeds(c, prompt)
+            pre[THRESHOLDS] = np.full(len(meta.gates), DISABLED, np.float32)
             outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, pre)))
             token = rng.integers(0, vocab, (batch, 1))
+            presents = {C.past_name(layer, kind): outs[C.present_name(layer, kind)]
+                        for layer in range(c.num_layers) for kind in ("key", "value")}
             for thresholds in self.patterns:
-                feed = OrderedDict()
-                feed[C.INPUT_IDS] = token
-                feed[C.ATTENTION_MASK] = np.ones((batch, past + 1), np.int64)
-                feed[C.POSITION_IDS] = np.full((batch, 1), past, np.int64)
-                for layer in range(c.num_layers):
-                    for kind in ("key", "value"):
-                        feed[C.past_name(layer, kind)] = outs[C.present_name(layer, kind)]
+                feed = OrderedDict(C.step_feeds(c, token, presents))
                 feed[THRESHOLDS] = thresholds
                 self.feeds.append(feed)
 

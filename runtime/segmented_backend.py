@@ -22,7 +22,7 @@ from river.compiler.river.segments import SegmentIndex, exit_name, hidden_name, 
 from river.compiler.lowering.shared_kv import WRITE_INDICES
 from river.errors import RiverError
 from river.export import contract as C
-from river.export.contract import CAUSAL_PROP, StepContract
+from river.export.contract import CAUSAL_PROP, StepContract, kv_window
 from river.runtime.backend import InPlaceSteps, StepBackend, route_gates
 from river.runtime.kv_cache import SharedKVCache
 
@@ -58,6 +58,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         self._bindings: dict[int, dict] = {}
         first = load_onnx_header(self.index.path(self.index.backbone(0), shared_kv=True))
         self.multi_token_steps = {p.key: p.value for p in first.metadata_props}.get(CAUSAL_PROP) == "position"
+        self.kv_window = kv_window(ix.folder.parent)  # the River folder holds the model's config.json
 
     def session(self, name: str, shared_kv: bool = False) -> ort.InferenceSession:
         """Sessions are made on first use: a decode-only or prefill-only user loads half of them."""
@@ -103,10 +104,8 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
     # --- prefill ---------------------------------------------------------------------------------
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         self._check_prefill(input_ids, cache)
-        feeds = self._contract_prefill_feeds(input_ids)
-        out = self.run_step(feeds, self.gate_thresholds.disabled())  # prefill: the whole backbone
-        self._store_presents(out, cache)
-        return out[C.LOGITS]
+        disabled = self.gate_thresholds.disabled()  # prefill: the whole backbone
+        return self._contract_step(input_ids, cache, lambda feeds: self.run_step(feeds, disabled))
 
     # --- decode / extend: shared-KV segments, buffers bound in place ----------------------------
     def _bind(self, cache: SharedKVCache, s: int) -> dict:
@@ -162,8 +161,11 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         """S new tokens per row [B,S] at positions ``cache.length`` .. +S-1, through the segments,
         writing only those positions in place; logits [B,S,V] (a view, valid until the next call).
         The caller advances ``cache.length``. As in the fused graph, a gate fires for the step when
-        every row's last position clears it."""
-        st = self._step_state(token_ids, cache, self.index.folder)
+        every row's last position clears it. Steps the shared-KV segments would get wrong run as a
+        contract step (exact, copies the valid past): _needs_contract_step."""
+        if self._needs_contract_step(token_ids, cache):
+            return self._contract_step(token_ids, cache, self.run_step)
+        st = self._step_state(token_ids, cache)
         self.last_similarities = []
 
         def run(name: str) -> None:

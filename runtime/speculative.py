@@ -64,9 +64,6 @@ class SpeculativeGenerator(Generator):
                  k: int = 4, adaptive: bool = False, k_max: int = 8, max_length: int | None = None):
         if draft is None and backend.river is None:
             raise RiverError("verify mode needs a draft: a draft graph, or a River graph whose exit river drafts")
-        if not backend.multi_token_steps:
-            raise RiverError(f"verify mode needs a backbone that runs several tokens a step over the cache; the "
-                             f"{backend.name} backend on this graph cannot (export with river-export)")
         if draft is not None and draft.contract.num_layers != backend.contract.num_layers:
             raise RiverError(f"the draft graph has {draft.contract.num_layers} layers, the backbone "
                              f"{backend.contract.num_layers}: they cannot share KV buffers")

@@ -73,7 +73,7 @@ def step_config(name: str, contract: StepContract, river: RiverInfo | None, *, b
     h, d = contract.num_kv_heads, contract.head_dim
     vocab = contract.vocab_size or -1
     cfg.input.extend([_tensor(pb.ModelInput, n, "TYPE_INT64", [-1, -1])
-                      for n in (C.INPUT_IDS, C.ATTENTION_MASK, C.POSITION_IDS)])
+                      for n in (C.INPUT_IDS, C.ATTENTION_MASK) + ((C.POSITION_IDS,) if contract.position_ids else ())])
     cfg.output.append(_tensor(pb.ModelOutput, C.LOGITS, "TYPE_FP32", [-1, -1, vocab]))
     for layer in range(contract.num_layers):
         for kv in ("key", "value"):

@@ -53,21 +53,10 @@ class BlsStepBackend(RequestBackend):
     def new_cache(self, capacity, batch=1):
         return self._track(super().new_cache(capacity, batch))
 
-    def _step(self, ids, cache):
-        """One BLS request for the S tokens per row in ``ids`` at ``cache.length``, with the current thresholds."""
+    def _run(self, feeds):
+        """One BLS request to the stateless step model (the contract form) with the current thresholds."""
         self._check()
-        b, s = ids.shape
-        start = cache.length
-        cache.require_room(s)
-        tensors = [
-            pb_utils.Tensor(C.INPUT_IDS, ids.astype(np.int64)),
-            pb_utils.Tensor(C.ATTENTION_MASK, np.ones((b, start + s), np.int64)),
-            pb_utils.Tensor(C.POSITION_IDS, np.tile(np.arange(start, start + s, dtype=np.int64), (b, 1))),
-        ]
-        for layer in range(self.contract.num_layers):
-            for kind, bufs in (("key", cache.keys), ("value", cache.values)):
-                past = np.ascontiguousarray(bufs[layer][:, :, :start])
-                tensors.append(pb_utils.Tensor(C.past_name(layer, kind), past))
+        tensors = [pb_utils.Tensor(name, value) for name, value in feeds.items()]
         if self.thresholds is not None:
             tensors.append(pb_utils.Tensor(THRESHOLDS, self.thresholds.copy()))
         request = pb_utils.InferenceRequest(
@@ -77,22 +66,17 @@ class BlsStepBackend(RequestBackend):
         if response.has_error():
             raise RiverError(f"step model '{self.step_model}': {response.error().message()}")
         out = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.outputs}
-        for layer in range(self.contract.num_layers):
-            key, value = out[C.present_name(layer, "key")], out[C.present_name(layer, "value")]
-            cache.write(layer, key[:, :, start:], value[:, :, start:], at=start)
         if self.river is not None:
             self.last_exit_layer = int(out[EXIT_LAYER][0])
-        return out[C.LOGITS]
+        return out
 
     def prefill(self, input_ids, cache):
         self._check_prefill(input_ids, cache)
         with self.full_depth():  # prefill runs the whole backbone
-            return self._step(input_ids, cache)
+            return self._contract_step(input_ids, cache, self._run)
 
     def extend(self, token_ids, cache):
-        if token_ids.shape[1] > 1 and cache.length and not self.multi_token_steps:
-            raise ValueError("this step graph masks causally by index: one new token per step over a non-empty cache")
-        logits = self._step(token_ids, cache)
+        logits = self._contract_step(token_ids, cache, self._run)
         self._record(token_ids)
         return logits
 
