@@ -5,8 +5,11 @@ It works from the graph's topology, so it serves our TorchScript export, Hugging
 and ``torch.onnx.export(dynamo=True)`` exports alike (whose node names are flat):
 
 1. the embedding is a Gather of an initializer indexed by ``input_ids``;
-2. the residual stream is the chain of Add nodes that each take the previous stream value directly;
-   a pre-norm decoder has two per block (attention, MLP), so the chain must have 2L links;
+2. the residual stream starts at the embedding (after a scaling by a constant, as Gemma and Granite
+   multiply it) and is the chain of Add nodes that each take the previous stream value directly. A
+   sequential block (pre-norm, sandwich norms, post-norm, scaled residuals) has two links (attention,
+   MLP); a parallel block (Phi-2, GPT-NeoX, Falcon, GPT-J: attention and MLP read the same input and
+   add into the residual once) has one, so the chain must have 2L or L links;
 3. block l spans stream values r_l -> r_{l+1}; its attention Add must depend on ``past_key_values.l``;
 4. every node is assigned to the latest stream value it depends on: nothing (prologue: masks, RoPE
    tables), block l, or the final stream value (final norm + head).
@@ -35,7 +38,7 @@ from river.export.contract import (
 class Block:
     index: int
     input: gs.Variable  # residual stream entering the block
-    mid: gs.Variable  # after the attention residual Add
+    mid: gs.Variable | None  # after the attention residual Add (None: a parallel block has no such point)
     output: gs.Variable  # after the MLP residual Add
     nodes: list[gs.Node] = field(default_factory=list)  # topological order
 
@@ -45,8 +48,12 @@ class Block:
         ancestors = _ancestor_nodes(targets)
         return [n for n in self.nodes if id(n) in ancestors]
 
+    @property
+    def parallel(self) -> bool:
+        return self.mid is None
+
     def mlp_nodes(self) -> list[gs.Node]:
-        """Nodes that compute the MLP branch (between ``mid`` and ``output``)."""
+        """Nodes that compute the MLP branch (between ``mid`` and ``output``; sequential blocks only)."""
         attn = _ancestor_nodes([self.mid])
         return [n for n in self.nodes if id(n) not in attn]
 
@@ -153,6 +160,31 @@ def _aliases(h: gs.Tensor) -> list[gs.Tensor]:
     return out
 
 
+def _constant_expr(t: gs.Tensor, memo: dict[int, bool]) -> bool:
+    """Whether ``t`` is computed from constants alone (no graph input upstream)."""
+    if isinstance(t, gs.Constant):
+        return True
+    if id(t) not in memo:
+        memo[id(t)] = False  # guards cycles; a producer-less variable is a graph input
+        memo[id(t)] = bool(t.inputs) and all(_constant_expr(i, memo) for n in t.inputs for i in n.inputs)
+    return memo[id(t)]
+
+
+def _stream_start(embedded: gs.Variable) -> gs.Variable:
+    """The first residual stream value: the embedding, or the embedding times a constant (Gemma's
+    sqrt(hidden) normalizer, Granite's embedding multiplier) when that product is all that reads it."""
+    memo: dict[int, bool] = {}
+    h = embedded
+    while True:
+        readers = [n for a in _aliases(h) for n in a.outputs if n.op != "Shape"]
+        if len(readers) != 1 or readers[0].op != "Mul":
+            return h
+        other = [i for i in readers[0].inputs if i is not h and not any(i is a for a in _aliases(h))]
+        if len(other) != 1 or not _constant_expr(other[0], memo):
+            return h
+        h = readers[0].outputs[0]
+
+
 def _residual_chain(start: gs.Variable) -> list[gs.Node]:
     chain, h = [], start
     while True:
@@ -175,21 +207,27 @@ def discover(graph: gs.Graph, contract: StepContract | None = None, model=None) 
         contract = StepContract.from_model(model if model is not None else gs.export_onnx(graph, do_type_check=False))
     L = contract.num_layers
     embedding = _find_embedding(graph)
-    r0 = embedding.outputs[0]
+    r0 = _stream_start(embedding.outputs[0])
     chain = _residual_chain(r0)
-    if len(chain) != 2 * L:
+    stream = [r0] + [a.outputs[0] for a in chain]
+    if len(chain) == 2 * L:  # sequential blocks: r0, mid0, r1, mid1, r2, ...
+        blocks = [Block(l, stream[2 * l], stream[2 * l + 1], stream[2 * l + 2]) for l in range(L)]
+    elif len(chain) == L:  # parallel blocks: r0, r1, ...
+        blocks = [Block(l, stream[l], None, stream[l + 1]) for l in range(L)]
+    else:
         raise NotADecoderGraph(
-            f"no residual chain of {2 * L} Adds found between embedding and head (found {len(chain)}): "
-            "expected a pre-norm decoder with an attention and an MLP residual per layer"
+            f"no residual chain of {2 * L} Adds (sequential blocks) or {L} (parallel blocks) found between "
+            f"embedding and head (found {len(chain)}): expected one residual Add per attention and MLP, or one "
+            "per layer where both add into the residual together"
         )
     outputs = {t.name: t for t in graph.outputs}
-    stream = [r0] + [a.outputs[0] for a in chain]  # r0, mid0, r1, mid1, r2, ...
-    blocks = [Block(l, stream[2 * l], stream[2 * l + 1], stream[2 * l + 2]) for l in range(L)]
 
     # label every stream value with its block, then every node with the latest label it depends on
     label: dict[int, int] = {}  # id(tensor) -> latest stream label it depends on
     for l, b in enumerate(blocks):
-        label[id(b.input)], label[id(b.mid)] = l, l
+        label[id(b.input)] = l
+        if b.mid is not None:
+            label[id(b.mid)] = l
     label[id(blocks[-1].output)] = L
     graph.toposort()
     prologue, head = [], []

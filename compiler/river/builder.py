@@ -14,6 +14,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from river.compiler.graph_io import complete_types, hoist_initializers, lift_opset, stamp
 from river.compiler.quantize import BITS, quantize, quantize_channels_int8
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.river import twins
 from river.compiler.river.spec import RiverSpec, check_spec, default_thresholds
 from river.compiler.structure import DecoderStructure, discover
 from river.export.contract import INPUT_IDS, LOGITS, StepContract
@@ -187,4 +188,6 @@ def prepare(model: onnx.ModelProto, spec: RiverSpec) -> Prepared:
     contract = StepContract.from_model(model)
     check_spec(spec, contract.num_layers)
     model = lift_opset(model, RIVER_OPSET)
-    return Prepared(Builder(discover(gs.import_onnx(model), contract), spec), model)
+    structure = discover(gs.import_onnx(model), contract)
+    twins.check_blocks(spec.kind, structure.blocks[spec.gates[0] + 1:])
+    return Prepared(Builder(structure, spec), model)

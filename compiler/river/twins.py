@@ -40,6 +40,10 @@ class TwinKind:
         ``rope`` = (cos, sin); returns (h, present_k, present_v)."""
         raise NotImplementedError
 
+    def check(self, block: Block) -> str | None:
+        """Why this kind cannot twin ``block`` (None: it can)."""
+        return None
+
 
 class FullTwin(TwinKind):
     name = "full"
@@ -67,6 +71,13 @@ class AttnTwin(TwinKind):
     def torch(self, layer, h, h_exit, rope, mask, past_k, past_v):
         attn, k, v = layer.self_attn(layer.input_layernorm(h), *rope, mask, past_k, past_v)
         return h + attn, k, v
+
+    def check(self, block):
+        if block.parallel:
+            return (f"attention-only twins need the attention's own residual Add, and block {block.index} is a "
+                    "parallel block (attention and MLP add into the residual together): use --river "
+                    "int8, int4, fp32 or kv")
+        return None
 
 
 class KvTwin(TwinKind):
@@ -122,6 +133,15 @@ class Twins:
     nodes: list[gs.Node]
     stream: gs.Tensor  # the residual stream after the last twin
     presents: dict[str, gs.Tensor]  # present name -> the twin's tensor, for every layer built
+
+
+def check_blocks(kind: str, blocks) -> None:
+    """Refuse (RiverError) a kind that cannot twin one of ``blocks``, before anything is built."""
+    twin = get(kind)
+    for block in blocks:
+        reason = twin.check(block)
+        if reason:
+            raise RiverError(reason)
 
 
 def build_twins(b, kind: str, layers, stream: gs.Tensor, h_exit: gs.Tensor, tag: str) -> Twins:
