@@ -1,1 +1,1 @@
-"""Generation over shared KV buffers: backends (ONNX Runtime; later TensorRT and a torch reference)."""
+"""Generation over shared KV buffers: the backend protocol and its four backends (ONNX Runtime, segmented ONNX Runtime, TensorRT, torch reference), sampling, exit and verify modes, Triton serving and the benchmark."""
