@@ -24,11 +24,13 @@ def run_graph(session, contract, ids, past, start):
     return out[0], out[1:]
 
 
-def check_prefill_and_decode(model, onnx_path, prompt_ids, tol=1e-4, batch=1):
+def check_prefill_and_decode(model, onnx_path, prompt_ids, tol=1e-4):
+    """``prompt_ids``: one prompt, or a list of equally long prompts run as one batch."""
     proto = onnx.load(str(onnx_path))
     contract = StepContract.from_model(proto)
     session = make_session(proto, threads=2)
-    ids = np.tile(np.asarray([prompt_ids], np.int64), (batch, 1))
+    ids = np.atleast_2d(np.asarray(prompt_ids, np.int64))
+    batch = ids.shape[0]
     empty = [np.zeros((batch, contract.num_kv_heads, 0, contract.head_dim), np.float32)] * (2 * contract.num_layers)
     logits, presents = run_graph(session, contract, ids, empty, 0)
     ref_logits, ref_presents = torch_step(model, ids)
@@ -64,8 +66,32 @@ def test_tiny_graph_matches_torch(tiny, tiny_onnx):
     check_prefill_and_decode(tiny.model, tiny_onnx, list(range(40, 52)))
 
 
+def greedy_run(session, contract, ids, steps=3):
+    """Prefill ``ids`` [B,S], then ``steps`` greedy decode steps: every step's logits, per row's own argmax."""
+    b = ids.shape[0]
+    past = [np.zeros((b, contract.num_kv_heads, 0, contract.head_dim), np.float32)] * (2 * contract.num_layers)
+    logits, past = run_graph(session, contract, ids, past, 0)
+    out = [logits]
+    for pos in range(ids.shape[1], ids.shape[1] + steps):
+        logits, past = run_graph(session, contract, logits[:, -1:].argmax(-1).astype(np.int64), past, pos)
+        out.append(logits)
+    return out
+
+
 def test_tiny_graph_dynamic_batch(tiny, tiny_onnx):
-    check_prefill_and_decode(tiny.model, tiny_onnx, list(range(60, 65)), batch=3)
+    """Three different prompts in one batch: each row equals torch and its own batch-1 run (rows that
+    differ, so a graph that mixed rows, e.g. in attention or the KV concat, would be caught)."""
+    rows = [[60, 61, 62, 63, 64], [7, 200, 12, 45, 9], [250, 250, 3, 180, 77]]
+    check_prefill_and_decode(tiny.model, tiny_onnx, rows)
+    proto = onnx.load(str(tiny_onnx))
+    contract, session = StepContract.from_model(proto), make_session(proto, threads=2)
+    batched = greedy_run(session, contract, np.asarray(rows, np.int64))
+    fed = [[int(step[i, -1].argmax()) for step in batched[:-1]] for i in range(3)]
+    assert len({tuple(f) for f in fed}) == 3, "the decode steps fed every row the same tokens"
+    for i, row in enumerate(rows):
+        alone = greedy_run(session, contract, np.asarray([row], np.int64))
+        for step_b, step_1 in zip(batched, alone):
+            assert np.abs(step_b[i] - step_1[0]).max() <= 1e-4, f"row {i} differs from its batch-1 run"
 
 
 @pytest.mark.slow
