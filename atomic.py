@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -90,17 +91,33 @@ def require_empty(out_dir: str | Path, what: str = "output folder") -> None:
         raise RiverError(f"{what} {out_dir} exists and is not empty")
 
 
-def build_once(entry: str | Path, marker: str, build, intact=None) -> Path:
-    """The cache folder ``entry``, complete when it holds ``marker`` (and, given ``intact``, when
-    ``intact(entry)`` finds it undamaged); else ``build(tmp)`` fills a temporary folder that becomes
-    ``entry``. Concurrent processes build it once: the others wait and use it."""
+ENTRY_FILE = "entry.json"  # a complete cache entry's files and their sizes, written last
+
+
+def build_once(entry: str | Path, build) -> Path:
+    """The cache folder ``entry``, built by ``build(tmp)`` into a temporary folder that becomes ``entry``
+    unless an intact one is there. Concurrent processes build it once: the others wait and use it.
+    Intact = it holds every file it was written with, at its size (ENTRY_FILE): a full disk, a killed
+    copy or a hand clean-up that truncated the weights, emptied a graph or removed a tokenizer gets the
+    entry rebuilt rather than failing (or running) later."""
     entry = Path(entry)
     with cache_lock(entry):
-        if not (entry / marker).is_file() or (intact is not None and not intact(entry)):
-            shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry (we hold the lock: nobody writes it)
+        if not _intact(entry):
+            shutil.rmtree(entry, ignore_errors=True)  # we hold the lock: nobody writes it
             with atomic_dir(entry, what="cache entry") as tmp:
                 build(tmp)
+                sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+                write_bytes_atomic(tmp / ENTRY_FILE, json.dumps(sizes, indent=1).encode())
     return entry
+
+
+def _intact(entry: Path) -> bool:
+    try:
+        sizes = json.loads((entry / ENTRY_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(sizes, dict) and all((entry / name).is_file() and (entry / name).stat().st_size == size
+                                           for name, size in sizes.items())
 
 
 @contextmanager

@@ -186,4 +186,4 @@ def derived_graph(kind: str, source: Path, version: int, make: Callable[[onnx.Mo
     from river.models.cache import cache_root, files_fingerprint
 
     entry = cache_root() / kind / f"{files_fingerprint(graph_files(source))}{variant}-v{version}"
-    return build_once(entry, "model.onnx", lambda tmp: save_onnx_atomic(make(load_onnx(source)), tmp / "model.onnx")) / "model.onnx"
+    return build_once(entry, lambda tmp: save_onnx_atomic(make(load_onnx(source)), tmp / "model.onnx")) / "model.onnx"

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 
-from river.atomic import build_once, write_bytes_atomic
+from river.atomic import build_once
 from river.export.onnx_export import MODEL_FILE, OPSET, export_model
 from river.models.cache import cache_root, file_fingerprint, files_fingerprint
 from river.models.registry import REGISTRY, load_model, smollm2_gguf_path
 
 EXPORT_FORMAT = 2  # bump when the exported graph changes, to invalidate cached exports
-ENTRY_FILE = "entry.json"  # a complete entry's files and their sizes, written last
 
 
 def _source_fingerprint(name_or_path: str) -> str:
@@ -44,25 +42,6 @@ def exported_model_path(name_or_path: str, log=None) -> Path:
         loaded = load_model(name_or_path)
         print(f"[river] exporting {loaded.name} to ONNX (once; cached in {out}) ...", file=log, flush=True)
         export_model(loaded, tmp)
-        _record_files(tmp)
         print(f"[river] exported in {time.perf_counter() - t0:.1f}s", file=log, flush=True)
 
-    return build_once(out, ENTRY_FILE, build, intact=_intact) / MODEL_FILE
-
-
-def _record_files(folder: Path) -> None:
-    """Write ENTRY_FILE, last: every file of the entry with its size."""
-    sizes = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
-    write_bytes_atomic(folder / ENTRY_FILE, json.dumps(sizes, indent=1).encode())
-
-
-def _intact(folder: Path) -> bool:
-    """Whether an entry still holds every file it was written with, at its size: a full disk, a killed
-    copy or a hand clean-up can truncate the weights, empty the graph or remove the tokenizer; such an
-    entry is rebuilt rather than failing (or running) later."""
-    try:
-        sizes = json.loads((folder / ENTRY_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(sizes, dict) and all((folder / name).is_file() and (folder / name).stat().st_size == size
-                                           for name, size in sizes.items())
+    return build_once(out, build) / MODEL_FILE

@@ -155,5 +155,5 @@ def load_gguf_tokenizer(path: str | Path):
         logging.getLogger("transformers").setLevel(logging.ERROR)
         AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(tmp))
 
-    cached = build_once(cache_root() / "tokenizers" / file_fingerprint(path), "tokenizer.json", convert)
+    cached = build_once(cache_root() / "tokenizers" / file_fingerprint(path), convert)
     return AutoTokenizer.from_pretrained(str(cached))

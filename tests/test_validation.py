@@ -284,3 +284,24 @@ def test_damaged_export_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys, da
     assert {f.name: f.stat().st_size for f in path.parent.iterdir()} == sizes
     assert store.exported_model_path("tiny-random", log=log) == path and len(exports) == 2
     assert generate_cli.main(["--model", "tiny-random", "--max-new-tokens", "2", "hi"]) == 0
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_empty_graph])
+def test_damaged_derived_graph_is_rebuilt(tiny_onnx, tmp_path, monkeypatch, damage):
+    """The derive-and-cache helper (shared-KV form, draft graph) checks its entries the same way."""
+    from river.compiler import graph_io
+    from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
+
+    monkeypatch.setenv("RIVER_CACHE_DIR", str(tmp_path / "cache"))
+    made = []
+
+    def make(model):
+        made.append(1)
+        return to_shared_kv(model)
+
+    path = graph_io.derived_graph("shared_kv", tiny_onnx, SHARED_KV_FORMAT, make)
+    sizes = {f.name: f.stat().st_size for f in path.parent.iterdir()}
+    assert graph_io.derived_graph("shared_kv", tiny_onnx, SHARED_KV_FORMAT, make) == path and len(made) == 1
+    damage(path.parent)
+    assert graph_io.derived_graph("shared_kv", tiny_onnx, SHARED_KV_FORMAT, make) == path and len(made) == 2
+    assert {f.name: f.stat().st_size for f in path.parent.iterdir()} == sizes
