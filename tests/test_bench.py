@@ -14,11 +14,36 @@ import numpy as np
 from river.compiler.river.manifest import DISABLED, FORCED_EXIT
 from river.runtime.bench import cli, report
 from river.runtime.bench.eval_data import last_number
-from river.runtime.bench.methods import EXITS, QUANTIZED, REFERENCE, Method, MonotoneGenerator
+from river.runtime.bench.methods import EXITS, LOSSLESS, QUANTIZED, REFERENCE, Method, MonotoneGenerator
 
 
-def fake_results(times, exits=None, tokens=None):
-    return {"decode_seconds": times, "exits": exits or [], "tokens": tokens or {"p": [1, 2, 3, 4]}, "he": [True, False], "math": [True]}
+def fake_results(times, exits=None, tokens=None, speed=None):
+    speed = speed or [{"decode_tokens": len(times), "decode_seconds": sum(times)}]
+    return {"decode_seconds": times, "exits": exits or [], "tokens": tokens or {"p": [1, 2, 3, 4]}, "he": [True, False],
+            "math": [True], "speed": speed}
+
+
+def recomputed_speedup(method: dict, reference: dict) -> float:
+    """The speedup from the raw per-prompt decode tokens and seconds of bench.json."""
+    def rate(m):
+        return sum(x["decode_tokens"] for x in m["speed_per_prompt"]) / sum(x["decode_seconds"] for x in m["speed_per_prompt"])
+    return rate(method) / rate(reference)
+
+
+def test_speedup_is_a_ratio_of_tokens_per_second_not_of_median_latencies():
+    """A verify-like method: most tokens cheap (accepted drafts share a round), a few slow: its median
+    step is 2x faster, but over the same tokens it is only 1.1x; the report must say 1.1x."""
+    full = fake_results([0.010] * 10, speed=[{"decode_tokens": 10, "decode_seconds": 0.10}])
+    fast = [0.005] * 6 + [0.0302] * 2
+    other = fake_results(fast, speed=[{"decode_tokens": 8, "decode_seconds": 0.05}, {"decode_tokens": 2, "decode_seconds": 0.0409}])
+    tf = {k: {"agree": [True], "nll": [1.0]} for k in ("full", "verify:k=4")}
+    methods = {"full": Method(None, REFERENCE, "reference"), "verify:k=4": Method(None, LOSSLESS, "verify")}
+    s = report.summarize({"full": full, "verify:k=4": other}, tf, methods, [], 10, ["p"])
+    v = s["verify:k=4"]
+    assert np.isclose(v["latency_ms_median"], 5.0) and np.isclose(s["full"]["latency_ms_median"], 10.0)
+    assert np.isclose(v["speedup_vs_full"], (10 / 0.0909) / (10 / 0.10))  # 1.10x, not the medians' 2x
+    assert np.isclose(v["speedup_vs_full"], recomputed_speedup(v, s["full"]))
+    assert v["decode_tokens"] == 10 and np.isclose(v["decode_tokens_per_s"], 10 / 0.0909)
 
 
 def test_summary_arithmetic():
@@ -95,8 +120,16 @@ def test_quick_bench_runs_every_method(tmp_path):
     data = json.loads((out / "bench.json").read_text())
     expected = {"full", "river:safe", "river:balanced", "river:fast", "fixed@1", "fixed@2", "monotone:balanced",
                 "propagate:balanced", "uniform-int8", "uniform-int4", "draft-alone", "verify:k=3", "verify:k=4",
-                "verify-river:k=4"}
+                "verify-river:k=4", "full-torch", "river-torch:balanced", "mask:balanced", "recompute:balanced"}
     assert set(data["methods"]) == expected
+    m = data["methods"]
+    for name, r in m.items():  # every speedup is the tokens/s ratio recomputed from the raw per-prompt figures
+        ref = m[r["speed_reference"]]
+        assert len(r["speed_per_prompt"]) == 2 and all(x["decode_tokens"] == 11 for x in r["speed_per_prompt"])
+        assert np.isclose(r["speedup_vs_full"], recomputed_speedup(r, ref), rtol=1e-9)
+    for name in ("mask:balanced", "recompute:balanced", "river-torch:balanced"):
+        assert m[name]["speed_reference"] == "full-torch" and m[name]["role"] == EXITS
+    assert m["full-torch"]["greedy_exact_match"] == 1.0  # the same model in torch
     for name in ("verify:k=3", "verify:k=4", "verify-river:k=4", "full"):  # lossless methods
         assert data["methods"][name]["greedy_exact_match"] == 1.0
     assert data["settings"]["threads"] == 1 and "machine" in data["settings"]
@@ -104,3 +137,52 @@ def test_quick_bench_runs_every_method(tmp_path):
     md = (out / "report.md").read_text()
     assert md.startswith("# river-bench") and "- draft-alone (whole-model quantization): the verify draft graph" in md
     assert (out / "frontier.png").stat().st_size > 1000 and (out / "exits.png").is_file()
+
+
+def _teacher_forced_steps(backend, ids, exits_at=()):
+    """Logits of each decode step over ``ids`` (prefill of 3), the exit forced at gate 0 on the steps
+    listed in ``exits_at`` (indices into ids), every gate off otherwise. Returns (rows, cache)."""
+    gates = backend.gate_thresholds
+    cache = backend.new_cache(len(ids))
+    backend.prefill(np.asarray([ids[:3]]), cache)
+    cache.length = 3
+    rows = {}
+    for i in range(3, len(ids)):
+        if gates is not None:
+            gates.set(gates.forced(0) if i in exits_at else gates.disabled())
+        rows[i] = backend.decode(np.asarray([[ids[i]]]), cache)[0, -1].copy()
+        cache.length += 1
+    return rows, cache
+
+
+def test_kv_absence_baselines(tiny):
+    """mask (D-LLM) and recompute (EE-LLM) on the torch reference: gates off they are the full model;
+    an exited token leaves holes in the layers above its exit; mask keeps them (masked, never written),
+    recompute fills them at the next full-depth step from the exited token's own exit state, which
+    (the layers below the exit being exact) makes that step's logits the full model's."""
+    from river.compiler.river.manifest import RiverInfo
+    from river.runtime.bench.baselines import ExitWithoutTwinsBackend
+    from river.runtime.torch_backend import TorchBackend
+
+    ids = [5, 17, 42, 7, 99, 3, 64, 11]
+    info = RiverInfo((0, 2), "full", "int8")
+    full, _ = _teacher_forced_steps(TorchBackend(tiny.model), ids)
+    backends = {p: ExitWithoutTwinsBackend(tiny.model, info, p) for p in ("mask", "recompute")}
+    for b in backends.values():  # gates off: the full model
+        rows, _ = _teacher_forced_steps(b, ids)
+        assert all(np.allclose(rows[i], full[i], atol=1e-4) for i in rows)
+    exits = (4, 5)  # two tokens exit after layer 0 (layers 1..3 skipped), then full depth from 6 on
+    mask_rows, mask_cache = _teacher_forced_steps(backends["mask"], ids, exits)
+    state = backends["mask"].states[id(mask_cache)]
+    for l in (1, 2, 3):
+        assert not state.valid[l, 4:6].any() and state.valid[l, 6:8].all()
+        assert not mask_cache.keys[l][:, :, 4:6].any()  # never written
+    assert state.valid[0, :8].all()
+    assert not np.allclose(mask_rows[6], full[6], atol=1e-3)  # the holes change what later tokens see
+    rec = backends["recompute"]
+    rec.recomputed = 0
+    rec_rows, rec_cache = _teacher_forced_steps(rec, ids, exits)
+    assert rec.recomputed == 2 * 3  # two exited tokens x three skipped layers, once each
+    assert rec.states[id(rec_cache)].filled == [8] * 4  # no holes left
+    assert np.allclose(rec_rows[6], full[6], atol=1e-4) and np.allclose(rec_rows[7], full[7], atol=1e-4)
+    assert not np.allclose(rec_rows[4], full[4], atol=1e-3)  # the exited token itself is early-exit output

@@ -10,7 +10,13 @@
   verify:k=<k>           lossless River: the draft graph (8-bit twins of every layer) drafts k tokens
                          over the shared KV, the backbone verifies (output = full model's)
   verify-river:k=<k>     the same with the River graph's own exit (first gate) as the draft
-Not implemented here (reported as such): mask (D-LLM), recompute (EE-LLM).
+On the torch reference (runtime/bench/baselines.py; speedups against full-torch, never ORT's full):
+  full-torch             our torch decoder, no exits (the speed reference of the torch methods)
+  river-torch:<op>       the torch River (int8 twins), calibrated thresholds of <op>
+  mask:<op>              D-LLM: exit at River's gates/thresholds, no twins; skipped layers' K/V left
+                         out and masked for later tokens
+  recompute:<op>         EE-LLM: exit the same way; the skipped layers' K/V recomputed by the backbone
+                         at the next deeper step, batched with that step's token
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from river.compiler.river.manifest import FORCED_EXIT, RiverManifest
 from river.runtime.backend import StepBackend
 from river.runtime.generate import Generator
 
-NOT_IMPLEMENTED = ["mask (D-LLM)", "recompute (EE-LLM)"]
+TORCH_BASELINES = "mask (D-LLM) and recompute (EE-LLM) run on the torch reference, measured against full-torch"
 
 # What a method is to the report: the reference, a lossy exit policy (judged against whole-model
 # quantization), whole-model quantization itself, or lossless (verify mode: output = the reference's).
 REFERENCE, EXITS, QUANTIZED, LOSSLESS = "reference", "exits", "whole-model quantization", "lossless"
+OTHER_RUNTIME = "full model, other runtime"  # the speed reference of methods on another runtime
 
 
 @dataclass
@@ -42,6 +49,7 @@ class Method:
     about: str
     backend: StepBackend | None = None  # the River backend whose thresholds this method sets
     thresholds: Sequence[float] | None = None  # None: every gate off
+    speed_reference: str = "full"  # the method on the same runtime whose decode tokens/s it is divided by
 
     def use(self) -> Generator:
         """The generator, with this method's thresholds set (methods share River backends)."""
@@ -82,6 +90,7 @@ class MonotoneGenerator(Generator):
 class Graphs:
     """The graphs the methods run: the step graph, two calibrated River graphs, uniform int8/int4."""
 
+    model: str  # what the torch methods load
     step: Path
     river_int8: Path  # int8 full twins
     river_kv: Path  # kv twins (propagate)
@@ -114,7 +123,7 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
             print(f"[bench] quantizing the whole model ({precision}) ...", file=log, flush=True)
             save_onnx_atomic(uniform_quantized(load_onnx(step), precision), path)
         uniform[precision] = path
-    return Graphs(step, river["river-int8"], river["river-kv"], uniform)
+    return Graphs(model, step, river["river-int8"], river["river-kv"], uniform)
 
 
 def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
@@ -160,4 +169,30 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
     methods["verify-river:k=4"] = Method(SpeculativeGenerator(river_backend, tok, eos, draft_gate=0, k=4), LOSSLESS,
                                          "the River graph's first exit drafts 4 tokens, its backbone verifies",
                                          river_backend)
+    methods.update(torch_methods(graphs, threads, river_backend.river, ops["balanced"], tok, eos))
+    return methods
+
+
+def torch_methods(graphs: Graphs, threads: int, river, balanced, tok, eos) -> dict[str, Method]:
+    """full-torch, the torch River and the two KV-absence baselines at the balanced operating point."""
+    import torch
+
+    from river.models import load_model
+    from river.runtime.bench.baselines import ExitWithoutTwinsBackend
+    from river.runtime.torch_backend import TorchBackend
+
+    torch.set_num_threads(threads)
+    model = load_model(graphs.model).model
+    ref = "full-torch"
+    methods = {ref: Method(Generator(TorchBackend(model), tok, eos), OTHER_RUNTIME,
+                           "our torch decoder, no exits (speed reference of the torch methods)")}
+    river_torch = TorchBackend(model, river, thresholds=balanced)
+    methods["river-torch:balanced"] = Method(Generator(river_torch, tok, eos), EXITS,
+                                             "the torch River (int8 twins) at operating point balanced", river_torch,
+                                             balanced, ref)
+    words = {"mask": "D-LLM: no twins, the skipped layers' K/V left out and masked for later tokens (torch)",
+             "recompute": "EE-LLM: no twins, the skipped layers' K/V recomputed at the next deeper step (torch)"}
+    for policy, about in words.items():
+        backend = ExitWithoutTwinsBackend(model, river, policy, balanced)
+        methods[f"{policy}:balanced"] = Method(Generator(backend, tok, eos), EXITS, about, backend, balanced, ref)
     return methods

@@ -1,7 +1,11 @@
 """Running the compared methods: every evaluation item goes through every method in turn
-(interleaved, so machine noise hits every method alike), after an untimed warm-up; per-step
-decode times and exit layers are recorded, answers graded, and reference prose scored
-teacher-forced against the full model.
+(interleaved, so machine noise hits every method alike), after an untimed warm-up; answers graded,
+and reference prose scored teacher-forced against the full model.
+
+Speed comes from the free-running prompts only, EOS ignored, so every method decodes the same
+number of tokens of the same prompts. Per prompt and method: decode tokens (every generated token
+after prefill's) and decode seconds (the generate() call's wall time less its prefill step: loop,
+sampling and verify mode's partial last round included). Decode tokens/s = their sums' ratio.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 from river.compiler.river.manifest import RiverManifest
 from river.runtime.bench import report
 from river.runtime.bench.eval_data import EVAL_PROMPTS, MATH_PROBLEMS, REFERENCE_TEXT, humaneval_problems, last_number
-from river.runtime.bench.methods import NOT_IMPLEMENTED, Method, build_methods, prepare_graphs
+from river.runtime.bench.methods import TORCH_BASELINES, Method, build_methods, prepare_graphs
 from river.runtime.bench.sandbox import passes
 from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.sampling import softmax
@@ -57,8 +61,9 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
     """Run every method over the evaluation sets: (results, teacher-forced scores, prompts used)."""
     from tqdm import tqdm
 
-    results = {name: {"decode_seconds": [], "exits": [], "tokens": {}, "he": [], "math": []} for name in methods}
-    cfg = GenerationConfig(max_new_tokens=sizes.new_tokens)
+    results = {name: {"decode_seconds": [], "exits": [], "tokens": {}, "he": [], "math": [], "speed": []}
+               for name in methods}
+    cfg = GenerationConfig(max_new_tokens=sizes.new_tokens, eos_token_ids=[])  # EOS ignored: same token count
     prompts = EVAL_PROMPTS[:sizes.prompts]
     he = humaneval_problems(sizes.humaneval) if sizes.humaneval else []
     math = MATH_PROBLEMS[:sizes.math]
@@ -67,7 +72,7 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
     for m in methods.values():  # warm-up, untimed
         m.use().generate("warm up", GenerationConfig(max_new_tokens=4))
 
-    def record(name, result):
+    def record(name, result, timed=False):
         r = results[name]
         gen = methods[name].generator
         if isinstance(gen, SpeculativeGenerator) and gen.stats.rounds:  # verify mode: acceptance of the drafts
@@ -75,13 +80,22 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
             r["drafted"] = r.get("drafted", 0) + stats.drafted
             r["accepted"] = r.get("accepted", 0) + stats.accepted
             r["rounds"] = r.get("rounds", 0) + stats.rounds
-        r["decode_seconds"] += [s.seconds for s in result.steps if s.phase == "decode"]
         r["exits"] += [s.exit_layer for s in result.steps if s.phase == "decode" and s.exit_layer is not None]
+        if timed:  # per-token step latencies of the speed prompts
+            r["decode_seconds"] += [s.seconds for s in result.steps if s.phase == "decode"]
 
     for prompt in prompts:
         for name, m in methods.items():
-            res = m.use().generate(prompt, cfg)
-            record(name, res)
+            gen = m.use()
+            ids = gen.encode(prompt)
+            t0 = time.perf_counter()
+            res = gen.generate(ids, cfg)
+            wall = time.perf_counter() - t0
+            if len(res.token_ids) != sizes.new_tokens:
+                raise RuntimeError(f"{name} generated {len(res.token_ids)} tokens, not {sizes.new_tokens}")
+            record(name, res, timed=True)
+            results[name]["speed"].append({"decode_tokens": len(res.token_ids) - 1,
+                                           "decode_seconds": wall - res.prefill_seconds})
             results[name]["tokens"][prompt] = res.token_ids
             bar.update()
     he_cfg = GenerationConfig(max_new_tokens=64 if sizes.quick else 128, stop=HUMANEVAL_STOP)
@@ -124,7 +138,8 @@ def run(model: str, out: Path, threads: int, gates: str | None, sizes: Sizes, on
     graphs = prepare_graphs(model, out, gates, sizes.calibration, threads)
     methods = build_methods(graphs, threads)
     if only:
-        methods = {k: v for k, v in methods.items() if k in only | {"full"}}
+        keep = only | {"full"} | {methods[k].speed_reference for k in only if k in methods}
+        methods = {k: v for k, v in methods.items() if k in keep}
     results, tf, prompts = evaluate(methods, sizes, methods["full"].generator.tokenizer)
     river_dir = graphs.river_int8.parent
     manifest = RiverManifest.load(river_dir)
@@ -137,5 +152,5 @@ def run(model: str, out: Path, threads: int, gates: str | None, sizes: Sizes, on
         "calibration_prompts": sizes.calibration, "gates": manifest.gates,
         "operating_points": manifest.operating_points,
         "calibration_fits": json.loads((river_dir / "calibration.json").read_text())["fits"],
-        "seconds": round(time.time() - t_start, 1), "not_implemented": NOT_IMPLEMENTED, "quick": sizes.quick}
+        "seconds": round(time.time() - t_start, 1), "baselines": TORCH_BASELINES, "quick": sizes.quick}
     return report.write({"settings": settings, "methods": summary}, out)
