@@ -124,30 +124,116 @@ def test_sampling_matches_backbone_distribution(tiny, tiny_onnx, tiny_river_int4
     assert 0.5 * np.abs(p - q).sum() > 0.1, "draft and backbone agree too closely for the test to mean anything"
 
     rng = np.random.default_rng(1234)
-    n, counts = 3000, np.zeros_like(p)
+    n, tokens = 3000, []
     for _ in range(n):
         cache = backend.new_cache(len(prompt) + 4)
         backend.prefill(np.asarray([prompt]), cache)
         cache.length = len(prompt)
         drafted, dists = spec.draft(pending, cache, 1, cfg, rng)
-        out = spec.verify(pending, drafted, dists, len(prompt), cache, cfg, rng)
-        counts[out[0]] += 1
-    freq = counts / n
-    tv = 0.5 * np.abs(freq - p).sum()
-    tv_draft = 0.5 * np.abs(freq - q).sum()
-    # expected TV of an n-sample empirical distribution from p: 0.5 * sum sqrt(2 p (1-p) / (pi n))
-    noise = 0.5 * np.sqrt(2 * p * (1 - p) / (np.pi * n)).sum()
+        tokens.append(spec.verify(pending, drafted, dists, len(prompt), cache, cfg, rng)[0])
+    tv = assert_drawn_from(tokens, [p] * n)
+    assert 0.5 * np.abs(np.bincount(tokens, minlength=len(q)) / n - q).sum() > 2 * tv  # the draft's q is rejected
+
+
+def assert_drawn_from(tokens: list[int], dists: list[np.ndarray]) -> float:
+    """Each tokens[i] was drawn from dists[i] (exact, each possibly different): the pooled counts
+    against the pooled expectation. Tolerance: the total variation distance within 2.5x its expected
+    value under sampling noise (0.5 * sum sqrt(2 var / pi) / n), and a chi-square goodness of fit on
+    cells expecting >= 5 (the rest pooled), by its normal approximation, z < 4 (p > 3e-5). Returns the TV."""
+    probs = np.stack(dists)
+    n = len(tokens)
+    counts = np.bincount(tokens, minlength=probs.shape[1]).astype(float)
+    expected = probs.sum(0)
+    tv = 0.5 * np.abs(counts - expected).sum() / n
+    noise = 0.5 * np.sqrt(2 * (probs * (1 - probs)).sum(0) / np.pi).sum() / n
     assert tv < 2.5 * noise, (tv, noise)
-    assert tv_draft > 2 * tv, (tv, tv_draft)  # the draft's own distribution is clearly rejected
-    # chi-square goodness of fit on cells with expected count >= 5 (the rest pooled), via the
-    # normal approximation of the chi-square distribution: z < 4 is p > 3e-5
-    cells = p * n >= 5
+    cells = expected >= 5
     observed = np.append(counts[cells], counts[~cells].sum())
-    expected = np.append(p[cells] * n, p[~cells].sum() * n)
+    expected = np.append(expected[cells], expected[~cells].sum())
     keep = expected > 0
     chi2 = (((observed[keep] - expected[keep]) ** 2) / expected[keep]).sum()
     dof = keep.sum() - 1
     assert (chi2 - dof) / np.sqrt(2 * dof) < 4, (chi2, dof)
+    return tv
+
+
+def test_generate_sampling_follows_the_backbone(tiny, tiny_onnx, tiny_drafts):
+    """generate() with temperature, top-p and a seed, k=2 over the 4-bit draft graph (rejections and
+    full acceptances both frequent): every token a round keeps - the first, the later ones, the bonus -
+    is distributed as the backbone's own next-token distribution given everything before it, computed
+    independently by the torch model over the whole sequence. 1000 draws of 5 tokens."""
+    temperature, top_p, k = 0.8, 0.7, 2
+    spec = _draft_generator(tiny, tiny_onnx, tiny_drafts, "all4", k=k)
+    rounds: list[tuple[list[int], int]] = []  # (tokens a round kept, how many were drafted)
+    orig_verify = spec.verify
+
+    def verify(pending, drafted, dists, start, cache, cfg, rng):
+        out = orig_verify(pending, drafted, dists, start, cache, cfg, rng)
+        rounds.append((out, len(drafted)))
+        return out
+
+    spec.verify = verify
+    prompt = spec.encode("sample me", chat=False)
+    draws = []  # (sequence after the prompt, the rounds that produced it)
+    for seed in range(1000):
+        rounds.clear()
+        cfg = GenerationConfig(max_new_tokens=5, temperature=temperature, top_p=top_p, seed=seed, eos_token_ids=[])
+        result = spec.generate(prompt, cfg)
+        seq = [result.token_ids[0]] + [t for out, _ in rounds for t in out]  # rounds may overshoot the limit
+        assert seq[:len(result.token_ids)] == result.token_ids and len(result.token_ids) == 5
+        draws.append((seq, list(rounds)))
+    pools = {"first of a round": ([], []), "later in a round": ([], []), "bonus": ([], [])}
+    for length in {len(seq) for seq, _ in draws}:  # one batched torch run per sequence length
+        batch = [(seq, rs) for seq, rs in draws if len(seq) == length]
+        logits, _ = torch_step(tiny.model, np.asarray([prompt + seq[:-1] for seq, _ in batch]))
+        for row_logits, (seq, rs) in zip(logits[:, len(prompt) - 1:], batch):
+            exact = [next_token_probs(row, temperature, top_p) for row in row_logits]  # exact[i]: for seq[i]
+            i = 1
+            for out, drafted in rs:
+                for j, tok in enumerate(out):
+                    pool = "bonus" if j == drafted else "first of a round" if j == 0 else "later in a round"
+                    pools[pool][0].append(tok)
+                    pools[pool][1].append(exact[i])
+                    i += 1
+    assert all(len(toks) >= 300 for toks, _ in pools.values()), {k: len(v[0]) for k, v in pools.items()}
+    for name, (toks, dists) in pools.items():
+        assert_drawn_from(toks, dists)
+    again = spec.generate(prompt, GenerationConfig(max_new_tokens=5, temperature=temperature, top_p=top_p, seed=3,
+                                                   eos_token_ids=[]))
+    first = spec.generate(prompt, GenerationConfig(max_new_tokens=5, temperature=temperature, top_p=top_p, seed=3,
+                                                   eos_token_ids=[]))
+    assert again.token_ids == first.token_ids  # a seed reproduces its draw
+
+
+def test_eos_and_stop_string_inside_an_accepted_draft_block(tiny, tiny_onnx, full_greedy):
+    """The backbone as its own draft accepts every draft (rounds of k=4 drafts + the bonus keep
+    tokens 1-5, 6-10, ...). An EOS id or a stop string that falls on an accepted draft in the middle
+    of round 2 ends the output exactly there, with the right finish reason, and nothing after it is
+    streamed: the same result and the same stream as plain decoding."""
+    prompt, j = "rivers and seas", 8  # token 8: the third draft of round 2; "I]" = tokens 7-8, first seen there
+    greedy = full_greedy[prompt]
+    spec = SpeculativeGenerator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer, k=4,
+                                draft=OrtBackend(tiny_onnx, threads=1, single_token=True))
+    plain = Generator(OrtBackend(tiny_onnx, threads=1), tiny.tokenizer)
+    text = tiny.tokenizer.decode(greedy[:j + 1])
+    stop = text[-2:]
+    assert greedy[j] not in greedy[:j] and text.find(stop) == len(text) - 2 and stop.isprintable()
+    cases = {"eos": (GenerationConfig(max_new_tokens=40, eos_token_ids=[greedy[j]]), greedy[:j]),
+             "stop": (GenerationConfig(max_new_tokens=40, eos_token_ids=[], stop=[stop]), greedy[:j + 1])}
+    for reason, (cfg, kept) in cases.items():
+        streams = {}
+        for name, gen in (("spec", spec), ("plain", plain)):
+            streamed = []
+            result = gen.generate(prompt, cfg, on_token=lambda t, piece: streamed.append((t, piece)))
+            streams[name] = (result.token_ids, result.text, result.finish_reason, streamed)
+        tokens, text_out, finish, streamed = streams["spec"]
+        assert streams["spec"] == streams["plain"], reason
+        assert finish == reason and tokens == kept, reason
+        assert spec.stats.accepted == spec.stats.drafted == 8 and spec.stats.rounds == 2, spec.stats
+        assert "".join(piece for _, piece in streamed) == text_out
+        assert streamed[-1][0] == kept[-1]  # nothing streamed after the end
+        if reason == "stop":
+            assert text_out == text[:-2] and stop not in text_out
 
 
 def test_verify_mode_rejects_plain_graph_and_bad_options(tiny, tiny_onnx, tiny_river_int4):
