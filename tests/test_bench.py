@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from river.compiler.river.manifest import DISABLED, FORCED_EXIT
+from river.compiler.river.manifest import DISABLED
 from river.runtime.bench import cli, report
 from river.runtime.bench.eval_data import last_number
 from river.runtime.bench.methods import EXITS, LOSSLESS, QUANTIZED, REFERENCE, Method, MonotoneGenerator
@@ -96,21 +96,37 @@ def test_command_and_module_entry_points():
 
 
 def test_monotone_policy_never_raises_the_exit_layer(tiny, tiny_onnx, tmp_path):
+    """Thresholds at which the plain River policy exits after layer 0 on some tokens and runs all 4
+    layers on later ones: the monotone policy starts alike, then never rises again, so it differs."""
     from river.compiler.compile import compile_river
-    from river.runtime.generate import GenerationConfig
+    from river.runtime.generate import GenerationConfig, Generator
     from river.runtime.ort_backend import OrtBackend
 
     river = compile_river(tiny_onnx, tmp_path / "r", gates="0,2", river="int8", log=None)
     backend = OrtBackend(river, threads=1)
-    gen = MonotoneGenerator(backend, tiny.tokenizer)
-    # gate 1 (after layer 2) may fire, gate 0 never: the first exit at layer 3 must pin all later tokens
-    gen.base_thresholds = np.array([DISABLED, FORCED_EXIT], np.float32)
-    exits = [s.exit_layer for s in gen.generate("mono", GenerationConfig(max_new_tokens=10)).steps[1:]]
-    assert exits == [3] * 9
-    gen.base_thresholds = np.array([DISABLED, DISABLED], np.float32)
-    exits = [s.exit_layer for s in gen.generate("mono", GenerationConfig(max_new_tokens=6)).steps[1:]]
-    assert exits == [4] * 5
-    assert all(a >= b for a, b in zip(exits, exits[1:]))
+    cfg = GenerationConfig(max_new_tokens=16, eos_token_ids=[])
+
+    def exits(gen, thresholds):
+        if isinstance(gen, MonotoneGenerator):
+            gen.base_thresholds = thresholds
+        else:
+            backend.set_thresholds(thresholds)
+        return [s.exit_layer for s in gen.generate("mono", cfg).steps[1:]]
+
+    plain, mono = Generator(backend, tiny.tokenizer), MonotoneGenerator(backend, tiny.tokenizer)
+    for t in (0.0, 0.05, 0.1, -0.1, 0.15):  # gate 0 at a threshold where it fires on some tokens only
+        thresholds = np.array([t, 0.7], np.float32)
+        free = exits(plain, thresholds)
+        if any(a < b for a, b in zip(free, free[1:])):
+            break
+    else:
+        raise AssertionError(f"no threshold makes the plain policy's exit layer rise: {free}")
+    pinned = exits(mono, thresholds)
+    assert all(a >= b for a, b in zip(pinned, pinned[1:])), pinned
+    assert pinned != free and min(pinned) == 1 and pinned[0] == free[0], (pinned, free)
+    first = free.index(min(free))
+    assert pinned[:first + 1] == free[:first + 1] and set(pinned[first:]) == {1}  # pinned from the first exit on
+    assert exits(mono, np.array([DISABLED, DISABLED], np.float32)) == [4] * 15  # nothing to pin: full depth
 
 
 def test_quick_bench_runs_every_method(tmp_path):
