@@ -129,11 +129,22 @@ def test_monotone_policy_never_raises_the_exit_layer(tiny, tiny_onnx, tmp_path):
     assert exits(mono, np.array([DISABLED, DISABLED], np.float32)) == [4] * 15  # nothing to pin: full depth
 
 
-def test_quick_bench_runs_every_method(tmp_path):
+def test_quick_bench_runs_every_method(tiny, tmp_path, monkeypatch):
+    from river.runtime.bench import run as bench_run
+
+    raw = {}  # the per-prompt results the figures are computed from
+
+    def evaluate(*args, **kwargs):
+        raw["results"], raw["tf"], raw["prompts"] = found = evaluate_orig(*args, **kwargs)
+        return found
+
+    evaluate_orig = bench_run.evaluate
+    monkeypatch.setattr(bench_run, "evaluate", evaluate)
     out = tmp_path / "bench"
     assert cli.main(["--model", "tiny-random", "--quick", "--out", str(out), "--threads", "1",
                        "--humaneval", "1", "--math", "2", "--prompts", "2", "--new-tokens", "12"]) == 0
     data = json.loads((out / "bench.json").read_text())
+    check_figures_from_raw_results(tiny, data, raw, out)
     expected = {"full", "river:safe", "river:balanced", "river:fast", "fixed@1", "fixed@2", "monotone:balanced",
                 "propagate:balanced", "uniform-int8", "uniform-int4", "draft-alone", "verify:k=3", "verify:k=4",
                 "verify-river:k=4", "full-torch", "river-torch:balanced", "mask:balanced", "recompute:balanced"}
@@ -153,6 +164,55 @@ def test_quick_bench_runs_every_method(tmp_path):
     md = (out / "report.md").read_text()
     assert md.startswith("# river-bench") and "- draft-alone (whole-model quantization): the verify draft graph" in md
     assert (out / "frontier.png").stat().st_size > 1000 and (out / "exits.png").is_file()
+
+
+def check_figures_from_raw_results(tiny, data: dict, raw: dict, out: Path) -> None:
+    """bench.json's quality figures against the raw per-prompt results, recomputed here; "full" against
+    a plain greedy Generator over the exported step graph (with math answers graded here); the
+    calibration fields against the calibrated graph's own files."""
+    from collections import Counter
+
+    from river.compiler.river.manifest import RiverManifest
+    from river.export.store import exported_model_path
+    from river.runtime.bench.eval_data import MATH_PROBLEMS, humaneval_problems
+    from river.runtime.bench.run import HUMANEVAL_STOP
+    from river.runtime.generate import GenerationConfig, Generator
+    from river.runtime.ort_backend import OrtBackend
+
+    results, tf, prompts = raw["results"], raw["tf"], raw["prompts"]
+    full = results["full"]["tokens"]
+    for name, r in data["methods"].items():
+        got = results[name]
+        pairs = [(a, b) for p in prompts for a, b in zip(got["tokens"][p], full[p])]
+        assert all(len(got["tokens"][p]) == len(full[p]) == 12 for p in prompts)
+        assert np.isclose(r["greedy_agreement_overall"], np.mean([a == b for a, b in pairs]))
+        assert r["greedy_exact_match"] == sum(got["tokens"][p] == full[p] for p in prompts) / len(prompts)
+        assert r["teacher_forced_agreement"] == sum(map(bool, tf[name]["agree"])) / len(tf[name]["agree"])
+        assert len(got["he"]) == 1 and r["humaneval_pass@1"] == sum(map(bool, got["he"])) / 1
+        assert len(got["math"]) == 2 and r["math_accuracy"] == sum(map(bool, got["math"])) / 2
+        assert r["exit_histogram"] == {str(e): c for e, c in sorted(Counter(got["exits"]).items())}
+        exits = got["exits"]
+        assert r["mean_layers_run"] is None if not exits else np.isclose(r["mean_layers_run"], sum(exits) / len(exits))
+    assert data["methods"]["fixed@1"]["exit_histogram"] == {"2": len(results["fixed@1"]["exits"])}
+    plain = Generator(OrtBackend(exported_model_path("tiny-random"), threads=1), tiny.tokenizer,
+                      tiny.config.eos_token_ids)
+    for p in prompts:  # the reference itself, from outside the bench
+        assert full[p] == plain.generate(p, GenerationConfig(max_new_tokens=12, eos_token_ids=[])).token_ids, p
+    for (question, answer), graded in zip(MATH_PROBLEMS[:2], results["full"]["math"]):
+        text = plain.generate(question + " Answer with the final number.", GenerationConfig(max_new_tokens=48)).text
+        numbers = re.findall(r"-?[0-9]+(?:[.][0-9]+)?", text.replace(",", ""))
+        assert graded == (bool(numbers) and float(numbers[-1]) == answer), text
+    problem = humaneval_problems(1)[0]
+    completion = plain.generate(problem["prompt"], GenerationConfig(max_new_tokens=64, stop=HUMANEVAL_STOP), chat=False)
+    try:  # a program that does not even compile cannot pass
+        compile(problem["prompt"] + completion.text + "\n" + problem["test"], "humaneval", "exec")
+    except (SyntaxError, ValueError):
+        assert results["full"]["he"] == [False]
+    river_dir = next((out / "graphs").glob("river-int8-cal*"))
+    settings = data["settings"]
+    assert settings["calibration_fits"] == json.loads((river_dir / "calibration.json").read_text())["fits"]
+    assert settings["operating_points"] == RiverManifest.load(river_dir).operating_points
+    assert settings["gates"] == RiverManifest.load(river_dir).gates and settings["calibration_prompts"] == 4
 
 
 def _teacher_forced_steps(backend, ids, exits_at=()):
