@@ -109,7 +109,7 @@ class StepBackend(ABC):
     river: RiverInfo | None = None
     gate_thresholds: GateThresholds | None = None
     last_exit_layer: int | None = None
-    multi_token_steps: bool = True  # extend by S > 1 over a non-empty cache runs in place (else by a contract step)
+    multi_token_steps: bool = True  # steps of S > 1 tokens run in place (else as contract steps: _needs_contract_step)
     kv_window: int | None = None  # the graph masks by a sliding window: every step runs in the contract form
 
     # --- caches -----------------------------------------------------------------------------------
@@ -172,6 +172,15 @@ class StepBackend(ABC):
         return self.contract.num_layers if exit_gate is None else self.river.gates[exit_gate] + 1
 
     # --- shared by the backends' prefills ---------------------------------------------------------
+    def _prefill_by_extend(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Prefill as one multi-token step over the empty cache with every gate off (backends whose
+        steps are exact for any S)."""
+        self._check_prefill(input_ids, cache)
+        with self.full_depth():
+            logits = np.array(self.extend(input_ids.astype(np.int64), cache))
+        self.last_exit_layer = None
+        return logits
+
     @staticmethod
     def _check_prefill(input_ids: np.ndarray, cache: KVCache) -> None:
         if cache.length:
@@ -179,11 +188,11 @@ class StepBackend(ABC):
         cache.require_room(input_ids.shape[1])
 
     def _needs_contract_step(self, token_ids: np.ndarray, cache: KVCache) -> bool:
-        """Whether this step must run in the contract form to stay exact: several tokens over a non-empty
-        cache of a graph that masks by index, or any step of a sliding-window graph (its shared-KV form
-        derives the step's cache position from the buffer's capacity, which misplaces the window)."""
-        return bool((token_ids.shape[1] > 1 and cache.length and not self.multi_token_steps)
-                    or self.kv_window is not None)
+        """Whether this step must run in the contract form to stay exact: several tokens (a prefill, a
+        verification) of a graph that masks by index, or any step of a sliding-window graph. Their
+        shared-KV form derives the step's cache position from the buffer's capacity: right for the
+        causal mask of one new token, wrong among several new tokens and for a window."""
+        return bool((token_ids.shape[1] > 1 and not self.multi_token_steps) or self.kv_window is not None)
 
     def _contract_step(self, token_ids: np.ndarray, cache: KVCache, run) -> np.ndarray:
         """One step through a contract-form runner ``run(feeds) -> outputs``: the prefill of graphs that

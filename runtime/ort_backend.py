@@ -41,9 +41,9 @@ class OrtBackend(InPlaceSteps, StepBackend):
         providers = providers or ["CPUExecutionProvider"]
         so = session_options(threads, matmul_accuracy)
         # Graphs whose causal mask goes by position run every step, prefill included, in the shared-KV
-        # form (one session, one copy of the weights); others prefill, and run multi-token steps, with
-        # the contract graph (their shared-KV form is exact for one new token a step only), as do
-        # sliding-window graphs once the cache outgrows the window (see _needs_contract_step).
+        # form (one session, one copy of the weights); others run their multi-token steps (prefill,
+        # verification) with the contract graph (their shared-KV form is exact for one new token a step
+        # only), and sliding-window graphs run every step with it (see _needs_contract_step).
         props = {p.key: p.value for p in header.metadata_props}
         self.multi_token_steps = props.get(CAUSAL_PROP) == "position"
         self.kv_window = kv_window(self.model_path.parent)
@@ -60,16 +60,10 @@ class OrtBackend(InPlaceSteps, StepBackend):
         self._bound_cache: SharedKVCache | None = None
         self._bindings: dict[int, dict] = {}
 
-    # --- prefill: the contract graph over an empty past ---------------------------------------
+    # --- prefill ------------------------------------------------------------------------------
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        self._check_prefill(input_ids, cache)
-        with self.full_depth():  # prefill runs the whole backbone (DESIGN 4)
-            if self.multi_token_steps and not self._needs_contract_step(input_ids, cache):  # in place, like a decode step
-                logits = self.extend(input_ids.astype(np.int64), cache).copy()
-            else:
-                logits = self._contract_step(input_ids, cache, self._run_contract)
-        self.last_exit_layer = None
-        return logits
+        # the whole backbone (DESIGN 4), in place like a decode step where that is exact
+        return self._prefill_by_extend(input_ids, cache)
 
     def _run_contract(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.river is not None:

@@ -33,11 +33,7 @@ class TorchBackend(StepBackend):
             model, river.gates, river.kind, river.precision, river.block, twin_format=river.twin_format)
 
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        self._check_prefill(input_ids, cache)
-        with self.full_depth():
-            logits = self.extend(input_ids, cache)
-        self.last_exit_layer = None
-        return logits
+        return self._prefill_by_extend(input_ids, cache)
 
     @torch.no_grad()
     def extend(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
