@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from river.compiler.river import twins
-from river.compiler.river.manifest import TWIN_FORMATS
+from river.compiler.river.manifest import SEGMENTS_DIR, TWIN_FORMATS
 from river.atomic import atomic_dir, require_empty, temp_dir
 from river.errors import RiverError, disk_error, sigterm_as_interrupt
 from river.models.registry import DEFAULT_MODEL, available_models
@@ -171,7 +171,7 @@ def _extras(args, step: Path, river_dir: Path) -> bool:
         from river.compiler.river.segments import write_segments
 
         print("[river] writing the segmented form ...", file=sys.stderr, flush=True)
-        segments = write_segments(step, spec, river_dir / "segments")
+        segments = write_segments(step, spec, river_dir / SEGMENTS_DIR)
     if args.trt:
         from river.compiler.tensorrt.engines import compile_trt
 

@@ -8,15 +8,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from river.compiler.river.manifest import DISABLED, MANIFEST_FILE, RiverManifest, check_thresholds
+from river.compiler.river.manifest import (
+    DISABLED,
+    ENGINES_DIR,
+    ENGINES_FILE,
+    MANIFEST_FILE,
+    SEGMENTS_DIR,
+    SEGMENTS_FILE,
+    TRT_DIR,
+    RiverManifest,
+    check_thresholds,
+)
 from river.errors import CacheOverflow, ModelNotFound, RiverError
 from river.export.contract import META_FILE
 from river.runtime.backend import StepBackend
 from river.runtime.generate import Generator
 
 BACKENDS = ("ort", "segmented", "tensorrt", "torch")
-SEGMENTS_INDEX = "segments.json"
-ENGINES_INDEX = "engines.json"
 
 
 def parse_thresholds(text: str | None, backend: StepBackend):
@@ -52,9 +60,9 @@ def step_graph_path(model: str) -> Path:
     return exported_model_path(model)
 
 
-def _find(model: str, index: str, sub: str) -> Path | None:
-    """A folder holding ``index``: the model itself, its ``sub`` folder, or (for a model.onnx) the
-    ``sub`` folder beside it."""
+def _find(model: str, index: str, sub: Path) -> Path | None:
+    """A folder holding ``index``: the model itself, or its ``sub`` folder (for a model.onnx: beside
+    it), where river-export writes it."""
     path = Path(model)
     base = path.parent if path.suffix == ".onnx" else path
     for folder in (base, base / sub):
@@ -63,13 +71,18 @@ def _find(model: str, index: str, sub: str) -> Path | None:
     return None
 
 
+def _river_folder(folder: Path) -> Path:
+    """The river-export folder (tokenizer, river.json) a segments or engines folder belongs to."""
+    return next((f for f in (folder, *list(folder.parents)[:2]) if (f / MANIFEST_FILE).is_file()), folder)
+
+
 def open_backend(model: str, backend: str = "auto", threads: int | None = None) -> tuple[StepBackend, Path | object]:
     """(backend, where the tokenizer comes from: a folder, or a loaded tokenizer for the torch backend).
 
     ``auto``: a segments folder runs segmented, anything else on ONNX Runtime."""
     if backend not in ("auto", *BACKENDS):
         raise RiverError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
-    segments = _find(model, SEGMENTS_INDEX, "segments")
+    segments = _find(model, SEGMENTS_FILE, Path(SEGMENTS_DIR))
     if backend == "auto":
         backend = "segmented" if segments is not None and Path(model).suffix != ".onnx" else "ort"
     if backend == "ort":
@@ -79,18 +92,19 @@ def open_backend(model: str, backend: str = "auto", threads: int | None = None) 
         return OrtBackend(path, threads=threads), path.parent
     if backend == "segmented":
         if segments is None:
-            raise ModelNotFound(f"no {SEGMENTS_INDEX} in {model} or its segments/ folder: write one with "
+            raise ModelNotFound(f"no {SEGMENTS_FILE} in {model} or its {SEGMENTS_DIR}/ folder: write one with "
                                 "river-export --segmented")
         from river.runtime.segmented_backend import SegmentedBackend
 
-        return SegmentedBackend(segments, threads=threads), segments.parent
+        return SegmentedBackend(segments, threads=threads), _river_folder(segments)
     if backend == "tensorrt":
-        engines = _find(model, ENGINES_INDEX, "trt")
+        engines = _find(model, ENGINES_FILE, Path(TRT_DIR, ENGINES_DIR))
         if engines is None:
-            raise ModelNotFound(f"no {ENGINES_INDEX} in {model} or its trt/ folder: build engines with river-export --trt")
+            raise ModelNotFound(f"no {ENGINES_FILE} in {model} or its {TRT_DIR}/{ENGINES_DIR}/ folder: build engines "
+                                "with river-export --trt")
         from river.runtime.trt_backend import TrtBackend
 
-        return TrtBackend(engines), engines.parent
+        return TrtBackend(engines), _river_folder(engines)
     return _torch_backend(model)
 
 

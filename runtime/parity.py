@@ -20,7 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from river.compiler.graph_io import load_onnx_header
-from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS, RiverInfo
+from river.compiler.river.manifest import (
+    CHAINED_DIR,
+    DISABLED,
+    ENGINES_DIR,
+    EXIT_LAYER,
+    FORCED_EXIT,
+    SEGMENTS_DIR,
+    THRESHOLDS,
+    TRT_DIR,
+    RiverInfo,
+)
 from river.errors import ModelNotFound, RiverError
 from river.export import contract as C
 from river.export.contract import StepContract
@@ -245,9 +255,9 @@ def check_parity(river: str | Path, *, segments: str | Path | None = None, engin
 
     t0 = time.perf_counter()
     onnx_path, folder = _locate(river)
-    segments = Path(segments) if segments is not None else (folder / "segments" if (folder / "segments").is_dir() else None)
-    if engines is None and (folder / "trt" / "engines").is_dir():
-        engines = folder / "trt" / "engines"
+    segments = Path(segments) if segments is not None else (folder / SEGMENTS_DIR if (folder / SEGMENTS_DIR).is_dir() else None)
+    if engines is None and (folder / TRT_DIR / ENGINES_DIR).is_dir():
+        engines = folder / TRT_DIR / ENGINES_DIR
     references: dict[str, Path] = {}
     groups: dict[str, list] = {}  # twins -> [(runner name, factory, "backend" | "runner")]
     skipped: dict[str, str] = {}
@@ -327,7 +337,7 @@ def _compare(reference: Path, members, *, batch, past, contexts, seed, atol, rto
 
     loader = StepDataLoader(reference, batch=batch, past=past, contexts=contexts, seed=seed, threads=threads)
     RiverOnnxrtRunner, StepBackendRunner = _runner_classes()
-    label = "onnxrt-river-graph" if reference.parent.name != "chained" else "onnxrt-chained-graph"
+    label = "onnxrt-river-graph" if reference.parent.name != CHAINED_DIR else "onnxrt-chained-graph"
     runners = [RiverOnnxrtRunner(lambda: ort.InferenceSession(str(reference), session_options(threads),
                                                                providers=["CPUExecutionProvider"]), name=label)]
     runners += [StepBackendRunner(make, loader.contract, name) if kind == "backend" else make()

@@ -123,6 +123,11 @@ def test_tensorrt_backend_says_why_it_cannot_run(river_dir, tmp_path):
     (tmp_path / "engines.json").write_text("{}")
     with pytest.raises(RiverError, match="GPU|TensorRT"):
         open_backend(str(tmp_path), "tensorrt")
+    # where river-export --trt writes them: <river folder>/trt/engines/engines.json
+    (tmp_path / "river" / "trt" / "engines").mkdir(parents=True)
+    (tmp_path / "river" / "trt" / "engines" / "engines.json").write_text("{}")
+    with pytest.raises(RiverError, match="GPU|TensorRT"):
+        open_backend(str(tmp_path / "river"), "tensorrt")
 
 
 def test_torch_backend_refuses_a_graph_without_weights(tiny_onnx):

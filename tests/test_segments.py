@@ -16,7 +16,8 @@ from river.compiler.ort_session import make_session
 from river.compiler.river.chained import chained_river_graph
 from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS
 from river.compiler.river.nested import river_graph
-from river.compiler.river.segments import DATA_FILE, INDEX, SegmentIndex, write_segments
+from river.compiler.river.manifest import SEGMENTS_FILE
+from river.compiler.river.segments import DATA_FILE, SegmentIndex, write_segments
 from river.compiler.river.spec import RiverSpec
 from river.errors import RiverError
 from river.export import contract as C
@@ -71,7 +72,7 @@ def test_segments_folder(river_int8):
             onnx.checker.check_model(str(index.path(seg, shared_kv)), full_check=True)
     offsets = list(names.values())
     assert len(offsets) == len(set(offsets))
-    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".onnx")) == [INDEX, DATA_FILE]
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".onnx")) == [SEGMENTS_FILE, DATA_FILE]
 
 
 @pytest.mark.parametrize("river", ["int8", "int4", "attn", "kv"])
@@ -160,7 +161,7 @@ def test_write_segments_refuses_and_leaves_nothing(tiny_proto, tmp_path):
         SegmentIndex.load(tmp_path)
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / INDEX).write_text(json.dumps({"format": 99}))
+    (bad / SEGMENTS_FILE).write_text(json.dumps({"format": 99}))
     with pytest.raises(RiverError, match="format 99"):
         SegmentIndex.load(bad)
 

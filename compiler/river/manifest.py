@@ -24,6 +24,9 @@ TWIN_FORMATS = ("ort", "dq")  # quantized twins: ORT MatMulNBits / dynamic int8,
 
 MANIFEST_FILE = "river.json"
 MANIFEST_FORMAT = 2
+# the layout of a river-export output folder: model.onnx + river.json, and with --segmented / --trt
+SEGMENTS_DIR, SEGMENTS_FILE = "segments", "segments.json"  # the ONNX Runtime segments and their index
+TRT_DIR, CHAINED_DIR, ENGINES_DIR, ENGINES_FILE = "trt", "chained", "engines", "engines.json"  # trt/{chained,segments,engines}
 # files of the source folder that travel with a compiled River graph (tokenizer, model metadata)
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "tokenizer.model", "river_model.json", "generation_config.json", "config.json")

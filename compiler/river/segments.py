@@ -42,13 +42,12 @@ from river.compiler.graph_io import complete_types, load_onnx, stamp
 from river.compiler.lowering.shared_kv import to_shared_kv
 from river.compiler.river.builder import contract_types, prepare
 from river.compiler.river.gate import gate
-from river.compiler.river.manifest import RiverInfo
+from river.compiler.river.manifest import SEGMENTS_FILE, RiverInfo
 from river.compiler.river.nested import exit_river
 from river.compiler.river.spec import RiverSpec, default_thresholds
 from river.errors import ModelNotFound, RiverError
 from river.export.contract import LOGITS, StepContract, past_name, present_name
 
-INDEX = "segments.json"
 DATA_FILE = "segments.onnx.data"
 FORMAT = 1
 _EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside each graph
@@ -132,11 +131,11 @@ class SegmentIndex:
     @classmethod
     def load(cls, folder: str | Path) -> SegmentIndex:
         folder = Path(folder)
-        if folder.is_file() and folder.name == INDEX:
+        if folder.is_file() and folder.name == SEGMENTS_FILE:
             folder = folder.parent
-        path = folder / INDEX
+        path = folder / SEGMENTS_FILE
         if not path.is_file():
-            raise ModelNotFound(f"no {INDEX} in {folder}: not a segmented River folder (see river.compiler.river.segments)")
+            raise ModelNotFound(f"no {SEGMENTS_FILE} in {folder}: not a segmented River folder (see river.compiler.river.segments)")
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:
             raise RiverError(f"{path}: segments format {data.get('format')} is not {FORMAT}; re-export the segments")
@@ -355,5 +354,5 @@ def write_segments(step: str | Path | onnx.ModelProto, spec: RiverSpec, out_dir:
                              precision=spec.precision, block=spec.block, twin_format=spec.twin_format,
                              thresholds=[float(x) for x in default_thresholds(spec)],
                              segments=[seg for seg, _ in concat])
-        (tmp / INDEX).write_text(json.dumps(index.to_json(), indent=2))
-    return out_dir / INDEX
+        (tmp / SEGMENTS_FILE).write_text(json.dumps(index.to_json(), indent=2))
+    return out_dir / SEGMENTS_FILE

@@ -32,14 +32,20 @@ from river.atomic import atomic_dir, require_empty
 from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
 from river.compiler.lowering.tensorrt import check_twins_for_trt, trt_onnx
 from river.compiler.river.chained import chained_river_graph
-from river.compiler.river.manifest import RiverInfo, RiverManifest
+from river.compiler.river.manifest import (
+    CHAINED_DIR,
+    ENGINES_DIR,
+    ENGINES_FILE,
+    SEGMENTS_DIR,
+    TRT_DIR,
+    RiverInfo,
+    RiverManifest,
+)
 from river.compiler.river.segments import SegmentIndex, write_segments
 from river.compiler.river.spec import RiverSpec
 from river.compiler.tensorrt.build import BuildReport, build_engine, default_profiles
 from river.errors import RiverError
 
-ENGINES_INDEX = "engines.json"
-TRT_DIR, CHAINED_DIR, SEGMENTS_DIR, ENGINES_DIR = "trt", "chained", "segments", "engines"
 
 
 @dataclass
@@ -88,9 +94,9 @@ class EnginesReport:
     @classmethod
     def load(cls, folder: str | Path) -> EnginesReport:
         folder = Path(folder)
-        path = folder / ENGINES_INDEX
+        path = folder / ENGINES_FILE
         if not path.is_file():
-            raise RiverError(f"no {ENGINES_INDEX} in {folder}: build engines with river.compiler.tensorrt.engines")
+            raise RiverError(f"no {ENGINES_FILE} in {folder}: build engines with river.compiler.tensorrt.engines")
         data = json.loads(path.read_text())
         for b in data["builds"]:
             if "flavour" in b:  # the TensorRT package's field name before 0.2
@@ -171,7 +177,7 @@ def build_river_engines(out_dir: str | Path, *, fused_onnx: str | Path | None = 
                     builds.append(build_one(index.path(seg, shared_kv=True), tmp / f"{seg.name}.kv.plan",
                                             name=f"{seg.name}.kv", form="segment.kv", capacity=capacity, **common))
         report = EnginesReport(out_dir, builds, precision, None if segments_dir is None else str(Path(segments_dir).resolve()), gates)
-        (tmp / ENGINES_INDEX).write_text(json.dumps(report.to_json(relative_to=out_dir), indent=2))
+        (tmp / ENGINES_FILE).write_text(json.dumps(report.to_json(relative_to=out_dir), indent=2))
     return report
 
 
