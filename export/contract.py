@@ -73,6 +73,11 @@ class StepContract:
     position_ids: bool = True  # the graph takes position_ids (Gemma's Optimum exports derive them from the mask)
 
     @classmethod
+    def of_config(cls, config) -> "StepContract":
+        """The contract our export of a torch decoder with this config (``models/config.py``) has, fp32 KV."""
+        return cls(config.num_layers, config.num_kv_heads, config.head_dim, config.vocab_size, onnx.TensorProto.FLOAT)
+
+    @classmethod
     def from_model(cls, model: onnx.ModelProto, source: str = "model") -> "StepContract":
         graph = model.graph
         inputs = {i.name: i for i in graph.input}

@@ -9,7 +9,6 @@ positions back; it loads torch, so only ``--backend torch`` imports it.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import torch
 
 from river.compiler.river.manifest import RiverInfo
@@ -24,10 +23,8 @@ class TorchBackend(StepBackend):
     def __init__(self, model, river: RiverInfo | None = None, defaults=None, thresholds=None):
         from river.runtime.torch_reference import TorchRiver
 
-        cfg = model.config
         self.model = model.eval()
-        self.contract = StepContract(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size,
-                                     onnx.TensorProto.FLOAT)
+        self.contract = StepContract.of_config(model.config)
         self._init_river(river, defaults, thresholds)
         self.reference = None if river is None else TorchRiver(
             model, river.gates, river.kind, river.precision, river.block, twin_format=river.twin_format)

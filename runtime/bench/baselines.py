@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import onnx
 import torch
 
 from river.compiler.river.manifest import RiverInfo
@@ -63,10 +62,8 @@ class ExitWithoutTwinsBackend(StepBackend):
     def __init__(self, model, river: RiverInfo, policy: str, thresholds: Sequence[float] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown KV-absence policy {policy!r}: one of {POLICIES}")
-        cfg = model.config
         self.model, self.policy, self.name = model.eval(), policy, f"torch-{policy}"
-        self.contract = StepContract(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size,
-                                     onnx.TensorProto.FLOAT)
+        self.contract = StepContract.of_config(model.config)
         self._init_river(river, thresholds)
         self.states: dict[int, AbsenceState] = {}
         self.recomputed = 0  # recompute: (token, layer) pairs run again for exited tokens
