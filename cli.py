@@ -15,7 +15,7 @@ from pathlib import Path
 from river.compiler.river import twins
 from river.compiler.river.manifest import SEGMENTS_DIR, TWIN_FORMATS
 from river.atomic import atomic_dir, require_empty, temp_dir
-from river.errors import RiverError, disk_error, sigterm_as_interrupt
+from river.errors import RiverError, run_command
 from river.models.registry import DEFAULT_MODEL, available_models
 
 
@@ -82,23 +82,13 @@ def _river_options(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        with sigterm_as_interrupt():
-            path, failed = _export(args)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the temporary folders are gone, say so in one line
-        print("river-export: interrupted", file=sys.stderr)
-        return 130
-    except RiverError as exc:
-        print(f"river-export: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full, read-only or foreign disk: one line naming the path
-        message = disk_error(exc, args.output)
-        if message is None:
-            raise
-        print(f"river-export: error: {message}", file=sys.stderr)
-        return 2
-    print(path)
-    return 1 if failed else 0
+
+    def body() -> int:
+        path, failed = _export(args)
+        print(path)
+        return 1 if failed else 0
+
+    return run_command("river-export", body, args.output)
 
 
 def _export(args) -> tuple[Path, bool]:

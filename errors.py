@@ -3,6 +3,7 @@
 import errno
 import json
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,3 +60,27 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(prog: str, body, disk_path, user_errors: tuple = (RiverError,), on_interrupt=None) -> int:
+    """A command's body under the project's error contract: a user's mistake (``user_errors``) or a full,
+    read-only or foreign disk (named from ``disk_path`` when the error names no file) is one line and exit
+    code 2; Ctrl-C or SIGTERM is one line and 130 (temporaries already removed on the way out). Anything
+    else is a bug and keeps its traceback."""
+    try:
+        with sigterm_as_interrupt():
+            return body()
+    except KeyboardInterrupt:
+        if on_interrupt is not None:
+            on_interrupt()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except user_errors as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        message = disk_error(exc, disk_path)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2

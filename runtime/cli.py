@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from river.errors import RiverError, disk_error, sigterm_as_interrupt
+from river.errors import RiverError, run_command
 from river.models.cache import cache_root
 from river.models.registry import DEFAULT_MODEL, available_models
 from river.runtime.loading import BACKENDS
@@ -61,44 +61,29 @@ def main(argv: list[str] | None = None, shared_pool: bool = False) -> int:
     shares one thread pool (verify mode alternates two sessions); callers in a bigger process keep
     per-session pools."""
     args = build_parser().parse_args(argv)
-    try:
-        with sigterm_as_interrupt():
-            return _generate(args, shared_pool)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, no traceback
-        print(flush=True)  # end the streamed text's line
-        print("river-generate: interrupted", file=sys.stderr)
-        return 130
+    return run_command("river-generate", lambda: _generate(args, shared_pool), cache_root(),
+                       user_errors=(RiverError, ValueError), on_interrupt=lambda: print(flush=True))  # end the text's line
 
 
 def _generate(args, shared_pool: bool) -> int:
-    try:
-        from river.compiler.ort_session import check_threads, use_shared_thread_pool
-        from river.runtime.generate import GenerationConfig
-        from river.runtime.loading import open_generator, open_verifier
+    from river.compiler.ort_session import check_threads, use_shared_thread_pool
+    from river.runtime.generate import GenerationConfig
+    from river.runtime.loading import open_generator, open_verifier
 
-        check_threads(args.threads)  # options first: a model name may be exported before anything runs
-        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, seed=args.seed, stop=args.stop)
-        if shared_pool:
-            use_shared_thread_pool(args.threads)
-        if args.mode == "verify":
-            gen = open_verifier(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
-                                draft=args.draft, draft_exit=args.draft_exit, draft_gate=args.draft_gate,
-                                k=args.draft_k, adaptive=args.adaptive, backend=args.backend)
-        else:
-            gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer,
-                                 max_length=args.max_length, thresholds=args.thresholds, backend=args.backend)
-        result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
-                              chat=not args.raw)
-    except (RiverError, ValueError) as exc:
-        print(f"river-generate: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full, read-only or foreign cache disk: one line naming the path
-        message = disk_error(exc, cache_root())
-        if message is None:
-            raise
-        print(f"river-generate: error: {message}", file=sys.stderr)
-        return 2
+    check_threads(args.threads)  # options first: a model name may be exported before anything runs
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if shared_pool:
+        use_shared_thread_pool(args.threads)
+    if args.mode == "verify":
+        gen = open_verifier(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
+                            draft=args.draft, draft_exit=args.draft_exit, draft_gate=args.draft_gate,
+                            k=args.draft_k, adaptive=args.adaptive, backend=args.backend)
+    else:
+        gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer,
+                             max_length=args.max_length, thresholds=args.thresholds, backend=args.backend)
+    result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
+                          chat=not args.raw)
     print()
     if args.stats:
         for s in result.steps:
