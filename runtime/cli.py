@@ -90,10 +90,8 @@ def _generate(args, shared_pool: bool) -> int:
             exit_info = "" if s.exit_layer is None else f"  exit after layer {s.exit_layer}"
             print(f"step {s.index:4d} {s.phase:7s} token {s.token_id:6d} {s.seconds * 1e3:8.2f} ms{exit_info}",
                   file=sys.stderr)
-        exits = [s.exit_layer for s in result.steps if s.exit_layer is not None]
-        if exits:
-            hist = {layer: exits.count(layer) for layer in sorted(set(exits))}
-            print(f"[river] exit layers (layers run per decode step): {hist}", file=sys.stderr)
+        if result.exit_layers:
+            print(f"[river] exit layers (layers run per decode step): {result.exit_histogram}", file=sys.stderr)
     stats = gen.stats if args.mode == "verify" else None
     if stats is not None and stats.rounds:
         print(f"[river] verify: {stats.rounds} rounds, acceptance {stats.acceptance_rate:.1%}, "

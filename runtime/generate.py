@@ -67,6 +67,17 @@ class GenerationResult:
         n = sum(1 for s in self.steps if s.phase == "decode")
         return n / self.decode_seconds if n and self.decode_seconds > 0 else float("nan")
 
+    @property
+    def exit_layers(self) -> list[int]:
+        """The exit layer of every decode step that reported one (River backends)."""
+        return [s.exit_layer for s in self.steps if s.phase == "decode" and s.exit_layer is not None]
+
+    @property
+    def exit_histogram(self) -> dict[int, int]:
+        """Decode steps per exit layer, by layer."""
+        exits = self.exit_layers
+        return {layer: exits.count(layer) for layer in sorted(set(exits))}
+
 
 class _TextStream:
     """Incremental detokenization that never emits text a stop string might still claim."""

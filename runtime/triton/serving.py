@@ -194,7 +194,6 @@ class SharedBackendView(RequestBackend):
 def request_stats(result: GenerationResult, river: RiverInfo | None, num_layers: int,
                   thresholds: Sequence[float] | None, seconds: float) -> dict:
     """The final response's statistics (JSON): token counts, speed, and the exit layer of every decode step."""
-    exits = [s.exit_layer for s in result.steps if s.phase == "decode" and s.exit_layer is not None]
     decode_n = sum(1 for s in result.steps if s.phase == "decode")
     tps = result.decode_tokens_per_s
     return {
@@ -208,8 +207,8 @@ def request_stats(result: GenerationResult, river: RiverInfo | None, num_layers:
         "num_layers": num_layers,
         "gates": list(river.gates) if river else [],
         "thresholds": None if thresholds is None else [float(t) for t in thresholds],
-        "exit_layers": exits,
-        "exit_histogram": {str(layer): exits.count(layer) for layer in sorted(set(exits))},
+        "exit_layers": result.exit_layers,
+        "exit_histogram": {str(layer): n for layer, n in result.exit_histogram.items()},
     }
 
 
