@@ -12,7 +12,7 @@ from typing import Sequence
 
 import onnx
 
-from river.atomic import atomic_dir, require_empty
+from river.atomic import atomic_dir
 from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
 from river.compiler.graph_io import graph_files, load_onnx, load_onnx_header, save_onnx_atomic, walk_nodes
 from river.compiler.river.manifest import (
@@ -27,7 +27,7 @@ from river.compiler.river.nested import river_graph
 from river.compiler.river.spec import RiverSpec, check_spec, default_gates
 from river.compiler.structure import check_wiring
 from river.errors import NotADecoderGraph, RiverError, read_json
-from river.export.contract import StepContract
+from river.export.contract import StepContract, eos_token_ids
 from river.models.cache import cached_sha256
 
 
@@ -61,15 +61,6 @@ def read_thresholds(path: str | Path, gates: Sequence[int]) -> tuple[float, ...]
             raise RiverError(f"thresholds in {path} are for gates {data['gates']!r}, not {list(gates)}")
         data = data.get("thresholds")
     return check_thresholds(data, len(gates), f"thresholds file {path}")
-
-
-def _eos_ids(folder: Path, tokenizer) -> list[int]:
-    meta = folder / "river_model.json"
-    if meta.is_file():
-        ids = json.loads(meta.read_text()).get("config", {}).get("eos_token_ids")
-        if ids:
-            return list(ids)
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
 def parse_gates(text: str | None, num_layers: int) -> tuple[int, ...]:
@@ -132,7 +123,6 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
     from tqdm import tqdm
 
     source_onnx, out_dir = Path(source_onnx), Path(out_dir)
-    require_empty(out_dir)
     bar = tqdm(total=5, desc="river-export", unit="step", file=log, disable=log is None)
     try:
         t0 = time.perf_counter()
@@ -185,7 +175,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                                               lambda graph: make_session(graph, threads),
                                               new_tokens=calibration_tokens, metric=metric,
                                               budgets={**BUDGETS, point: resolve_budget(budget)},
-                                              eos=_eos_ids(source_onnx.parent, tokenizer), log=log)
+                                              eos=eos_token_ids(source_onnx.parent, tokenizer), log=log)
                 picked = calibration["operating_points"][point]["thresholds"]
                 set_default_thresholds(tmp / "model.onnx", picked)
                 spec = dataclasses.replace(spec, thresholds=tuple(picked))

@@ -142,3 +142,21 @@ def kv_window(folder: str | Path) -> int | None:
     if isinstance(window, bool) or not isinstance(window, int) or window <= 0 or config.get("use_sliding_window") is False:
         return None
     return window
+
+
+def exported_config(folder: str | Path | None) -> dict:
+    """The model config that ``META_FILE`` records beside a graph we exported ({} for other exports and
+    for no folder)."""
+    path = None if folder is None else Path(folder) / META_FILE
+    if path is None or not path.is_file():
+        return {}
+    from river.errors import read_json
+
+    config = read_json(path).get("config", {})
+    return config if isinstance(config, dict) else {}
+
+
+def eos_token_ids(folder: str | Path | None, tokenizer) -> list[int]:
+    """The ids that end generation: the exported config's, else the tokenizer's EOS token."""
+    ids = list(exported_config(folder).get("eos_token_ids") or [])
+    return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])

@@ -5,7 +5,6 @@ segments folder, or a TensorRT engine folder. ``open_backend`` is the one place 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from river.compiler.river.manifest import (
@@ -20,7 +19,7 @@ from river.compiler.river.manifest import (
     check_thresholds,
 )
 from river.errors import CacheOverflow, ModelNotFound, RiverError
-from river.export.contract import META_FILE
+from river.export.contract import eos_token_ids, exported_config
 from river.runtime.backend import StepBackend
 from river.runtime.generate import Generator
 
@@ -158,18 +157,12 @@ def _generator(backend: StepBackend, where, tokenizer, max_length, thresholds) -
     if chosen is not None:
         backend.set_thresholds(chosen)
     tok = _load_tokenizer(where, tokenizer)
-    eos: list[int] = []
-    meta = where / META_FILE if isinstance(where, Path) else None
-    if meta is not None and meta.is_file():
-        cfg = json.loads(meta.read_text()).get("config", {})
-        eos = list(cfg.get("eos_token_ids", []))
-        context = cfg.get("max_position_embeddings")
-        if max_length is not None and context and max_length > context:
-            raise CacheOverflow(f"--max-length {max_length} is beyond the model's context of {context} positions")
-        max_length = context if max_length is None else max_length
-    if not eos and tok.eos_token_id is not None:
-        eos = [tok.eos_token_id]
-    return Generator(backend, tok, eos, max_length=max_length)
+    folder = where if isinstance(where, Path) else None
+    context = exported_config(folder).get("max_position_embeddings")
+    if max_length is not None and context and max_length > context:
+        raise CacheOverflow(f"--max-length {max_length} is beyond the model's context of {context} positions")
+    max_length = context if max_length is None else max_length
+    return Generator(backend, tok, eos_token_ids(folder, tok), max_length=max_length)
 
 
 def open_verifier(model: str, threads: int | None = None, tokenizer: str | None = None,
