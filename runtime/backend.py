@@ -195,9 +195,9 @@ class StepBackend(ABC):
         return bool((token_ids.shape[1] > 1 and not self.multi_token_steps) or self.kv_window is not None)
 
     def _contract_step(self, token_ids: np.ndarray, cache: KVCache, run) -> np.ndarray:
-        """One step through a contract-form runner ``run(feeds) -> outputs``: the prefill of graphs that
-        cannot prefill in place, and multi-token steps of graphs that mask causally by index (exact,
-        at the price of copying the valid past). Writes only the new positions back into the cache."""
+        """One step through a contract-form runner ``run(feeds) -> outputs``, for the steps
+        ``_needs_contract_step`` names (exact, at the price of copying the valid past). Writes only the
+        new positions back into the cache."""
         cache.require_room(token_ids.shape[1])
         p = cache.length
         past = {C.past_name(layer, kind): np.ascontiguousarray(cache.valid_kv(layer, kind))
