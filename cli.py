@@ -153,6 +153,9 @@ def _extras(args, step: Path, river_dir: Path) -> bool:
     """--segmented, --trt, --check (they need the step graph, so they run before it is cleaned up).
     Returns True when the parity check failed."""
     segments = engines = None
+    # the Triton model batches many requests, and rows of a batch exit at their own gates only in the
+    # segmented form: a repository always carries it
+    args.segmented = args.segmented or args.triton_repo is not None
     if args.segmented or args.trt:
         from river.compiler.tensorrt.engines import spec_from_manifest
 

@@ -16,6 +16,7 @@ from river.atomic import atomic_dir
 from river.compiler.draft_graph import DRAFT_FILE, draft_graph, draft_metadata
 from river.compiler.graph_io import graph_files, load_onnx, load_onnx_header, save_onnx_atomic, walk_nodes
 from river.compiler.river.manifest import (
+    CALIBRATION_FILE,
     DISABLED,
     EXIT_LAYER,
     SIDE_FILES,
@@ -179,7 +180,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 picked = calibration["operating_points"][point]["thresholds"]
                 set_default_thresholds(tmp / "model.onnx", picked)
                 spec = dataclasses.replace(spec, thresholds=tuple(picked))
-                (tmp / "calibration.json").write_text(json.dumps(calibration, indent=2))
+                (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2))
             RiverManifest(
                 model=model_name or source_onnx.parent.name,
                 source={"path": str(source_onnx.resolve()),
@@ -190,7 +191,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 operating_points=None if calibration is None else
                 {k: v["thresholds"] for k, v in calibration["operating_points"].items()},
                 calibration=None if calibration is None else
-                {"metric": metric, "budget": budget, "tokens": calibration["tokens"], "file": "calibration.json"},
+                {"metric": metric, "budget": budget, "tokens": calibration["tokens"], "file": CALIBRATION_FILE},
                 thresholds_note=None if spec.thresholds is not None else
                 f"no thresholds given: every gate is disabled ({DISABLED}) until calibrated; pass {THRESHOLDS} at run time",
                 draft=draft_info,

@@ -15,7 +15,9 @@ A backend runs steps of a decode-step graph (or a River graph) over a KV cache i
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
@@ -29,11 +31,27 @@ from river.export.contract import StepContract
 
 class KVCache:
     """What the loops see of a cache, host or device: capacity, batch, the valid length (the same for
-    every row), a room check and rollback. Subclasses hold the buffers."""
+    every row), a room check and rollback. Subclasses hold the buffers.
+
+    Batched serving (``runtime/batching``) gives each row its own valid length (``row_lengths``) and
+    may give each row its own gate thresholds (``row_thresholds`` [B,G]). ``slack`` positions past the
+    capacity take the writes of rows that sit out part of a step (a row that exited at an earlier gate
+    while its neighbours run on): they are never valid, so never read."""
 
     capacity: int
     batch: int
     length: int = 0
+    slack: int = 0
+    row_thresholds: np.ndarray | None = None  # [B,G] per-row gate thresholds; None: the backend's
+
+    @property
+    def physical(self) -> int:
+        """Positions each buffer holds: the capacity plus the slack."""
+        return self.capacity + self.slack
+
+    def row_lengths(self) -> np.ndarray:
+        """Each row's valid length [B] (int64)."""
+        return np.full(self.batch, self.length, np.int64)
 
     def require_room(self, new_positions: int) -> None:
         if self.length + new_positions > self.capacity:
@@ -111,6 +129,8 @@ class StepBackend(ABC):
     last_exit_layer: int | None = None
     multi_token_steps: bool = True  # steps of S > 1 tokens run in place (else as contract steps: _needs_contract_step)
     kv_window: int | None = None  # the graph masks by a sliding window: every step runs in the contract form
+    per_row_exits: bool = False  # each row of a batch exits at its own gate (else a gate fires when all rows clear it)
+    last_exit_layers: np.ndarray | None = None  # per row, where the last step left the backbone (per-row backends)
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -213,36 +233,64 @@ class InPlaceSteps:
     """Bookkeeping shared by backends that run steps of a shared-KV graph through IOBinding.
 
     A subclass provides ``_bind(cache, s) -> dict`` (state with "ids", "positions", "write_at",
-    "mask" arrays bound by pointer) and sets ``multi_token_steps``; bindings belong to one cache.
+    "mask" arrays bound by pointer; the mask spans ``cache.physical``) and sets ``multi_token_steps``.
+    Bindings are kept per cache (a batch scheduler steps several row views of one pool) and per S.
     """
 
     KEEP_BINDINGS_UP_TO = 16  # bindings for short steps are kept; a long prompt's [B,S,V] logits are not
+    KEEP_CACHES = 48  # caches (row views) whose bindings are kept, least recently used dropped first
     single_token: bool = False  # a draft session built for [1, 1] steps only
-    _bound_cache = None
-    _bindings: dict[int, dict]
+
+    @property
+    def _bound(self) -> "OrderedDict[int, tuple[weakref.ref, dict[int, dict]]]":
+        if "_bound_caches" not in self.__dict__:
+            self._bound_caches = OrderedDict()
+        return self._bound_caches
+
+    def _bindings_of(self, cache) -> dict[int, dict]:
+        entry = self._bound.get(id(cache))
+        if entry is None or entry[0]() is not cache:  # new, or a dead cache's id reused
+            entry = (weakref.ref(cache), {})
+            self._bound[id(cache)] = entry
+            while len(self._bound) > self.KEEP_CACHES:
+                self._bound.popitem(last=False)
+        self._bound.move_to_end(id(cache))
+        return entry[1]
+
+    def bound_states(self) -> list[dict]:
+        """Every kept binding state (tests read the bound pointers from them)."""
+        return [st for _, states in self._bound.values() for st in states.values()]
 
     def _step_state(self, token_ids: np.ndarray, cache) -> dict:
-        """Check room and causality, get the binding for S new tokens, and fill its small inputs."""
+        """Check room and causality, get the binding for S new tokens, and fill its small inputs: each
+        row's new tokens go at its own valid length (positions, write index and mask per row)."""
         s = token_ids.shape[1]
         if self.single_token and token_ids.shape != (1, 1):
             raise ValueError(f"this backend runs one token of one sequence a step, got {token_ids.shape}")
         cache.require_room(s)
-        if self._bound_cache is not cache:
-            self._bindings, self._bound_cache = {}, cache
-        st = self._bindings.get(s)
+        bindings = self._bindings_of(cache)
+        st = bindings.get(s)
         if st is None:
             st = self._bind(cache, s)
             if s <= self.KEEP_BINDINGS_UP_TO:
-                self._bindings[s] = st
-        pos = cache.length
+                bindings[s] = st
         st["ids"][:] = token_ids
-        st["positions"][:] = np.arange(pos, pos + s)
-        st["write_at"][:] = pos
-        st["mask"][:, :pos + s] = 1
-        st["mask"][:, pos + s:] = 0
+        lengths = cache.row_lengths()
+        if cache.batch == 1 or not np.any(lengths != lengths[0]):
+            pos = int(lengths[0])
+            st["positions"][:] = np.arange(pos, pos + s)
+            st["write_at"][:] = pos
+            st["mask"][:, :pos + s] = 1
+            st["mask"][:, pos + s:] = 0
+        else:
+            st["positions"][:] = lengths[:, None] + np.arange(s)
+            st["write_at"][:] = lengths
+            st["mask"][:] = np.arange(st["mask"].shape[1])[None, :] < (lengths + s)[:, None]
         return st
 
     def release(self, cache=None) -> None:
-        """Forget the bound cache (a finished request's buffers can then be freed)."""
-        if cache is None or cache is self._bound_cache:
-            self._bindings, self._bound_cache = {}, None
+        """Forget the bindings to ``cache`` (None: to every cache), so its buffers can be freed."""
+        if cache is None:
+            self._bound.clear()
+        else:
+            self._bound.pop(id(cache), None)

@@ -27,10 +27,12 @@ class SharedKVCache(KVCache):
     """Host buffers (numpy) that ONNX Runtime binds by pointer."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
-                 dtype=np.float32):
+                 dtype=np.float32, slack: int = 0):
         if capacity < 1:
             raise ValueError("cache capacity must be at least 1")
-        shape = (batch, num_kv_heads, capacity, head_dim)
+        if slack < 0:
+            raise ValueError("cache slack must be >= 0")
+        shape = (batch, num_kv_heads, capacity + slack, head_dim)
         need = 2 * num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
         if need > _physical_memory():
             raise CacheOverflow(f"a cache of {capacity} positions needs {need / 2**30:.1f} GiB of KV buffers, more than "
@@ -42,6 +44,7 @@ class SharedKVCache(KVCache):
             raise CacheOverflow(f"no memory for a cache of {capacity} positions ({need / 2**30:.1f} GiB of KV "
                                 "buffers): lower --max-length") from None
         self.capacity = capacity
+        self.slack = slack  # positions past the capacity: where rows that sit out a step write (KVCache.slack)
         self.batch = batch
         self.length = 0  # number of valid positions (the same for every row)
 
@@ -56,7 +59,7 @@ class SharedKVCache(KVCache):
     def write(self, layer: int, key: np.ndarray, value: np.ndarray, at: int) -> None:
         """Write new K/V [B,Hkv,S,D] at positions [at, at+S) of one layer, in place."""
         s = key.shape[2]
-        if at + s > self.capacity:
+        if at + s > self.physical:
             raise CacheOverflow(f"writing positions {at}..{at + s - 1} past the cache capacity {self.capacity}")
         self.keys[layer][:, :, at:at + s] = key
         self.values[layer][:, :, at:at + s] = value

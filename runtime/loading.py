@@ -195,3 +195,37 @@ def open_verifier(model: str, threads: int | None = None, tokenizer: str | None 
     gen = _generator(backbone, onnx_path.parent, tokenizer, max_length, None)  # tokenizer, EOS, context
     return SpeculativeGenerator(backbone, gen.tokenizer, gen.eos_token_ids, draft=draft_backend, k=k,
                                 adaptive=adaptive, max_length=gen.max_length)
+
+
+def operating_points(folder: Path) -> dict[str, list[float]]:
+    """The named operating points (budget -> thresholds) river-export --calibrate recorded, {} if none."""
+    from river.compiler.river.manifest import CALIBRATION_FILE
+    from river.errors import read_json
+
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return {}
+    points = read_json(path).get("operating_points", {})
+    return {name: list(p["thresholds"]) for name, p in points.items() if isinstance(p, dict) and "thresholds" in p}
+
+
+def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None = None,
+                   max_length: int | None = None, *, max_rows: int = 8, max_queue: int = 64,
+                   prefill_chunk: int = 32, k_max: int = 8):
+    """The continuous-batching scheduler (``runtime/batching``) for a river-export folder.
+
+    It decodes with the segmented River where the folder has one (each row of a batch exits at its
+    own gate), else with the River graph (exit-mode rows then run one at a time). Verify mode drafts
+    with the folder's draft graph (else the River's own exit at its first gate) and verifies with the
+    decoder, every gate off, so all three share one KV pool."""
+    from river.compiler.draft_graph import DRAFT_FILE
+    from river.runtime.batching.scheduler import Scheduler
+    from river.runtime.ort_backend import OrtBackend
+
+    path = Path(model)
+    folder = path.parent if path.suffix == ".onnx" else path
+    gen = open_generator(str(folder), threads=threads, tokenizer=tokenizer, max_length=max_length)
+    draft = OrtBackend(folder / DRAFT_FILE, threads=threads) if (folder / DRAFT_FILE).is_file() else None
+    return Scheduler(gen.backend, gen.tokenizer, gen.eos_token_ids, draft=draft, max_rows=max_rows,
+                     max_queue=max_queue, max_length=gen.max_length, prefill_chunk=prefill_chunk, k_max=k_max,
+                     budgets=operating_points(folder))

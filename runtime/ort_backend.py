@@ -57,8 +57,6 @@ class OrtBackend(InPlaceSteps, StepBackend):
                 if d.dim_param:
                     so.add_free_dimension_override_by_name(d.dim_param, 1)
         self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
-        self._bound_cache: SharedKVCache | None = None
-        self._bindings: dict[int, dict] = {}
 
     # --- prefill ------------------------------------------------------------------------------
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
@@ -79,7 +77,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
         """IOBinding for steps of ``s`` new tokens over ``cache`` (made once per cache and s)."""
         c, b = self.contract, cache.batch
         st = {"ids": np.zeros((b, s), np.int64), "positions": np.zeros((b, s), np.int64),
-              "write_at": np.zeros((b,), np.int64), "mask": np.zeros((b, cache.capacity), np.int64),
+              "write_at": np.zeros((b,), np.int64), "mask": np.zeros((b, cache.physical), np.int64),
               "logits": np.zeros((b, s, c.vocab_size or self._vocab()), np.float32)}
         binding = self.decode_session.io_binding()
         # OrtValues wrap the numpy arrays' memory (no copy); keep them alive in the state
@@ -113,7 +111,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
 
     def bound_pointers(self) -> dict[str, int]:
         """Data pointers of the bound KV inputs/outputs (tests check they are the cache buffers)."""
-        return {name: v.data_ptr() for st in self._bindings.values() for name, v in st["values"].items()
+        return {name: v.data_ptr() for st in self.bound_states() for name, v in st["values"].items()
                 if name.startswith("past_key_values")}
 
     def extend(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:

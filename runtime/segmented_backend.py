@@ -43,6 +43,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
     ``last_similarities`` (per gate reached: per-row similarity)."""
 
     name = "segmented"
+    per_row_exits = True
 
     def __init__(self, segments_dir: str | Path, threads: int | None = None, providers=None, thresholds=None,
                  matmul_accuracy: int = 1):
@@ -54,8 +55,6 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         self._providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {}
         self.last_similarities: list[np.ndarray] = []
-        self._bound_cache: SharedKVCache | None = None
-        self._bindings: dict[int, dict] = {}
         first = load_onnx_header(self.index.path(self.index.backbone(0), shared_kv=True))
         self.multi_token_steps = {p.key: p.value for p in first.metadata_props}.get(CAUSAL_PROP) == "position"
         self.kv_window = kv_window(ix.folder.parent)  # the River folder holds the model's config.json
@@ -116,7 +115,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         vocab = self.contract.vocab_size or self._output_width(f"backbone{G}", C.LOGITS)
         width = self._output_width("backbone0", hidden_name(ix.gates[0]))
         st = {"ids": np.zeros((b, s), np.int64), "positions": np.zeros((b, s), np.int64),
-              "write_at": np.zeros((b,), np.int64), "mask": np.zeros((b, cache.capacity), np.int64),
+              "write_at": np.zeros((b,), np.int64), "mask": np.zeros((b, cache.physical), np.int64),
               "logits": np.zeros((b, s, vocab), np.float32),
               "exit": {k: np.zeros((), np.bool_) for k in range(G)},
               "sim": {k: np.zeros((b,), np.float32) for k in range(G)},
@@ -154,29 +153,74 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
 
     def bound_pointers(self) -> dict[str, int]:
         """Data pointers of the bound KV inputs/outputs (tests check they are the cache buffers)."""
-        return {n: v.data_ptr() for st in self._bindings.values() for n, v in st["values"].items()
+        return {n: v.data_ptr() for st in self.bound_states() for n, v in st["values"].items()
                 if n.startswith(("past_key_values", "present"))}
 
     def extend(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        """S new tokens per row [B,S] at positions ``cache.length`` .. +S-1, through the segments,
-        writing only those positions in place; logits [B,S,V] (a view, valid until the next call).
-        The caller advances ``cache.length``. As in the fused graph, a gate fires for the step when
-        every row's last position clears it. Steps the shared-KV segments would get wrong run as a
+        """S new tokens per row [B,S] at each row's valid length, through the segments, writing only
+        those positions in place; logits [B,S,V] (a view, valid until the next call). The caller
+        advances the lengths. Each row exits at its own gate (its last position clears the row's
+        threshold: ``cache.row_thresholds`` or the backend's): a segment runs for the whole batch, and
+        the rows it is not theirs write their K/V into the cache's slack instead, so every row's cache
+        holds exactly what its own route wrote. Steps the shared-KV segments would get wrong run as a
         contract step (exact, copies the valid past): _needs_contract_step."""
         if self._needs_contract_step(token_ids, cache):
             return self._contract_step(token_ids, cache, self.run_step)
         st = self._step_state(token_ids, cache)
+        b, s, gates = cache.batch, token_ids.shape[1], len(self.index.gates)
+        thresholds = self.thresholds if cache.row_thresholds is None else cache.row_thresholds
+        thresholds = np.broadcast_to(np.asarray(thresholds, np.float32), (b, gates))
+        own_writes, trash = st["write_at"].copy(), cache.physical - s
+        running, exits = np.ones(b, bool), np.full(b, -1)
+        out, outs = st["logits"], None  # several routes: each row's logits are copied out of its route's run
         self.last_similarities = []
 
-        def run(name: str) -> None:
+        def run(name: str, rows: np.ndarray) -> None:
+            if not rows.all():
+                if cache.slack < s:
+                    raise RiverError(f"the rows of this batch leave at different gates: the cache needs {s} "
+                                     f"positions of slack for the others' writes, it has {cache.slack}")
+                st["write_at"][:] = np.where(rows, own_writes, trash)
             sess, binding = st["bindings"][name]
             sess.run_with_iobinding(binding)
 
-        def backbone(k: int) -> bool:
-            run(f"backbone{k}")
-            self.last_similarities.append(st["sim"][k].copy())
-            return bool(st["exit"][k])
+        def finish(name: str, rows: np.ndarray) -> None:
+            nonlocal outs
+            run(name, rows)
+            if not rows.all() or outs is not None:
+                outs = st.setdefault("routed", np.zeros_like(out)) if outs is None else outs
+                outs[rows] = out[rows]
 
-        exit_gate = route_gates(len(self.index.gates), backbone, lambda gate: run(self._last(gate)))
-        self.last_exit_layer = self.exit_layer_of(exit_gate)
-        return st["logits"]
+        def river(k: int, rows: np.ndarray) -> None:
+            """River k for the rows that exit at gate k. Each runs alone on its own row of the pool
+            (a one-row view): quantized twins may scale activations over the whole batch (dynamic
+            int8), and a row's tokens must not depend on its neighbours."""
+            nonlocal outs
+            if b == 1 or not hasattr(cache, "row_view"):
+                finish(f"river{k}", rows)
+                return
+            gate = self.index.gates[k]
+            outs = st.setdefault("routed", np.zeros_like(out)) if outs is None else outs
+            for i in np.flatnonzero(rows):
+                one = self._step_state(token_ids[i:i + 1], cache.row_view(int(i)))
+                one["hidden"][gate][:] = st["hidden"][gate][i]
+                sess, binding = one["bindings"][f"river{k}"]
+                sess.run_with_iobinding(binding)
+                outs[i] = one["logits"][0]
+
+        for k in range(gates):
+            run(f"backbone{k}", running)
+            sim = st["sim"][k].copy()
+            self.last_similarities.append(sim)
+            fire = running & (sim >= thresholds[:, k])
+            if fire.any():
+                exits[fire] = k
+                river(k, fire)
+                running &= ~fire
+                if not running.any():
+                    break
+        if running.any():
+            finish(f"backbone{gates}", running)
+        self.last_exit_layers = np.array([self.exit_layer_of(None if e < 0 else int(e)) for e in exits])
+        self.last_exit_layer = int(self.last_exit_layers[0])
+        return out if outs is None else outs

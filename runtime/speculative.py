@@ -51,6 +51,21 @@ class VerifyStats:
         return float(np.mean(self.accepted_lengths)) if self.accepted_lengths else float("nan")
 
 
+def accept_drafts(target_rows: np.ndarray, drafted: Sequence[int], dists: Sequence, cfg: GenerationConfig,
+                  rng: np.random.Generator) -> list[int]:
+    """One round's kept tokens: the longest drafted prefix the backbone's rows (``target_rows[i]``: its
+    logits after the i-th fed token) accept, then the backbone's own next token (the correction, or
+    the bonus when every draft was accepted). Single-stream and batched verify mode both use it."""
+    out: list[int] = []
+    for i, y in enumerate(drafted):
+        accepted, token = speculative_accept(target_rows[i], y, dists[i], cfg.temperature, cfg.top_p, rng)
+        out.append(token)
+        if not accepted:
+            return out
+    out.append(sample(target_rows[len(drafted)], cfg.temperature, cfg.top_p, rng)[0])
+    return out
+
+
 class SpeculativeGenerator(Generator):
     """Verify-mode generation over any backend of the protocol whose steps may carry several tokens.
 
@@ -95,14 +110,7 @@ class SpeculativeGenerator(Generator):
         cache.truncate(start)
         with self.backend.full_depth():
             rows = self.backend.extend(np.asarray([[pending, *drafted]], np.int64), cache)[0]
-        out: list[int] = []
-        for i, y in enumerate(drafted):
-            accepted, token = speculative_accept(rows[i], y, dists[i], cfg.temperature, cfg.top_p, rng)
-            out.append(token)
-            if not accepted:
-                break
-        else:  # every draft token accepted: the bonus comes from the last row
-            out.append(sample(rows[len(drafted)], cfg.temperature, cfg.top_p, rng)[0])
+        out = accept_drafts(rows, drafted, dists, cfg, rng)
         accepted = len(out) - 1
         cache.length = start + 1 + accepted  # pending + accepted drafts hold exact K/V now
         self.stats.rounds += 1

@@ -28,14 +28,16 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from river.compiler.compile import compile_river  # noqa: E402
 from river.errors import RiverError  # noqa: E402
 from river.runtime.generate import GenerationConfig  # noqa: E402
-from river.runtime.loading import open_generator  # noqa: E402
+from river.models.tokenizer import encode_prompt  # noqa: E402
+from river.runtime.batching.scheduler import BatchRequest  # noqa: E402
+from river.runtime.loading import open_generator, open_scheduler  # noqa: E402
 from river.runtime.triton import client as triton_client  # noqa: E402
 from river.runtime.triton import config as TC  # noqa: E402
 from river.runtime.triton import repository  # noqa: E402
 from river.runtime.triton.client import build_inputs, stream_generate  # noqa: E402
 from river.runtime.triton.repository import write_triton_repo  # noqa: E402
 from river.runtime.triton.server import triton_server  # noqa: E402
-from river.runtime.triton.serving import CacheLedger, RequestError, SharedBackendView, parse_request  # noqa: E402
+from river.runtime.triton.serving import RequestError, parse_request  # noqa: E402
 
 GATES = "0,2"
 MIXED = [0.2, 0.65]  # on the tiny model: exits after layers 1, 3 and 4 (no exit) all occur
@@ -49,7 +51,9 @@ def tiny_river(tiny_onnx, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def repo(tiny_river, tmp_path_factory) -> Path:
-    return write_triton_repo(tiny_river.parent, tmp_path_factory.mktemp("triton") / "repo", threads=1)
+    # 4 rows and 2 queue places per instance: the overload test fills them
+    return write_triton_repo(tiny_river.parent, tmp_path_factory.mktemp("triton") / "repo", threads=1, max_rows=4,
+                             max_queue=2)
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +65,20 @@ def server(repo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_river):
-    """Our runtime in this process: the ground truth every stream must equal."""
-    gen = open_generator(str(tiny_river), threads=1)
+def reference(repo):
+    """Our runtime in this process, one request at a time: the ground truth every stream must equal.
+    It is the scheduler the model runs (``open_scheduler`` on the repository's River folder: the
+    segmented River, the draft graph), fed one request: a row's tokens must not depend on its batch."""
+    scheduler = open_scheduler(str(repo / TC.GENERATE_MODEL / "1" / TC.RIVER_SUBDIR), threads=1)
+    tokenizer = scheduler.tokenizer
 
-    def run(prompt, max_tokens, thresholds=None, ignore_eos=False):
-        if gen.backend.river is not None:
-            gen.backend.set_thresholds(gen.backend.default_thresholds if thresholds is None else thresholds)
+    def run(prompt, max_tokens, thresholds=None, ignore_eos=False, mode=None, k=4):
+        mode = mode or "exit"
         cfg = GenerationConfig(max_new_tokens=max_tokens, eos_token_ids=[] if ignore_eos else None)
-        return gen.generate(prompt, cfg)
+        ticket = scheduler.submit(BatchRequest(encode_prompt(tokenizer, prompt), cfg, mode=mode,
+                                               thresholds=thresholds, k=k))
+        scheduler.run_until_idle()
+        return ticket.wait()
 
     return run
 
@@ -184,7 +193,7 @@ def test_concurrent_streams_have_no_crosstalk(server, reference):
     for i, (prompt, n, thresholds) in enumerate(jobs):
         assert len(results[i].token_ids) == n
         assert_same(results[i], reference(prompt, n, thresholds, ignore_eos=True))
-    assert max(r.stats["server"]["peak_live_requests"] for r in results.values()) >= 2, "streams never overlapped"
+    assert max(r.stats["server"]["peak_rows"] for r in results.values()) >= 2, "streams were never batched"
 
 
 def test_cancelled_stream_frees_its_kv_cache(server, reference):
@@ -199,12 +208,10 @@ def test_cancelled_stream_frees_its_kv_cache(server, reference):
         assert time.monotonic() < deadline, "the model never saw the cancellation"
         time.sleep(0.1)
     line = next(x for x in server.logs().splitlines() if f"request {rid} cancelled" in x)
-    assert "live KV caches 0 (0 bytes)" in line, line
+    assert "rows in use 0 of 4" in line, line  # its row was freed at once
     after = stream_generate("after", url=server.grpc_url, max_tokens=4)
-    assert after.stats["server"]["cancelled"] >= 1
-    assert after.stats["server"]["live_caches"] == 0 and after.stats["server"]["live_requests"] == 0
-    s = after.stats["server"]  # every request that got a cache, this one included, has released it
-    assert s["caches_freed"] == s["completed"] + s["cancelled"]
+    s = after.stats["server"]
+    assert s["cancelled"] >= 1 and s["rows"] == 0 and s["queue_depth"] == 0
 
 
 def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(server, reference):
@@ -272,29 +279,6 @@ def test_server_module_runs_as_a_command(tmp_path):
     done = subprocess.run([sys.executable, "-m", "river.runtime.triton.server", str(tmp_path / "missing")],
                           check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "model repository not found" in done.stderr
-
-
-def test_shared_view_releases_only_its_own_cache(tiny_river):
-    shared = open_generator(str(tiny_river), threads=1).backend
-    ledger, lock = CacheLedger(), threading.Lock()
-    first = SharedBackendView(shared, lock, MIXED, ledger=ledger)
-    second = SharedBackendView(shared, lock, ledger=ledger)
-    assert list(first.thresholds) == pytest.approx(MIXED)
-    assert list(second.thresholds) == pytest.approx(list(shared.default_thresholds))
-    caches = [view.new_cache(16) for view in (first, second)]
-    for view, cache in zip((second, first), caches[::-1]):  # the first view steps last: its cache stays bound
-        view.prefill(np.array([[1, 2, 3]]), cache)
-        cache.length = 3
-        view.decode(np.array([[4]]), cache)
-    assert first.fed == second.fed == [4] and first.last_exit_layer is not None
-    assert list(shared.thresholds) == pytest.approx(MIXED)
-    del caches[:], cache
-    second.release()
-    assert ledger.live == 1, "the second view's cache is gone; the first one is still bound by the backend"
-    first.release()
-    assert (ledger.live, ledger.freed) == (0, 2)
-    with pytest.raises(ValueError, match="one token"):
-        first.decode(np.array([[1, 2]]), first.new_cache(4))
 
 
 def fake_pb_utils(step_model_dir: Path | None = None):
@@ -447,8 +431,8 @@ def test_model_module_streams_in_process_requests(repo, reference, monkeypatch):
             assert stats["exit_layers"] == [s.exit_layer for s in ref.steps[1:]]
             completed.append(stats["server"]["completed"])
         assert max(completed) == 2
-        model.finalize()  # the workers have finished
-        assert (model.ledger.live, model.ledger.freed) == (0, 2), "every request's KV cache is freed"
+        m = model.scheduler.metrics()
+        assert (m["rows"], m["completed"], m["queue_depth"]) == (0, 2, 0), "every request's row is freed"
     finally:
         model.finalize()
 

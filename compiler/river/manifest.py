@@ -23,6 +23,7 @@ FORCED_EXIT = -2.0  # cosine similarity is always >= -1: a gate with this thresh
 TWIN_FORMATS = ("ort", "dq")  # quantized twins: ORT MatMulNBits / dynamic int8, or DequantizeLinear (TensorRT)
 
 MANIFEST_FILE = "river.json"
+CALIBRATION_FILE = "calibration.json"  # --calibrate's report: similarity data and the named operating points
 MANIFEST_FORMAT = 2
 # the layout of a river-export output folder: model.onnx + river.json, and with --segmented / --trt
 SEGMENTS_DIR, SEGMENTS_FILE = "segments", "segments.json"  # the ONNX Runtime segments and their index

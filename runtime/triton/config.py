@@ -34,6 +34,9 @@ GENERATE_INPUTS = (
     ("thresholds", "TYPE_FP32", [-1], True),
     ("raw", "TYPE_BOOL", [1], True),  # true: no chat template
     ("ignore_eos", "TYPE_BOOL", [1], True),  # true: generate to max_tokens (benchmarks, tests)
+    ("mode", "TYPE_STRING", [1], True),  # full | exit | verify (default: exit on a River graph, else full)
+    ("k", "TYPE_INT32", [1], True),  # verify mode: tokens drafted per round (default 4)
+    ("budget", "TYPE_STRING", [1], True),  # exit mode: a calibrated operating point (safe, balanced, fast)
 )
 GENERATE_OUTPUTS = (
     ("text", "TYPE_STRING", [1]),  # the printable text this response adds

@@ -5,8 +5,12 @@ model files are in ``1/river`` beside it. It owns the generation loop: tokenize,
 steps over KV buffers held per request, one response per printable token, a final response with the
 request's exit statistics.
 
-Mode "ort" (default): our runtime in-process (ONNX Runtime, shared KV buffers written in place). One
-backend per instance; concurrent requests run in worker threads and take turns step by step.
+Mode "ort" (default): our runtime in-process, through the continuous-batching scheduler
+(``runtime/batching``): every live request has a row of one KV pool per instance, and each step
+advances all of them at once (rows exit at their own gates; verify-mode rows draft and verify in the
+same steps). Requests join and leave between steps; a full instance refuses new ones (UNAVAILABLE).
+Custom metrics (tokens/s, batch occupancy, queue depth, exit histogram, verify acceptance) go to
+Triton's metrics endpoint.
 Mode "bls": each step is a BLS request to the step model (onnxruntime or tensorrt_plan backend), which
 is stateless, so the request's KV buffers travel with every step. Requests then run inside execute,
 one at a time per instance (scale with instance_group count).
@@ -17,8 +21,8 @@ one at a time per instance (scale with instance_group count).
 
 import json
 import threading
+import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +38,8 @@ from river.runtime.triton.serving import (
     RequestBackend,
     RequestCancelled,
     RequestError,
-    SharedBackendView,
     parse_request,
+    request_stats,
     serve_request,
 )
 
@@ -81,9 +85,76 @@ class BlsStepBackend(RequestBackend):
         return logits
 
 
+class SchedulerMetrics:
+    """The scheduler's figures as Triton custom metrics (Prometheus, on the metrics port), refreshed
+    by a thread every ``period`` seconds: counters grow by their deltas, gauges are set."""
+
+    COUNTERS = (("tokens", "river_generated_tokens_total", "tokens generated"),
+                ("completed", "river_requests_completed_total", "requests completed"),
+                ("cancelled", "river_requests_cancelled_total", "requests cancelled"),
+                ("failed", "river_requests_failed_total", "requests failed"),
+                ("rejected", "river_requests_rejected_total", "requests refused: instance full"),
+                ("drafted", "river_verify_drafted_tokens_total", "verify mode: tokens drafted"),
+                ("accepted", "river_verify_accepted_tokens_total", "verify mode: drafted tokens accepted"))
+    GAUGES = (("tokens_per_s", "river_tokens_per_second", "tokens generated per second (last 10 s)"),
+              ("rows", "river_batch_rows", "requests in the batch"),
+              ("occupancy", "river_batch_occupancy", "rows in use / rows of the KV pool"),
+              ("queue_depth", "river_queue_depth", "requests waiting for a row"),
+              ("acceptance", "river_verify_acceptance", "verify mode: accepted / drafted tokens"))
+
+    def __init__(self, scheduler, model_name: str, period: float = 0.5):
+        labels = {"model": model_name}
+        self.scheduler, self.period, self.labels = scheduler, period, labels
+        C, G = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.families = []  # metric families must outlive their metrics
+
+        def family(name, description, kind):
+            f = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self.families.append(f)
+            return f
+
+        self.counters = {key: family(name, desc, C).Metric(labels=labels) for key, name, desc in self.COUNTERS}
+        self.gauges = {key: family(name, desc, G).Metric(labels=labels) for key, name, desc in self.GAUGES}
+        self.exit_family = family("river_exit_tokens_total", "decode tokens per exit layer", C)
+        self.exits: dict[int, object] = {}
+        self.seen: dict[str, float] = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="river-metrics", daemon=True)
+        self.thread.start()
+
+    def refresh(self) -> None:
+        m = self.scheduler.metrics()
+        for key, metric in self.counters.items():
+            delta = m[key] - self.seen.get(key, 0)
+            if delta > 0:
+                metric.increment(delta)
+                self.seen[key] = m[key]
+        for key, metric in self.gauges.items():
+            metric.set(float(m[key] or 0.0))
+        for layer, count in m["exit_histogram"].items():
+            if layer not in self.exits:
+                self.exits[layer] = self.exit_family.Metric(labels={**self.labels, "layer": str(layer)})
+            delta = count - self.seen.get(f"exit{layer}", 0)
+            if delta > 0:
+                self.exits[layer].increment(delta)
+                self.seen[f"exit{layer}"] = count
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.period):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - metrics must never take the model down
+                pb_utils.Logger.log_error(f"river: metrics: {traceback.format_exc()}")
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
 class TritonPythonModel:
     def initialize(self, args):
-        from river.runtime.loading import open_generator
+        from river.compiler.ort_session import use_shared_thread_pool
+        from river.runtime.loading import open_generator, open_scheduler
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -93,26 +164,38 @@ class TritonPythonModel:
         self.default_max_tokens = int(params.get("default_max_tokens", DEFAULT_MAX_TOKENS))
         threads = int(params["threads"]) if params.get("threads") else None
         max_length = int(params["max_length"]) if params.get("max_length") else None
-        # The in-process generator also gives the tokenizer, EOS ids, context length and gate defaults
-        # in BLS mode, where its backend runs no step.
-        self.gen = open_generator(str(version_dir / params.get("river_dir", RIVER_SUBDIR) / "model.onnx"),
-                                  threads=threads, max_length=max_length)
-        self.backend = self.gen.backend
+        river_dir = version_dir / params.get("river_dir", RIVER_SUBDIR)
+        self.encode_lock = threading.Lock()  # fast tokenizers are not safe to encode from several threads
+        self.metrics = None
+        if self.mode == "bls":
+            # The in-process generator gives the tokenizer, EOS ids, context length and gate defaults; its
+            # backend runs no step. Requests run inside execute, one at a time per instance.
+            self.gen = open_generator(str(river_dir / "model.onnx"), threads=threads, max_length=max_length)
+            self.backend, self.tokenizer = self.gen.backend, self.gen.tokenizer
+            self.step_model = params.get("step_model")
+            self.ledger = CacheLedger()
+            self.scheduler = None
+        else:
+            use_shared_thread_pool(threads)  # this stub process is ours: its sessions share one pool
+            rows = int(params.get("max_rows", 8))
+            self.scheduler = open_scheduler(str(river_dir), threads=threads, max_length=max_length, max_rows=rows,
+                                            max_queue=int(params.get("max_queue", 4 * rows)),
+                                            prefill_chunk=int(params.get("prefill_chunk", 32)))
+            self.backend, self.tokenizer = self.scheduler.decoder, self.scheduler.tokenizer
+            self.scheduler.start()
+            if hasattr(pb_utils, "MetricFamily"):
+                self.metrics = SchedulerMetrics(self.scheduler, self.name)
         gates = list(self.backend.river.gates) if self.backend.river else []
         self.gates = len(gates)
-        self.step_model = params.get("step_model")
-        self.lock = threading.Lock()  # one step of one request at a time on the shared backend
-        self.encode_lock = threading.Lock()
-        self.ledger = CacheLedger()
-        self.counts = {"live_requests": 0, "peak_live_requests": 0, "completed": 0, "cancelled": 0, "failed": 0}
-        self.counts_lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrent", 8)),
-                                       thread_name_prefix="river-request")
-        pb_utils.Logger.log_info(
-            f"river: {self.name} ready: mode {self.mode}, {self.backend.contract.num_layers} layers, "
-            f"gates {gates}, KV capacity {self.gen.max_length}")
+        self.default_mode = "exit" if gates else "full"
+        detail = "" if self.scheduler is None else (
+            f", {self.scheduler.max_rows} rows, {'per-row' if self.backend.per_row_exits else 'batch-wide'} exits, "
+            f"verify draft {'graph' if self.scheduler.draft is not None else 'river'}, "
+            f"KV pool up to {self.scheduler.max_length} positions")
+        pb_utils.Logger.log_info(f"river: {self.name} ready: mode {self.mode}, {self.backend.contract.num_layers} "
+                                 f"layers, gates {gates}{detail}")
 
-    # --- one request ------------------------------------------------------------------------------
+    # --- requests -----------------------------------------------------------------------------------
     def _values(self, request):
         values = {}
         for name, *_ in GENERATE_INPUTS:
@@ -120,35 +203,111 @@ class TritonPythonModel:
             values[name] = None if tensor is None else np.array(tensor.as_numpy(), copy=True)
         return values
 
-    def _count(self, key, delta=1):
-        with self.counts_lock:
-            self.counts[key] += delta
-            self.counts["peak_live_requests"] = max(self.counts["peak_live_requests"], self.counts["live_requests"])
+    @staticmethod
+    def _final_error(sender, message: str, code=None) -> None:
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _server_stats(self):
-        with self.counts_lock:
-            counts = dict(self.counts)
-        return {**counts, "live_caches": self.ledger.live, "live_cache_bytes": self.ledger.live_bytes,
-                "caches_freed": self.ledger.freed}
+    @staticmethod
+    def _tokens_response(token_ids, piece: str, stats: dict | None = None):
+        tensors = [pb_utils.Tensor("text", np.array([piece.encode("utf-8")], dtype=np.object_)),
+                   pb_utils.Tensor("token_ids", np.asarray(token_ids, np.int64))]
+        if stats is not None:
+            tensors.append(pb_utils.Tensor("stats", np.array([json.dumps(stats).encode("utf-8")], dtype=np.object_)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
-    def _backend(self, spec, cancelled):
-        if self.mode == "bls":
-            return BlsStepBackend(self.step_model, self.backend, spec.thresholds, cancelled, self.ledger)
-        return SharedBackendView(self.backend, self.lock, spec.thresholds, cancelled, self.ledger)
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            rid = request.request_id() or f"{id(request):x}"
+            try:  # copy the inputs now: their memory is released when execute returns
+                spec = parse_request(self._values(request), self.gates, self.default_max_tokens, self.default_mode)
+            except RequestError as exc:
+                self._final_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                continue
+            if self.scheduler is None:
+                self._run_bls(rid, spec, sender)
+            else:
+                self._submit(rid, spec, sender)
 
-    def _run(self, rid, spec, sender):
-        backend = self._backend(spec, sender.is_cancelled)
+    # --- the scheduler (default) ------------------------------------------------------------------------
+    def _submit(self, rid, spec, sender):
+        from river.errors import RiverError as _RiverError
+        from river.models.tokenizer import encode_prompt
+        from river.runtime.batching.scheduler import BatchRequest, SchedulerFull
+
+        t0 = time.perf_counter()
+        try:
+            with self.encode_lock:
+                prompt_ids = encode_prompt(self.tokenizer, spec.prompt, spec.chat)
+            thresholds = spec.thresholds
+            if spec.budget is not None:
+                thresholds = self.scheduler.budget_thresholds(spec.budget)
+            batch_request = BatchRequest(prompt_ids, spec.cfg, mode=spec.mode, thresholds=thresholds, k=spec.k,
+                                         cancelled=sender.is_cancelled)
+            self.scheduler.submit(batch_request, on_tokens=lambda ids, piece: sender.send(self._tokens_response(ids, piece)),
+                                  on_done=lambda ticket: self._done(rid, spec, thresholds, ticket, sender, t0))
+        except SchedulerFull as exc:
+            self._final_error(sender, str(exc), pb_utils.TritonError.UNAVAILABLE)
+        except (_RiverError, CacheOverflow, ValueError) as exc:
+            self._final_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+
+    def _done(self, rid, spec, thresholds, ticket, sender, t0):
+        """The final response of a request the scheduler has finished, failed or cancelled."""
+        from river.runtime.batching.scheduler import RequestCancelled as Cancelled
+
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        server = self.scheduler.metrics()
+        outcome = "completed"
+        try:
+            if isinstance(ticket.error, Cancelled):
+                outcome = "cancelled"
+                sender.send(flags=final)  # no more responses, but the stream still needs its final flag
+            elif ticket.error is not None:
+                outcome = "failed"
+                pb_utils.Logger.log_error(f"river: request {rid} failed: {ticket.error!r}")
+                self._final_error(sender, f"{type(ticket.error).__name__}: {ticket.error}")
+            else:
+                stats = request_stats(ticket.result, self.backend.river, self.backend.contract.num_layers,
+                                      thresholds if spec.mode == "exit" else None, time.perf_counter() - t0)
+                st = ticket.stats
+                stats.update(mode=spec.mode, request_id=rid, queued_seconds=round(st.queued_seconds, 4),
+                             first_token_seconds=None if st.first_token_seconds is None else round(st.first_token_seconds, 4),
+                             server=server)
+                if spec.mode == "exit" and thresholds is None:
+                    stats["thresholds"] = [float(t) for t in self.backend.default_thresholds]
+                if spec.mode == "verify":
+                    stats.update(k=spec.k, verify_rounds=st.verify_rounds, drafted=st.drafted, accepted=st.accepted,
+                                 acceptance=st.accepted / st.drafted if st.drafted else None)
+                sender.send(self._tokens_response([], "", stats), flags=final)
+        finally:
+            pb_utils.Logger.log_info(
+                f"river: request {rid} {outcome}; rows in use {server['rows']} of {server['max_rows']}, "
+                f"queued {server['queue_depth']}, completed {server['completed']}, cancelled {server['cancelled']}")
+
+    # --- BLS mode -------------------------------------------------------------------------------------
+    def _run_bls(self, rid, spec, sender):
+        """One request, run to the end in the execute thread (BLS calls are documented for it only)."""
+        if spec.mode == "verify":
+            self._final_error(sender, "mode 'verify' is served by the in-process scheduler, not in BLS mode",
+                              pb_utils.TritonError.INVALID_ARG)
+            return
+        if spec.budget is not None:
+            self._final_error(sender, "'budget' is served by the in-process scheduler, not in BLS mode",
+                              pb_utils.TritonError.INVALID_ARG)
+            return
+        backend = BlsStepBackend(self.step_model, self.backend, spec.thresholds, sender.is_cancelled, self.ledger)
 
         def emit(token_ids, piece):
             if sender.is_cancelled():
                 raise RequestCancelled()
-            sender.send(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("text", np.array([piece.encode("utf-8")], dtype=np.object_)),
-                pb_utils.Tensor("token_ids", np.asarray(token_ids, np.int64))]))
+            sender.send(self._tokens_response(token_ids, piece))
 
         outcome, served, error = "failed", None, None
         try:
-            served = serve_request(backend, self.gen.tokenizer, self.gen.eos_token_ids, self.gen.max_length,
+            if spec.mode == "full" and backend.gate_thresholds is not None:
+                backend.set_thresholds(backend.gate_thresholds.disabled())
+            served = serve_request(backend, self.tokenizer, self.gen.eos_token_ids, self.gen.max_length,
                                    spec, emit, self.encode_lock)
             outcome = "completed"
         except RequestCancelled:
@@ -161,49 +320,22 @@ class TritonPythonModel:
         finally:
             backend.release()
             del backend  # the last reference to the request's KV cache goes here
-            self._count("live_requests", -1)
-        self._count(outcome)
-        server = self._server_stats()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             if served is not None:
-                stats = {**served.stats, "request_id": rid, "server": server}
-                sender.send(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("text", np.array([served.text.encode("utf-8")], dtype=np.object_)),
-                    pb_utils.Tensor("token_ids", np.asarray(served.token_ids, np.int64)),
-                    pb_utils.Tensor("stats", np.array([json.dumps(stats).encode("utf-8")], dtype=np.object_))]),
-                    flags=final)
+                stats = {**served.stats, "mode": spec.mode, "request_id": rid}
+                sender.send(self._tokens_response(served.token_ids, served.text, stats), flags=final)
             elif error is not None:
                 sender.send(pb_utils.InferenceResponse(error=error), flags=final)
-            else:  # cancelled: no more responses, but the stream still needs its final flag
+            else:
                 sender.send(flags=final)
         finally:
-            pb_utils.Logger.log_info(
-                f"river: request {rid} {outcome}; live requests {server['live_requests']}, "
-                f"live KV caches {server['live_caches']} ({server['live_cache_bytes']} bytes), "
-                f"caches freed {server['caches_freed']}")
-
-    def _guarded(self, rid, spec, sender):
-        try:
-            self._run(rid, spec, sender)
-        except Exception:  # noqa: BLE001 - the sender may be gone (client disconnected); never kill the worker
-            pb_utils.Logger.log_error(f"river: request {rid}: {traceback.format_exc()}")
-
-    def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            rid = request.request_id() or f"{id(request):x}"
-            try:  # copy the inputs now: their memory is released when execute returns
-                spec = parse_request(self._values(request), self.gates, self.default_max_tokens)
-            except RequestError as exc:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    str(exc), pb_utils.TritonError.INVALID_ARG)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            self._count("live_requests")
-            if self.mode == "bls":  # BLS calls are documented for the execute thread only
-                self._guarded(rid, spec, sender)
-            else:
-                self.pool.submit(self._guarded, rid, spec, sender)
+            pb_utils.Logger.log_info(f"river: request {rid} {outcome}; live KV caches {self.ledger.live} "
+                                     f"({self.ledger.live_bytes} bytes), caches freed {self.ledger.freed}")
 
     def finalize(self):
-        self.pool.shutdown(wait=True, cancel_futures=False)
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+        if self.scheduler is not None:
+            self.scheduler.stop()

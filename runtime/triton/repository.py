@@ -15,7 +15,8 @@ from pathlib import Path
 
 from river.atomic import atomic_dir
 from river.compiler.graph_io import load_onnx_header
-from river.compiler.river.manifest import MANIFEST_FILE, SIDE_FILES, RiverInfo
+from river.compiler.draft_graph import DRAFT_FILE
+from river.compiler.river.manifest import CALIBRATION_FILE, MANIFEST_FILE, SEGMENTS_DIR, SEGMENTS_FILE, SIDE_FILES, RiverInfo
 from river.errors import ModelNotFound, RiverError
 from river.export.contract import StepContract
 from river.runtime.triton.config import (
@@ -34,7 +35,8 @@ from river.runtime.triton.config import (
 from river.runtime.triton.readme import TRT_NOTE, repo_readme
 
 MODEL_PY = Path(__file__).with_name("model.py")
-RIVER_FILES = ("model.onnx", "model.onnx.data", MANIFEST_FILE, *SIDE_FILES)
+RIVER_FILES = ("model.onnx", "model.onnx.data", MANIFEST_FILE, *SIDE_FILES, DRAFT_FILE, DRAFT_FILE + ".data",
+               CALIBRATION_FILE)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -54,6 +56,27 @@ def _river_source(river_dir: str | Path) -> Path:
     return folder
 
 
+def _segments(src: Path, river: RiverInfo | None, dst: Path) -> None:
+    """The segmented River beside the repository's River graph: the scheduler's rows of one batch exit
+    at their own gates only in that form. Copied from the River folder, else written from the step
+    graph the River graph was compiled from (river.json); without either, exit-mode rows run one at a
+    time."""
+    if river is None:
+        return
+    if (src / SEGMENTS_DIR / SEGMENTS_FILE).is_file():
+        for path in sorted((src / SEGMENTS_DIR).iterdir()):
+            if path.is_file():
+                _copy(path, dst / path.name)
+        return
+    from river.compiler.river.manifest import RiverManifest
+    from river.compiler.river.segments import write_segments
+    from river.compiler.tensorrt.engines import spec_from_manifest
+
+    source = RiverManifest.load(src).source_path if (src / MANIFEST_FILE).is_file() else None
+    if source is not None and source.is_file():
+        write_segments(source, spec_from_manifest(src), dst)
+
+
 def _bls_step_model(step_backends: Sequence[str], chosen: str | None) -> str:
     chosen = chosen or STEP_MODEL_OF["onnxruntime" if "onnxruntime" in step_backends else "tensorrt_plan"]
     if chosen not in (STEP_MODEL_OF[b] for b in step_backends):
@@ -64,15 +87,16 @@ def _bls_step_model(step_backends: Sequence[str], chosen: str | None) -> str:
 def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
                       step_backends: Sequence[str] = STEP_BACKENDS, plan_path: str | Path | None = None,
                       instances: int = 1, max_length: int | None = None, bls: bool = False,
-                      bls_step_model: str | None = None, threads: int | None = None, max_concurrent: int = 8,
+                      bls_step_model: str | None = None, threads: int | None = None, max_rows: int = 8, max_queue: int | None = None,
                       default_max_tokens: int = DEFAULT_MAX_TOKENS, step_instances: int = 1,
                       ort_kind: str = "KIND_CPU") -> Path:
     """Write the model repository for the River graph in ``river_dir`` to ``repo_dir``; return ``repo_dir``.
 
     ``instances``: Python-backend instances of the generation model (one process each, one ONNX Runtime
     backend each); ``max_length``: KV cache capacity per request (default: the model's context);
-    ``threads``: ONNX Runtime intra-op threads per instance; ``max_concurrent``: streams one instance
-    interleaves; ``ort_kind``: instance kind of the onnxruntime step model (TensorRT's is KIND_GPU).
+    ``threads``: ONNX Runtime intra-op threads per instance; ``max_rows``: requests one instance
+    batches (rows of its KV pool); ``max_queue``: requests that may wait for a row (default 4 x max_rows;
+    beyond that a request is refused as UNAVAILABLE); ``ort_kind``: instance kind of the onnxruntime step model (TensorRT's is KIND_GPU).
     Written into a temporary sibling folder, validated, then renamed: nothing partial is
     left on failure, and an existing non-empty ``repo_dir`` is refused.
     """
@@ -84,8 +108,10 @@ def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
         raise RiverError("plan_path given but 'tensorrt_plan' is not among step_backends")
     if plan_path is not None and not Path(plan_path).is_file():
         raise ModelNotFound(f"TensorRT plan not found: {plan_path}")
-    if instances < 1 or step_instances < 1 or max_concurrent < 1:
-        raise RiverError("instances, step_instances and max_concurrent must be >= 1")
+    if instances < 1 or step_instances < 1 or max_rows < 1:
+        raise RiverError("instances, step_instances and max_rows must be >= 1")
+    if max_queue is not None and max_queue < 0:
+        raise RiverError("max_queue must be >= 0")
     if max_length is not None and max_length < 2:
         raise RiverError("max_length must leave room for a prompt and one new token (>= 2)")
     if bls:
@@ -117,11 +143,14 @@ def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
         for name in RIVER_FILES:
             if (src / name).is_file():
                 _copy(src / name, d / "1" / RIVER_SUBDIR / name)
+        _segments(src, river, d / "1" / RIVER_SUBDIR / SEGMENTS_DIR)
         _copy(MODEL_PY, d / "1" / "model.py")
-        params = {"mode": "bls" if bls else "ort", "river_dir": RIVER_SUBDIR, "max_concurrent": max_concurrent,
+        params = {"mode": "bls" if bls else "ort", "river_dir": RIVER_SUBDIR, "max_rows": max_rows,
                   "default_max_tokens": default_max_tokens}
         if bls:
             params["step_model"] = bls_step_model
+        if max_queue is not None:
+            params["max_queue"] = max_queue
         if max_length is not None:
             params["max_length"] = max_length
         if threads is not None:

@@ -1,6 +1,7 @@
-"""What the generation model does for one request, with no Triton types (tested without a server):
-parse the request, give it a backend of its own (``RequestBackend``: cancellation between steps, KV
-caches counted in a ``CacheLedger``, the fed tokens recorded), run the generation loop and stream.
+"""What the generation model does with a request, with no Triton types (tested without a server):
+parse it (``parse_request``), describe its result (``request_stats``), and, in BLS mode, run it on a
+backend of its own (``RequestBackend``: cancellation between steps, KV caches counted in a
+``CacheLedger``, the fed tokens recorded). In the default mode requests go to the batch scheduler.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class RequestSpec:
     cfg: GenerationConfig
     thresholds: list[float] | None = None
     chat: bool = True
+    mode: str = "full"  # full | exit | verify (runtime/batching/scheduler.py)
+    k: int = 4  # verify mode: draft length
+    budget: str | None = None  # exit mode: a named operating point instead of thresholds
+
+
+REQUEST_MODES = ("full", "exit", "verify")
 
 
 def _scalar(values: Mapping[str, np.ndarray | None], name: str):
@@ -56,9 +63,10 @@ def _text(value, name: str) -> str:
 
 
 def parse_request(values: Mapping[str, np.ndarray | None], gates: int,
-                  default_max_tokens: int = DEFAULT_MAX_TOKENS) -> RequestSpec:
+                  default_max_tokens: int = DEFAULT_MAX_TOKENS, default_mode: str = "exit") -> RequestSpec:
     """The generation request in ``values`` (input name -> array, None when absent) for a model with
-    ``gates`` exit gates (0: a plain step graph)."""
+    ``gates`` exit gates (0: a plain step graph). Without a ``mode`` a River graph exits at its own
+    thresholds (``default_mode``), a plain graph runs in full."""
     prompt = _scalar(values, "prompt")
     if prompt is None:
         raise RequestError("input 'prompt' is missing")
@@ -91,7 +99,27 @@ def parse_request(values: Mapping[str, np.ndarray | None], gates: int,
             thresholds = list(check_thresholds([float(x) for x in np.asarray(values["thresholds"]).reshape(-1)], gates))
         except RiverError as exc:
             raise RequestError(str(exc)) from None
-    return RequestSpec(prompt, cfg, thresholds, chat=not (raw is not None and bool(raw)))
+    mode = _scalar(values, "mode")
+    mode = None if mode is None else _text(mode, "mode")
+    budget = _scalar(values, "budget")
+    budget = None if budget is None else _text(budget, "budget")
+    if mode is None:
+        mode = "exit" if gates and (thresholds is not None or budget is not None or default_mode == "exit") else "full"
+    if mode not in REQUEST_MODES:
+        raise RequestError(f"unknown mode '{mode}' (choose full, exit or verify)")
+    if (thresholds is not None or budget is not None) and mode != "exit":
+        raise RequestError(f"'thresholds' and 'budget' apply to mode 'exit', not '{mode}'")
+    if thresholds is not None and budget is not None:
+        raise RequestError("give 'thresholds' or 'budget', not both")
+    if mode == "exit" and not gates:
+        raise RequestError("mode 'exit' needs a River graph with exit gates; this model has none")
+    k = _scalar(values, "k")
+    if k is not None and mode != "verify":
+        raise RequestError(f"'k' applies to mode 'verify', not '{mode}'")
+    k = 4 if k is None else int(k)
+    if k < 1:
+        raise RequestError(f"k must be >= 1, not {k}")
+    return RequestSpec(prompt, cfg, thresholds, chat=not (raw is not None and bool(raw)), mode=mode, k=k, budget=budget)
 
 
 class CacheLedger:
@@ -147,50 +175,6 @@ class RequestBackend(StepBackend):
         self.fed.extend(int(t) for t in np.asarray(token_ids).reshape(-1))
 
 
-class SharedBackendView(RequestBackend):
-    """One request's view of a backend that concurrent requests share.
-
-    ``OrtBackend`` binds one cache at a time (IOBinding) and returns logits in a bound buffer, so each
-    step takes the lock, sets this request's thresholds, runs (rebinding when another request ran
-    last), and copies out what the next step would overwrite: the logits and the exit layer. Prefill
-    runs in the same shared session (in place, with the backend's gates off), so it takes the lock too.
-    """
-
-    def __init__(self, shared: StepBackend, lock: threading.Lock, thresholds: Sequence[float] | None = None,
-                 cancelled: Callable[[], bool] | None = None, ledger: CacheLedger | None = None):
-        super().__init__(shared, thresholds, cancelled, ledger)
-        self.shared, self.lock = shared, lock
-        self._caches: list[weakref.ref] = []
-
-    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        cache = self._track(self.shared.new_cache(capacity, batch))
-        self._caches.append(weakref.ref(cache))
-        return cache
-
-    def prefill(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        self._check()
-        with self.lock:
-            return np.array(self.shared.prefill(input_ids, cache))
-
-    def extend(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        self._check()
-        with self.lock:
-            if self.thresholds is not None:
-                self.shared.set_thresholds(self.thresholds)
-            logits = np.array(self.shared.extend(token_ids, cache))
-            self.last_exit_layer = self.shared.last_exit_layer
-        self._record(token_ids)
-        return logits
-
-    def release(self, cache: KVCache | None = None) -> None:
-        """Make the shared backend forget ``cache`` (None: every cache of this request), so the buffers
-        die with the request; other requests' bindings stay."""
-        mine = [c for c in (ref() for ref in self._caches) if c is not None]
-        with self.lock:
-            for c in mine if cache is None else [c for c in mine if c is cache]:
-                self.shared.release(c)
-
-
 def request_stats(result: GenerationResult, river: RiverInfo | None, num_layers: int,
                   thresholds: Sequence[float] | None, seconds: float) -> dict:
     """The final response's statistics (JSON): token counts, speed, and the exit layer of every decode step."""
@@ -224,7 +208,7 @@ class Served:
 def serve_request(backend: RequestBackend, tokenizer, eos_token_ids: Sequence[int], max_length: int | None,
                   spec: RequestSpec, emit: Callable[[list[int], str], None],
                   encode_lock: threading.Lock | None = None) -> Served:
-    """Run one request on ``backend`` (a ``SharedBackendView`` or a BLS backend), streaming through ``emit``.
+    """Run one request on ``backend`` (BLS mode: a backend of its own), streaming through ``emit``.
 
     The loop calls ``on_token`` only for tokens that print something; every earlier token was fed to a
     decode step, so ``backend.fed`` fills the gaps and each response carries every token it adds.

@@ -1,0 +1,590 @@
+"""Continuous batching (DESIGN 6c): many requests share every step of one model instance.
+
+Requests join and leave between steps. Each live request owns a row of one ``KVPool``; rows sit at
+their own positions (each row's valid length, positions and mask), so a step advances every running
+row at once. A step of the scheduler (``step()``):
+
+1. leave: finished and cancelled rows free their row at once (the rows behind move up);
+2. join: queued requests take free rows (admission: ``max_rows`` rows, ``max_queue`` waiting, beyond
+   that ``submit`` refuses with ``SchedulerFull``);
+3. prefill: one chunk (``prefill_chunk`` tokens) of the oldest joining prompt, whole backbone, so a
+   long prompt never stalls the running streams for more than a chunk;
+4. verify rows (mode "verify"): k draft steps for all of them, then one backbone step over each row's
+   [pending, drafts]; per-row acceptance and rollback of the row's valid length (``accept_drafts``);
+5. decode rows (modes "full" and "exit"): one step for all of them; each row exits at its own gate
+   with its own thresholds (backends with ``per_row_exits``; "full" rows have every gate off).
+
+Rows are ordered [verify | full | exit | prefilling] so each group is one contiguous view of the
+pool (a backend without per-row exits runs each exit row alone). A
+row's tokens do not depend on its neighbours: the same steps run for it alone or in a batch, and its
+sampling draws come from its own seeded generator in the same order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from river.compiler.river.manifest import DISABLED, check_thresholds
+from river.errors import CacheOverflow, RiverError
+from river.runtime.backend import StepBackend
+from river.runtime.batching.kv_pool import KVPool, RowsView
+from river.runtime.generate import Emitter, GenerationConfig, GenerationResult, StepStat
+from river.runtime.sampling import sample
+from river.runtime.speculative import accept_drafts
+
+MODES = ("verify", "full", "exit")  # also the order of the row groups in the pool
+
+
+class SchedulerFull(RiverError):
+    """Every row is busy and the queue is full: the client should retry later."""
+
+
+class RequestCancelled(RiverError):
+    """The request was cancelled before it finished."""
+
+
+@dataclass
+class BatchRequest:
+    """One generation request: prompt token ids and how to generate."""
+
+    prompt_ids: Sequence[int]
+    cfg: GenerationConfig = field(default_factory=GenerationConfig)
+    mode: str = "full"  # full: every layer; exit: River exits at `thresholds`; verify: lossless drafts
+    thresholds: Sequence[float] | None = None  # mode "exit" (None: the model's calibrated ones)
+    k: int = 4  # mode "verify": tokens drafted per round
+    cancelled: Callable[[], bool] | None = None  # polled between steps (e.g. the client went away)
+
+
+@dataclass
+class RowStats:
+    """What a request's final response reports beyond its tokens."""
+
+    verify_rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    queued_seconds: float = 0.0
+    first_token_seconds: float | None = None  # submit -> first token
+
+
+class Ticket:
+    """The handle of a submitted request: cancel it, wait for it, read its result."""
+
+    def __init__(self, rid: int, scheduler: "Scheduler"):
+        self.id, self._scheduler = rid, scheduler
+        self._done = threading.Event()
+        self.cancelled = False
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        self.stats = RowStats()
+
+    def cancel(self) -> None:
+        """Stop generating; the row is freed at the next step boundary."""
+        self.cancelled = True
+        self._scheduler._wake()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        """The result, or the request's error raised."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _Row:
+    """A live request: its row in the pool, its emitter, sampler state and what it waits for."""
+
+    def __init__(self, ticket: Ticket, request: BatchRequest, emitter: Emitter, thresholds: np.ndarray | None,
+                 capacity: int, on_tokens, on_done):
+        self.ticket, self.request, self.emitter = ticket, request, emitter
+        self.thresholds, self.capacity = thresholds, capacity  # capacity: positions this row may hold
+        self.on_tokens, self.on_done = on_tokens, on_done
+        self.rng = np.random.default_rng(request.cfg.seed)
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.pending: int | None = None  # the token chosen last, not yet in the cache
+        self.steps: list[StepStat] = []
+        self.sent = 0  # tokens already passed to on_tokens
+        self.shown = ""  # text already passed to on_tokens
+        self.slot = -1
+        self.submitted = time.perf_counter()
+
+    @property
+    def group(self) -> int:
+        """Where the row sits in the pool: 0 verify, 1 full, 2 exit, 3 still prefilling."""
+        if self.prefilled < len(self.request.prompt_ids):
+            return 3
+        return MODES.index(self.request.mode) if self.request.mode != "verify" else 0
+
+    @property
+    def cancelled(self) -> bool:
+        probe = self.request.cancelled
+        if not self.ticket.cancelled and probe is not None:
+            try:
+                self.ticket.cancelled = bool(probe())
+            except Exception:  # noqa: BLE001 - a dead client connection counts as cancelled
+                self.ticket.cancelled = True
+        return self.ticket.cancelled
+
+
+class Scheduler:
+    """Continuous batching over one instance's backends (see the module docstring).
+
+    ``decoder`` runs modes full and exit (a River backend with ``per_row_exits`` for exit mode, e.g.
+    the segmented backend; a plain step graph for full mode only). ``backbone`` verifies verify-mode
+    drafts and prefills their prompts (default: ``decoder`` with every gate off); ``draft`` drafts
+    them (default: ``decoder`` with its exit forced at gate ``draft_gate``). All three must share the
+    step contract: they step the same pool.
+    """
+
+    def __init__(self, decoder: StepBackend, tokenizer, eos_token_ids: Sequence[int] = (), *,
+                 backbone: StepBackend | None = None, draft: StepBackend | None = None, draft_gate: int = 0,
+                 max_rows: int = 8, max_queue: int = 64, max_length: int | None = None,
+                 prefill_chunk: int = 32, k_max: int = 8, budgets: dict[str, Sequence[float]] | None = None):
+        if max_rows < 1 or max_queue < 0 or prefill_chunk < 1 or k_max < 1:
+            raise RiverError("max_rows, prefill_chunk and k_max must be >= 1, max_queue >= 0")
+        for other in (backbone, draft):
+            if other is not None and other.contract.num_layers != decoder.contract.num_layers:
+                raise RiverError("the backbone, draft and decoder must have the same layers to share a KV pool")
+        self.decoder, self.tokenizer, self.eos = decoder, tokenizer, tuple(eos_token_ids)
+        self.backbone = backbone or decoder
+        self.draft, self.draft_gate = draft, draft_gate
+        self.max_rows, self.max_queue, self.max_length = max_rows, max_queue, max_length
+        self.prefill_chunk, self.k_max = prefill_chunk, k_max
+        self.budgets = dict(budgets or {})
+        gates = len(decoder.river.gates) if decoder.river is not None else 0
+        c = decoder.contract
+        self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, max_rows, max(prefill_chunk, k_max + 1),
+                           gates, max_capacity=max_length)
+        self.gates = gates
+        self._queue: deque[_Row] = deque()
+        self._rows: list[_Row] = []  # live rows, in pool order
+        self._lock = threading.Condition()
+        self._next_id = 0
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.counters = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "rejected": 0,
+                         "tokens": 0, "steps": 0, "drafted": 0, "accepted": 0}
+        self.exit_histogram: dict[int, int] = {}
+        self.peak_rows = 0  # the most requests ever batched together
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps: tokens/s
+
+    # --- requests ---------------------------------------------------------------------------------
+    def check(self, request: BatchRequest) -> tuple[np.ndarray | None, int]:
+        """Refuse a request this scheduler cannot serve (one-line reason); return its row thresholds
+        and the positions its row needs."""
+        if request.mode not in MODES:
+            raise RiverError(f"unknown mode '{request.mode}' (choose full, exit or verify)")
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise RiverError("the prompt is empty")
+        thresholds = np.full(self.gates, DISABLED, np.float32) if self.gates else None
+        if request.mode == "exit":
+            if not self.gates:
+                raise RiverError("mode 'exit' needs a River graph with exit gates; this model has none")
+            given = request.thresholds if request.thresholds is not None else self.decoder.default_thresholds
+            thresholds = np.array(check_thresholds([float(t) for t in given], self.gates), np.float32)
+        elif request.thresholds is not None:
+            raise RiverError(f"thresholds apply to mode 'exit', not '{request.mode}'")
+        if request.mode == "verify":
+            if not 1 <= request.k <= self.k_max:
+                raise RiverError(f"k must be between 1 and {self.k_max}, not {request.k}")
+            if self.draft is None and not self.gates:
+                raise RiverError("mode 'verify' needs a draft: a draft graph, or a River graph whose exit river drafts")
+        need = n + request.cfg.max_new_tokens
+        if self.max_length is not None:
+            if n + 1 > self.max_length:
+                raise CacheOverflow(f"the prompt has {n} tokens; the cache holds at most {self.max_length} "
+                                    "positions (prompt + at least one new token)")
+            need = min(need, self.max_length)
+        return thresholds, need
+
+    def budget_thresholds(self, name: str) -> list[float]:
+        """The thresholds of a named operating point (calibration.json's budgets)."""
+        if name not in self.budgets:
+            known = ", ".join(sorted(self.budgets)) or "none: the model was not calibrated"
+            raise RiverError(f"unknown budget '{name}' (calibrated budgets: {known})")
+        return list(self.budgets[name])
+
+    def submit(self, request: BatchRequest, on_tokens: Callable[[list[int], str], None] | None = None,
+               on_done: Callable[[Ticket], None] | None = None) -> Ticket:
+        """Queue a request. ``on_tokens(new_token_ids, text)`` streams (called from the stepping
+        thread); ``on_done(ticket)`` runs once it has finished, failed or been cancelled."""
+        thresholds, need = self.check(request)
+        with self._lock:
+            if len(self._rows) + len(self._queue) >= self.max_rows + self.max_queue:
+                self.counters["rejected"] += 1
+                raise SchedulerFull(f"the server is full: {len(self._rows)} requests running and "
+                                    f"{len(self._queue)} queued (max {self.max_rows} + {self.max_queue}); retry later")
+            ticket = Ticket(self._next_id, self)
+            self._next_id += 1
+            cfg = request.cfg
+            if need < len(request.prompt_ids) + cfg.max_new_tokens:  # bounded by max_length
+                cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": need - len(request.prompt_ids)})
+            emitter = Emitter(self.tokenizer, cfg, cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos,
+                              None)
+            row_need = need
+            if request.mode == "verify":  # room for the last round's drafts past the last token
+                row_need = need + request.k + 1 if self.max_length is None else min(need + request.k + 1, self.max_length)
+            self._queue.append(_Row(ticket, request, emitter, thresholds, row_need, on_tokens, on_done))
+            self.counters["submitted"] += 1
+            self._lock.notify_all()
+        return ticket
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # --- driving ----------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self._rows or self._queue)
+
+    def run_until_idle(self) -> None:
+        """Step in this thread until every submitted request has finished (tests, river-generate)."""
+        while self.busy:
+            self.step()
+
+    def start(self) -> None:
+        """Step in a background thread (a server): it sleeps while there is nothing to do."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="river-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for row in list(self._rows) + list(self._queue):
+            self._finish(row, error=RequestCancelled("the server is shutting down"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self.busy:
+                    self._lock.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    # --- one step -----------------------------------------------------------------------------------
+    def step(self) -> None:
+        """One scheduler step (module docstring)."""
+        self._leave()
+        self._join()
+        if not self._rows:
+            return
+        t0 = time.perf_counter()
+        tokens = 0
+        prefilling = [r for r in self._rows if r.group == 3]
+        if prefilling:
+            tokens += self._guard([prefilling[0]], self._prefill_chunk, prefilling[0])
+        verify = [r for r in self._rows if r.group == 0 and r.emitter.reason is None]
+        if verify:
+            tokens += self._guard(verify, self._verify_round, verify)
+        decode = [r for r in self._rows if r.group in (1, 2) and r.emitter.reason is None]
+        if decode and not self.decoder.per_row_exits:  # full rows together, each exit row alone
+            calls = [[r for r in decode if r.group == 1]] + [[r] for r in decode if r.group == 2]
+        else:
+            calls = [decode]
+        for rows in calls:
+            if rows:
+                tokens += self._guard(rows, self._decode_step, rows)
+        now = time.perf_counter()
+        with self._lock:
+            self.counters["steps"] += 1
+            self.counters["tokens"] += tokens
+            self._recent.append((now, tokens))
+            while self._recent and now - self._recent[0][0] > 10.0:
+                self._recent.popleft()
+        self._elapsed = now - t0
+
+    def _guard(self, rows: list[_Row], fn, *args) -> int:
+        """Run one group's work; a failure fails those rows, not the server."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - one failed step must not stop the other requests
+            for row in rows:
+                row.emitter.reason = row.emitter.reason or "error"
+                row.ticket.error = row.ticket.error or exc
+            return 0
+
+    # --- joining and leaving ----------------------------------------------------------------------------
+    def _join(self) -> None:
+        with self._lock:
+            while self._queue and len(self._rows) < self.max_rows:
+                row = self._queue.popleft()
+                if row.cancelled:
+                    self._finish(row, error=RequestCancelled(f"request {row.ticket.id} was cancelled"))
+                    continue
+                need = max([row.capacity] + [r.capacity for r in self._rows])
+                try:
+                    self._release(self.pool.fit(need, len(self._rows)))
+                except CacheOverflow as exc:
+                    self._finish(row, error=exc)
+                    continue
+                row.ticket.stats.queued_seconds = time.perf_counter() - row.submitted
+                row.slot = len(self._rows)
+                self.pool.lengths[row.slot] = 0
+                if self.pool.thresholds is not None:
+                    self.pool.thresholds[row.slot] = DISABLED  # prefill: the whole backbone
+                self._rows.append(row)
+                self.peak_rows = max(self.peak_rows, len(self._rows))
+        self._arrange()
+
+    def _leave(self) -> None:
+        with self._lock:
+            dropped = [r for r in self._queue if r.cancelled]
+            for row in dropped:
+                self._queue.remove(row)
+        for row in dropped:
+            self._finish(row, error=RequestCancelled(f"request {row.ticket.id} was cancelled"))
+        gone = [r for r in self._rows if r.emitter.reason is not None or r.cancelled]
+        if not gone:
+            return
+        self._rows = [r for r in self._rows if r not in gone]
+        for row in gone:
+            if row.ticket.error is not None:
+                self._finish(row, error=row.ticket.error)
+            elif row.ticket.cancelled and row.emitter.reason is None:
+                self._finish(row, error=RequestCancelled(f"request {row.ticket.id} was cancelled"))
+            else:
+                self._finish(row)
+        self._arrange()
+
+    def _arrange(self) -> None:
+        """Order live rows [verify | full | exit | prefilling] in the pool's first rows (moving as few as
+        the permutation needs)."""
+        order = sorted(self._rows, key=lambda r: r.group)  # stable: join order within a group
+        sources = [r.slot for r in order]
+        if sources != list(range(len(order))):
+            full = sources + [s for s in range(self.pool.num_rows) if s not in sources]
+            self.pool.permute(full)
+            for i, row in enumerate(order):
+                row.slot = i
+        self._rows = order
+
+    def _release(self, views: list[RowsView]) -> None:
+        """Dead views (the pool was reallocated): every backend forgets its bindings to them."""
+        for view in views:
+            for backend in {id(b): b for b in (self.decoder, self.backbone, self.draft) if b is not None}.values():
+                backend.release(view)
+
+    def _finish(self, row: _Row, error: BaseException | None = None) -> None:
+        ticket = row.ticket
+        self._flush(row)
+        if error is not None:
+            ticket.error = error
+            key = "cancelled" if isinstance(error, RequestCancelled) else "failed"
+        else:
+            ticket.result = row.emitter.result(list(row.request.prompt_ids), row.steps)
+            key = "completed"
+        with self._lock:
+            self.counters[key] += 1
+        ticket._done.set()
+        if row.on_done is not None:
+            try:
+                row.on_done(ticket)
+            except Exception:  # noqa: BLE001 - a client callback must not stop the scheduler
+                pass
+
+    # --- emitting -------------------------------------------------------------------------------------
+    def _emit(self, row: _Row, token: int, seconds: float, phase: str, exit_layer: int | None = None) -> bool:
+        """Keep one chosen token; True when the row has finished."""
+        row.steps.append(StepStat(len(row.steps), token, seconds, phase, exit_layer))
+        if row.ticket.stats.first_token_seconds is None:
+            row.ticket.stats.first_token_seconds = time.perf_counter() - row.submitted
+        if exit_layer is not None:
+            self.exit_histogram[exit_layer] = self.exit_histogram.get(exit_layer, 0) + 1
+        finished = row.emitter.emit(token) is not None
+        self._flush(row)
+        return finished
+
+    def _flush(self, row: _Row) -> None:
+        """Pass the row's newly kept tokens, and the text they release, to its stream. The emitter's
+        text stream holds back an incomplete character or a possible stop-string prefix; once the row
+        has finished its final text (cut before a stop string) is released."""
+        em = row.emitter
+        tokens = em.tokens[row.sent:]
+        if em.reason is not None:
+            text = em.stream.final(em.tokens, em.reason == "stop")
+        else:
+            text = em.stream.text(em.tokens)[:em.stream.emitted] if tokens else row.shown
+        piece = text[len(row.shown):] if text.startswith(row.shown) else ""
+        row.shown, row.sent = text, len(em.tokens)
+        if row.on_tokens is not None and (tokens or piece):
+            try:
+                row.on_tokens([int(t) for t in tokens], piece)
+            except Exception as exc:  # noqa: BLE001 - the client is gone: cancel the request
+                row.ticket.cancelled = True
+                row.ticket.error = row.ticket.error or RequestCancelled(f"the stream failed: {exc}")
+
+    # --- the three kinds of work ---------------------------------------------------------------------
+    def _prefill_chunk(self, row: _Row) -> int:
+        """One chunk of a joining prompt, every gate off (``backbone`` for verify rows)."""
+        prompt = row.request.prompt_ids
+        start = row.prefilled
+        chunk = np.asarray([prompt[start:start + self.prefill_chunk]], np.int64)
+        backend = self.backbone if row.request.mode == "verify" else self.decoder
+        view = self.pool.rows(row.slot, row.slot + 1)
+        t0 = time.perf_counter()
+        with backend.full_depth():
+            logits = backend.extend(chunk, view)
+        row.prefilled += chunk.shape[1]
+        view.length = row.prefilled
+        if row.prefilled < len(prompt):
+            return 0
+        token, _ = sample(logits[0, -1], row.request.cfg.temperature, row.request.cfg.top_p, row.rng)
+        row.pending = token
+        if self.pool.thresholds is not None and row.thresholds is not None:
+            self.pool.thresholds[row.slot] = row.thresholds
+        self._emit(row, token, time.perf_counter() - t0, "prefill")
+        self._arrange()
+        return 1
+
+    def _decode_step(self, rows: list[_Row]) -> int:
+        """One token for every full/exit row, each at its own position and gate."""
+        lo, hi = rows[0].slot, rows[-1].slot + 1
+        view = self.pool.rows(lo, hi)
+        ids = np.asarray([[r.pending] for r in rows], np.int64)
+        t0 = time.perf_counter()
+        with self._gates_for(self.decoder, view):
+            logits = np.array(self.decoder.extend(ids, view)[:, -1])
+        seconds = time.perf_counter() - t0
+        exits = self._exit_layers(self.decoder, len(rows))
+        view.row_lengths()[:] += 1
+        for i, row in enumerate(rows):
+            cfg = row.request.cfg
+            row.pending, _ = sample(logits[i], cfg.temperature, cfg.top_p, row.rng)
+            self._emit(row, row.pending, seconds, "decode", exits[i])
+        return len(rows)
+
+    def _verify_round(self, rows: list[_Row]) -> int:
+        """Draft k tokens for every verify row, verify them in one backbone step, keep what it accepts."""
+        lo, hi = rows[0].slot, rows[-1].slot + 1
+        view = self.pool.rows(lo, hi)
+        lengths = view.row_lengths()
+        start = lengths.copy()
+        ks = []
+        for row in rows:
+            room = row.capacity - int(self.pool.lengths[row.slot]) - 1
+            ks.append(max(0, min(row.request.k, room, row.request.cfg.max_new_tokens - len(row.emitter.tokens))))
+        for row, k in zip(rows, ks):
+            if k < 1:
+                row.emitter.reason = row.emitter.reason or "length"
+        kmax = max(ks)
+        if kmax < 1:
+            return 0
+        t0 = time.perf_counter()
+        drafted = [[] for _ in rows]
+        dists = [[] for _ in rows]
+        fed = np.asarray([[r.pending] for r in rows], np.int64)
+        draft = self.draft or self.decoder
+        forced = None if self.draft is not None else self.decoder.gate_thresholds.forced(self.draft_gate)
+        for j in range(kmax):
+            with self._gates_for(draft, view, forced):
+                logits = np.array(draft.extend(fed, view)[:, -1])
+            lengths += 1
+            for i, row in enumerate(rows):
+                if j < ks[i]:
+                    cfg = row.request.cfg
+                    tok, q = sample(logits[i], cfg.temperature, cfg.top_p, row.rng)
+                    drafted[i].append(tok)
+                    dists[i].append(q)
+                    fed[i, 0] = tok
+        lengths[:] = start
+        tokens = np.asarray([[r.pending] + d + [d[-1] if d else r.pending] * (kmax - len(d))
+                             for r, d in zip(rows, drafted)], np.int64)
+        with self._gates_for(self.backbone, view, disabled=True):
+            target = np.array(self.backbone.extend(tokens, view))
+        seconds = time.perf_counter() - t0
+        produced = 0
+        for i, row in enumerate(rows):
+            if ks[i] < 1:
+                continue
+            out = accept_drafts(target[i], drafted[i], dists[i], row.request.cfg, row.rng)
+            accepted = len(out) - 1
+            lengths[i] = start[i] + 1 + accepted
+            st = row.ticket.stats
+            st.verify_rounds += 1
+            st.drafted += ks[i]
+            st.accepted += accepted
+            with self._lock:
+                self.counters["drafted"] += ks[i]
+                self.counters["accepted"] += accepted
+            for tok in out:
+                produced += 1
+                if self._emit(row, tok, seconds / len(out), "decode"):
+                    break
+            row.pending = out[-1]
+        return produced
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def _gates_for(self, backend: StepBackend, view: RowsView, values: np.ndarray | None = None,
+                   disabled: bool = False):
+        """Thresholds for one call over ``view``: per row (the pool's rows) for backends that route
+        each row, else the backend's own, which every row of the call must share."""
+        if backend.gate_thresholds is None:
+            return nullcontext()
+        if disabled:
+            values = backend.gate_thresholds.disabled()
+        if values is not None:
+            if backend.per_row_exits and view.row_thresholds is not None:
+                return _RowThresholds(view, values)
+            return backend.gate_thresholds.applied(values)
+        if backend.per_row_exits or view.row_thresholds is None:
+            return nullcontext()
+        rows = view.row_thresholds
+        if np.any(rows != rows[0]):
+            raise RiverError("rows with different thresholds in one step need a backend with per-row exits")
+        return backend.gate_thresholds.applied(rows[0])
+
+    def _exit_layers(self, backend: StepBackend, n: int) -> list[int | None]:
+        if backend.river is None:
+            return [None] * n
+        if backend.last_exit_layers is not None and len(backend.last_exit_layers) == n:
+            return [int(x) for x in backend.last_exit_layers]
+        return [backend.last_exit_layer] * n
+
+    # --- metrics ---------------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        """Counters and gauges for a metrics endpoint: tokens/s over the last 10 s, occupancy, queue,
+        exit histogram, verify acceptance."""
+        with self._lock:
+            counters = dict(self.counters)
+            recent = list(self._recent)
+            queue = len(self._queue)
+        span = recent[-1][0] - recent[0][0] if len(recent) > 1 else 0.0
+        tps = sum(t for _, t in recent[1:]) / span if span > 0 else 0.0
+        return {**counters, "tokens_per_s": tps, "rows": len(self._rows), "max_rows": self.max_rows, "peak_rows": self.peak_rows,
+                "occupancy": len(self._rows) / self.max_rows, "queue_depth": queue,
+                "exit_histogram": dict(self.exit_histogram),
+                "acceptance": counters["accepted"] / counters["drafted"] if counters["drafted"] else None,
+                "pool_capacity": self.pool.capacity, "pool_bytes": self.pool.nbytes}
+
+
+class _RowThresholds:
+    """Set every row of a view to ``values`` for one call, then restore each row's own."""
+
+    def __init__(self, view: RowsView, values: np.ndarray):
+        self.view, self.values = view, values
+
+    def __enter__(self):
+        self.saved = self.view.row_thresholds.copy()
+        self.view.row_thresholds[:] = self.values
+
+    def __exit__(self, *exc):
+        self.view.row_thresholds[:] = self.saved
