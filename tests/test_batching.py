@@ -1,0 +1,265 @@
+"""Continuous batching (runtime/batching): the KV pool and the scheduler, in process, on the tiny model.
+
+The invariant behind every test: a request's tokens (and text, exit layers) in a batch equal its
+tokens alone, whatever its neighbours do - join, leave, exit elsewhere, draft and verify, get
+cancelled - because each row runs the same steps at its own positions over its own KV.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from river.compiler.compile import compile_river
+from river.compiler.river.segments import write_segments
+from river.compiler.tensorrt.engines import spec_from_manifest
+from river.errors import CacheOverflow, RiverError
+from river.models.tokenizer import encode_prompt
+from river.runtime.batching.kv_pool import KVPool
+from river.runtime.batching.scheduler import BatchRequest, RequestCancelled, SchedulerFull
+from river.runtime.generate import GenerationConfig
+from river.runtime.loading import open_generator, open_scheduler
+
+GATES = "0,2"
+MIXED = [0.2, 0.65]  # on the tiny model: exits after layers 1, 3 and 4 (no exit) all occur
+PROMPTS = ["first river", "a second, longer prompt about deltas and the sea", "3", "fourth stream",
+           "five " * 30]  # the last one is prefilled in several chunks
+
+
+@pytest.fixture(scope="module")
+def river_dir(tiny_onnx, tmp_path_factory):
+    model = compile_river(tiny_onnx, tmp_path_factory.mktemp("batching") / "river", gates=GATES, log=None)
+    write_segments(tiny_onnx, spec_from_manifest(model.parent), model.parent / "segments")
+    return model.parent
+
+
+@pytest.fixture(scope="module")
+def make(river_dir):
+    def scheduler(**options):
+        return open_scheduler(str(river_dir), threads=1, **{"max_rows": 8, "prefill_chunk": 8, **options})
+    return scheduler
+
+
+def request(sched, prompt, n, mode="full", **kw):
+    cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=[], **kw.pop("cfg", {}))
+    return BatchRequest(encode_prompt(sched.tokenizer, prompt), cfg, mode=mode, **kw)
+
+
+def alone(sched, req):
+    ticket = sched.submit(req)
+    sched.run_until_idle()
+    return ticket.wait()
+
+
+def same(a, b):
+    assert a.token_ids == b.token_ids
+    assert a.text == b.text and a.finish_reason == b.finish_reason
+    assert [s.exit_layer for s in a.steps] == [s.exit_layer for s in b.steps]
+
+
+JOBS = [  # (prompt, new tokens, mode, extra request fields)
+    (PROMPTS[0], 40, "full", {}),
+    (PROMPTS[1], 25, "exit", {"thresholds": MIXED}),
+    (PROMPTS[2], 33, "verify", {"k": 3}),
+    (PROMPTS[3], 18, "exit", {"thresholds": [-2.0, 2.0]}),
+    (PROMPTS[4], 30, "verify", {"k": 5}),
+    (PROMPTS[0], 21, "exit", {}),  # the graph's default thresholds
+    (PROMPTS[1], 35, "full", {"cfg": {"temperature": 0.9, "top_p": 0.9, "seed": 7}}),
+    (PROMPTS[3], 28, "verify", {"k": 4, "cfg": {"temperature": 0.8, "seed": 3}}),
+]
+
+
+def test_mixed_batch_equals_each_request_alone(make):
+    sched = make()
+    reqs = [request(sched, p, n, mode, **dict(kw)) for p, n, mode, kw in JOBS]
+    singles = [alone(sched, r) for r in reqs]
+    tickets = [sched.submit(r) for r in reqs]
+    sched.run_until_idle()
+    for ticket, single in zip(tickets, singles):
+        same(ticket.wait(), single)
+    m = sched.metrics()
+    assert m["peak_rows"] == len(JOBS) and m["rows"] == 0 and m["completed"] == 2 * len(JOBS)
+    assert len(m["exit_histogram"]) >= 3, m["exit_histogram"]  # rows left at different gates
+    assert 0 < m["acceptance"] <= 1
+    # full mode alone is the plain generator at full depth
+    gen = open_generator(str(sched_folder(sched)), threads=1)
+    gen.backend.set_thresholds(gen.backend.gate_thresholds.disabled())
+    ref = gen.generate(list(reqs[0].prompt_ids), reqs[0].cfg)
+    assert singles[0].token_ids == ref.token_ids
+
+
+def sched_folder(sched):
+    return sched.decoder.index.folder.parent
+
+
+def test_requests_join_and_leave_between_steps(make):
+    """Continuous batching: requests arrive while others run, the pool grows for a longer one, and
+    finished rows leave; every request still equals itself alone."""
+    sched = make(max_rows=3)
+    reqs = [request(sched, p, n, mode, **dict(kw)) for p, n, mode, kw in JOBS[:6]]
+    singles = [alone(sched, r) for r in reqs]
+    allocations = sched.pool.allocations
+    tickets = [sched.submit(reqs[0]), sched.submit(reqs[1])]
+    for _ in range(7):
+        sched.step()
+    tickets.append(sched.submit(request(sched, PROMPTS[4], 120, "full")))  # grows the pool mid-run
+    long_alone = None
+    for r in reqs[2:]:
+        tickets.append(sched.submit(r))
+        sched.step()
+        sched.step()
+    sched.run_until_idle()
+    assert sched.pool.allocations > allocations, "the pool never grew"
+    for i, single in enumerate(singles[:2]):
+        same(tickets[i].wait(), single)
+    for ticket, single in zip(tickets[3:], singles[2:]):
+        same(ticket.wait(), single)
+    long_alone = alone(sched, request(sched, PROMPTS[4], 120, "full"))
+    same(tickets[2].wait(), long_alone)
+    assert sched.metrics()["peak_rows"] == 3
+
+
+def test_no_row_reads_a_hole_in_the_pool(make):
+    """Poison every position of the pool before a batch: a row reading any position its own steps did
+    not write (a hole left by an exit, a neighbour's slot, the slack) would change its tokens. Masked
+    positions are multiplied by exactly zero, so the poison is finite."""
+    sched = make()
+    reqs = [request(sched, p, n, mode, **dict(kw)) for p, n, mode, kw in JOBS[:5]]
+    singles = [alone(sched, r) for r in reqs]
+    need = max(len(r.prompt_ids) + r.cfg.max_new_tokens + 8 for r in reqs)
+    sched.pool.fit(need, 0)
+    for buf in sched.pool.cache.buffers():
+        buf[:] = 1e4
+    tickets = [sched.submit(r) for r in reqs]
+    sched.run_until_idle()
+    assert sched.pool.allocations == 2 or sched.pool.capacity >= need
+    for ticket, single in zip(tickets, singles):
+        same(ticket.wait(), single)
+
+
+def test_admission_control_refuses_a_full_scheduler_and_serves_the_admitted(make):
+    sched = make(max_rows=2, max_queue=1)
+    reqs = [request(sched, PROMPTS[i], 12) for i in range(4)]
+    tickets = [sched.submit(r) for r in reqs[:3]]
+    with pytest.raises(SchedulerFull, match="full: 0 requests running and 3 queued") as info:
+        sched.submit(reqs[3])
+    assert len(str(info.value).splitlines()) == 1
+    sched.run_until_idle()
+    for ticket, r in zip(tickets, reqs):
+        same(ticket.wait(), alone(sched, r))
+    assert sched.metrics()["rejected"] == 1
+    sched.submit(reqs[3])  # room again
+    sched.run_until_idle()
+
+
+def test_cancelled_request_frees_its_row_at_once_and_neighbours_are_unaffected(make):
+    sched = make()
+    keep = [request(sched, PROMPTS[0], 30, "exit", thresholds=MIXED), request(sched, PROMPTS[2], 30, "verify")]
+    singles = [alone(sched, r) for r in keep]
+    flag = {"stop": False}
+    polled = request(sched, PROMPTS[1], 200, "full", cancelled=lambda: flag["stop"])
+    victim = sched.submit(request(sched, PROMPTS[3], 200, "verify"))
+    others = [sched.submit(r) for r in keep]
+    watched = sched.submit(polled)
+    for _ in range(12):
+        sched.step()
+    assert sched.metrics()["rows"] == 4
+    victim.cancel()
+    flag["stop"] = True  # the client went away: seen by polling between steps
+    sched.step()
+    assert sched.metrics()["rows"] == 2, "the cancelled rows were not freed at the next step"
+    with pytest.raises(RequestCancelled):
+        victim.wait(0)
+    with pytest.raises(RequestCancelled):
+        watched.wait(0)
+    sched.run_until_idle()
+    for ticket, single in zip(others, singles):
+        same(ticket.wait(), single)
+    assert sched.metrics()["cancelled"] == 2
+
+
+def test_stream_callbacks_carry_every_token_once_and_the_text(make):
+    sched = make()
+    got: list[tuple[list[int], str]] = []
+    done = []
+    req = request(sched, PROMPTS[1], 30, "verify", k=4)
+    ticket = sched.submit(req, on_tokens=lambda ids, text: got.append((ids, text)), on_done=done.append)
+    sched.run_until_idle()
+    result = ticket.wait()
+    assert [t for ids, _ in got for t in ids] == result.token_ids
+    assert "".join(text for _, text in got) == result.text
+    assert done == [ticket] and ticket.stats.verify_rounds > 0 and ticket.stats.first_token_seconds is not None
+
+
+def test_failing_client_callback_cancels_only_its_request(make):
+    sched = make()
+    ok = request(sched, PROMPTS[0], 20, "full")
+
+    def broken(ids, text):
+        raise ConnectionError("client gone")
+
+    bad = sched.submit(request(sched, PROMPTS[1], 20, "full"), on_tokens=broken)
+    good = sched.submit(ok)
+    sched.run_until_idle()
+    with pytest.raises(RequestCancelled, match="client gone"):
+        bad.wait(0)
+    same(good.wait(), alone(sched, ok))
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    ({"mode": "fast"}, RiverError, "unknown mode 'fast'"),
+    ({"mode": "full", "thresholds": MIXED}, RiverError, "apply to mode 'exit'"),
+    ({"mode": "exit", "thresholds": [0.5]}, RiverError, "1 thresholds for 2 gates"),
+    ({"mode": "verify", "k": 0}, RiverError, "k must be between 1 and 8"),
+    ({"mode": "full", "prompt_ids": []}, RiverError, "the prompt is empty"),
+])
+def test_bad_requests_get_one_line_errors(make, fields, error, message):
+    sched = make()
+    req = request(sched, PROMPTS[0], 8)
+    for key, value in fields.items():
+        setattr(req, key, value)
+    with pytest.raises(error, match=message) as info:
+        sched.submit(req)
+    assert len(str(info.value).splitlines()) == 1
+    assert not sched.busy
+
+
+def test_prompt_past_max_length_is_refused(make):
+    sched = make(max_length=48)
+    with pytest.raises(CacheOverflow, match="at most 48 positions"):
+        sched.submit(request(sched, PROMPTS[4], 4))
+    capped = sched.submit(request(sched, PROMPTS[0], 100))  # new tokens stop at the cache's end
+    sched.run_until_idle()
+    result = capped.wait()
+    assert len(result.prompt_ids) + len(result.token_ids) == 48 and result.finish_reason == "length"
+
+
+def test_budgets_name_the_calibrated_operating_points(make, river_dir):
+    sched = make()
+    with pytest.raises(RiverError, match="unknown budget 'safe'.*not calibrated"):
+        sched.budget_thresholds("safe")
+    sched.budgets["safe"] = [0.9, 0.95]
+    assert sched.budget_thresholds("safe") == [0.9, 0.95]
+
+
+def test_pool_permutation_and_views():
+    pool = KVPool(num_layers=2, num_kv_heads=1, head_dim=2, rows=4, slack=2, gates=1, capacity=8)
+    for row in range(4):
+        pool.lengths[row] = row + 1
+        pool.thresholds[row] = row
+        for buf in pool.cache.buffers():
+            buf[row, :, : row + 1] = row
+    pool.permute([2, 0, 3, 1])  # row i takes what row sources[i] held
+    assert list(pool.lengths[:4]) == [3, 1, 4, 2] and list(pool.thresholds[:4, 0]) == [2, 0, 3, 1]
+    for i, src in enumerate([2, 0, 3, 1]):
+        for buf in pool.cache.buffers():
+            assert np.all(buf[i, :, : src + 1] == src)
+    view = pool.rows(1, 3)
+    assert view.keys[0].base is not None and np.shares_memory(view.keys[0], pool.cache.keys[0])
+    assert list(view.row_lengths()) == [1, 4] and view.physical == 10
+    with pytest.raises(ValueError, match="length per row"):
+        view.length  # noqa: B018
+    assert pool.rows(1, 3) is view, "views are made once per allocation"
+    assert pool.rows(2, 3).length == 4
+    with pytest.raises(CacheOverflow, match="maximum of 64"):
+        KVPool(2, 1, 2, rows=1, slack=1, max_capacity=64).fit(65, 0)
