@@ -33,7 +33,11 @@ class StreamResult:
 
 def build_inputs(prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
-                 thresholds: Sequence[float] | None = None, raw: bool = False, ignore_eos: bool = False):
+                 thresholds: Sequence[float] | None = None, raw: bool = False, ignore_eos: bool = False,
+                 mode: str | None = None, k: int | None = None, budget: str | None = None):
+    """The request's ``InferInput``s; an option left at its default is not sent (the model's default applies).
+    ``mode`` ("full" | "exit" | "verify"), ``k`` (verify mode's draft length) and ``budget`` (exit mode's named
+    operating point) are optional model inputs, so older models still accept requests that omit them."""
     import tritonclient.grpc as grpcclient
 
     def tensor(name, array, dtype):
@@ -58,27 +62,40 @@ def build_inputs(prompt: str, *, max_tokens: int | None = None, temperature: flo
         inputs.append(tensor("raw", np.array([True]), "BOOL"))
     if ignore_eos:
         inputs.append(tensor("ignore_eos", np.array([True]), "BOOL"))
+    if mode is not None:
+        inputs.append(tensor("mode", np.array([mode.encode("utf-8")], dtype=np.object_), "BYTES"))
+    if k is not None:
+        inputs.append(tensor("k", np.array([k], np.int32), "INT32"))
+    if budget is not None:
+        inputs.append(tensor("budget", np.array([budget.encode("utf-8")], dtype=np.object_), "BYTES"))
     return inputs
 
 
 def stream_generate(prompt: str, *, url: str = DEFAULT_URL, model: str = GENERATE_MODEL,
                     on_piece: Callable[[str, list[int]], bool | None] | None = None, timeout: float = 300.0,
-                    inputs=None, request_id: str | None = None, **options) -> StreamResult:
+                    inputs=None, request_id: str | None = None, mode: str | None = None, k: int | None = None,
+                    budget: str | None = None, client=None, **options) -> StreamResult:
     """Send one request on its own gRPC stream and collect the streamed text, tokens and final stats.
 
     ``on_piece(text, token_ids)`` sees every response as it arrives; returning False cancels the request
     (the stream is closed with ``cancel_requests=True``, which the model sees between two steps).
-    ``options`` are ``build_inputs``'s; ``inputs`` replaces them with prepared ``InferInput``s.
+    ``mode``, ``k``, ``budget`` and ``options`` are ``build_inputs``'s; ``inputs`` replaces them with prepared
+    ``InferInput``s. ``client``: an open ``InferenceServerClient`` to reuse (a load test keeps one per thread, so
+    a request's latency holds no connection set-up); it is left open, else one is made and closed here.
     Raises the server's ``InferenceServerException`` when the request fails.
     """
     import tritonclient.grpc as grpcclient
 
     events: queue.Queue = queue.Queue()
     out = StreamResult()
-    client = grpcclient.InferenceServerClient(url)
+    if inputs is None:
+        inputs = build_inputs(prompt, mode=mode, k=k, budget=budget, **options)
+    own_client = client is None
+    if own_client:
+        client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=lambda result, error: events.put((result, error)))
-        client.async_stream_infer(model, inputs if inputs is not None else build_inputs(prompt, **options),
+        client.async_stream_infer(model, inputs,
                                   request_id=request_id or uuid.uuid4().hex[:12], enable_empty_final_response=True)
         while True:
             try:
@@ -109,7 +126,8 @@ def stream_generate(prompt: str, *, url: str = DEFAULT_URL, model: str = GENERAT
                 return out
     finally:
         client.stop_stream(cancel_requests=True)  # the request is complete here, or to be abandoned
-        client.close()
+        if own_client:
+            client.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--thresholds", help="per-gate exit thresholds, comma-separated")
     p.add_argument("--raw", action="store_true", help="no chat template")
+    p.add_argument("--mode", choices=["full", "exit", "verify"], help="generation mode (default: the model's)")
+    p.add_argument("--k", type=int, help="verify mode: tokens drafted per round")
+    p.add_argument("--budget", help="exit mode: a named calibrated operating point (e.g. safe, balanced, fast)")
     args = p.parse_args(argv)
     from tritonclient.utils import InferenceServerException
 
@@ -133,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         result = stream_generate(args.prompt, url=args.url, model=args.model,
                                  on_piece=lambda piece, _ids: print(piece, end="", flush=True),
                                  max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                 seed=args.seed, stop=args.stop, thresholds=thresholds, raw=args.raw)
+                                 seed=args.seed, stop=args.stop, thresholds=thresholds, raw=args.raw,
+                                 mode=args.mode, k=args.k, budget=args.budget)
     except (InferenceServerException, TimeoutError) as exc:
         print(f"\ntriton.client: error: {exc}", file=sys.stderr)
         return 2
