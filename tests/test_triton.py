@@ -72,9 +72,9 @@ def reference(repo):
     scheduler = open_scheduler(str(repo / TC.GENERATE_MODEL / "1" / TC.RIVER_SUBDIR), threads=1)
     tokenizer = scheduler.tokenizer
 
-    def run(prompt, max_tokens, thresholds=None, ignore_eos=False, mode=None, k=4):
+    def run(prompt, max_tokens, thresholds=None, ignore_eos=False, mode=None, k=4, cfg=None):
         mode = mode or "exit"
-        cfg = GenerationConfig(max_new_tokens=max_tokens, eos_token_ids=[] if ignore_eos else None)
+        cfg = GenerationConfig(max_new_tokens=max_tokens, eos_token_ids=[] if ignore_eos else None, **(cfg or {}))
         ticket = scheduler.submit(BatchRequest(encode_prompt(tokenizer, prompt), cfg, mode=mode,
                                                thresholds=thresholds, k=k))
         scheduler.run_until_idle()
@@ -86,7 +86,7 @@ def reference(repo):
 def assert_same(stream, ref):
     assert stream.token_ids == ref.token_ids
     assert stream.text == ref.text
-    assert stream.stats["exit_layers"] == [s.exit_layer for s in ref.steps if s.phase == "decode"]
+    assert stream.stats["exit_layers"] == ref.exit_layers
     assert stream.stats["finish_reason"] == ref.finish_reason
 
 
@@ -214,6 +214,134 @@ def test_cancelled_stream_frees_its_kv_cache(server, reference):
     assert s["cancelled"] >= 1 and s["rows"] == 0 and s["queue_depth"] == 0
 
 
+def _concurrently(jobs, run):
+    """Run ``run(*job)`` for every job at once (a barrier starts them together); (results, errors) by index."""
+    results, errors = {}, {}
+    start = threading.Barrier(len(jobs))
+
+    def one(i, job):
+        start.wait()
+        try:
+            results[i] = run(*job)
+        except Exception as exc:  # noqa: BLE001 - collected and checked by the caller
+            errors[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i, job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return results, errors
+
+
+BATCH_JOBS = [  # prompt, max_tokens, request fields: every mode in one batch
+    ("first river", 120, {"mode": "full"}),
+    ("a second, longer prompt about deltas", 90, {"mode": "exit", "thresholds": MIXED}),
+    ("3", 110, {"mode": "verify", "k": 3}),
+    ("fourth stream", 100, {"mode": "verify", "k": 4, "temperature": 0.8, "seed": 11}),
+    ("fifth", 60, {}),  # the model's default: exit at the graph's thresholds
+    ("sixth, sampled", 80, {"mode": "full", "temperature": 0.7, "top_p": 0.9, "seed": 5}),
+]
+
+
+def test_batched_streams_in_every_mode_equal_their_single_stream(server, reference):
+    """Six streams at once (four rows, two waiting for a row), modes mixed in one batch: each equals
+    the same request served alone, token for token, text and exit layers included."""
+    def run(prompt, n, fields):
+        return stream_generate(prompt, url=server.grpc_url, max_tokens=n, ignore_eos=True, **fields)
+
+    results, errors = _concurrently(BATCH_JOBS, run)
+    assert not errors, errors
+    for i, (prompt, n, fields) in enumerate(BATCH_JOBS):
+        f = dict(fields)
+        cfg = {key: f.pop(key) for key in ("temperature", "top_p", "seed") if key in f}
+        ref = reference(prompt, n, ignore_eos=True, cfg=cfg, **f)
+        assert_same(results[i], ref)
+        assert results[i].stats["mode"] == (fields.get("mode") or "exit")
+        if fields.get("mode") == "verify":
+            assert results[i].stats["drafted"] >= results[i].stats["accepted"] > 0
+    server_stats = [r.stats["server"] for r in results.values()]
+    assert max(s["peak_rows"] for s in server_stats) == 4, "the streams were not batched four at a time"
+
+
+def test_overload_is_refused_while_admitted_streams_finish(server, reference):
+    """Four rows and two queue places: of nine streams at once, three are refused with one clear line
+    (UNAVAILABLE), the six admitted finish exactly as alone, and the server keeps serving."""
+    jobs = [(f"overload {i}", 400) for i in range(9)]
+
+    def run(prompt, n):
+        return stream_generate(prompt, url=server.grpc_url, max_tokens=n, ignore_eos=True, mode="full")
+
+    results, errors = _concurrently(jobs, run)
+    assert len(errors) == 3 and len(results) == 6, (errors, len(results))
+    for exc in errors.values():
+        assert isinstance(exc, InferenceServerException) and "server is full" in str(exc), exc
+        assert len(str(exc).strip().splitlines()) == 1
+    for i, got in results.items():
+        assert_same(got, reference(*jobs[i], ignore_eos=True, mode="full"))
+    after = stream_generate("after the storm", url=server.grpc_url, max_tokens=8)
+    assert after.stats["server"]["rejected"] >= 3 and after.stats["server"]["rows"] == 0
+
+
+def _metrics(server) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("river_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _metric(values: dict, name: str, **labels) -> float | None:
+    for key, value in values.items():
+        if key.split("{")[0] == name and all(f'{k}="{v}"' in key for k, v in labels.items()):
+            return value
+    return None
+
+
+def test_killed_client_leaks_no_row_and_metrics_report_the_batch(server, tmp_path):
+    """A client process killed mid-stream: its row is freed (cancelled, or at worst finished) and the
+    metrics endpoint shows tokens, occupancy, queue depth, exits and verify acceptance."""
+    import signal
+    import subprocess
+
+    before = _metrics(server)
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import sys\n"
+        "from river.runtime.triton.client import stream_generate\n"
+        f"stream_generate('killed client', url='{server.grpc_url}', max_tokens=450, ignore_eos=True,\n"
+        "                on_piece=lambda text, ids: print('got', flush=True))\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("got"), "the client never streamed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 60
+    while True:
+        values = _metrics(server)
+        if _metric(values, "river_batch_rows") == 0:
+            break
+        assert time.monotonic() < deadline, f"a killed client's row is still held: {values}"
+        time.sleep(0.2)
+    stream_generate("verify after", url=server.grpc_url, max_tokens=20, mode="verify")
+    time.sleep(1.2)  # the gauges refresh every 0.5 s
+    values = _metrics(server)
+    assert _metric(values, "river_generated_tokens_total") > (_metric(before, "river_generated_tokens_total") or 0)
+    assert _metric(values, "river_batch_occupancy") == 0 and _metric(values, "river_queue_depth") == 0
+    assert 0 < _metric(values, "river_verify_acceptance") <= 1
+    assert _metric(values, "river_exit_tokens_total", layer="4") > 0
+    assert _metric(values, "river_requests_completed_total") > 0
+    assert server.alive()
+
+
 def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(server, reference):
     import tritonclient.grpc as grpcclient
 
@@ -230,6 +358,11 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(server
         (build_inputs("hi", temperature=-1.0), "temperature"),
         (build_inputs("hi", thresholds=[float("nan"), 0.5]), "not a finite number"),
         (build_inputs("hi", temperature=float("nan")), "temperature"),
+        (build_inputs("hi", mode="bogus"), "unknown mode 'bogus'"),
+        (build_inputs("hi", mode="full", k=3), "'k' applies to mode 'verify'"),
+        (build_inputs("hi", mode="verify", k=99), "k must be between 1 and 8"),
+        (build_inputs("hi", budget="safe"), "unknown budget 'safe'"),
+        (build_inputs("hi", mode="verify", thresholds=MIXED), "apply to mode 'exit'"),
     ]
     for inputs, message in cases:
         with pytest.raises(InferenceServerException, match=message) as info:
