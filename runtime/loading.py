@@ -211,7 +211,7 @@ def operating_points(folder: Path) -> dict[str, list[float]]:
 
 def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None = None,
                    max_length: int | None = None, *, max_rows: int = 8, max_queue: int = 64,
-                   prefill_chunk: int = 32, k_max: int = 8):
+                   prefill_chunk: int = 16, k_max: int = 8):
     """The continuous-batching scheduler (``runtime/batching``) for a river-export folder.
 
     It decodes with the segmented River where the folder has one (each row of a batch exits at its

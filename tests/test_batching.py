@@ -80,6 +80,7 @@ def test_mixed_batch_equals_each_request_alone(make):
     m = sched.metrics()
     assert m["peak_rows"] == len(JOBS) and m["rows"] == 0 and m["completed"] == 2 * len(JOBS)
     assert len(m["exit_histogram"]) >= 3, m["exit_histogram"]  # rows left at different gates
+    assert m["prefix_tokens_shared"] > 0, "no request reused a live row's prompt prefix"
     assert 0 < m["acceptance"] <= 1
     # full mode alone is the plain generator at full depth
     gen = open_generator(str(sched_folder(sched)), threads=1)

@@ -142,6 +142,14 @@ class KVPool:
         if self.thresholds is not None:
             self.thresholds[dst] = self.thresholds[src]
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Row ``dst``'s first ``n`` positions take row ``src``'s K/V (a shared prompt prefix)."""
+        if n > min(int(self.lengths[src]), self.capacity):
+            raise ValueError(f"row {src} holds {int(self.lengths[src])} positions, not {n}")
+        for buf in self.cache.buffers():
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst] = n
+
     def permute(self, sources: list[int]) -> None:
         """Row i takes the contents row ``sources[i]`` had (a permutation of live rows, applied in
         cycles through the scratch row)."""

@@ -8,7 +8,8 @@ row at once. A step of the scheduler (``step()``):
 2. join: queued requests take free rows (admission: ``max_rows`` rows, ``max_queue`` waiting, beyond
    that ``submit`` refuses with ``SchedulerFull``);
 3. prefill: one chunk (``prefill_chunk`` tokens) of the oldest joining prompt, whole backbone, so a
-   long prompt never stalls the running streams for more than a chunk;
+   long prompt never stalls the running streams for more than a chunk; a prompt that starts like a
+   live row's (a shared system prompt) copies those positions' K/V instead (``_share_prefix``);
 4. verify rows (mode "verify"): k draft steps for all of them, then one backbone step over each row's
    [pending, drafts]; per-row acceptance and rollback of the row's valid length (``accept_drafts``);
 5. decode rows (modes "full" and "exit"): one step for all of them; each row exits at its own gate
@@ -71,6 +72,7 @@ class RowStats:
     accepted: int = 0
     queued_seconds: float = 0.0
     first_token_seconds: float | None = None  # submit -> first token
+    shared_prefix: int = 0  # prompt tokens whose K/V were copied from another request's row
 
 
 class Ticket:
@@ -150,7 +152,8 @@ class Scheduler:
     def __init__(self, decoder: StepBackend, tokenizer, eos_token_ids: Sequence[int] = (), *,
                  backbone: StepBackend | None = None, draft: StepBackend | None = None, draft_gate: int = 0,
                  max_rows: int = 8, max_queue: int = 64, max_length: int | None = None,
-                 prefill_chunk: int = 32, k_max: int = 8, budgets: dict[str, Sequence[float]] | None = None):
+                 prefill_chunk: int = 16, k_max: int = 8, budgets: dict[str, Sequence[float]] | None = None,
+                 min_shared_prefix: int = 4):
         if max_rows < 1 or max_queue < 0 or prefill_chunk < 1 or k_max < 1:
             raise RiverError("max_rows, prefill_chunk and k_max must be >= 1, max_queue >= 0")
         for other in (backbone, draft):
@@ -161,6 +164,7 @@ class Scheduler:
         self.draft, self.draft_gate = draft, draft_gate
         self.max_rows, self.max_queue, self.max_length = max_rows, max_queue, max_length
         self.prefill_chunk, self.k_max = prefill_chunk, k_max
+        self.min_shared_prefix = min_shared_prefix  # shorter common prefixes are recomputed (not worth a copy)
         self.budgets = dict(budgets or {})
         gates = len(decoder.river.gates) if decoder.river is not None else 0
         c = decoder.contract
@@ -174,7 +178,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.counters = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "rejected": 0,
-                         "tokens": 0, "steps": 0, "drafted": 0, "accepted": 0}
+                         "tokens": 0, "steps": 0, "drafted": 0, "accepted": 0,
+                         "prefix_tokens_shared": 0}
         self.exit_histogram: dict[int, int] = {}
         self.peak_rows = 0  # the most requests ever batched together
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps: tokens/s
@@ -433,13 +438,44 @@ class Scheduler:
                 row.ticket.error = row.ticket.error or RequestCancelled(f"the stream failed: {exc}")
 
     # --- the three kinds of work ---------------------------------------------------------------------
+    def _prefill_backend(self, row: _Row) -> StepBackend:
+        return self.backbone if row.request.mode == "verify" else self.decoder
+
+    def _share_prefix(self, row: _Row) -> None:
+        """Start a joining prompt where a live row with the same first tokens already is: copy those
+        positions' K/V instead of recomputing them (requests share a chat template's system prompt).
+        Exact: a position's K/V depend only on the tokens up to it, and the backends compute a row's
+        prefill the same however it is chunked (``tests/test_batching.py`` checks batch == alone).
+        The last prompt token is always run, for its logits."""
+        prompt, backend = row.request.prompt_ids, self._prefill_backend(row)
+        best, source = row.prefilled, None
+        for other in self._rows:
+            if other is row or self._prefill_backend(other) is not backend:
+                continue
+            limit = min(other.prefilled, len(prompt) - 1)
+            n = 0
+            theirs = other.request.prompt_ids
+            while n < limit and theirs[n] == prompt[n]:
+                n += 1
+            if n > best:
+                best, source = n, other
+        if source is not None and best >= self.min_shared_prefix:
+            self.pool.copy_prefix(source.slot, row.slot, best)
+            row.prefilled = best
+            row.ticket.stats.shared_prefix = best
+            with self._lock:
+                self.counters["prefix_tokens_shared"] += best
+
     def _prefill_chunk(self, row: _Row) -> int:
         """One chunk of a joining prompt, every gate off (``backbone`` for verify rows)."""
+        if row.prefilled == 0:
+            self._share_prefix(row)
         prompt = row.request.prompt_ids
         start = row.prefilled
         chunk = np.asarray([prompt[start:start + self.prefill_chunk]], np.int64)
-        backend = self.backbone if row.request.mode == "verify" else self.decoder
+        backend = self._prefill_backend(row)
         view = self.pool.rows(row.slot, row.slot + 1)
+        view.length = start
         t0 = time.perf_counter()
         with backend.full_depth():
             logits = backend.extend(chunk, view)
