@@ -155,14 +155,14 @@ def test_admission_control_refuses_a_full_scheduler_and_serves_the_admitted(make
 
 def test_cancelled_request_frees_its_row_at_once_and_neighbours_are_unaffected(make):
     sched = make()
-    keep = [request(sched, PROMPTS[0], 30, "exit", thresholds=MIXED), request(sched, PROMPTS[2], 30, "verify")]
+    keep = [request(sched, PROMPTS[0], 60, "exit", thresholds=MIXED), request(sched, PROMPTS[2], 60, "verify")]
     singles = [alone(sched, r) for r in keep]
     flag = {"stop": False}
     polled = request(sched, PROMPTS[1], 200, "full", cancelled=lambda: flag["stop"])
     victim = sched.submit(request(sched, PROMPTS[3], 200, "verify"))
     others = [sched.submit(r) for r in keep]
     watched = sched.submit(polled)
-    for _ in range(12):
+    for _ in range(6):
         sched.step()
     assert sched.metrics()["rows"] == 4
     victim.cancel()

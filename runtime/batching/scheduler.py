@@ -7,9 +7,10 @@ row at once. A step of the scheduler (``step()``):
 1. leave: finished and cancelled rows free their row at once (the rows behind move up);
 2. join: queued requests take free rows (admission: ``max_rows`` rows, ``max_queue`` waiting, beyond
    that ``submit`` refuses with ``SchedulerFull``);
-3. prefill: one chunk (``prefill_chunk`` tokens) of the oldest joining prompt, whole backbone, so a
-   long prompt never stalls the running streams for more than a chunk; a prompt that starts like a
-   live row's (a shared system prompt) copies those positions' K/V instead (``_share_prefix``);
+3. prefill: one chunk (``prefill_chunk`` tokens) of each joining prompt in one step, whole backbone,
+   at most ``prefill_budget`` tokens a step, so joining prompts never stall the running streams for
+   long; a prompt that starts like
+   a live row's (a shared system prompt) copies those positions' K/V instead (``_share_prefix``);
 4. verify rows (mode "verify"): k draft steps for all of them, then one backbone step over each row's
    [pending, drafts]; per-row acceptance and rollback of the row's valid length (``accept_drafts``);
 5. decode rows (modes "full" and "exit"): one step for all of them; each row exits at its own gate
@@ -165,6 +166,7 @@ class Scheduler:
         self.max_rows, self.max_queue, self.max_length = max_rows, max_queue, max_length
         self.prefill_chunk, self.k_max = prefill_chunk, k_max
         self.min_shared_prefix = min_shared_prefix  # shorter common prefixes are recomputed (not worth a copy)
+        self.prefill_budget = 4 * prefill_chunk  # prompt tokens one step may prefill, over all joining rows
         self.budgets = dict(budgets or {})
         gates = len(decoder.river.gates) if decoder.river is not None else 0
         c = decoder.contract
@@ -296,7 +298,7 @@ class Scheduler:
         tokens = 0
         prefilling = [r for r in self._rows if r.group == 3]
         if prefilling:
-            tokens += self._guard([prefilling[0]], self._prefill_chunk, prefilling[0])
+            tokens += self._guard(prefilling, self._prefill, prefilling)
         verify = [r for r in self._rows if r.group == 0 and r.emitter.reason is None]
         if verify:
             tokens += self._guard(verify, self._verify_round, verify)
@@ -447,49 +449,85 @@ class Scheduler:
         Exact: a position's K/V depend only on the tokens up to it, and the backends compute a row's
         prefill the same however it is chunked (``tests/test_batching.py`` checks batch == alone).
         The last prompt token is always run, for its logits."""
-        prompt, backend = row.request.prompt_ids, self._prefill_backend(row)
+        backend = self._prefill_backend(row)
         best, source = row.prefilled, None
         for other in self._rows:
-            if other is row or self._prefill_backend(other) is not backend:
-                continue
-            limit = min(other.prefilled, len(prompt) - 1)
-            n = 0
-            theirs = other.request.prompt_ids
-            while n < limit and theirs[n] == prompt[n]:
-                n += 1
-            if n > best:
-                best, source = n, other
-        if source is not None and best >= self.min_shared_prefix:
+            if other is not row and self._prefill_backend(other) is backend:
+                n = min(self._common_prefix(row, other), other.prefilled)
+                if n > best:
+                    best, source = n, other
+        if source is not None and best >= row.prefilled + self.min_shared_prefix:
             self.pool.copy_prefix(source.slot, row.slot, best)
-            row.prefilled = best
-            row.ticket.stats.shared_prefix = best
             with self._lock:
-                self.counters["prefix_tokens_shared"] += best
+                self.counters["prefix_tokens_shared"] += best - row.prefilled
+            row.ticket.stats.shared_prefix = best
+            row.prefilled = best
 
-    def _prefill_chunk(self, row: _Row) -> int:
-        """One chunk of a joining prompt, every gate off (``backbone`` for verify rows)."""
-        if row.prefilled == 0:
+    def _common_prefix(self, row: _Row, other: _Row) -> int:
+        """Leading prompt tokens ``row`` could copy from ``other`` once ``other`` has computed them."""
+        mine, theirs = row.request.prompt_ids, other.request.prompt_ids
+        limit, n = min(len(mine) - 1, len(theirs)), 0
+        while n < limit and mine[n] == theirs[n]:
+            n += 1
+        return n
+
+    def _prefill(self, joining: list[_Row]) -> int:
+        """One chunk (up to ``prefill_chunk`` tokens) of every joining prompt, in one step per backend,
+        every gate off. A prompt first copies what it shares with a live row (``_share_prefix``); one
+        that shares more with a prompt still being computed waits for it rather than recompute it (a
+        burst of requests with one system prompt computes it once)."""
+        for row in joining:
             self._share_prefix(row)
-        prompt = row.request.prompt_ids
-        start = row.prefilled
-        chunk = np.asarray([prompt[start:start + self.prefill_chunk]], np.int64)
-        backend = self._prefill_backend(row)
-        view = self.pool.rows(row.slot, row.slot + 1)
-        view.length = start
+        ready: list[_Row] = []
+        budget = self.prefill_budget
+        for row in joining:
+            if any(self._common_prefix(row, other) >= row.prefilled + self.min_shared_prefix
+                   for other in ready if self._prefill_backend(other) is self._prefill_backend(row)):
+                continue  # wait for `other` to compute the shared prefix
+            tokens = min(self.prefill_chunk, len(row.request.prompt_ids) - row.prefilled)
+            if ready and tokens > budget:
+                break  # the step's prefill budget is spent: running streams must not stall
+            ready.append(row)
+            budget -= tokens
+        produced = 0
+        for backend in {id(b): b for b in map(self._prefill_backend, ready)}.values():
+            rows = [r for r in ready if self._prefill_backend(r) is backend]
+            batched = backend.multi_token_steps and backend.kv_window is None
+            for group in ([rows] if batched else [[r] for r in rows]):
+                produced += self._prefill_rows(backend, group, joining)
+        self._arrange()
+        return produced
+
+    def _prefill_rows(self, backend: StepBackend, rows: list[_Row], joining: list[_Row]) -> int:
+        """Run ``rows``' next chunks in one step over the pool rows they span; the joining rows between
+        them (waiting) ride along with a dummy chunk past their valid length, which is never read."""
+        lo, hi = rows[0].slot, rows[-1].slot + 1
+        span = sorted((r for r in joining if lo <= r.slot < hi), key=lambda r: r.slot)
+        chunks = {id(r): list(r.request.prompt_ids[r.prefilled:r.prefilled + self.prefill_chunk]) for r in rows}
+        s = max(len(c) for c in chunks.values())
+        ids = np.asarray([(chunks.get(id(r)) or [r.request.prompt_ids[r.prefilled]]) for r in span], dtype=object)
+        ids = np.asarray([list(c) + [c[-1]] * (s - len(c)) for c in ids], np.int64)
+        view = self.pool.rows(lo, hi)
         t0 = time.perf_counter()
         with backend.full_depth():
-            logits = backend.extend(chunk, view)
-        row.prefilled += chunk.shape[1]
-        view.length = row.prefilled
-        if row.prefilled < len(prompt):
-            return 0
-        token, _ = sample(logits[0, -1], row.request.cfg.temperature, row.request.cfg.top_p, row.rng)
-        row.pending = token
-        if self.pool.thresholds is not None and row.thresholds is not None:
-            self.pool.thresholds[row.slot] = row.thresholds
-        self._emit(row, token, time.perf_counter() - t0, "prefill")
-        self._arrange()
-        return 1
+            logits = backend.extend(ids, view)
+        seconds = time.perf_counter() - t0
+        produced = 0
+        for i, row in enumerate(span):
+            chunk = chunks.get(id(row))
+            if chunk is None:
+                continue
+            row.prefilled += len(chunk)
+            self.pool.lengths[row.slot] = row.prefilled
+            if row.prefilled < len(row.request.prompt_ids):
+                continue
+            cfg = row.request.cfg
+            row.pending, _ = sample(logits[i, len(chunk) - 1], cfg.temperature, cfg.top_p, row.rng)
+            if self.pool.thresholds is not None and row.thresholds is not None:
+                self.pool.thresholds[row.slot] = row.thresholds
+            self._emit(row, row.pending, seconds, "prefill")
+            produced += 1
+        return produced
 
     def _decode_step(self, rows: list[_Row]) -> int:
         """One token for every full/exit row, each at its own position and gate."""
