@@ -192,16 +192,16 @@ def report(data: Sequence[GateData], metric: str = "flip", budgets: dict | None 
     }
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path, what: str = "calibration prompts") -> list[str]:
     """A text file (one prompt per line) or a JSON list of strings."""
     path = Path(path)
     if not path.is_file():
-        raise RiverError(f"calibration prompts file not found: {path}")
+        raise RiverError(f"{what} file not found: {path}")
     try:
         text = path.read_text()
         prompts = json.loads(text) if path.suffix == ".json" else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RiverError(f"calibration prompts file {path} cannot be read: {exc}") from None
+        raise RiverError(f"{what} file {path} cannot be read: {exc}") from None
     if prompts is None:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):

@@ -18,7 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
         "segmented River (no If nodes), TensorRT engines (GPU), and the torch reference. A model name, .gguf or "
         "HF directory is exported to ONNX once and cached (RIVER_CACHE_DIR, default ~/.cache/river-llm).",
     )
-    p.add_argument("prompt", help="the prompt (wrapped in the model's chat template unless --raw)")
+    p.add_argument("prompt", nargs="?", help="the prompt (wrapped in the model's chat template unless --raw)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="answer every prompt of FILE (one per line, or a JSON list) at once, batched by the "
+                   "continuous-batching scheduler (each answer equals the one generated alone); prints the answers "
+                   "in order and the aggregate decode speed")
+    p.add_argument("--max-batch", type=int, default=8, help="--prompts: requests batched at once (default 8)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"registered name ({', '.join(available_models())}), a .gguf file, a Hugging Face "
                    f"model directory, or an exported step graph model.onnx (default: {DEFAULT_MODEL})")
@@ -71,10 +76,20 @@ def _generate(args, shared_pool: bool) -> int:
     from river.runtime.loading import open_generator, open_verifier
 
     check_threads(args.threads)  # options first: a model name may be exported before anything runs
+    if (args.prompt is None) == (args.prompts is None):
+        raise RiverError("give a prompt or --prompts FILE (one of them)")
+    if args.max_batch < 1:
+        raise RiverError(f"--max-batch must be >= 1, not {args.max_batch}")
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if args.prompts is not None:
+        from river.compiler.calibrate import read_prompts
+
+        prompts = read_prompts(args.prompts, "--prompts")  # a bad file fails before any model is loaded
     if shared_pool:
         use_shared_thread_pool(args.threads)
+    if args.prompts is not None:
+        return _generate_batch(args, prompts, cfg)
     if args.mode == "verify":
         gen = open_verifier(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
                             draft=args.draft, draft_exit=args.draft_exit, draft_gate=args.draft_gate,
@@ -99,6 +114,40 @@ def _generate(args, shared_pool: bool) -> int:
     n = len(result.token_ids)
     print(f"[river] {n} tokens ({result.finish_reason}); prompt {len(result.prompt_ids)} tokens in "
           f"{result.prefill_seconds * 1e3:.0f} ms; decode {result.decode_tokens_per_s:.1f} tokens/s",
+          file=sys.stderr)
+    return 0
+
+
+def _generate_batch(args, prompts: list[str], cfg) -> int:
+    """--prompts: every prompt through the scheduler at once (runtime/batching)."""
+    import time
+
+    from river.models.tokenizer import encode_prompt
+    from river.runtime.batching.scheduler import BatchRequest
+    from river.runtime.loading import open_scheduler, parse_thresholds
+
+    if args.backend not in ("auto", "segmented", "ort"):
+        raise RiverError("--prompts runs on ONNX Runtime (the segmented River where the folder has one)")
+    sched = open_scheduler(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
+                           max_rows=args.max_batch, max_queue=len(prompts))
+    gates = sched.decoder.river is not None
+    mode = "verify" if args.mode == "verify" else ("exit" if gates else "full")
+    thresholds = parse_thresholds(args.thresholds, sched.decoder) if mode == "exit" else None
+    t0 = time.perf_counter()
+    tickets = [sched.submit(BatchRequest(encode_prompt(sched.tokenizer, p, not args.raw), cfg, mode=mode,
+                                         thresholds=thresholds, k=args.draft_k)) for p in prompts]
+    sched.run_until_idle()
+    seconds = time.perf_counter() - t0
+    tokens = 0
+    for i, ticket in enumerate(tickets):
+        result = ticket.wait()
+        tokens += len(result.token_ids)
+        print(f"### {i + 1}: {prompts[i]}")
+        print(result.text)
+        print(f"[river] {i + 1}: {len(result.token_ids)} tokens ({result.finish_reason})", file=sys.stderr)
+    m = sched.metrics()
+    print(f"[river] {len(prompts)} prompts, mode {mode}, batches of up to {args.max_batch}: {tokens} tokens in "
+          f"{seconds:.1f} s ({tokens / seconds:.1f} tokens/s, prefill included; peak batch {m['peak_rows']})",
           file=sys.stderr)
     return 0
 

@@ -264,3 +264,21 @@ def test_pool_permutation_and_views():
     assert pool.rows(2, 3).length == 4
     with pytest.raises(CacheOverflow, match="maximum of 64"):
         KVPool(2, 1, 2, rows=1, slack=1, max_capacity=64).fit(65, 0)
+
+
+def test_generate_cli_answers_a_prompts_file_batched(make, river_dir, tmp_path, capsys):
+    from river.runtime.cli import main
+
+    prompts = ["first river", "3", "fourth stream"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    assert main(["--model", str(river_dir), "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "12",
+                 "--mode", "verify", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    sched = make()
+    for i, prompt in enumerate(prompts):
+        single = alone(sched, BatchRequest(encode_prompt(sched.tokenizer, prompt), GenerationConfig(max_new_tokens=12),
+                                           mode="verify"))
+        assert f"### {i + 1}: {prompt}\n{single.text}\n" in out
+    assert "3 prompts, mode verify" in err and "peak batch 3" in err
+    assert main(["--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "--prompts file not found" in capsys.readouterr().err
