@@ -22,7 +22,10 @@ def repo_readme(contract: StepContract, river: RiverInfo | None, step_backends: 
     """The repository's README: what each model is, how to start the server and how to call it."""
     gates = list(river.gates) if river else []
     models = [f"- `{GENERATE_MODEL}` (Python backend, decoupled): the generation loop; streams tokens. Mode: "
-              + ("BLS calls to the step model." if bls else "ONNX Runtime in-process over shared KV buffers.")]
+              + ("BLS calls to the step model, one request at a time per instance." if bls else
+                 "ONNX Runtime in-process, continuous batching: every live request is a row of one KV pool "
+                 "and each step advances all of them (rows exit at their own gates; verify-mode rows draft "
+                 "and verify in the same steps).")]
     if "onnxruntime" in step_backends:
         models.append(f"- `{STEP_MODEL}` (onnxruntime backend, CPU instances): the River step graph. Our runtime "
                       "runs it with ONNX Runtime's `session.qdq_matmulnbits_accuracy_level=1` (fp32 twins); "
@@ -90,9 +93,17 @@ client.stop_stream()
 
 Inputs: `prompt` (string), optional `max_tokens` (int32), `temperature`, `top_p` (fp32), `seed`
 (int64), `stop` (strings), `thresholds` (fp32 [{n_gates}], one per gate; above 1.0 disables a gate),
-`raw` (bool: no chat template), `ignore_eos` (bool). Each response carries `text` (the printable text
-it adds) and `token_ids` (the tokens it adds); the final one adds `stats`, a JSON object with the exit
-layer of every decode step, its histogram, token counts, decode tokens/s and the instance's live
-request/KV-cache counters. A prompt that does not fit the KV cache, or a bad value, gets an
-INVALID_ARG error; cancelling the stream stops the loop at the next step and frees its KV cache.
+`raw` (bool: no chat template), `ignore_eos` (bool), `mode` (string: `full`, `exit` or `verify`;
+default `exit` at the graph's thresholds), `k` (int32: verify mode's draft length), `budget` (string:
+exit mode at a calibrated operating point, e.g. `safe`, `balanced`, `fast`). Each response carries
+`text` (the printable text it adds) and `token_ids` (the tokens it adds); the final one adds `stats`, a
+JSON object with the mode, the exit layer of every decode step, its histogram, token counts, time to
+first token, verify acceptance and the instance's batch counters. A prompt that does not fit the KV
+cache, or a bad value, gets an INVALID_ARG error; a full instance (every row busy and the queue full:
+parameters `max_rows`, `max_queue`) answers UNAVAILABLE; cancelling the stream frees its row at the
+next step. Metrics (on Triton's metrics port): `river_generated_tokens_total`,
+`river_tokens_per_second`, `river_batch_rows`, `river_batch_occupancy`, `river_queue_depth`,
+`river_exit_tokens_total{{layer=...}}`, `river_verify_drafted_tokens_total`,
+`river_verify_accepted_tokens_total`, `river_verify_acceptance`, `river_requests_*_total`.
+Load test: `river-loadtest --url 127.0.0.1:8001 --streams 1,4,8 --modes full,verify`.
 """
