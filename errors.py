@@ -3,6 +3,7 @@
 import errno
 import json
 import signal
+import threading
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,18 +49,28 @@ class CacheOverflow(RiverError):
     """A prompt or generation that does not fit in the KV cache."""
 
 
+_INTERRUPTED = threading.Event()  # set by the CLIs' SIGINT/SIGTERM handler
+
+
 @contextmanager
 def sigterm_as_interrupt():
     """CLIs: SIGTERM raises KeyboardInterrupt as Ctrl-C does, so context managers remove temporaries
-    on the way out and the command reports one line instead of dying silently."""
+    on the way out and the command reports one line instead of dying silently. Both signals are also
+    recorded: native code (the torch exporter, ONNX Runtime) may turn the KeyboardInterrupt into an
+    error of its own, which is still an interruption, not a bug."""
     def interrupt(signum, frame):
+        _INTERRUPTED.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    _INTERRUPTED.clear()
+    # an inherited SIG_IGN for SIGINT (a background job of a shell without job control) is respected
+    signals = [signal.SIGTERM] + ([] if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else [signal.SIGINT])
+    previous = {sig: signal.signal(sig, interrupt) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_command(prog: str, body, disk_path, user_errors: tuple = (RiverError,), on_interrupt=None) -> int:
@@ -70,15 +81,17 @@ def run_command(prog: str, body, disk_path, user_errors: tuple = (RiverError,), 
     try:
         with sigterm_as_interrupt():
             return body()
-    except KeyboardInterrupt:
-        if on_interrupt is not None:
-            on_interrupt()
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except user_errors as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, Exception) and _INTERRUPTED.is_set()):
+            if on_interrupt is not None:
+                on_interrupt()
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(exc, user_errors):
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(exc, OSError):
+            raise
         message = disk_error(exc, disk_path)
         if message is None:
             raise

@@ -45,9 +45,16 @@ def _steps(graph: Path) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as a terminal delivers it. A shell without job control starts background
+    jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN (the CLI then rightly ignores it):
+    a test run from such a job would see the export finish instead of being interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(module: str, *args: str, env=None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})}, **kwargs)
+                            text=True, env={**os.environ, **(env or {})}, preexec_fn=_default_sigint, **kwargs)
 
 
 def _last_line(stderr: str) -> str:
