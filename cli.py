@@ -157,9 +157,9 @@ def _extras(args, step: Path, river_dir: Path) -> bool:
     # segmented form: a repository always carries it
     args.segmented = args.segmented or args.triton_repo is not None
     if args.segmented or args.trt:
-        from river.compiler.tensorrt.engines import spec_from_manifest
+        from river.compiler.river.spec import RiverSpec
 
-        spec = spec_from_manifest(river_dir)
+        spec = RiverSpec.from_manifest(river_dir)
     if args.segmented:
         from river.compiler.river.segments import write_segments
 

@@ -40,6 +40,15 @@ def smol_onnx(smol, tmp_path_factory) -> Path:
     return export_model(smol, tmp_path_factory.mktemp("smol") / "export")
 
 
+@pytest.fixture(scope="session")
+def smol_river_model(smol_onnx, tmp_path_factory) -> Path:
+    """SmolLM2 compiled once with river-export's defaults (int8 twins, default gates, draft graph):
+    the River graph's path. Tests that need another River compile their own."""
+    from river.compiler.compile import compile_river
+
+    return compile_river(smol_onnx, tmp_path_factory.mktemp("smol-river") / "river", log=None)
+
+
 def optimum_export(loaded, work: Path) -> Path:
     """Export through Hugging Face Optimum (text-generation-with-past) from a local HF directory."""
     from optimum.exporters.onnx import main_export

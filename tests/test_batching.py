@@ -12,7 +12,7 @@ import pytest
 
 from river.compiler.compile import compile_river
 from river.compiler.river.segments import write_segments
-from river.compiler.tensorrt.engines import spec_from_manifest
+from river.compiler.river.spec import RiverSpec
 from river.errors import CacheOverflow, RiverError
 from river.models.tokenizer import encode_prompt
 from river.runtime.batching.kv_pool import KVPool
@@ -29,7 +29,7 @@ PROMPTS = ["first river", "a second, longer prompt about deltas and the sea", "3
 @pytest.fixture(scope="module")
 def river_dir(tiny_onnx, tmp_path_factory):
     model = compile_river(tiny_onnx, tmp_path_factory.mktemp("batching") / "river", gates=GATES, log=None)
-    write_segments(tiny_onnx, spec_from_manifest(model.parent), model.parent / "segments")
+    write_segments(tiny_onnx, RiverSpec.from_manifest(model.parent), model.parent / "segments")
     return model.parent
 
 

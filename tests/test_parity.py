@@ -12,7 +12,6 @@ from river.compiler.compile import compile_river
 from river.compiler.river.manifest import DISABLED
 from river.compiler.river.segments import write_segments
 from river.compiler.river.spec import RiverSpec
-from river.compiler.tensorrt.engines import spec_from_manifest
 from river.runtime.parity import StepDataLoader, check_parity, threshold_patterns
 
 GATES = [0, 2]
@@ -22,7 +21,7 @@ GATES = [0, 2]
 def river_dir(tiny_onnx, tmp_path_factory):
     out = tmp_path_factory.mktemp("parity") / "river"
     compile_river(tiny_onnx, out, gates=GATES, river="int8", thresholds=[0.5, 0.9], log=None)
-    write_segments(tiny_onnx, spec_from_manifest(out), out / "segments")
+    write_segments(tiny_onnx, RiverSpec.from_manifest(out), out / "segments")
     return out
 
 
@@ -60,7 +59,7 @@ def test_parity_catches_a_mismatch(river_dir, tiny_onnx, tmp_path):
 
     from river.compiler.river.segments import DATA_FILE, SegmentIndex
 
-    write_segments(tiny_onnx, spec_from_manifest(river_dir), tmp_path / "segments")
+    write_segments(tiny_onnx, RiverSpec.from_manifest(river_dir), tmp_path / "segments")
     index = SegmentIndex.load(tmp_path / "segments")
     model = onnx.load(str(index.path(index.river(0))), load_external_data=False)
     weight = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == 1)
@@ -111,7 +110,7 @@ def test_parity_of_the_tensorrt_forms(river_dir, tiny_onnx, tmp_path):
     pytest.importorskip("tensorrt" if trt_package.TRT_PACKAGE == "tensorrt" else "tensorrt_rtx", reason=trt_package.INSTALL_HINT)
     folder = tmp_path / "river"
     shutil.copytree(river_dir, folder)
-    report = compile_trt(tiny_onnx, spec_from_manifest(folder), folder, capacity=32, max_seq=8, max_past=32)
+    report = compile_trt(tiny_onnx, RiverSpec.from_manifest(folder), folder, capacity=32, max_seq=8, max_past=32)
     assert report.build("fused").conditionals == len(GATES)
     assert sorted(p.name for p in (folder / "trt").iterdir()) == ["chained", "engines", "segments"]
     parity = check_parity(folder, contexts=1)

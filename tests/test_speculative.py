@@ -252,13 +252,13 @@ def test_verify_mode_rejects_plain_graph_and_bad_options(tiny, tiny_onnx, tiny_r
 
 
 @pytest.mark.slow
-def test_smollm2_verify_mode_identical_on_benchmark_prompts(smol, smol_onnx, tmp_path_factory):
+def test_smollm2_verify_mode_identical_on_benchmark_prompts(smol, smol_onnx, smol_river_model):
     """Both drafts on the real model: the shipped draft graph (8-bit twins of every layer) on every
     benchmark prompt, the River graph's own exit (int8 river, first gate) on four."""
     from river.runtime.bench.eval_data import EVAL_PROMPTS
     from river.runtime.loading import open_verifier
 
-    river = compile_river(smol_onnx, tmp_path_factory.mktemp("smol-spec") / "r", river="int8", log=None)
+    river = smol_river_model  # int8 twins, the default gates and draft graph
     full = Generator(OrtBackend(smol_onnx, threads=2), smol.tokenizer, smol.config.eos_token_ids)
     drafts = {"graph": open_verifier(str(river), threads=2, k=4),
               "river": SpeculativeGenerator(OrtBackend(river, threads=2), smol.tokenizer, smol.config.eos_token_ids,

@@ -623,8 +623,8 @@ def test_bls_step_backend_extends_by_several_tokens(tiny_river, repo, monkeypatc
 # --- SmolLM2 -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_stream_equals_runtime_greedy(smol_onnx, tmp_path):
-    river = compile_river(smol_onnx, tmp_path / "river", log=None)
+def test_smollm2_stream_equals_runtime_greedy(smol_river_model, tmp_path):
+    river = smol_river_model
     repo = write_triton_repo(river.parent, tmp_path / "repo", max_length=256)
     prompt = "What is a river delta?"
     with triton_server(repo, ready_timeout=300) as s:

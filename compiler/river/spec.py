@@ -29,6 +29,16 @@ class RiverSpec:
         kind, precision = twins.resolve(river)
         return cls(tuple(gates), kind, kw.pop("precision", None) or precision, **kw)
 
+    @classmethod
+    def from_manifest(cls, river_dir) -> RiverSpec:
+        """The spec a ``river-export`` folder was compiled with (its ``river.json``): the other forms
+        of the same River (segments, TensorRT forms) are built from it."""
+        from river.compiler.river.manifest import RiverManifest
+
+        m = RiverManifest.load(river_dir)
+        return cls(tuple(m.gates), m.kind, m.precision, m.block,
+                   None if m.thresholds is None else tuple(m.thresholds), m.twin_format)
+
 
 def check_spec(spec: RiverSpec, num_layers: int) -> None:
     """Why a spec cannot apply to a model with ``num_layers`` layers (raises RiverError)."""

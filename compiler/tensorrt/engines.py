@@ -39,7 +39,6 @@ from river.compiler.river.manifest import (
     SEGMENTS_DIR,
     TRT_DIR,
     RiverInfo,
-    RiverManifest,
 )
 from river.compiler.river.segments import SegmentIndex, write_segments
 from river.compiler.river.spec import RiverSpec
@@ -179,13 +178,6 @@ def build_river_engines(out_dir: str | Path, *, fused_onnx: str | Path | None = 
         report = EnginesReport(out_dir, builds, precision, None if segments_dir is None else str(Path(segments_dir).resolve()), gates)
         (tmp / ENGINES_FILE).write_text(json.dumps(report.to_json(relative_to=out_dir), indent=2))
     return report
-
-
-def spec_from_manifest(river_dir: str | Path) -> RiverSpec:
-    """The RiverSpec a ``river-export`` folder was compiled with (its ``river.json``)."""
-    m = RiverManifest.load(river_dir)
-    return RiverSpec(tuple(m.gates), m.kind, m.precision, m.block,
-                     None if m.thresholds is None else tuple(m.thresholds), m.twin_format)
 
 
 def write_trt_forms(step: str | Path | onnx.ModelProto, spec: RiverSpec, trt_dir: str | Path, *,

@@ -17,14 +17,14 @@ import numpy as np
 
 from river.compiler.river.manifest import DISABLED
 from river.errors import CacheOverflow
-from river.runtime.backend import KVCache
 from river.runtime.kv_cache import SharedKVCache
 
 CAPACITY_STEP = 64  # capacities are rounded up to a multiple of this (fewer regrowths, fewer bindings)
 
 
-class RowsView(KVCache):
-    """Rows [lo, hi) of a pool, as a cache a backend steps in place."""
+class RowsView(SharedKVCache):
+    """Rows [lo, hi) of a pool, as a cache a backend steps in place: a ``SharedKVCache`` whose buffers
+    are views of the pool's and whose rows each have their own length."""
 
     def __init__(self, pool: "KVPool", lo: int, hi: int):
         self.pool, self.lo, self.hi = pool, lo, hi
@@ -58,19 +58,6 @@ class RowsView(KVCache):
         if int(self._lengths.max()) + new_positions > self.physical:
             raise CacheOverflow(f"{new_positions} new positions do not fit rows of up to "
                                 f"{int(self._lengths.max())} positions in a pool of {self.physical}")
-
-    def buffers(self) -> list[np.ndarray]:
-        return [b for pair in zip(self.keys, self.values) for b in pair]
-
-    def valid_kv(self, layer: int, kind: str) -> np.ndarray:
-        return np.array((self.keys if kind == "key" else self.values)[layer][:, :, :self.length])
-
-    def write(self, layer: int, key: np.ndarray, value: np.ndarray, at: int) -> None:
-        s = key.shape[2]
-        if at + s > self.physical:
-            raise CacheOverflow(f"writing positions {at}..{at + s - 1} past the pool's {self.physical}")
-        self.keys[layer][:, :, at:at + s] = key
-        self.values[layer][:, :, at:at + s] = value
 
 
 class KVPool:

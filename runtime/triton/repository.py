@@ -70,11 +70,11 @@ def _segments(src: Path, river: RiverInfo | None, dst: Path) -> None:
         return
     from river.compiler.river.manifest import RiverManifest
     from river.compiler.river.segments import write_segments
-    from river.compiler.tensorrt.engines import spec_from_manifest
+    from river.compiler.river.spec import RiverSpec
 
     source = RiverManifest.load(src).source_path if (src / MANIFEST_FILE).is_file() else None
     if source is not None and source.is_file():
-        write_segments(source, spec_from_manifest(src), dst)
+        write_segments(source, RiverSpec.from_manifest(src), dst)
 
 
 def _bls_step_model(step_backends: Sequence[str], chosen: str | None) -> str:
