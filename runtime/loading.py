@@ -211,7 +211,7 @@ def operating_points(folder: Path) -> dict[str, list[float]]:
 
 def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None = None,
                    max_length: int | None = None, *, max_rows: int = 8, max_queue: int = 64,
-                   prefill_chunk: int = 16, k_max: int = 8):
+                   prefill_chunk: int = 16, k_max: int = 8, prefill_budget: int | None = None):
     """The continuous-batching scheduler (``runtime/batching``) for a river-export folder.
 
     It decodes with the segmented River where the folder has one (each row of a batch exits at its
@@ -228,4 +228,4 @@ def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None
     draft = OrtBackend(folder / DRAFT_FILE, threads=threads) if (folder / DRAFT_FILE).is_file() else None
     return Scheduler(gen.backend, gen.tokenizer, gen.eos_token_ids, draft=draft, max_rows=max_rows,
                      max_queue=max_queue, max_length=gen.max_length, prefill_chunk=prefill_chunk, k_max=k_max,
-                     budgets=operating_points(folder))
+                     budgets=operating_points(folder), prefill_budget=prefill_budget)

@@ -154,8 +154,8 @@ class Scheduler:
                  backbone: StepBackend | None = None, draft: StepBackend | None = None, draft_gate: int = 0,
                  max_rows: int = 8, max_queue: int = 64, max_length: int | None = None,
                  prefill_chunk: int = 16, k_max: int = 8, budgets: dict[str, Sequence[float]] | None = None,
-                 min_shared_prefix: int = 4):
-        if max_rows < 1 or max_queue < 0 or prefill_chunk < 1 or k_max < 1:
+                 min_shared_prefix: int = 4, prefill_budget: int | None = None):
+        if max_rows < 1 or max_queue < 0 or prefill_chunk < 1 or k_max < 1 or (prefill_budget or 1) < 1:
             raise RiverError("max_rows, prefill_chunk and k_max must be >= 1, max_queue >= 0")
         for other in (backbone, draft):
             if other is not None and other.contract.num_layers != decoder.contract.num_layers:
@@ -166,7 +166,9 @@ class Scheduler:
         self.max_rows, self.max_queue, self.max_length = max_rows, max_queue, max_length
         self.prefill_chunk, self.k_max = prefill_chunk, k_max
         self.min_shared_prefix = min_shared_prefix  # shorter common prefixes are recomputed (not worth a copy)
-        self.prefill_budget = 4 * prefill_chunk  # prompt tokens one step may prefill, over all joining rows
+        # prompt tokens one step may prefill over all joining rows: a step's prefill delays every running
+        # stream's next token, so this bounds the per-token latency a joining request causes
+        self.prefill_budget = 2 * prefill_chunk if prefill_budget is None else prefill_budget
         self.budgets = dict(budgets or {})
         gates = len(decoder.river.gates) if decoder.river is not None else 0
         c = decoder.contract

@@ -180,7 +180,8 @@ class TritonPythonModel:
             rows = int(params.get("max_rows", 8))
             self.scheduler = open_scheduler(str(river_dir), threads=threads, max_length=max_length, max_rows=rows,
                                             max_queue=int(params.get("max_queue", 4 * rows)),
-                                            prefill_chunk=int(params.get("prefill_chunk", 16)))
+                                            prefill_chunk=int(params.get("prefill_chunk", 16)),
+                                            prefill_budget=int(params["prefill_budget"]) if params.get("prefill_budget") else None)
             self.backend, self.tokenizer = self.scheduler.decoder, self.scheduler.tokenizer
             self.scheduler.start()
             if hasattr(pb_utils, "MetricFamily"):

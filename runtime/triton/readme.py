@@ -100,7 +100,8 @@ exit mode at a calibrated operating point, e.g. `safe`, `balanced`, `fast`). Eac
 JSON object with the mode, the exit layer of every decode step, its histogram, token counts, time to
 first token, verify acceptance and the instance's batch counters. A prompt that does not fit the KV
 cache, or a bad value, gets an INVALID_ARG error; a full instance (every row busy and the queue full:
-parameters `max_rows`, `max_queue`) answers UNAVAILABLE; cancelling the stream frees its row at the
+parameters `max_rows`, `max_queue`; `prefill_budget` bounds the prompt tokens a step prefills, trading
+a joining request's delay to the running streams against burst throughput) answers UNAVAILABLE; cancelling the stream frees its row at the
 next step. Metrics (on Triton's metrics port): `river_generated_tokens_total`,
 `river_tokens_per_second`, `river_batch_rows`, `river_batch_occupancy`, `river_queue_depth`,
 `river_exit_tokens_total{{layer=...}}`, `river_verify_drafted_tokens_total`,

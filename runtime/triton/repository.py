@@ -88,6 +88,7 @@ def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
                       step_backends: Sequence[str] = STEP_BACKENDS, plan_path: str | Path | None = None,
                       instances: int = 1, max_length: int | None = None, bls: bool = False,
                       bls_step_model: str | None = None, threads: int | None = None, max_rows: int = 8, max_queue: int | None = None,
+                      prefill_budget: int | None = None,
                       default_max_tokens: int = DEFAULT_MAX_TOKENS, step_instances: int = 1,
                       ort_kind: str = "KIND_CPU") -> Path:
     """Write the model repository for the River graph in ``river_dir`` to ``repo_dir``; return ``repo_dir``.
@@ -96,7 +97,9 @@ def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
     backend each); ``max_length``: KV cache capacity per request (default: the model's context);
     ``threads``: ONNX Runtime intra-op threads per instance; ``max_rows``: requests one instance
     batches (rows of its KV pool); ``max_queue``: requests that may wait for a row (default 4 x max_rows;
-    beyond that a request is refused as UNAVAILABLE); ``ort_kind``: instance kind of the onnxruntime step model (TensorRT's is KIND_GPU).
+    beyond that a request is refused as UNAVAILABLE); ``prefill_budget``: prompt tokens one step may
+    prefill (default 32: lower bounds the per-token latency a joining request causes the running
+    streams, higher raises throughput under bursts); ``ort_kind``: instance kind of the onnxruntime step model (TensorRT's is KIND_GPU).
     Written into a temporary sibling folder, validated, then renamed: nothing partial is
     left on failure, and an existing non-empty ``repo_dir`` is refused.
     """
@@ -112,6 +115,8 @@ def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
         raise RiverError("instances, step_instances and max_rows must be >= 1")
     if max_queue is not None and max_queue < 0:
         raise RiverError("max_queue must be >= 0")
+    if prefill_budget is not None and prefill_budget < 1:
+        raise RiverError("prefill_budget must be >= 1")
     if max_length is not None and max_length < 2:
         raise RiverError("max_length must leave room for a prompt and one new token (>= 2)")
     if bls:
@@ -151,6 +156,8 @@ def write_triton_repo(river_dir: str | Path, repo_dir: str | Path, *,
             params["step_model"] = bls_step_model
         if max_queue is not None:
             params["max_queue"] = max_queue
+        if prefill_budget is not None:
+            params["prefill_budget"] = prefill_budget
         if max_length is not None:
             params["max_length"] = max_length
         if threads is not None:
