@@ -283,6 +283,21 @@ def test_overload_is_refused_while_admitted_streams_finish(server, reference):
     assert after.stats["server"]["rejected"] >= 3 and after.stats["server"]["rows"] == 0
 
 
+def test_two_instances_each_batch_their_own_streams(tiny_river, reference, tmp_path):
+    """instance_group count 2: two Python-backend processes, each with its own scheduler and KV pool;
+    Triton spreads the streams over them and every stream still equals its request alone."""
+    repo = write_triton_repo(tiny_river.parent, tmp_path / "repo", threads=1, instances=2, max_rows=2, max_queue=2)
+    jobs = [(f"instance stream {i}", 150) for i in range(4)]
+    with triton_server(repo, keep_logs=tmp_path / "log") as s:
+        results, errors = _concurrently(jobs, lambda p, n: stream_generate(p, url=s.grpc_url, max_tokens=n,
+                                                                             ignore_eos=True, mode="full"))
+        logs = s.logs()
+    assert not errors, errors  # Triton need not spread them evenly: each instance may queue two
+    for i, got in results.items():
+        assert_same(got, reference(*jobs[i], ignore_eos=True, mode="full"))
+    assert logs.count("river: river_generate ready") == 2, "two instances were not started"
+
+
 def _metrics(server) -> dict[str, float]:
     import urllib.request
 
