@@ -282,3 +282,17 @@ def test_generate_cli_answers_a_prompts_file_batched(make, river_dir, tmp_path, 
     assert "3 prompts, mode verify" in err and "peak batch 3" in err
     assert main(["--prompts", str(tmp_path / "missing.txt")]) == 2
     assert "--prompts file not found" in capsys.readouterr().err
+
+
+def test_requests_that_end_at_their_first_token_leave_the_batch_cleanly(make):
+    """A request finished by its prefill (one new token) must not leave a hole in its group's rows."""
+    sched = make()
+    reqs = [request(sched, PROMPTS[0], 20, "full"), request(sched, PROMPTS[1], 1, "full"),
+            request(sched, PROMPTS[2], 15, "exit", thresholds=MIXED), request(sched, PROMPTS[3], 1, "verify"),
+            request(sched, PROMPTS[0], 12, "verify"), request(sched, PROMPTS[4], 1, "exit")]
+    singles = [alone(sched, r) for r in reqs]
+    tickets = [sched.submit(r) for r in reqs]
+    sched.run_until_idle()
+    for ticket, single in zip(tickets, singles):
+        same(ticket.wait(), single)
+    assert [len(t.wait().token_ids) for t in tickets] == [20, 1, 15, 1, 12, 1]

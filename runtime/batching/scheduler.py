@@ -301,6 +301,7 @@ class Scheduler:
         prefilling = [r for r in self._rows if r.group == 3]
         if prefilling:
             tokens += self._guard(prefilling, self._prefill, prefilling)
+            self._leave()  # a prompt whose first token ends it leaves before the groups' steps
         verify = [r for r in self._rows if r.group == 0 and r.emitter.reason is None]
         if verify:
             tokens += self._guard(verify, self._verify_round, verify)
