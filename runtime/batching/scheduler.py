@@ -41,7 +41,8 @@ from river.runtime.generate import Emitter, GenerationConfig, GenerationResult, 
 from river.runtime.sampling import sample
 from river.runtime.speculative import accept_drafts
 
-MODES = ("verify", "full", "exit")  # also the order of the row groups in the pool
+MODES = ("full", "exit", "verify")  # what a request may ask for (the Triton model and river-loadtest use these)
+_GROUP = {"verify": 0, "full": 1, "exit": 2}  # where a decoding row sits in the pool (3: still prefilling)
 
 
 class SchedulerFull(RiverError):
@@ -127,7 +128,7 @@ class _Row:
         """Where the row sits in the pool: 0 verify, 1 full, 2 exit, 3 still prefilling."""
         if self.prefilled < len(self.request.prompt_ids):
             return 3
-        return MODES.index(self.request.mode) if self.request.mode != "verify" else 0
+        return _GROUP[self.request.mode]
 
     @property
     def cancelled(self) -> bool:
@@ -193,7 +194,7 @@ class Scheduler:
         """Refuse a request this scheduler cannot serve (one-line reason); return its row thresholds
         and the positions its row needs."""
         if request.mode not in MODES:
-            raise RiverError(f"unknown mode '{request.mode}' (choose full, exit or verify)")
+            raise RiverError(f"unknown mode '{request.mode}' (choose {', '.join(MODES)})")
         n = len(request.prompt_ids)
         if n == 0:
             raise RiverError("the prompt is empty")

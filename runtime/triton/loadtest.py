@@ -30,11 +30,11 @@ from functools import partial
 from pathlib import Path
 
 from river.errors import RiverError, run_command
+from river.runtime.batching.scheduler import MODES
 from river.runtime.triton.client import DEFAULT_URL, stream_generate
 from river.runtime.triton.config import GENERATE_MODEL
 
 PROG = "river-loadtest"
-MODES = ("full", "exit", "verify")
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
     "Write a haiku about autumn rain.",

@@ -17,6 +17,7 @@ import numpy as np
 from river.compiler.river.manifest import RiverInfo, check_thresholds
 from river.errors import RiverError
 from river.runtime.backend import KVCache, StepBackend
+from river.runtime.batching.scheduler import MODES
 from river.runtime.generate import GenerationConfig, GenerationResult, Generator
 from river.runtime.triton.config import DEFAULT_MAX_TOKENS
 
@@ -40,7 +41,6 @@ class RequestSpec:
     budget: str | None = None  # exit mode: a named operating point instead of thresholds
 
 
-REQUEST_MODES = ("full", "exit", "verify")
 
 
 def _scalar(values: Mapping[str, np.ndarray | None], name: str):
@@ -105,8 +105,8 @@ def parse_request(values: Mapping[str, np.ndarray | None], gates: int,
     budget = None if budget is None else _text(budget, "budget")
     if mode is None:
         mode = "exit" if gates and (thresholds is not None or budget is not None or default_mode == "exit") else "full"
-    if mode not in REQUEST_MODES:
-        raise RequestError(f"unknown mode '{mode}' (choose full, exit or verify)")
+    if mode not in MODES:
+        raise RequestError(f"unknown mode '{mode}' (choose {', '.join(MODES)})")
     if (thresholds is not None or budget is not None) and mode != "exit":
         raise RequestError(f"'thresholds' and 'budget' apply to mode 'exit', not '{mode}'")
     if thresholds is not None and budget is not None:
