@@ -138,16 +138,10 @@ def _peak_bytes(events) -> int:
     return max(int(e["args"]["mem_in_use_peak"]) for e in events)
 
 
-def _median_us(events, op: str) -> float:
-    return float(np.median([e["dur"] for e in events if e["args"]["op_name"] == op
-                            and len(e["args"]["output_type_shape"][0].get("float", [])) == 4]))
-
-
 def test_no_cache_copy_in_onnx_runtime_profile(tiny, tiny_onnx, tmp_path, monkeypatch):
     """ONNX Runtime's profile, not our pointers: as the cache capacity grows 16x, the memory ONNX Runtime
-    allocates per decode step grows by far less than one copy of the cache, and the in-place write
-    (TensorScatter) costs the same; the exported Concat form, run the same way, grows by more than a copy
-    and its Concat slows down, so both measures would catch a copy."""
+    allocates per decode step grows by far less than one copy of the cache; the exported Concat form, run
+    the same way, grows by more than a copy, so the measure would catch one."""
     c = tiny.config
     small, large = 256, 4096
     cache_bytes = 2 * c.num_layers * c.num_kv_heads * large * c.head_dim * 4  # every layer's K and V at 16x
@@ -163,6 +157,5 @@ def test_no_cache_copy_in_onnx_runtime_profile(tiny, tiny_onnx, tmp_path, monkey
     control_growth = _peak_bytes(control[1]) - _peak_bytes(control[0])
     assert control_growth > cache_bytes, (control_growth, cache_bytes)  # the measure sees a copy
     assert shared_growth < cache_bytes / 2, (shared_growth, cache_bytes)  # ... and there is none
-    scatter = _median_us(shared[1], "TensorScatter") / max(_median_us(shared[0], "TensorScatter"), 1.0)
-    concat = _median_us(control[1], "Concat") / max(_median_us(control[0], "Concat"), 1.0)
-    assert scatter < 2.5 < concat, (scatter, concat)
+    # Kernel times are not asserted: a timed check failed once in CI (Concat only 2.2x slower at 16x the
+    # past, on 2 busy cores); the allocation measure above is deterministic and sees the copy.
