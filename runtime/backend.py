@@ -276,16 +276,9 @@ class InPlaceSteps:
                 bindings[s] = st
         st["ids"][:] = token_ids
         lengths = cache.row_lengths()
-        if cache.batch == 1 or not np.any(lengths != lengths[0]):
-            pos = int(lengths[0])
-            st["positions"][:] = np.arange(pos, pos + s)
-            st["write_at"][:] = pos
-            st["mask"][:, :pos + s] = 1
-            st["mask"][:, pos + s:] = 0
-        else:
-            st["positions"][:] = lengths[:, None] + np.arange(s)
-            st["write_at"][:] = lengths
-            st["mask"][:] = np.arange(st["mask"].shape[1])[None, :] < (lengths + s)[:, None]
+        st["positions"][:] = lengths[:, None] + np.arange(s)
+        st["write_at"][:] = lengths
+        st["mask"][:] = np.arange(st["mask"].shape[1])[None, :] < (lengths + s)[:, None]
         return st
 
     def release(self, cache=None) -> None:

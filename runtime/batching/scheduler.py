@@ -297,15 +297,14 @@ class Scheduler:
         self._join()
         if not self._rows:
             return
-        t0 = time.perf_counter()
         tokens = 0
         prefilling = [r for r in self._rows if r.group == 3]
         if prefilling:
-            tokens += self._guard(prefilling, self._prefill, prefilling)
+            tokens += self._guard(prefilling, self._prefill)
             self._leave()  # a prompt whose first token ends it leaves before the groups' steps
         verify = [r for r in self._rows if r.group == 0 and r.emitter.reason is None]
         if verify:
-            tokens += self._guard(verify, self._verify_round, verify)
+            tokens += self._guard(verify, self._verify_round)
         decode = [r for r in self._rows if r.group in (1, 2) and r.emitter.reason is None]
         if decode and not self.decoder.per_row_exits:  # full rows together, each exit row alone
             calls = [[r for r in decode if r.group == 1]] + [[r] for r in decode if r.group == 2]
@@ -313,7 +312,7 @@ class Scheduler:
             calls = [decode]
         for rows in calls:
             if rows:
-                tokens += self._guard(rows, self._decode_step, rows)
+                tokens += self._guard(rows, self._decode_step)
         now = time.perf_counter()
         with self._lock:
             self.counters["steps"] += 1
@@ -321,12 +320,11 @@ class Scheduler:
             self._recent.append((now, tokens))
             while self._recent and now - self._recent[0][0] > 10.0:
                 self._recent.popleft()
-        self._elapsed = now - t0
 
-    def _guard(self, rows: list[_Row], fn, *args) -> int:
+    def _guard(self, rows: list[_Row], work: Callable[[list[_Row]], int]) -> int:
         """Run one group's work; a failure fails those rows, not the server."""
         try:
-            return fn(*args)
+            return work(rows)
         except Exception as exc:  # noqa: BLE001 - one failed step must not stop the other requests
             for row in rows:
                 row.emitter.reason = row.emitter.reason or "error"

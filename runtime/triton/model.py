@@ -233,7 +233,6 @@ class TritonPythonModel:
 
     # --- the scheduler (default) ------------------------------------------------------------------------
     def _submit(self, rid, spec, sender):
-        from river.errors import RiverError as _RiverError
         from river.models.tokenizer import encode_prompt
         from river.runtime.batching.scheduler import BatchRequest, SchedulerFull
 
@@ -250,7 +249,7 @@ class TritonPythonModel:
                                   on_done=lambda ticket: self._done(rid, spec, thresholds, ticket, sender, t0))
         except SchedulerFull as exc:
             self._final_error(sender, str(exc), pb_utils.TritonError.UNAVAILABLE)
-        except (_RiverError, CacheOverflow, ValueError) as exc:
+        except (RiverError, CacheOverflow, ValueError) as exc:
             self._final_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
 
     def _done(self, rid, spec, thresholds, ticket, sender, t0):
