@@ -134,7 +134,10 @@ def test_interrupted_export_cleans_up(tmp_path, sig):
     proc.send_signal(sig)
     rc = proc.wait(timeout=120)
     err = proc.communicate()[1]
-    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    # 130, or death by SIGINT (which a shell also reports as 130): under `python -m`, CPython kills itself
+    # with SIGINT at exit when a KeyboardInterrupt ended any nested PyRun_* evaluation, even one that was
+    # caught (Py_RunMain's unhandled-KeyboardInterrupt flag; reproduced with a nested PyRun_String under -m)
+    assert rc in (130, -signal.SIGINT) and "Traceback" not in err, err[-2000:]
     assert _last_line(err) == "river-export: interrupted"
     assert list(out.parent.iterdir()) == []
 
