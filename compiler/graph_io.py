@@ -109,6 +109,37 @@ def hoist_initializers(model: onnx.ModelProto, keep_local=lambda name: False) ->
     return model
 
 
+def without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` without the initializers ``names`` (inputs with defaults, detached while a pass
+    runs: onnx-graphsurgeon would take them for constants)."""
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    keep = [t for t in stripped.graph.initializer if t.name not in names]
+    del stripped.graph.initializer[:]
+    stripped.graph.initializer.extend(keep)
+    return stripped
+
+
+def rewrite_step_graph(model: onnx.ModelProto, rewrite, keep_local=lambda name: False) -> onnx.ModelProto:
+    """Run ``rewrite(model) -> gs.Graph`` (a pass over a step graph) and export its result whole: inputs
+    with defaults (``exit_thresholds``) stay runtime inputs with their defaults (onnx-graphsurgeon
+    would take them for constants and copy them into the If branches that read them), initializers
+    shared by branches are hoisted (``hoist_initializers``) and the metadata is kept."""
+    import onnx_graphsurgeon as gs
+
+    input_names = {i.name for i in model.graph.input}
+    defaults = [t for t in model.graph.initializer if t.name in input_names]
+    graph = rewrite(without_initializers(model, {t.name for t in defaults}) if defaults else model)
+    graph.toposort()
+    result = hoist_initializers(gs.export_onnx(graph, do_type_check=False), keep_local=keep_local)
+    have = {i.name for i in result.graph.input}
+    result.graph.input.extend(i for i in model.graph.input if i.name not in have)
+    result.graph.initializer.extend(defaults)
+    del result.metadata_props[:]
+    result.metadata_props.extend(model.metadata_props)
+    return result
+
+
 def walk_nodes(graph: onnx.GraphProto):
     """Every node of ``graph`` and of its subgraphs (``If`` branches), depth first."""
     for node in graph.node:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from river.compiler.graph_io import hoist_initializers, lift_opset
+from river.compiler.graph_io import lift_opset, rewrite_step_graph
 from river.compiler.lowering.gqa_attention import matmul_input_shapes, ungroup_attention
 from river.compiler.river.builder import is_quantized_weight
 from river.errors import NotADecoderGraph
@@ -77,13 +77,11 @@ def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
     if problems:
         raise NotADecoderGraph("cannot make the KV cache shared: " + "; ".join(problems[:3]))
     contract = StepContract.from_model(model)
-    model = lift_opset(model, TENSOR_SCATTER_OPSET)
-    # Inputs with defaults (exit_thresholds) must stay runtime inputs: gs would treat them as constants
-    # and copy them into the If branches that read them. Detach the defaults, re-attach after export.
-    input_names = {i.name for i in model.graph.input}
-    defaults = [t for t in model.graph.initializer if t.name in input_names]
-    if defaults:
-        model = _without_initializers(model, {t.name for t in defaults})
+    return rewrite_step_graph(lift_opset(model, TENSOR_SCATTER_OPSET), lambda m: _scatter_in_place(m, contract),
+                              keep_local=is_quantized_weight)
+
+
+def _scatter_in_place(model: onnx.ModelProto, contract: StepContract) -> gs.Graph:
     attention_shapes = matmul_input_shapes(model)
     graph = gs.import_onnx(model)
     inputs = {t.name: t for t in graph.inputs}
@@ -110,23 +108,7 @@ def to_shared_kv(model: onnx.ModelProto) -> onnx.ModelProto:
                 node.name = f"{node.name}/shared_kv"
             outputs[present_name(layer, kind)].shape = list(past.shape)
     ungroup_attention(graph, attention_shapes)  # attention reads the cache in place, no repeat_kv copy
-    graph.toposort()
-    result = hoist_initializers(gs.export_onnx(graph, do_type_check=False), keep_local=is_quantized_weight)
-    # inputs with a default (an initializer of the same name, e.g. exit_thresholds) stay inputs
-    have = {i.name for i in result.graph.input}
-    result.graph.input.extend(i for i in model.graph.input if i.name not in have)
-    result.graph.initializer.extend(defaults)
-    result.metadata_props.extend(model.metadata_props)
-    return result
-
-
-def _without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
-    keep = [t for t in stripped.graph.initializer if t.name not in names]
-    del stripped.graph.initializer[:]
-    stripped.graph.initializer.extend(keep)
-    return stripped
+    return graph
 
 
 def _i64(name, values) -> gs.Constant:

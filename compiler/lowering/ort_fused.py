@@ -1,0 +1,150 @@
+"""Pass: the ONNX Runtime lowering of a step graph (plain, River with ``If`` branches, draft).
+
+Rewrites each attention block to ``GroupQueryAttention`` over the shared KV buffers
+(``fused_attention.py``): past and present are one buffer of the cache's capacity, each row's valid
+length comes from its mask, and attention reads that length only. ONNX Runtime's own optimizer then
+fuses the rest (RMSNorm into ``SimplifiedLayerNormalization``, SiLU, ...).
+
+All or nothing: when any attention block of the graph does not match (the rule says why), the graph
+stays portable - the shared-KV form of ``shared_kv.py`` - and the reason is recorded in the result's
+metadata (``LOWERING_PROP`` / ``LOWERING_REASON_PROP``) and logged. The portable form stays the one for
+TensorRT and ``--check``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from river.compiler.graph_io import rewrite_step_graph
+from river.compiler.lowering import fused_attention
+from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
+from river.compiler.river.builder import is_quantized_weight
+from river.export.contract import CAUSAL_PROP, StepContract, past_name, present_name
+
+ORT_LOWERING_FORMAT = 1 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
+LOWERING_REASON_PROP = "river.lowering_reason"
+MS_DOMAIN = "com.microsoft"
+
+log = logging.getLogger("river.lowering")
+
+
+class NotLowered(ValueError):
+    """Why the fused lowering does not apply to a graph (the graph stays portable)."""
+
+
+def _props(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def lowering_of(model: onnx.ModelProto) -> tuple[str, str]:
+    """(lowering, reason) recorded in a graph this module produced; ("portable", "") for any other."""
+    props = _props(model)
+    return props.get(LOWERING_PROP, "portable"), props.get(LOWERING_REASON_PROP, "")
+
+
+def lower_for_ort(model: onnx.ModelProto, max_positions: int | None) -> onnx.ModelProto:
+    """The fused form of a step graph, or its portable shared-KV form with the reason it is not fused.
+    ``max_positions``: positions the rotary tables cover (the model's context)."""
+    try:
+        result = to_ort_fused(model, max_positions)
+        lowering, reason = "ort_fused", ""
+    except NotLowered as exc:
+        result, lowering, reason = to_shared_kv(model), "portable", str(exc)
+        log.warning("the ONNX Runtime lowering keeps this graph portable: %s", reason)
+    result.metadata_props.add(key=LOWERING_PROP, value=lowering)
+    if reason:
+        result.metadata_props.add(key=LOWERING_REASON_PROP, value=reason)
+    return result
+
+
+def to_ort_fused(model: onnx.ModelProto, max_positions: int | None) -> onnx.ModelProto:
+    """The graph with every attention block fused (raises NotLowered, saying why, when one is not)."""
+    if _props(model).get(CAUSAL_PROP) != "position":
+        raise NotLowered("the graph does not mask causally by position (only our exports are known to)")
+    if not max_positions or max_positions < 1:
+        raise NotLowered("the model's context length is unknown (the rotary tables need it)")
+    contract = StepContract.from_model(model)
+    result = rewrite_step_graph(model, lambda m: _fuse_all(m, contract, max_positions), keep_local=is_quantized_weight)
+    if not any(o.domain == MS_DOMAIN for o in result.opset_import):
+        result.opset_import.add(domain=MS_DOMAIN, version=1)
+    return result
+
+
+def _fuse_all(model: onnx.ModelProto, contract: StepContract, max_positions: int) -> gs.Graph:
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - without shapes the head counts are unknown
+        raise NotLowered(f"shape inference failed: {exc}") from None
+    graph = gs.import_onnx(model)
+    blocks, reasons = [], []
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for node in g.nodes:
+            if node.op == "Softmax":
+                block, why = fused_attention.match(node)
+                (blocks.append((g, block)) if block else reasons.append(f"'{node.name}': {why}"))
+    if reasons:
+        raise NotLowered(f"{len(reasons)} attention block(s) not matched, e.g. {reasons[0]}")
+    if not blocks:
+        raise NotLowered("no attention block (Softmax) found")
+    tables = {(b.rotary.cos.name, b.rotary.sin.name) for _, b in blocks}
+    if len(tables) != 1:
+        raise NotLowered(f"the layers use {len(tables)} different rotary tables")
+    first = blocks[0][1].rotary
+    try:
+        cos, sin = fused_attention.rotary_tables(graph, first.cos, first.sin, max_positions)
+    except ValueError as exc:
+        raise NotLowered(str(exc)) from None
+    shared = _shared_inputs(graph, cos, sin)
+    for g, block in blocks:
+        fused_attention.fuse(g, block, shared)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        g.cleanup()
+    _check_cache_use(graph)
+    outputs = {t.name: t for t in graph.outputs}
+    inputs = {t.name: t for t in graph.inputs}
+    for layer in range(contract.num_layers):
+        for kind in ("key", "value"):
+            outputs[present_name(layer, kind)].shape = list(inputs[past_name(layer, kind)].shape)
+    return graph
+
+
+def _shared_inputs(graph: gs.Graph, cos: np.ndarray, sin: np.ndarray) -> dict[str, gs.Tensor]:
+    """seqlens_k (each row's valid length - 1, from its mask), the total length (the mask's, = the
+    buffers' capacity) and the rotary tables: made once, read by every fused attention (branches too)."""
+    mask = next(t for t in graph.inputs if t.name == "attention_mask")
+    v = lambda name, dtype: gs.Variable(f"/ort_fused/{name}", dtype=dtype)  # noqa: E731
+    c = lambda name, value: gs.Constant(f"/ort_fused/{name}", np.asarray(value))  # noqa: E731
+    valid, last, seqlens, shape, total64, total = (v("valid", np.int64), v("last", np.int64), v("seqlens_k", np.int32),
+                                                   v("mask_shape", np.int64), v("total64", np.int64), v("total", np.int32))
+    graph.nodes += [
+        gs.Node("ReduceSum", "/ort_fused/valid", {"keepdims": 0}, [mask, c("axes", np.array([1], np.int64))], [valid]),
+        gs.Node("Sub", "/ort_fused/last", {}, [valid, c("one", np.array(1, np.int64))], [last]),
+        gs.Node("Cast", "/ort_fused/seqlens_k", {"to": onnx.TensorProto.INT32}, [last], [seqlens]),
+        gs.Node("Shape", "/ort_fused/mask_shape", {}, [mask], [shape]),
+        gs.Node("Gather", "/ort_fused/total64", {"axis": 0}, [shape, c("axis1", np.array(1, np.int64))], [total64]),
+        gs.Node("Cast", "/ort_fused/total", {"to": onnx.TensorProto.INT32}, [total64], [total]),
+    ]
+    return {"seqlens_k": seqlens, "total_sequence_length": total,
+            "cos_cache": c("cos_cache", cos), "sin_cache": c("sin_cache", sin)}
+
+
+def _check_cache_use(graph: gs.Graph) -> None:
+    """After fusing: only the fused attention reads a past buffer or writes a present one."""
+    producers = {}
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for node in g.nodes:
+            for t in node.inputs:
+                if t.name.startswith("past_key_values.") and node.op != "GroupQueryAttention":
+                    raise NotLowered(f"{t.name} is still read by {node.op} node '{node.name}'")
+            for t in node.outputs:
+                producers[t.name] = node
+    for t in [*graph.outputs, *(o for g in graph.subgraphs(recursive=True) for o in g.outputs)]:
+        node = producers.get(t.name)
+        if t.name.startswith("present.") and node is not None and node.op not in ("GroupQueryAttention", "If"):
+            raise NotLowered(f"{t.name} is made by {node.op} node '{node.name}', not by the fused attention")
