@@ -87,9 +87,16 @@ def generator_runner(gen, thresholds=None):
 
 def our_engines(full, model: str, threads: int, river: Path | None) -> list[Engine]:
     """``full``: our full-depth generator (the reference); verify mode and River points beside it."""
-    from river.runtime.loading import open_generator, open_verifier
+    from river.runtime.generate import Generator
+    from river.runtime.loading import open_generator, open_verifier, step_graph_path
+    from river.runtime.ort_backend import OrtBackend
 
-    engines = [Engine(REFERENCE, generator_runner(full), "step graph, ONNX Runtime, shared KV buffers"),
+    portable = Generator(OrtBackend(step_graph_path(model), threads=threads, lowering="portable"), full.tokenizer,
+                         full.eos_token_ids, max_length=full.max_length)
+    engines = [Engine(REFERENCE, generator_runner(full),
+                      f"step graph, ONNX Runtime, shared KV buffers ({full.backend.lowering} lowering)"),
+               Engine("ours full (fp32, portable graph)", generator_runner(portable),
+                      "the same step graph without the ONNX Runtime lowering (river-generate --lowering portable)"),
                Engine("ours verify (k=4)", generator_runner(open_verifier(model, threads=threads, k=4)),
                       "river-generate --mode verify default: draft graph drafts 4, full model verifies")]
     if river is not None:

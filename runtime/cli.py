@@ -8,7 +8,7 @@ import sys
 from river.errors import RiverError, run_command
 from river.models.cache import cache_root
 from river.models.registry import DEFAULT_MODEL, available_models
-from river.runtime.loading import BACKENDS
+from river.runtime.loading import BACKENDS, LOWERINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--segmented); tensorrt = the engines folder (river-export --trt; needs a GPU); torch = the torch "
                    "reference (needs the torch weights: a model name, .gguf, HF directory or a river-export folder "
                    "made from one). auto (default): segmented for a segments folder, else ort")
+    p.add_argument("--lowering", choices=LOWERINGS, default="ort",
+                   help="ONNX Runtime backend: 'ort' (default) runs the graph lowered to ONNX Runtime's fused "
+                   "kernels (GroupQueryAttention over the shared KV buffers) where the lowering applies, "
+                   "'portable' the plain graph")
     p.add_argument("--tokenizer", help="tokenizer folder, for a model.onnx without tokenizer files beside it")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -93,10 +97,11 @@ def _generate(args, shared_pool: bool) -> int:
     if args.mode == "verify":
         gen = open_verifier(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
                             draft=args.draft, draft_exit=args.draft_exit, draft_gate=args.draft_gate,
-                            k=args.draft_k, adaptive=args.adaptive, backend=args.backend)
+                            k=args.draft_k, adaptive=args.adaptive, backend=args.backend, lowering=args.lowering)
     else:
         gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer,
-                             max_length=args.max_length, thresholds=args.thresholds, backend=args.backend)
+                             max_length=args.max_length, thresholds=args.thresholds, backend=args.backend,
+                             lowering=args.lowering)
     result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
                           chat=not args.raw)
     print()

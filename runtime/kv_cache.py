@@ -64,5 +64,12 @@ class SharedKVCache(KVCache):
         self.keys[layer][:, :, at:at + s] = key
         self.values[layer][:, :, at:at + s] = value
 
+    def row_view(self, i: int) -> "SharedKVCache":
+        """Row i alone, on the same buffers (no copy): for what a backend must run one row at a time."""
+        view = object.__new__(SharedKVCache)
+        view.keys, view.values = [k[i:i + 1] for k in self.keys], [v[i:i + 1] for v in self.values]
+        view.capacity, view.slack, view.batch, view.length = self.capacity, self.slack, 1, self.length
+        return view
+
     def valid_kv(self, layer: int, kind: str) -> np.ndarray:
         return np.array((self.keys if kind == "key" else self.values)[layer][:, :, :self.length])

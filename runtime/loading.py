@@ -24,6 +24,7 @@ from river.runtime.backend import StepBackend
 from river.runtime.generate import Generator
 
 BACKENDS = ("ort", "segmented", "tensorrt", "torch")
+LOWERINGS = ("ort", "portable")  # ONNX Runtime steps: its fused lowering where it applies, or the portable graph
 
 
 def parse_thresholds(text: str | None, backend: StepBackend):
@@ -75,10 +76,12 @@ def _river_folder(folder: Path) -> Path:
     return next((f for f in (folder, *list(folder.parents)[:2]) if (f / MANIFEST_FILE).is_file()), folder)
 
 
-def open_backend(model: str, backend: str = "auto", threads: int | None = None) -> tuple[StepBackend, Path | object]:
+def open_backend(model: str, backend: str = "auto", threads: int | None = None,
+                 lowering: str = "ort") -> tuple[StepBackend, Path | object]:
     """(backend, where the tokenizer comes from: a folder, or a loaded tokenizer for the torch backend).
 
-    ``auto``: a segments folder runs segmented, anything else on ONNX Runtime."""
+    ``auto``: a segments folder runs segmented, anything else on ONNX Runtime. ``lowering``: for the
+    ONNX Runtime backend (``LOWERINGS``)."""
     if backend not in ("auto", *BACKENDS):
         raise RiverError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     segments = _find(model, SEGMENTS_FILE, Path(SEGMENTS_DIR))
@@ -88,7 +91,7 @@ def open_backend(model: str, backend: str = "auto", threads: int | None = None) 
         from river.runtime.ort_backend import OrtBackend
 
         path = step_graph_path(model)
-        return OrtBackend(path, threads=threads), path.parent
+        return OrtBackend(path, threads=threads, lowering=lowering), path.parent
     if backend == "segmented":
         if segments is None:
             raise ModelNotFound(f"no {SEGMENTS_FILE} in {model} or its {SEGMENTS_DIR}/ folder: write one with "
@@ -139,8 +142,9 @@ def _torch_backend(model: str) -> tuple[StepBackend, object]:
 
 
 def open_generator(model: str, threads: int | None = None, tokenizer: str | None = None,
-                   max_length: int | None = None, thresholds: str | None = None, backend: str = "auto") -> Generator:
-    chosen, where = open_backend(model, backend, threads)
+                   max_length: int | None = None, thresholds: str | None = None, backend: str = "auto",
+                   lowering: str = "ort") -> Generator:
+    chosen, where = open_backend(model, backend, threads, lowering)
     return _generator(chosen, where, tokenizer, max_length, thresholds)
 
 
@@ -167,7 +171,8 @@ def _generator(backend: StepBackend, where, tokenizer, max_length, thresholds) -
 
 def open_verifier(model: str, threads: int | None = None, tokenizer: str | None = None,
                   max_length: int | None = None, draft: str = "graph", draft_exit: int | None = None,
-                  draft_gate: int = 0, k: int = 4, adaptive: bool = False, backend: str = "auto"):
+                  draft_gate: int = 0, k: int = 4, adaptive: bool = False, backend: str = "auto",
+                  lowering: str = "ort"):
     """A verify-mode generator. ``draft="graph"``: a draft graph (``runtime/verify_graphs.py``) over
     the plain backbone (ONNX Runtime); ``draft="river"``: the River graph's own exit at gate index
     ``draft_gate``, on any backend that runs several tokens a step."""
@@ -177,7 +182,8 @@ def open_verifier(model: str, threads: int | None = None, tokenizer: str | None 
     if draft not in ("graph", "river"):
         raise RiverError(f"unknown draft '{draft}' (choose graph or river)")
     if draft == "river":
-        gen = open_generator(model, threads=threads, tokenizer=tokenizer, max_length=max_length, backend=backend)
+        gen = open_generator(model, threads=threads, tokenizer=tokenizer, max_length=max_length, backend=backend,
+                             lowering=lowering)
         return SpeculativeGenerator(gen.backend, gen.tokenizer, gen.eos_token_ids, draft_gate=draft_gate, k=k,
                                     adaptive=adaptive, max_length=gen.max_length)
     if backend not in ("auto", "ort"):
@@ -188,10 +194,11 @@ def open_verifier(model: str, threads: int | None = None, tokenizer: str | None 
 
     onnx_path = step_graph_path(model)
     backbone_path, draft_path = verify_pair(onnx_path, draft_exit)
-    backbone = OrtBackend(backbone_path, threads=threads)
+    backbone = OrtBackend(backbone_path, threads=threads, lowering=lowering)
     # Sessions with a pool each must not both spin on the cores: without the shared pool the draft
     # runs on the calling thread (measured: 2-thread pools each made verify mode 0.75x of the full model)
-    draft_backend = OrtBackend(draft_path, threads=threads if shared_thread_pool() else 1, single_token=True)
+    draft_backend = OrtBackend(draft_path, threads=threads if shared_thread_pool() else 1, single_token=True,
+                               lowering=lowering)
     gen = _generator(backbone, onnx_path.parent, tokenizer, max_length, None)  # tokenizer, EOS, context
     return SpeculativeGenerator(backbone, gen.tokenizer, gen.eos_token_ids, draft=draft_backend, k=k,
                                 adaptive=adaptive, max_length=gen.max_length)

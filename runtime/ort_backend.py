@@ -16,21 +16,31 @@ import onnxruntime as ort
 from river.compiler.graph_io import derived_graph, load_onnx_header
 from river.compiler.ort_session import session_options
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, lower_for_ort, lowering_of
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, WRITE_INDICES, to_shared_kv
+from river.errors import CacheOverflow, RiverError
 from river.export import contract as C
-from river.export.contract import CAUSAL_PROP, StepContract, kv_window
+from river.export.contract import CAUSAL_PROP, StepContract, exported_config, kv_window
 from river.runtime.backend import InPlaceSteps, StepBackend
 from river.runtime.kv_cache import SharedKVCache
+from river.runtime.loading import LOWERINGS
+
+ROTARY_POSITIONS = 8192  # positions the fused rotary tables cover when the graph's context is not recorded
+
 
 class OrtBackend(InPlaceSteps, StepBackend):
     """Runs a plain step graph or a River graph. For a River graph, prefill runs with every gate
     disabled (the whole backbone, as DESIGN 4 asks) and decode steps with ``thresholds`` (default:
-    the graph's baked-in ones, bound by pointer so ``set_thresholds`` needs no rebinding)."""
+    the graph's baked-in ones, bound by pointer so ``set_thresholds`` needs no rebinding).
+
+    ``lowering="ort"`` (default) runs the graph's ONNX Runtime lowering (``compiler/lowering/ort_fused``:
+    fused attention over the shared buffers) where it applies and the portable shared-KV form where it
+    does not (``self.lowering`` says which, ``self.lowering_reason`` why not)."""
 
     name = "ort"
 
     def __init__(self, model_path: str | Path, threads: int | None = None, providers=None,
-                 thresholds=None, matmul_accuracy: int = 1, single_token: bool = False):
+                 thresholds=None, matmul_accuracy: int = 1, single_token: bool = False, lowering: str = "ort"):
         self.model_path = Path(model_path)
         header = load_onnx_header(self.model_path)  # graph without weights: cheap contract check
         self.contract = StepContract.from_model(header, str(model_path))
@@ -49,7 +59,9 @@ class OrtBackend(InPlaceSteps, StepBackend):
         self.kv_window = kv_window(self.model_path.parent)
         self.prefill_session = (None if self.multi_token_steps and self.kv_window is None else
                                 ort.InferenceSession(str(self.model_path), so, providers=providers))
-        decode_path = derived_graph("shared_kv", self.model_path, SHARED_KV_FORMAT, to_shared_kv)
+        if lowering not in LOWERINGS:
+            raise RiverError(f"unknown lowering '{lowering}' (choose {' or '.join(LOWERINGS)})")
+        self.decode_path = decode_path = self._decode_graph(lowering)
         self.single_token = single_token
         if single_token:  # a draft: batch 1, one token a step; static sizes let ORT fold the shape arithmetic
             dims = next(i for i in header.graph.input if i.name == C.INPUT_IDS).type.tensor_type.shape.dim
@@ -57,6 +69,26 @@ class OrtBackend(InPlaceSteps, StepBackend):
                 if d.dim_param:
                     so.add_free_dimension_override_by_name(d.dim_param, 1)
         self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
+
+    def _decode_graph(self, lowering: str) -> Path:
+        """The in-place graph for steps: the fused lowering where it applies, else the portable one."""
+        self.lowering, self.lowering_reason, self.max_positions = "portable", "", None
+        if lowering == "ort" and self.multi_token_steps and self.kv_window is None:
+            positions = exported_config(self.model_path.parent).get("max_position_embeddings") or ROTARY_POSITIONS
+            path = derived_graph("ort_lowered", self.model_path, ORT_LOWERING_FORMAT,
+                                 lambda m: lower_for_ort(m, positions), variant=f"-p{positions}")
+            self.lowering, self.lowering_reason = lowering_of(load_onnx_header(path))
+            self.max_positions = positions if self.lowering != "portable" else None
+            return path
+        if lowering == "ort":
+            self.lowering_reason = "steps of several tokens or a sliding window need the contract graph"
+        return derived_graph("shared_kv", self.model_path, SHARED_KV_FORMAT, to_shared_kv)
+
+    def new_cache(self, capacity: int, batch: int = 1):
+        if self.max_positions is not None and capacity > self.max_positions:
+            raise CacheOverflow(f"a cache of {capacity} positions is beyond the {self.max_positions} the fused "
+                                "rotary tables cover: lower --max-length")
+        return super().new_cache(capacity, batch)
 
     # --- prefill ------------------------------------------------------------------------------
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
@@ -88,8 +120,10 @@ class OrtBackend(InPlaceSteps, StepBackend):
             C.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(st["mask"]),
             C.LOGITS: ort.OrtValue.ortvalue_from_numpy(st["logits"]),
         }
+        graph_inputs = {i.name for i in self.decode_session.get_inputs()}  # the fused form reads no write index
         for name in (C.INPUT_IDS, WRITE_INDICES, C.ATTENTION_MASK) + ((C.POSITION_IDS,) if c.position_ids else ()):
-            binding.bind_ortvalue_input(name, values[name])
+            if name in graph_inputs:
+                binding.bind_ortvalue_input(name, values[name])
         binding.bind_ortvalue_output(C.LOGITS, values[C.LOGITS])
         if self.river is not None:
             st["exit"] = np.zeros((b,), np.int64)
@@ -106,6 +140,17 @@ class OrtBackend(InPlaceSteps, StepBackend):
         st["binding"], st["values"] = binding, values
         return st
 
+    def _extend_by_row(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
+        """Several new tokens for several rows, one row at a time: ONNX Runtime's fused attention runs
+        several new tokens over a non-empty past for a batch of one only."""
+        logits = None
+        for i in range(token_ids.shape[0]):
+            row = self.extend(token_ids[i:i + 1], cache.row_view(i))
+            if logits is None:
+                logits = np.empty((token_ids.shape[0], *row.shape[1:]), row.dtype)
+            logits[i] = row[0]
+        return logits
+
     def _vocab(self) -> int:
         return int(self.decode_session.get_outputs()[0].shape[-1])
 
@@ -121,6 +166,8 @@ class OrtBackend(InPlaceSteps, StepBackend):
         form would get wrong run as contract steps (exact, copies the valid past): _needs_contract_step."""
         if self._needs_contract_step(token_ids, cache):
             return self._contract_step(token_ids, cache, self._run_contract)
+        if self.lowering == "ort_fused" and token_ids.shape[0] > 1 and token_ids.shape[1] > 1:
+            return self._extend_by_row(token_ids, cache)
         st = self._step_state(token_ids, cache)
         self.decode_session.run_with_iobinding(st["binding"])
         if self.river is not None:

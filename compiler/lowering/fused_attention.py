@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 ROTARY_HEAD_MULTIPLE = 16  # ORT's CPU kernel rotates heads whose size is a multiple of 16 only
@@ -35,6 +36,18 @@ def _producer(t, op: str) -> gs.Node | None:
     if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == op:
         return t.inputs[0]
     return None
+
+
+def _unreshaped(t):
+    """The input of the Reshape that makes ``t`` (grouped-query attention without repeat_kv views the
+    query heads as [B, Hkv, n_rep * S, D] around its products: ``gqa_attention.py``), else ``t``."""
+    reshape = _producer(t, "Reshape")
+    return reshape.inputs[0] if reshape is not None else t
+
+
+def _only_reader(t, op: str) -> gs.Node | None:
+    readers = t.outputs
+    return readers[0] if len(readers) == 1 and readers[0].op == op else None
 
 
 def _scalar(t) -> float | None:
@@ -59,6 +72,28 @@ def _heads_from(t: gs.Tensor, d: int) -> tuple[gs.Tensor | None, str | None]:
     if shape and len(shape) == 4 and isinstance(shape[3], int) and shape[3] != d:
         return None, f"head size {shape[3]} is not the cache's {d}"
     return proj, None
+
+
+def _width(t: gs.Tensor) -> int | None:
+    """The static last dimension of a projection's output: from its shape, else from its weight (the
+    graph is not shape-inferred: that would copy every weight, and contrib ops such as MatMulNBits are
+    unknown to it). Follows elementwise ops (a twin's dequantization scale) up to the product."""
+    for _ in range(4):
+        if t.shape and isinstance(t.shape[-1], int):
+            return t.shape[-1]
+        node = t.inputs[0] if len(t.inputs) == 1 else None
+        if node is None:
+            return None
+        if node.op == "MatMulNBits":
+            return int(node.attrs["N"])
+        if node.op in ("MatMul", "MatMulInteger") and isinstance(node.inputs[1], gs.Constant):
+            return int(node.inputs[1].shape[-1])
+        if node.op not in ("Mul", "Add", "Cast"):
+            return None
+        t = next((i for i in node.inputs if isinstance(i, gs.Variable)), None)
+        if t is None:
+            return None
+    return None
 
 
 @dataclass
@@ -135,10 +170,10 @@ def _scores(add_mask: gs.Node) -> tuple[tuple | None, str | None]:
             if node is None:
                 continue
             for i in (0, 1):
-                matmul, c = _producer(node.inputs[i], "MatMul"), _scalar(node.inputs[1 - i])
+                matmul, c = _producer(_unreshaped(node.inputs[i]), "MatMul"), _scalar(node.inputs[1 - i])
                 if matmul is not None and c is not None and (op == "Mul" or i == 0):
                     return (matmul, c if op == "Mul" else 1.0 / c), None
-        matmul = _producer(t, "MatMul")
+        matmul = _producer(_unreshaped(t), "MatMul")
         if matmul is not None:
             return (matmul, None), None
     return None, "softmax input is not Add(scaled Q @ K^T, mask)"
@@ -155,15 +190,17 @@ def match(softmax: gs.Node) -> tuple[AttentionBlock | None, str | None]:
     if why:
         return None, why
     qk, scale = found
-    readers = softmax.outputs[0].outputs
-    if len(readers) != 1 or readers[0].op != "MatMul" or readers[0].inputs[0] is not softmax.outputs[0]:
+    probs = softmax.outputs[0]
+    grouped = _only_reader(probs, "Reshape")
+    pv = _only_reader(grouped.outputs[0] if grouped else probs, "MatMul")
+    if pv is None or pv.inputs[0] is not (grouped.outputs[0] if grouped else probs):
         return None, "the probabilities are not read by one MatMul"
-    pv = readers[0]
-    after = pv.outputs[0].outputs
-    if len(after) != 1 or after[0].op != "Transpose" or after[0].attrs.get("perm") != [0, 2, 1, 3]:
+    ungrouped = _only_reader(pv.outputs[0], "Reshape")
+    back = _only_reader(ungrouped.outputs[0] if ungrouped else pv.outputs[0], "Transpose")
+    if back is None or back.attrs.get("perm") != [0, 2, 1, 3]:
         return None, "the weighted sum is not transposed back to [B, S, H, D]"
-    merge = after[0].outputs[0].outputs
-    if len(merge) != 1 or merge[0].op != "Reshape":
+    merge = _only_reader(back.outputs[0], "Reshape")
+    if merge is None:
         return None, "the heads are not merged by one Reshape"
     k_t = _producer(qk.inputs[1], "Transpose")
     if k_t is None or k_t.attrs.get("perm") != [0, 1, 3, 2]:
@@ -178,7 +215,7 @@ def match(softmax: gs.Node) -> tuple[AttentionBlock | None, str | None]:
     if not past_k.shape or len(past_k.shape) != 4 or not all(isinstance(x, int) for x in (past_k.shape[1], past_k.shape[3])):
         return None, "the past keys have no static [B, Hkv, T, D] shape"
     kv_heads, d = past_k.shape[1], past_k.shape[3]
-    q_rot, why = _rotary(qk.inputs[0])
+    q_rot, why = _rotary(_unreshaped(qk.inputs[0]))
     if why:
         return None, "query: " + why
     k_rot, why = _rotary(key_concat.inputs[1])
@@ -191,7 +228,7 @@ def match(softmax: gs.Node) -> tuple[AttentionBlock | None, str | None]:
     value, why3 = _heads_from(value_concat.inputs[1], d)
     if why or why2 or why3:
         return None, why or why2 or why3
-    width = query.shape[-1] if query.shape else None
+    width = _width(query)
     if not isinstance(width, int) or width % d:
         return None, f"the query width {width} is not a static multiple of the head size {d}"
     heads = width // d
@@ -200,7 +237,7 @@ def match(softmax: gs.Node) -> tuple[AttentionBlock | None, str | None]:
     if d % ROTARY_HEAD_MULTIPLE:
         return None, f"head size {d} is not a multiple of {ROTARY_HEAD_MULTIPLE} (ONNX Runtime's fused rotary)"
     scale = 1.0 if scale is None else scale
-    return AttentionBlock(query, key, value, key_concat, value_concat, merge[0].outputs[0], merge[0], q_rot,
+    return AttentionBlock(query, key, value, key_concat, value_concat, merge.outputs[0], merge, q_rot,
                           heads, kv_heads, d, scale), None
 
 
@@ -213,24 +250,30 @@ def rotary_tables(graph: gs.Graph, cos: gs.Tensor, sin: gs.Tensor, positions: in
     """cos/sin caches [positions, D/2] for ``GroupQueryAttention``: the graph's own tables evaluated at
     positions 0..positions-1 (its sub-graph from ``position_ids``), halved (non-interleaved rotary
     repeats each frequency in both halves; anything else raises ValueError)."""
-    import onnxruntime as ort
+    from river.compiler.ort_session import make_session
 
-    sub = graph.copy()
-    tensors = sub.tensors()
-    pos = tensors.get("position_ids")
+    pos = next((t for t in graph.inputs if t.name == "position_ids"), None)
     if pos is None:
         raise ValueError("the rotary tables are not computed from position_ids")
-    sub.inputs, sub.outputs = [pos], [tensors[cos.name], tensors[sin.name]]
-    sub.cleanup()
-    if [t.name for t in sub.inputs] != ["position_ids"] or any(
-            isinstance(t, gs.Variable) and not t.inputs and t.name != "position_ids"
-            for n in sub.nodes for t in n.inputs):
-        raise ValueError("the rotary tables depend on more than position_ids")
-    for out in sub.outputs:
-        out.dtype, out.shape = np.float32, None
-    pos.shape = [1, positions]
-    model = gs.export_onnx(sub, do_type_check=False)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    nodes, seen, todo = [], set(), [cos, sin]
+    while todo:  # the tables' producers, back to the graph's inputs (no copy of the whole graph)
+        t = todo.pop()
+        for node in t.inputs:
+            if id(node) not in seen:
+                seen.add(id(node))
+                nodes.append(node)
+                todo.extend(node.inputs)
+    needs = {t.name for n in nodes for t in n.inputs if isinstance(t, gs.Variable) and not t.inputs}
+    if needs != {"position_ids"}:
+        raise ValueError(f"the rotary tables depend on {sorted(needs)}, not on position_ids alone")
+    model = gs.export_onnx(gs.Graph(nodes=nodes, inputs=[pos], outputs=[cos, sin], opset=graph.opset),
+                           do_type_check=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value, dims[1].dim_value = 1, positions
+    for out in model.graph.output:
+        out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        out.type.tensor_type.ClearField("shape")
+    session = make_session(model, threads=1)  # the project's options: a process's shared thread pool, if any
     cos_t, sin_t = session.run(None, {"position_ids": np.arange(positions, dtype=np.int64)[None]})
     cos_t, sin_t = (np.asarray(x, np.float32).reshape(positions, -1) for x in (cos_t, sin_t))
     half = cos_t.shape[1] // 2

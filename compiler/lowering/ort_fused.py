@@ -76,10 +76,6 @@ def to_ort_fused(model: onnx.ModelProto, max_positions: int | None) -> onnx.Mode
 
 
 def _fuse_all(model: onnx.ModelProto, contract: StepContract, max_positions: int) -> gs.Graph:
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - without shapes the head counts are unknown
-        raise NotLowered(f"shape inference failed: {exc}") from None
     graph = gs.import_onnx(model)
     blocks, reasons = [], []
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -105,6 +101,7 @@ def _fuse_all(model: onnx.ModelProto, contract: StepContract, max_positions: int
     graph.cleanup(remove_unused_graph_inputs=False)
     for g in [graph, *graph.subgraphs(recursive=True)]:
         g.cleanup()
+        _write_outputs_directly(g)
     _check_cache_use(graph)
     outputs = {t.name: t for t in graph.outputs}
     inputs = {t.name: t for t in graph.inputs}
@@ -132,6 +129,25 @@ def _shared_inputs(graph: gs.Graph, cos: np.ndarray, sin: np.ndarray) -> dict[st
     ]
     return {"seqlens_k": seqlens, "total_sequence_length": total,
             "cos_cache": c("cos_cache", cos), "sin_cache": c("sin_cache", sin)}
+
+
+def _write_outputs_directly(g: gs.Graph) -> None:
+    """Drop ``Identity`` nodes that copy a node's output to a graph output (River ``If`` branches have
+    them), so the node writes the output itself: ONNX Runtime hands an ``If`` node's bound output buffer
+    down to the node that makes the branch output, and the fused attention writes in place only when
+    its present buffer *is* its past one."""
+    outputs = {id(t) for t in g.outputs}
+    for node in list(g.nodes):
+        if node.op != "Identity" or id(node.outputs[0]) not in outputs:
+            continue
+        source = node.inputs[0]
+        if id(source) in outputs or len(source.outputs) != 1 or len(source.inputs) != 1:
+            continue
+        producer, target = source.inputs[0], node.outputs[0]
+        outs = [target if t is source else t for t in producer.outputs]
+        node.inputs, node.outputs = [], []
+        producer.outputs = outs
+    g.cleanup()
 
 
 def _check_cache_use(graph: gs.Graph) -> None:

@@ -1,0 +1,156 @@
+"""The ONNX Runtime lowering (compiler/lowering/ort_fused.py, fused_attention.py): lowered == portable on
+logits and every layer's K/V, for plain step graphs, River graphs (attention inside nested ``If``
+branches) and draft graphs; the in-place invariants on the lowered graphs (one allocation, only the new
+positions written, the cache's other positions untouched); batched rows equal alone; what it declines,
+it declines with a reason and runs portable."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from river.compiler.compile import compile_river
+from river.compiler.graph_io import load_onnx, load_onnx_header
+from river.compiler.lowering import fused_attention
+from river.compiler.lowering.ort_fused import lower_for_ort, lowering_of
+from river.compiler.river.manifest import DISABLED
+from river.errors import CacheOverflow
+from river.runtime import cli as generate_cli
+from river.runtime.batching.kv_pool import KVPool
+from river.runtime.ort_backend import OrtBackend
+from river.runtime.verify_graphs import verify_pair
+
+TOL = 1e-4
+POISON = 1e4
+# (tokens a step, rollback before it): a prefill, verification-sized steps, decode steps, a rejected draft
+STEPS = [(6, 0), (3, 0), (1, 0), (1, 0), (4, 2), (1, 0), (2, 1), (1, 0)]
+
+
+@pytest.fixture(scope="module")
+def tiny_river(tiny_onnx, tmp_path_factory):
+    return compile_river(tiny_onnx, tmp_path_factory.mktemp("river") / "int8", gates="0,2", river="int8", log=None)
+
+
+def _pair(path, **kw) -> tuple[OrtBackend, OrtBackend]:
+    lowered, portable = (OrtBackend(path, threads=1, lowering=lo, **kw) for lo in ("ort", "portable"))
+    assert lowered.lowering == "ort_fused", lowered.lowering_reason
+    assert portable.lowering == "portable"
+    return lowered, portable
+
+
+def _poisoned_cache(backend, capacity=32, batch=1):
+    cache = backend.new_cache(capacity, batch)
+    for buf in cache.buffers():
+        buf[:] = POISON
+    return cache
+
+
+def _assert_same_steps(lowered, portable, vocab, thresholds=None, seed=0):
+    """Run STEPS on both (same tokens), comparing logits, exits and the valid K/V of every layer after
+    each step; the lowered cache is poisoned and must stay so past the valid positions."""
+    rng = np.random.default_rng(seed)
+    caches = [_poisoned_cache(b) for b in (lowered, portable)]
+    pointers = [b.ctypes.data for b in caches[0].buffers()]
+    for i, (s, back) in enumerate(STEPS):
+        tokens = rng.integers(1, vocab, (1, s)).astype(np.int64)
+        outs = []
+        for backend, cache in zip((lowered, portable), caches):
+            cache.truncate(cache.length - back)
+            if thresholds is not None:
+                backend.set_thresholds(thresholds[i % len(thresholds)])
+            outs.append(np.array(backend.extend(tokens, cache)))
+            cache.length += s
+        np.testing.assert_allclose(outs[0], outs[1], atol=TOL, rtol=0, err_msg=f"step {i}")
+        assert lowered.last_exit_layer == portable.last_exit_layer
+        n = caches[0].length
+        for a, b in zip(caches[0].buffers(), caches[1].buffers()):
+            np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], atol=TOL, rtol=0, err_msg=f"step {i} K/V")
+    high_water = max(sum(s for s, _ in STEPS[:j + 1]) - sum(b for _, b in STEPS[:j + 1]) for j in range(len(STEPS)))
+    for buf in caches[0].buffers():
+        assert (buf[:, :, high_water + 2:] == POISON).all(), "the lowered graph wrote past the new positions"
+    assert [b.ctypes.data for b in caches[0].buffers()] == pointers  # the one allocation, bound in place
+
+
+def test_plain_step_graph_lowered_equals_portable(tiny, tiny_onnx):
+    lowered, portable = _pair(tiny_onnx)
+    _assert_same_steps(lowered, portable, tiny.config.vocab_size)
+    ops = [n.op_type for n in load_onnx_header(lowered.decode_path).graph.node]
+    assert ops.count("GroupQueryAttention") == tiny.config.num_layers
+    assert not {"TensorScatter", "Softmax"} & set(ops)  # no portable attention left
+
+
+def test_river_graph_lowered_equals_portable_under_every_exit(tiny, tiny_river):
+    """Attention inside the River's nested If branches (backbone and int8 twins) is fused too."""
+    lowered, portable = _pair(tiny_river)
+    patterns = [[-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED], [-2, -2]]
+    _assert_same_steps(lowered, portable, tiny.config.vocab_size, thresholds=patterns)
+
+
+def test_draft_graph_lowered_equals_portable(tiny, tiny_onnx):
+    _, draft = verify_pair(tiny_onnx, 1)
+    lowered, portable = _pair(draft)
+    _assert_same_steps(lowered, portable, tiny.config.vocab_size)
+
+
+def test_rows_of_a_batch_equal_alone(tiny, tiny_onnx):
+    """Rows at different lengths in one step: one token each (the fused op reads each row's own length)
+    and several tokens each (run row by row: ONNX Runtime's fused attention takes one row then)."""
+    backend = OrtBackend(tiny_onnx, threads=1)
+    c = backend.contract
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, tiny.config.vocab_size, (1, n)).astype(np.int64) for n in (5, 9)]
+    pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, rows=2, slack=4, capacity=32)
+    pool.fit(32, 0)
+    for i, p in enumerate(prompts):
+        row = pool.rows(i, i + 1)
+        backend.extend(p, row)
+        pool.lengths[i] += p.shape[1]
+    for s in (1, 3, 1):
+        tokens = rng.integers(1, tiny.config.vocab_size, (2, s)).astype(np.int64)
+        alone = []
+        for i in range(2):  # alone: a fresh cache with the row's own past
+            solo = backend.new_cache(32)
+            for a, b in zip(solo.buffers(), pool.rows(i, i + 1).buffers()):
+                a[:] = b[:, :, :32]
+            solo.length = int(pool.lengths[i])
+            alone.append(np.array(backend.extend(tokens[i:i + 1], solo))[0])
+        both = np.array(backend.extend(tokens, pool.rows(0, 2)))
+        np.testing.assert_allclose(both, np.stack(alone), atol=TOL, rtol=0)
+        pool.lengths[:2] += s
+
+
+def test_declined_graphs_run_portable_and_say_why(tiny, tiny_onnx, tiny_optimum_onnx):
+    model = load_onnx(tiny_onnx)
+    del model.metadata_props[:]  # no longer known to mask causally by position
+    lowered = lower_for_ort(model, 512)
+    lowering, reason = lowering_of(lowered)
+    assert lowering == "portable" and "position" in reason
+    assert any(n.op_type == "TensorScatter" for n in lowered.graph.node)  # the portable shared-KV form
+    optimum = OrtBackend(tiny_optimum_onnx, threads=1)
+    assert optimum.lowering == "portable" and optimum.lowering_reason
+
+
+def test_rule_check_explains_a_non_match():
+    x = gs.Variable("x", np.float32, [1, 4])
+    y = gs.Variable("y", np.float32, [1, 4])
+    graph = gs.Graph(nodes=[gs.Node("Softmax", "s", {"axis": -1}, [x], [y])], inputs=[x], outputs=[y])
+    assert fused_attention.check(graph.nodes[0]) == "softmax input is not masked scores (Add)"
+    export = gs.export_onnx(graph)
+    assert isinstance(export, onnx.ModelProto)
+
+
+def test_cache_beyond_the_rotary_tables_is_refused(tiny_onnx):
+    backend = OrtBackend(tiny_onnx, threads=1)
+    with pytest.raises(CacheOverflow, match="rotary tables"):
+        backend.new_cache(backend.max_positions + 1)
+
+
+def test_cli_lowerings_generate_the_same_text(tiny_onnx, capsys):
+    texts = []
+    for lowering in ("ort", "portable"):
+        assert generate_cli.main(["hello", "--model", str(tiny_onnx), "--max-new-tokens", "12", "--threads", "1",
+                                  "--lowering", lowering]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
