@@ -2,8 +2,10 @@
 
 Rewrites each attention block to ``GroupQueryAttention`` over the shared KV buffers
 (``fused_attention.py``): past and present are one buffer of the cache's capacity, each row's valid
-length comes from its mask, and attention reads that length only. ONNX Runtime's own optimizer then
-fuses the rest (RMSNorm into ``SimplifiedLayerNormalization``, SiLU, ...).
+length comes from its mask, and attention reads that length only. Its fp32 projections become one
+product over packed weights (``packed_qkv.py``), and each residual Add with the RMSNorm after it becomes
+``SkipSimplifiedLayerNormalization`` (``skip_norm.py``). ONNX Runtime's own optimizer fuses the rest
+(the first norm into ``SimplifiedLayerNormalization``, SiLU).
 
 All or nothing: when any attention block of the graph does not match (the rule says why), the graph
 stays portable - the shared-KV form of ``shared_kv.py`` - and the reason is recorded in the result's
@@ -21,11 +23,13 @@ import onnx_graphsurgeon as gs
 
 from river.compiler.graph_io import rewrite_step_graph
 from river.compiler.lowering import fused_attention
+from river.compiler.lowering.packed_qkv import pack_qkv
+from river.compiler.lowering.skip_norm import fuse_skip_norm
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
 from river.compiler.river.builder import is_quantized_weight
 from river.export.contract import CAUSAL_PROP, StepContract, past_name, present_name
 
-ORT_LOWERING_FORMAT = 1 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+ORT_LOWERING_FORMAT = 3 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
 MS_DOMAIN = "com.microsoft"
@@ -96,10 +100,16 @@ def _fuse_all(model: onnx.ModelProto, contract: StepContract, max_positions: int
     except ValueError as exc:
         raise NotLowered(str(exc)) from None
     shared = _shared_inputs(graph, cos, sin)
-    for g, block in blocks:
-        fused_attention.fuse(g, block, shared)
+    fused = [(g, fused_attention.fuse(g, block, shared)) for g, block in blocks]
     graph.cleanup(remove_unused_graph_inputs=False)
     for g in [graph, *graph.subgraphs(recursive=True)]:
+        g.cleanup()
+    for g, node in fused:  # once the unfused attention is gone, the projections have no other reader
+        pack_qkv(g, node)
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        ids = {id(n) for n in g.nodes}
+        for node in [n for n in g.nodes if n.op == "Mul"]:
+            fuse_skip_norm(g, node, ids)
         g.cleanup()
         _write_outputs_directly(g)
     _check_cache_use(graph)

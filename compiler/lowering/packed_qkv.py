@@ -1,0 +1,65 @@
+"""Rewrite: the three projections a fused attention reads -> one product over packed weights.
+
+``GroupQueryAttention(q_proj(x), k_proj(x), v_proj(x), ...)`` computes three GEMVs a decode step, two of
+them narrow (the KV heads); ONNX Runtime's op also takes the projections packed, ``[q | k | v]`` in one
+tensor with key and value left out, so one product over ``concat(Wq, Wk, Wv)`` does the work of three
+(the same floats: each output column is the same dot product).
+
+Applies to fp32 ``MatMul`` projections with constant weights over one shared input and no other reader
+(``check`` says why not); quantized twins keep their own products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def _projection(t: gs.Tensor) -> tuple[gs.Node | None, str | None]:
+    node = t.inputs[0] if len(t.inputs) == 1 else None
+    if node is None or node.op != "MatMul":
+        return None, f"'{t.name}' is not made by a MatMul"
+    if not isinstance(node.inputs[1], gs.Constant) or node.inputs[1].values.ndim != 2:
+        return None, f"'{node.name}' has no constant 2-D weight"
+    if len(t.outputs) != 1:
+        return None, f"'{t.name}' has other readers"
+    return node, None
+
+
+def _match(attention: gs.Node) -> tuple[list[gs.Node] | None, str | None]:
+    if attention.op != "GroupQueryAttention" or len(attention.inputs) < 3:
+        return None, "not a GroupQueryAttention with separate query, key and value"
+    if any(t.name == "" for t in attention.inputs[:3]):
+        return None, "already packed"
+    nodes = []
+    for t in attention.inputs[:3]:
+        node, why = _projection(t)
+        if why:
+            return None, why
+        nodes.append(node)
+    if len({id(n.inputs[0]) for n in nodes}) != 1:
+        return None, "the projections read different inputs"
+    if len({n.inputs[1].values.dtype for n in nodes}) != 1:
+        return None, "the projection weights differ in type"
+    return nodes, None
+
+
+def check(attention: gs.Node) -> str | None:
+    """Why the projections of ``attention`` are not packed (None: they are packable)."""
+    return _match(attention)[1]
+
+
+def pack_qkv(g: gs.Graph, attention: gs.Node) -> bool:
+    """Pack ``attention``'s projections in place in ``g``; whether it did."""
+    nodes, _why = _match(attention)
+    if nodes is None:
+        return False
+    weight = np.ascontiguousarray(np.concatenate([n.inputs[1].values for n in nodes], axis=1))
+    packed = gs.Variable(f"{attention.name}/qkv", dtype=attention.inputs[0].dtype)
+    g.nodes.append(gs.Node("MatMul", f"{attention.name}/qkv_proj", {},
+                           [nodes[0].inputs[0], gs.Constant(f"{attention.name}/qkv_weight", weight)], [packed]))
+    rest = list(attention.inputs[3:])
+    for n in nodes:
+        n.outputs = []
+    attention.inputs = [packed, gs.Variable.empty(), gs.Variable.empty(), *rest]
+    return True
