@@ -13,7 +13,7 @@ import pytest
 
 from river.compiler.compile import compile_river
 from river.compiler.graph_io import load_onnx, load_onnx_header
-from river.compiler.lowering import fused_attention
+from river.compiler.lowering import fused_attention, packed_qkv, skip_norm
 from river.compiler.lowering.ort_fused import lower_for_ort, lowering_of
 from river.compiler.river.manifest import DISABLED
 from river.errors import CacheOverflow
@@ -77,8 +77,12 @@ def test_plain_step_graph_lowered_equals_portable(tiny, tiny_onnx):
     lowered, portable = _pair(tiny_onnx)
     _assert_same_steps(lowered, portable, tiny.config.vocab_size)
     ops = [n.op_type for n in load_onnx_header(lowered.decode_path).graph.node]
-    assert ops.count("GroupQueryAttention") == tiny.config.num_layers
+    layers = tiny.config.num_layers
+    assert ops.count("GroupQueryAttention") == layers
     assert not {"TensorScatter", "Softmax"} & set(ops)  # no portable attention left
+    assert ops.count("MatMul") == 4 * layers + 1 and ops.count("Split") == layers  # packed: qkv, o, gate|up, down; the head
+    # every norm after a residual Add (all but the first, over the embeddings) is fused with it
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
 
 
 def test_river_graph_lowered_equals_portable_under_every_exit(tiny, tiny_river):
@@ -130,6 +134,20 @@ def test_declined_graphs_run_portable_and_say_why(tiny, tiny_onnx, tiny_optimum_
     assert any(n.op_type == "TensorScatter" for n in lowered.graph.node)  # the portable shared-KV form
     optimum = OrtBackend(tiny_optimum_onnx, threads=1)
     assert optimum.lowering == "portable" and optimum.lowering_reason
+
+
+def test_rules_explain_what_they_leave(tiny_onnx):
+    """The draft's twin layers project with MatMulNBits (not packed; its backbone layers are), the first
+    norm reads the embeddings (no residual Add to fuse): each rule's check says so."""
+    _, draft = verify_pair(tiny_onnx, 1)  # layers 0-1 of the backbone, 2-3 quantized twins
+    lowered = gs.import_onnx(load_onnx(OrtBackend(draft, threads=1).decode_path))
+    reasons = [packed_qkv.check(n) for n in lowered.nodes if n.op == "GroupQueryAttention"]
+    assert reasons[:2] == ["already packed"] * 2 and all("not made by a MatMul" in r for r in reasons[2:]), reasons
+    original = gs.import_onnx(load_onnx(tiny_onnx))
+    ids = {id(n) for n in original.nodes}
+    reasons = [skip_norm.check(n, ids) for n in original.nodes if n.op == "Mul"
+               and skip_norm.match_norm(n)[0] is not None]
+    assert reasons.count(None) == 2 * 4 and "not a residual Add" in next(r for r in reasons if r)
 
 
 def test_rule_check_explains_a_non_match():

@@ -3,7 +3,8 @@
 Rewrites each attention block to ``GroupQueryAttention`` over the shared KV buffers
 (``fused_attention.py``): past and present are one buffer of the cache's capacity, each row's valid
 length comes from its mask, and attention reads that length only. Its fp32 projections become one
-product over packed weights (``packed_qkv.py``), and each residual Add with the RMSNorm after it becomes
+product over packed weights (``packed_qkv.py``), as do other products over one input (the gated MLP's
+gate and up: ``packed_matmuls.py``), and each residual Add with the RMSNorm after it becomes
 ``SkipSimplifiedLayerNormalization`` (``skip_norm.py``). ONNX Runtime's own optimizer fuses the rest
 (the first norm into ``SimplifiedLayerNormalization``, SiLU).
 
@@ -22,14 +23,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from river.compiler.graph_io import rewrite_step_graph
-from river.compiler.lowering import fused_attention
+from river.compiler.lowering import fused_attention, packed_matmuls
 from river.compiler.lowering.packed_qkv import pack_qkv
 from river.compiler.lowering.skip_norm import fuse_skip_norm
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
 from river.compiler.river.builder import is_quantized_weight
 from river.export.contract import CAUSAL_PROP, StepContract, past_name, present_name
 
-ORT_LOWERING_FORMAT = 3 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+ORT_LOWERING_FORMAT = 4 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
 MS_DOMAIN = "com.microsoft"
@@ -110,6 +111,9 @@ def _fuse_all(model: onnx.ModelProto, contract: StepContract, max_positions: int
         ids = {id(n) for n in g.nodes}
         for node in [n for n in g.nodes if n.op == "Mul"]:
             fuse_skip_norm(g, node, ids)
+        g.cleanup()
+        for siblings in packed_matmuls.groups(g):  # what is left: the gated MLP's gate and up
+            packed_matmuls.pack_siblings(g, siblings)
         g.cleanup()
         _write_outputs_directly(g)
     _check_cache_use(graph)

@@ -11,15 +11,16 @@ Applies to fp32 ``MatMul`` projections with constant weights over one shared inp
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
+
+from river.compiler.lowering.packed_matmuls import constant_weight, packed_product
 
 
 def _projection(t: gs.Tensor) -> tuple[gs.Node | None, str | None]:
     node = t.inputs[0] if len(t.inputs) == 1 else None
     if node is None or node.op != "MatMul":
         return None, f"'{t.name}' is not made by a MatMul"
-    if not isinstance(node.inputs[1], gs.Constant) or node.inputs[1].values.ndim != 2:
+    if constant_weight(node) is None:
         return None, f"'{node.name}' has no constant 2-D weight"
     if len(t.outputs) != 1:
         return None, f"'{t.name}' has other readers"
@@ -39,7 +40,7 @@ def _match(attention: gs.Node) -> tuple[list[gs.Node] | None, str | None]:
         nodes.append(node)
     if len({id(n.inputs[0]) for n in nodes}) != 1:
         return None, "the projections read different inputs"
-    if len({n.inputs[1].values.dtype for n in nodes}) != 1:
+    if len({constant_weight(n).dtype for n in nodes}) != 1:
         return None, "the projection weights differ in type"
     return nodes, None
 
@@ -54,10 +55,7 @@ def pack_qkv(g: gs.Graph, attention: gs.Node) -> bool:
     nodes, _why = _match(attention)
     if nodes is None:
         return False
-    weight = np.ascontiguousarray(np.concatenate([n.inputs[1].values for n in nodes], axis=1))
-    packed = gs.Variable(f"{attention.name}/qkv", dtype=attention.inputs[0].dtype)
-    g.nodes.append(gs.Node("MatMul", f"{attention.name}/qkv_proj", {},
-                           [nodes[0].inputs[0], gs.Constant(f"{attention.name}/qkv_weight", weight)], [packed]))
+    packed = packed_product(g, nodes, f"{attention.name}/qkv")
     rest = list(attention.inputs[3:])
     for n in nodes:
         n.outputs = []
