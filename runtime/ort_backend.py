@@ -73,7 +73,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
     def _decode_graph(self, lowering: str) -> Path:
         """The in-place graph for steps: the fused lowering where it applies, else the portable one."""
         self.lowering, self.lowering_reason, self.max_positions = "portable", "", None
-        if lowering == "ort" and self.multi_token_steps and self.kv_window is None:
+        if lowering == "ort" and self.kv_window is None:
             positions = exported_config(self.model_path.parent).get("max_position_embeddings") or ROTARY_POSITIONS
             path = derived_graph("ort_lowered", self.model_path, ORT_LOWERING_FORMAT,
                                  lambda m: lower_for_ort(m, positions), variant=f"-p{positions}")
@@ -81,7 +81,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
             self.max_positions = positions if self.lowering != "portable" else None
             return path
         if lowering == "ort":
-            self.lowering_reason = "steps of several tokens or a sliding window need the contract graph"
+            self.lowering_reason = "a sliding window: every step runs the contract graph"
         return derived_graph("shared_kv", self.model_path, SHARED_KV_FORMAT, to_shared_kv)
 
     def new_cache(self, capacity: int, batch: int = 1):

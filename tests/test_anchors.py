@@ -58,8 +58,9 @@ def test_run_on_tiny_with_river_points(anchors, tiny_onnx, tmp_path, capsys):
     assert "skipping llama.cpp: it runs a GGUF file and tiny-random is not one" in captured.err
     data = json.loads(out.read_text())
     rows = {r["engine"]: r for r in data["engines"]}
-    assert list(rows)[:2] == [anchors.REFERENCE, "ours verify (k=4)"]
+    assert list(rows)[:3] == [anchors.REFERENCE, "ours full (fp32, portable graph)", "ours verify (k=4)"]
     assert rows["ours verify (k=4)"]["greedy"]["identical"]  # lossless
+    assert rows["ours full (fp32, portable graph)"]["greedy"]["identical"]  # the lowering changes no token
     assert {"ours River safe", "ours River balanced", "ours River fast"} <= set(rows)
     for r in rows.values():
         assert r["decode_tokens"] == 2 * 5 and all(len(t) == 6 for t in r["tokens"])

@@ -133,6 +133,15 @@ def test_river_graph_invariants(name, exports):
     assert seen == [2, 3, 4, 2, 3, 4]
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi2"])
+def test_ort_lowering_keeps_optimum_exports_portable_and_says_why(name, exports):
+    """Optimum's attention (its softmax output goes through more than a MatMul) is not a pattern the
+    fused ONNX Runtime lowering knows: it says so, and the graph runs in its portable form."""
+    backend = OrtBackend(exports(name), threads=1)
+    assert backend.lowering == "portable"
+    assert "not matched" in backend.lowering_reason
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_greedy_equals_optimum_full_depth_and_verify(name, exports):
     source = exports(name)

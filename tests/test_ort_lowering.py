@@ -125,15 +125,21 @@ def test_rows_of_a_batch_equal_alone(tiny, tiny_onnx):
         pool.lengths[:2] += s
 
 
-def test_declined_graphs_run_portable_and_say_why(tiny, tiny_onnx, tiny_optimum_onnx):
-    model = load_onnx(tiny_onnx)
-    del model.metadata_props[:]  # no longer known to mask causally by position
-    lowered = lower_for_ort(model, 512)
+def test_declined_graphs_run_portable_and_say_why(tiny_onnx, tiny_optimum_onnx):
+    lowered = lower_for_ort(load_onnx(tiny_onnx), None)  # no context: the rotary tables' length is unknown
     lowering, reason = lowering_of(lowered)
-    assert lowering == "portable" and "position" in reason
+    assert lowering == "portable" and "context" in reason
     assert any(n.op_type == "TensorScatter" for n in lowered.graph.node)  # the portable shared-KV form
-    optimum = OrtBackend(tiny_optimum_onnx, threads=1)
-    assert optimum.lowering == "portable" and optimum.lowering_reason
+    optimum = OrtBackend(tiny_optimum_onnx, threads=1)  # its attention is not a pattern the rule knows
+    assert optimum.lowering == "portable" and "not matched" in optimum.lowering_reason
+
+
+def test_dynamo_export_lowered_equals_portable(tiny, tiny_dynamo_onnx):
+    """torch.onnx.export(dynamo=True) of our model: lowered for its one-token steps (its graph does not
+    say it masks by position, so its multi-token steps run the contract graph, in both forms)."""
+    lowered, portable = _pair(tiny_dynamo_onnx)
+    assert not lowered.multi_token_steps
+    _assert_same_steps(lowered, portable, tiny.config.vocab_size)
 
 
 def test_rules_explain_what_they_leave(tiny_onnx):

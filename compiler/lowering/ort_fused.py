@@ -8,6 +8,11 @@ gate and up: ``packed_matmuls.py``), and each residual Add with the RMSNorm afte
 ``SkipSimplifiedLayerNormalization`` (``skip_norm.py``). ONNX Runtime's own optimizer fuses the rest
 (the first norm into ``SimplifiedLayerNormalization``, SiLU).
 
+Exactness: the fused attention is causal by position with each row's valid prefix from its mask. For
+one new token a step that is every causal graph's semantics; for several, only graphs that mask by
+position (``CAUSAL_PROP``) - the runtime runs other graphs' multi-token steps in the contract form, as
+it does for their portable form.
+
 All or nothing: when any attention block of the graph does not match (the rule says why), the graph
 stays portable - the shared-KV form of ``shared_kv.py`` - and the reason is recorded in the result's
 metadata (``LOWERING_PROP`` / ``LOWERING_REASON_PROP``) and logged. The portable form stays the one for
@@ -28,9 +33,9 @@ from river.compiler.lowering.packed_qkv import pack_qkv
 from river.compiler.lowering.skip_norm import fuse_skip_norm
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
 from river.compiler.river.builder import is_quantized_weight
-from river.export.contract import CAUSAL_PROP, StepContract, past_name, present_name
+from river.export.contract import StepContract, past_name, present_name
 
-ORT_LOWERING_FORMAT = 4 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+ORT_LOWERING_FORMAT = 5 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
 MS_DOMAIN = "com.microsoft"
@@ -69,8 +74,6 @@ def lower_for_ort(model: onnx.ModelProto, max_positions: int | None) -> onnx.Mod
 
 def to_ort_fused(model: onnx.ModelProto, max_positions: int | None) -> onnx.ModelProto:
     """The graph with every attention block fused (raises NotLowered, saying why, when one is not)."""
-    if _props(model).get(CAUSAL_PROP) != "position":
-        raise NotLowered("the graph does not mask causally by position (only our exports are known to)")
     if not max_positions or max_positions < 1:
         raise NotLowered("the model's context length is unknown (the rotary tables need it)")
     contract = StepContract.from_model(model)
