@@ -142,18 +142,23 @@ def test_dynamo_export_lowered_equals_portable(tiny, tiny_dynamo_onnx):
     _assert_same_steps(lowered, portable, tiny.config.vocab_size)
 
 
-def test_rules_explain_what_they_leave(tiny_onnx):
-    """The draft's twin layers project with MatMulNBits (not packed; its backbone layers are), the first
-    norm reads the embeddings (no residual Add to fuse): each rule's check says so."""
+def test_rules_explain_what_they_leave(tiny_onnx, tiny_river):
+    """The draft's products (fp32 backbone layers, MatMulNBits twins) are all packed; the River's
+    dynamic-int8 twins are not, and the first norm reads the embeddings (no residual Add to fuse):
+    each rule's check says so."""
     _, draft = verify_pair(tiny_onnx, 1)  # layers 0-1 of the backbone, 2-3 quantized twins
     lowered = gs.import_onnx(load_onnx(OrtBackend(draft, threads=1).decode_path))
-    reasons = [packed_qkv.check(n) for n in lowered.nodes if n.op == "GroupQueryAttention"]
-    assert reasons[:2] == ["already packed"] * 2 and all("not made by a MatMul" in r for r in reasons[2:]), reasons
+    assert {packed_qkv.check(n) for n in lowered.nodes if n.op == "GroupQueryAttention"} == {"already packed"}
+    assert sum(n.op == "MatMulNBits" for n in lowered.nodes) == 2 * 4 + 1  # qkv, o, gate|up, down; the head
+    river = gs.import_onnx(load_onnx(OrtBackend(tiny_river, threads=1).decode_path))
+    reasons = {packed_qkv.check(n) for g in river.subgraphs(recursive=True) for n in g.nodes
+               if n.op == "GroupQueryAttention"}
+    assert "already packed" in reasons and any("not made by a MatMul or MatMulNBits" in r for r in reasons if r)
     original = gs.import_onnx(load_onnx(tiny_onnx))
     ids = {id(n) for n in original.nodes}
-    reasons = [skip_norm.check(n, ids) for n in original.nodes if n.op == "Mul"
-               and skip_norm.match_norm(n)[0] is not None]
-    assert reasons.count(None) == 2 * 4 and "not a residual Add" in next(r for r in reasons if r)
+    norms = [skip_norm.check(n, ids) for n in original.nodes if n.op == "Mul"
+             and skip_norm.match_norm(n)[0] is not None]
+    assert norms.count(None) == 2 * 4 and "not a residual Add" in next(r for r in norms if r)
 
 
 def test_rule_check_explains_a_non_match():

@@ -35,7 +35,7 @@ from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
 from river.compiler.river.builder import is_quantized_weight
 from river.export.contract import StepContract, past_name, present_name
 
-ORT_LOWERING_FORMAT = 5 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+ORT_LOWERING_FORMAT = 6 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
 MS_DOMAIN = "com.microsoft"

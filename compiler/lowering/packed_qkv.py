@@ -5,23 +5,24 @@ them narrow (the KV heads); ONNX Runtime's op also takes the projections packed,
 tensor with key and value left out, so one product over ``concat(Wq, Wk, Wv)`` does the work of three
 (the same floats: each output column is the same dot product).
 
-Applies to fp32 ``MatMul`` projections with constant weights over one shared input and no other reader
-(``check`` says why not); quantized twins keep their own products.
+Applies to projections with constant weights - fp32 ``MatMul``, or ``MatMulNBits`` alike in bits, block
+and accuracy (the draft's twins) - over one shared input and no other reader (``check`` says why not);
+the River's dynamic-int8 twins keep their own products.
 """
 
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from river.compiler.lowering.packed_matmuls import constant_weight, packed_product
+from river.compiler.lowering.packed_matmuls import packed_product, signature
 
 
 def _projection(t: gs.Tensor) -> tuple[gs.Node | None, str | None]:
     node = t.inputs[0] if len(t.inputs) == 1 else None
-    if node is None or node.op != "MatMul":
-        return None, f"'{t.name}' is not made by a MatMul"
-    if constant_weight(node) is None:
-        return None, f"'{node.name}' has no constant 2-D weight"
+    if node is None or node.op not in ("MatMul", "MatMulNBits"):
+        return None, f"'{t.name}' is not made by a MatMul or MatMulNBits"
+    if signature(node) is None:
+        return None, f"'{node.name}' has no constant weights"
     if len(t.outputs) != 1:
         return None, f"'{t.name}' has other readers"
     return node, None
@@ -40,8 +41,8 @@ def _match(attention: gs.Node) -> tuple[list[gs.Node] | None, str | None]:
         nodes.append(node)
     if len({id(n.inputs[0]) for n in nodes}) != 1:
         return None, "the projections read different inputs"
-    if len({constant_weight(n).dtype for n in nodes}) != 1:
-        return None, "the projection weights differ in type"
+    if len({signature(n) for n in nodes}) != 1:
+        return None, "the projections differ in weight type or quantization"
     return nodes, None
 
 
