@@ -198,7 +198,7 @@ def open_verifier(model: str, threads: int | None = None, tokenizer: str | None 
     # Sessions with a pool each must not both spin on the cores: without the shared pool the draft
     # runs on the calling thread (measured: 2-thread pools each made verify mode 0.75x of the full model)
     draft_backend = OrtBackend(draft_path, threads=threads if shared_thread_pool() else 1, single_token=True,
-                               lowering=lowering)
+                               lowering=lowering, positions=backbone.context)  # no config beside a cached draft
     gen = _generator(backbone, onnx_path.parent, tokenizer, max_length, None)  # tokenizer, EOS, context
     return SpeculativeGenerator(backbone, gen.tokenizer, gen.eos_token_ids, draft=draft_backend, k=k,
                                 adaptive=adaptive, max_length=gen.max_length)

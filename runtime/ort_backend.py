@@ -25,7 +25,7 @@ from river.runtime.backend import InPlaceSteps, StepBackend
 from river.runtime.kv_cache import SharedKVCache
 from river.runtime.loading import LOWERINGS
 
-ROTARY_POSITIONS = 8192  # positions the fused rotary tables cover when the graph's context is not recorded
+ROTARY_POSITIONS = 16384  # positions the fused rotary tables cover when the graph's context is not recorded
 
 
 class OrtBackend(InPlaceSteps, StepBackend):
@@ -35,12 +35,15 @@ class OrtBackend(InPlaceSteps, StepBackend):
 
     ``lowering="ort"`` (default) runs the graph's ONNX Runtime lowering (``compiler/lowering/ort_fused``:
     fused attention over the shared buffers) where it applies and the portable shared-KV form where it
-    does not (``self.lowering`` says which, ``self.lowering_reason`` why not)."""
+    does not (``self.lowering`` says which, ``self.lowering_reason`` why not). ``positions``: how many
+    positions its rotary tables cover (default: the model's context recorded beside the graph, else
+    ``ROTARY_POSITIONS``); a cache beyond them is refused."""
 
     name = "ort"
 
     def __init__(self, model_path: str | Path, threads: int | None = None, providers=None,
-                 thresholds=None, matmul_accuracy: int = 1, single_token: bool = False, lowering: str = "ort"):
+                 thresholds=None, matmul_accuracy: int = 1, single_token: bool = False, lowering: str = "ort",
+                 positions: int | None = None):
         self.model_path = Path(model_path)
         header = load_onnx_header(self.model_path)  # graph without weights: cheap contract check
         self.contract = StepContract.from_model(header, str(model_path))
@@ -61,7 +64,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
                                 ort.InferenceSession(str(self.model_path), so, providers=providers))
         if lowering not in LOWERINGS:
             raise RiverError(f"unknown lowering '{lowering}' (choose {' or '.join(LOWERINGS)})")
-        self.decode_path = decode_path = self._decode_graph(lowering)
+        self.decode_path = decode_path = self._decode_graph(lowering, positions)
         self.single_token = single_token
         if single_token:  # a draft: batch 1, one token a step; static sizes let ORT fold the shape arithmetic
             dims = next(i for i in header.graph.input if i.name == C.INPUT_IDS).type.tensor_type.shape.dim
@@ -70,11 +73,13 @@ class OrtBackend(InPlaceSteps, StepBackend):
                     so.add_free_dimension_override_by_name(d.dim_param, 1)
         self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
 
-    def _decode_graph(self, lowering: str) -> Path:
+    def _decode_graph(self, lowering: str, positions: int | None) -> Path:
         """The in-place graph for steps: the fused lowering where it applies, else the portable one."""
         self.lowering, self.lowering_reason, self.max_positions = "portable", "", None
+        self.context = positions or exported_config(self.model_path.parent).get("max_position_embeddings")
         if lowering == "ort" and self.kv_window is None:
-            positions = exported_config(self.model_path.parent).get("max_position_embeddings") or ROTARY_POSITIONS
+            # twice the context: positions past a row's room (a pool's slack, padding) stay in the tables
+            positions = 2 * self.context if self.context else ROTARY_POSITIONS
             path = derived_graph("ort_lowered", self.model_path, ORT_LOWERING_FORMAT,
                                  lambda m: lower_for_ort(m, positions), variant=f"-p{positions}")
             self.lowering, self.lowering_reason = lowering_of(load_onnx_header(path))
@@ -84,10 +89,13 @@ class OrtBackend(InPlaceSteps, StepBackend):
             self.lowering_reason = "a sliding window: every step runs the contract graph"
         return derived_graph("shared_kv", self.model_path, SHARED_KV_FORMAT, to_shared_kv)
 
-    def new_cache(self, capacity: int, batch: int = 1):
-        if self.max_positions is not None and capacity > self.max_positions:
-            raise CacheOverflow(f"a cache of {capacity} positions is beyond the {self.max_positions} the fused "
+    def _check_positions(self, positions: int) -> None:
+        if self.max_positions is not None and positions > self.max_positions:
+            raise CacheOverflow(f"a cache of {positions} positions is beyond the {self.max_positions} the fused "
                                 "rotary tables cover: lower --max-length")
+
+    def new_cache(self, capacity: int, batch: int = 1):
+        self._check_positions(capacity)
         return super().new_cache(capacity, batch)
 
     # --- prefill ------------------------------------------------------------------------------
@@ -166,8 +174,10 @@ class OrtBackend(InPlaceSteps, StepBackend):
         form would get wrong run as contract steps (exact, copies the valid past): _needs_contract_step."""
         if self._needs_contract_step(token_ids, cache):
             return self._contract_step(token_ids, cache, self._run_contract)
-        if self.lowering == "ort_fused" and token_ids.shape[0] > 1 and token_ids.shape[1] > 1:
-            return self._extend_by_row(token_ids, cache)
+        if self.lowering == "ort_fused":
+            self._check_positions(cache.physical)  # caches made elsewhere too (a batch scheduler's pool)
+            if token_ids.shape[0] > 1 and token_ids.shape[1] > 1:
+                return self._extend_by_row(token_ids, cache)
         st = self._step_state(token_ids, cache)
         self.decode_session.run_with_iobinding(st["binding"])
         if self.river is not None:

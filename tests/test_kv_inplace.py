@@ -146,7 +146,7 @@ def test_no_cache_copy_in_onnx_runtime_profile(tiny, tiny_onnx, tmp_path, monkey
     the same way, grows by more than a copy, so the measure would catch one. Both lowerings: the fused
     one (attention writes the buffers) and the portable one (TensorScatter does)."""
     c = tiny.config
-    small, large = 32, 512  # 16x more, up to the tiny model's context (what the fused rotary tables cover)
+    small, large = 32, 512  # 16x more, within the tiny model's context of 512 (the fused rotary tables cover 2x)
     cache_bytes = 2 * c.num_layers * c.num_kv_heads * large * c.head_dim * 4  # every layer's K and V at 16x
 
     shared = [_profile(tmp_path / f"s{cap}", monkeypatch, _shared_kv_steps(tiny_onnx, cap, lowering=lowering))

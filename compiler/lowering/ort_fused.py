@@ -59,7 +59,7 @@ def lowering_of(model: onnx.ModelProto) -> tuple[str, str]:
 
 def lower_for_ort(model: onnx.ModelProto, max_positions: int | None) -> onnx.ModelProto:
     """The fused form of a step graph, or its portable shared-KV form with the reason it is not fused.
-    ``max_positions``: positions the rotary tables cover (the model's context)."""
+    ``max_positions``: positions the rotary tables cover (the runtime asks for twice the context)."""
     try:
         result = to_ort_fused(model, max_positions)
         lowering, reason = "ort_fused", ""
