@@ -102,7 +102,7 @@ def our_engines(full, model: str, threads: int, river: Path | None) -> list[Engi
     if river is not None:
         from river.compiler.river.manifest import RiverManifest
 
-        gen = open_generator(str(river), threads=threads)
+        gen = open_generator(str(river), threads=threads, backend="ort")  # the fused River graph, lowered
         for op, thr in (RiverManifest.load(river).operating_points or {}).items():
             engines.append(Engine(f"ours River {op}", generator_runner(gen, thr), f"{river}, operating point {op}"))
     return engines
