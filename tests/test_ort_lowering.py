@@ -7,7 +7,6 @@ it declines with a reason and runs portable."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
@@ -167,8 +166,6 @@ def test_rule_check_explains_a_non_match():
     y = gs.Variable("y", np.float32, [1, 4])
     graph = gs.Graph(nodes=[gs.Node("Softmax", "s", {"axis": -1}, [x], [y])], inputs=[x], outputs=[y])
     assert fused_attention.check(graph.nodes[0]) == "softmax input is not masked scores (Add)"
-    export = gs.export_onnx(graph)
-    assert isinstance(export, onnx.ModelProto)
 
 
 def test_cache_beyond_the_rotary_tables_is_refused(tiny_onnx):
