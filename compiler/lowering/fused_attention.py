@@ -29,19 +29,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from river.compiler.lowering.patterns import constant_values, producer
+
 ROTARY_HEAD_MULTIPLE = 16  # ORT's CPU kernel rotates heads whose size is a multiple of 16 only
-
-
-def _producer(t, op: str) -> gs.Node | None:
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == op:
-        return t.inputs[0]
-    return None
 
 
 def _unreshaped(t):
     """The input of the Reshape that makes ``t`` (grouped-query attention without repeat_kv views the
     query heads as [B, Hkv, n_rep * S, D] around its products: ``gqa_attention.py``), else ``t``."""
-    reshape = _producer(t, "Reshape")
+    reshape = producer(t, "Reshape")
     return reshape.inputs[0] if reshape is not None else t
 
 
@@ -51,20 +47,16 @@ def _only_reader(t, op: str) -> gs.Node | None:
 
 
 def _scalar(t) -> float | None:
-    node = _producer(t, "Constant")
-    if node is not None:
-        t = node.attrs.get("value")
-    if isinstance(t, gs.Constant) and t.values.size == 1:
-        return float(np.ravel(t.values)[0])
-    return None
+    values = constant_values(t)
+    return float(np.ravel(values)[0]) if values is not None and values.size == 1 else None
 
 
 def _heads_from(t: gs.Tensor, d: int) -> tuple[gs.Tensor | None, str | None]:
     """(the [B,S,N*D] projection behind ``Transpose(Reshape(proj), [0,2,1,3])``, None) or (None, why)."""
-    transpose = _producer(t, "Transpose")
+    transpose = producer(t, "Transpose")
     if transpose is None or transpose.attrs.get("perm") != [0, 2, 1, 3]:
         return None, "heads are not Transpose(Reshape(projection), [0, 2, 1, 3])"
-    reshape = _producer(transpose.inputs[0], "Reshape")
+    reshape = producer(transpose.inputs[0], "Reshape")
     if reshape is None:
         return None, "heads are not split by a Reshape"
     proj = reshape.inputs[0]
@@ -105,21 +97,21 @@ class Rotary:
 
 def _rotary(t: gs.Tensor) -> tuple[Rotary | None, str | None]:
     """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = Concat(-x2, x1)`` (non-interleaved)."""
-    add = _producer(t, "Add")
+    add = producer(t, "Add")
     if add is None:
         return None, "no rotary embedding (Add of two products) on the heads"
-    muls = [_producer(i, "Mul") for i in add.inputs]
+    muls = [producer(i, "Mul") for i in add.inputs]
     if any(m is None for m in muls):
         return None, "the rotary Add is not of two products"
     for plain, rotated in (muls, muls[::-1]):
         for x_at in (0, 1):
             x, cos = plain.inputs[x_at], plain.inputs[1 - x_at]
             for r_at in (0, 1):
-                concat = _producer(rotated.inputs[r_at], "Concat")
+                concat = producer(rotated.inputs[r_at], "Concat")
                 if concat is None or len(concat.inputs) != 2 or concat.attrs.get("axis") not in (-1, 3):
                     continue
-                neg = _producer(concat.inputs[0], "Neg")
-                first, second = (_producer(neg.inputs[0], "Slice") if neg else None), _producer(concat.inputs[1], "Slice")
+                neg = producer(concat.inputs[0], "Neg")
+                first, second = (producer(neg.inputs[0], "Slice") if neg else None), producer(concat.inputs[1], "Slice")
                 if first is None or second is None or first.inputs[0] is not x or second.inputs[0] is not x:
                     continue
                 return Rotary(x, cos, rotated.inputs[1 - r_at]), None
@@ -128,14 +120,14 @@ def _rotary(t: gs.Tensor) -> tuple[Rotary | None, str | None]:
 
 def _kv_repeat_source(t: gs.Tensor) -> gs.Tensor:
     """The cache tensor behind ``repeat_kv`` (Unsqueeze -> Expand -> Reshape), or ``t`` itself."""
-    reshape = _producer(t, "Reshape")
-    expand = _producer(reshape.inputs[0], "Expand") if reshape else None
-    unsqueeze = _producer(expand.inputs[0], "Unsqueeze") if expand else None
+    reshape = producer(t, "Reshape")
+    expand = producer(reshape.inputs[0], "Expand") if reshape else None
+    unsqueeze = producer(expand.inputs[0], "Unsqueeze") if expand else None
     return unsqueeze.inputs[0] if unsqueeze is not None else t
 
 
 def _cache_concat(t: gs.Tensor) -> tuple[gs.Node | None, str | None]:
-    concat = _producer(t, "Concat")
+    concat = producer(t, "Concat")
     if concat is None or len(concat.inputs) != 2 or concat.attrs.get("axis") not in (2, -2):
         return None, "the attended keys/values are not Concat(past, new, axis=2)"
     past = concat.inputs[0]
@@ -166,14 +158,14 @@ def _scores(add_mask: gs.Node) -> tuple[tuple | None, str | None]:
     """(scores MatMul, scale) of ``Add(scale * (Q @ K^T), mask)``."""
     for t in add_mask.inputs:
         for op in ("Mul", "Div"):
-            node = _producer(t, op)
+            node = producer(t, op)
             if node is None:
                 continue
             for i in (0, 1):
-                matmul, c = _producer(_unreshaped(node.inputs[i]), "MatMul"), _scalar(node.inputs[1 - i])
+                matmul, c = producer(_unreshaped(node.inputs[i]), "MatMul"), _scalar(node.inputs[1 - i])
                 if matmul is not None and c is not None and (op == "Mul" or i == 0):
                     return (matmul, c if op == "Mul" else 1.0 / c), None
-        matmul = _producer(_unreshaped(t), "MatMul")
+        matmul = producer(_unreshaped(t), "MatMul")
         if matmul is not None:
             return (matmul, None), None
     return None, "softmax input is not Add(scaled Q @ K^T, mask)"
@@ -183,7 +175,7 @@ def match(softmax: gs.Node) -> tuple[AttentionBlock | None, str | None]:
     """The attention block around ``softmax``, or (None, why it is not one this rule lowers)."""
     if softmax.op != "Softmax" or softmax.attrs.get("axis", -1) not in (-1, 3):
         return None, "not a Softmax over the last axis"
-    add = _producer(softmax.inputs[0], "Add")
+    add = producer(softmax.inputs[0], "Add")
     if add is None:
         return None, "softmax input is not masked scores (Add)"
     found, why = _scores(add)
@@ -202,7 +194,7 @@ def match(softmax: gs.Node) -> tuple[AttentionBlock | None, str | None]:
     merge = _only_reader(back.outputs[0], "Reshape")
     if merge is None:
         return None, "the heads are not merged by one Reshape"
-    k_t = _producer(qk.inputs[1], "Transpose")
+    k_t = producer(qk.inputs[1], "Transpose")
     if k_t is None or k_t.attrs.get("perm") != [0, 1, 3, 2]:
         return None, "the keys are not transposed [0, 1, 3, 2] for the scores"
     key_concat, why = _cache_concat(_kv_repeat_source(k_t.inputs[0]))

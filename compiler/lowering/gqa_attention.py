@@ -20,27 +20,20 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from river.compiler.graph_io import walk_graphs, walk_nodes
-
-
-def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == op:
-        return t.inputs[0]
-    return None
+from river.compiler.lowering.patterns import constant_values, producer
 
 
 def _int_list(t) -> list[int] | None:
     """The integers a Constant (initializer or Constant node output) holds."""
-    node = _producer(t, "Constant")
-    if node is not None:
-        t = node.attrs.get("value")
-    return [int(x) for x in np.ravel(t.values)] if isinstance(t, gs.Constant) else None
+    values = constant_values(t)
+    return None if values is None else [int(x) for x in np.ravel(values)]
 
 
 def _repeated_kv(t: gs.Tensor) -> tuple[gs.Tensor | None, str | None]:
     """(the unrepeated KV tensor [B,Hkv,T,D], None) behind ``t``, or (None, why not)."""
-    reshape = _producer(t, "Reshape")
-    expand = _producer(reshape.inputs[0], "Expand") if reshape is not None else None
-    unsqueeze = _producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    reshape = producer(t, "Reshape")
+    expand = producer(reshape.inputs[0], "Expand") if reshape is not None else None
+    unsqueeze = producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
     if unsqueeze is None:
         return None, "not Unsqueeze -> Expand -> Reshape"
     axes = _int_list(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else unsqueeze.attrs.get("axes")
@@ -60,7 +53,7 @@ def _match(matmul: gs.Node) -> tuple[tuple | None, str | None]:
     if matmul.op != "MatMul" or len(matmul.inputs) != 2:
         return None, "not a MatMul"
     b = matmul.inputs[1]
-    transpose = _producer(b, "Transpose")
+    transpose = producer(b, "Transpose")
     if transpose is not None:
         if transpose.attrs.get("perm") != [0, 1, 3, 2]:
             return None, f"key transpose perm {transpose.attrs.get('perm')}"

@@ -19,22 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-
-def _producer(t, op: str) -> gs.Node | None:
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == op:
-        return t.inputs[0]
-    return None
-
-
-def _constant(t) -> np.ndarray | None:
-    node = _producer(t, "Constant")
-    if node is not None:
-        t = node.attrs.get("value")
-    return t.values if isinstance(t, gs.Constant) else None
-
-
-def _other(node: gs.Node, t) -> gs.Tensor:
-    return node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+from river.compiler.lowering.patterns import constant_values, producer
 
 
 @dataclass
@@ -51,31 +36,31 @@ def match_norm(scale: gs.Node) -> tuple[RmsNorm | None, str | None]:
         return None, "not a Mul"
     for w_at in (0, 1):
         weight, normed = scale.inputs[w_at], scale.inputs[1 - w_at]
-        w = _constant(weight)
-        mul = _producer(normed, "Mul")
+        w = constant_values(weight)
+        mul = producer(normed, "Mul")
         if w is None or w.ndim != 1 or mul is None:
             continue
         for x_at in (0, 1):
             x, inv = mul.inputs[x_at], mul.inputs[1 - x_at]
             sqrt = None
-            div = _producer(inv, "Div")
-            if div is not None and _constant(div.inputs[0]) is not None and np.all(_constant(div.inputs[0]) == 1):
-                sqrt = _producer(div.inputs[1], "Sqrt")
-            recip = _producer(inv, "Reciprocal")
+            div = producer(inv, "Div")
+            if div is not None and constant_values(div.inputs[0]) is not None and np.all(constant_values(div.inputs[0]) == 1):
+                sqrt = producer(div.inputs[1], "Sqrt")
+            recip = producer(inv, "Reciprocal")
             if recip is not None:
-                sqrt = _producer(recip.inputs[0], "Sqrt")
-            add = _producer(sqrt.inputs[0], "Add") if sqrt is not None else None
+                sqrt = producer(recip.inputs[0], "Sqrt")
+            add = producer(sqrt.inputs[0], "Add") if sqrt is not None else None
             if add is None:
                 continue
             for e_at in (0, 1):
-                eps, mean = _constant(add.inputs[e_at]), _producer(add.inputs[1 - e_at], "ReduceMean")
+                eps, mean = constant_values(add.inputs[e_at]), producer(add.inputs[1 - e_at], "ReduceMean")
                 if eps is None or eps.size != 1 or mean is None:
                     continue
-                axes = _constant(mean.inputs[1]) if len(mean.inputs) > 1 else mean.attrs.get("axes")
+                axes = constant_values(mean.inputs[1]) if len(mean.inputs) > 1 else mean.attrs.get("axes")
                 if axes is None or list(np.ravel(axes)) != [-1] or mean.attrs.get("keepdims", 1) != 1:
                     continue
-                pow_ = _producer(mean.inputs[0], "Pow")
-                two = _constant(pow_.inputs[1]) if pow_ is not None else None
+                pow_ = producer(mean.inputs[0], "Pow")
+                two = constant_values(pow_.inputs[1]) if pow_ is not None else None
                 if pow_ is None or pow_.inputs[0] is not x or two is None or float(np.ravel(two)[0]) != 2.0:
                     continue
                 return RmsNorm(scale, weight, x, float(np.ravel(eps)[0])), None
@@ -88,10 +73,10 @@ def check(scale: gs.Node, graph_nodes: set[int]) -> str | None:
     norm, why = match_norm(scale)
     if why:
         return why
-    add = _producer(norm.x, "Add")
+    add = producer(norm.x, "Add")
     if add is None or id(add) not in graph_nodes:
         return "the norm's input is not a residual Add in the same graph"
-    if any(_constant(t) is not None for t in add.inputs):
+    if any(constant_values(t) is not None for t in add.inputs):
         return "the Add adds a constant (a bias, not a residual)"
     return None
 
