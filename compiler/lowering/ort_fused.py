@@ -105,9 +105,7 @@ def _fuse_all(model: onnx.ModelProto, contract: StepContract, max_positions: int
         raise NotLowered(str(exc)) from None
     shared = _shared_inputs(graph, cos, sin)
     fused = [(g, fused_attention.fuse(g, block, shared)) for g, block in blocks]
-    graph.cleanup(remove_unused_graph_inputs=False)
-    for g in [graph, *graph.subgraphs(recursive=True)]:
-        g.cleanup()
+    graph.cleanup()  # subgraphs too; graph inputs stay
     for g, node in fused:  # once the unfused attention is gone, the projections have no other reader
         pack_qkv(g, node)
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -117,8 +115,7 @@ def _fuse_all(model: onnx.ModelProto, contract: StepContract, max_positions: int
         g.cleanup()
         for siblings in packed_matmuls.groups(g):  # what is left: the gated MLP's gate and up
             packed_matmuls.pack_siblings(g, siblings)
-        g.cleanup()
-        _write_outputs_directly(g)
+        _write_outputs_directly(g)  # which ends with a cleanup
     _check_cache_use(graph)
     outputs = {t.name: t for t in graph.outputs}
     inputs = {t.name: t for t in graph.inputs}
