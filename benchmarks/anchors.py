@@ -87,12 +87,9 @@ def generator_runner(gen, thresholds=None):
 
 def our_engines(full, model: str, threads: int, river: Path | None) -> list[Engine]:
     """``full``: our full-depth generator (the reference); verify mode and River points beside it."""
-    from river.runtime.generate import Generator
-    from river.runtime.loading import open_generator, open_verifier, step_graph_path
-    from river.runtime.ort_backend import OrtBackend
+    from river.runtime.loading import open_generator, open_verifier
 
-    portable = Generator(OrtBackend(step_graph_path(model), threads=threads, lowering="portable"), full.tokenizer,
-                         full.eos_token_ids, max_length=full.max_length)
+    portable = open_generator(model, threads=threads, backend="ort", lowering="portable")
     engines = [Engine(REFERENCE, generator_runner(full),
                       f"step graph, ONNX Runtime, shared KV buffers ({full.backend.lowering} lowering)"),
                Engine("ours full (fp32, portable graph)", generator_runner(portable),

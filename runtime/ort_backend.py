@@ -35,9 +35,10 @@ class OrtBackend(InPlaceSteps, StepBackend):
 
     ``lowering="ort"`` (default) runs the graph's ONNX Runtime lowering (``compiler/lowering/ort_fused``:
     fused attention over the shared buffers) where it applies and the portable shared-KV form where it
-    does not (``self.lowering`` says which, ``self.lowering_reason`` why not). ``positions``: how many
-    positions its rotary tables cover (default: the model's context recorded beside the graph, else
-    ``ROTARY_POSITIONS``); a cache beyond them is refused."""
+    does not (``self.lowering`` says which, ``self.lowering_reason`` why not). ``positions``: the
+    model's context; the rotary tables cover twice it, so a pool's slack and padded rows stay inside
+    (default: the context recorded beside the graph; none recorded, ``ROTARY_POSITIONS`` positions). A
+    cache beyond the tables is refused."""
 
     name = "ort"
 

@@ -157,7 +157,7 @@ class Scheduler:
                  prefill_chunk: int = 16, k_max: int = 8, budgets: dict[str, Sequence[float]] | None = None,
                  min_shared_prefix: int = 4, prefill_budget: int | None = None):
         if max_rows < 1 or max_queue < 0 or prefill_chunk < 1 or k_max < 1 or (prefill_budget or 1) < 1:
-            raise RiverError("max_rows, prefill_chunk and k_max must be >= 1, max_queue >= 0")
+            raise RiverError("max_rows, prefill_chunk, k_max and prefill_budget must be >= 1, max_queue >= 0")
         for other in (backbone, draft):
             if other is not None and other.contract.num_layers != decoder.contract.num_layers:
                 raise RiverError("the backbone, draft and decoder must have the same layers to share a KV pool")

@@ -41,8 +41,6 @@ class RequestSpec:
     budget: str | None = None  # exit mode: a named operating point instead of thresholds
 
 
-
-
 def _scalar(values: Mapping[str, np.ndarray | None], name: str):
     v = values.get(name)
     if v is None:
