@@ -229,7 +229,11 @@ def discover(graph: gs.Graph, contract: StepContract | None = None, model=None) 
         if b.mid is not None:
             label[id(b.mid)] = l
     label[id(blocks[-1].output)] = L
-    graph.toposort()
+    try:
+        graph.toposort()
+    except gs.util.exception.OnnxGraphSurgeonException:
+        raise NotADecoderGraph("the graph has a cycle (a node depends on its own output): it is not a valid ONNX "
+                               "graph; re-export the model") from None
     prologue, head = [], []
     for node in graph.nodes:
         dep = max((label.get(id(t), -1) for t in node.inputs), default=-1)
