@@ -8,7 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 from river.atomic import build_once, temp_prefix
 from river.errors import InvalidModelFile, ModelNotFound
 
@@ -87,7 +89,7 @@ def hoist_initializers(model: onnx.ModelProto, keep_local=lambda name: False) ->
     only initializers of the node's own graph, so a backbone layer moved into an ``else`` branch
     keeps running the same packed GEMMs as in the plain graph (bit-identical results, same speed).
     ``keep_local`` names stay in their branches even when repeated (quantized twins: ORT prepacks
-    MatMulNBits / MatMulInteger weights only when they are local).
+    MatMulNBits weights only when they are local).
     """
     main = model.graph
     graphs = list(walk_graphs(main))[1:]
@@ -95,7 +97,7 @@ def hoist_initializers(model: onnx.ModelProto, keep_local=lambda name: False) ->
     for g in [main] + graphs:
         for t in g.initializer:
             count[t.name] = count.get(t.name, 0) + 1
-    have = {t.name for t in main.initializer}
+    have = {t.name: t for t in main.initializer}
     for sub in graphs:
         keep = []
         for t in sub.initializer:
@@ -103,10 +105,19 @@ def hoist_initializers(model: onnx.ModelProto, keep_local=lambda name: False) ->
                 keep.append(t)
             elif t.name not in have:
                 main.initializer.append(t)
-                have.add(t.name)
+                have[t.name] = t
+            elif not _same_tensor(have[t.name], t):  # a pass named two different tensors alike
+                raise ValueError(f"two different initializers are both named '{t.name}': one would silently "
+                                 "replace the other")
         del sub.initializer[:]
         sub.initializer.extend(keep)
     return model
+
+
+def _same_tensor(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    return a.data_type == b.data_type and list(a.dims) == list(b.dims) and (
+        a.SerializeToString() == b.SerializeToString()
+        or np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)))
 
 
 def without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:

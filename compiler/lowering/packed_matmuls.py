@@ -56,18 +56,23 @@ def width(node: gs.Node) -> int:
 
 
 def packed_product(g: gs.Graph, nodes: list[gs.Node], name: str) -> gs.Variable:
-    """One product in ``g`` over ``nodes``' shared input and their weights side by side; its output."""
+    """One product in ``g`` over ``nodes``' shared input and their weights side by side; its output.
+
+    The packed constants are named after the first weight (a River's backbone layer and its twins
+    share the node names, not the weights; the twins' names keep the builder's ``@q`` mark, so they
+    stay local to their branch, where ONNX Runtime prepacks them)."""
     out = gs.Variable(f"{name}/packed", dtype=nodes[0].outputs[0].dtype)
     first = nodes[0]
+    weight_name = first.inputs[1].name
     if first.op == "MatMul":
         weight = np.ascontiguousarray(np.concatenate([constant_weight(n) for n in nodes], axis=1))
         g.nodes.append(gs.Node("MatMul", f"{name}/packed_product", {},
-                               [first.inputs[0], gs.Constant(f"{name}/packed_weight", weight)], [out]))
+                               [first.inputs[0], gs.Constant(f"{weight_name}/packed", weight)], [out]))
         return out
     n = sum(width(node) for node in nodes)
     stacked = [np.concatenate(rows, axis=0) for rows in zip(*(_nbits_rows(node) for node in nodes))]
     shapes = [first.inputs[i].values.shape for i in NBITS_ROW_INPUTS if i < len(first.inputs)]
-    constants = [gs.Constant(f"{name}/packed_{i}", np.ascontiguousarray(
+    constants = [gs.Constant(f"{weight_name}/packed_{i}", np.ascontiguousarray(
         rows.reshape((n, *shape[1:]) if len(shape) > 1 else (-1,))))
         for i, (rows, shape) in enumerate(zip(stacked, shapes))]
     g.nodes.append(gs.Node("MatMulNBits", f"{name}/packed_product", {**first.attrs, "N": n},
