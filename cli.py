@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["flip", "kl", "kv"],
                    help="damage measure the budget bounds: top-1 flip rate (default), KL, or relative KV error")
     p.add_argument("--twin-format", default="ort", choices=list(TWIN_FORMATS),
-                   help="quantized twins as ONNX Runtime operators (MatMulNBits / dynamic int8, default) or block "
+                   help="quantized twins as ONNX Runtime operators (MatMulNBits, int8 activations per block, default) or block "
                    "DequantizeLinear (dq, what TensorRT imports)")
     p.add_argument("--flavour", dest="twin_format", choices=list(TWIN_FORMATS), help=argparse.SUPPRESS)  # before 0.2
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for calibration")

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from river.compiler.quantize import ort_block_quant, unpack_nbits
+from river.compiler.quantize import NBITS_ACCURACY, ort_block_quant, unpack_nbits
 from river.compiler.river.manifest import set_props
 from river.compiler.weight_quant import quantize_weights
 from river.export.contract import StepContract
@@ -95,7 +95,7 @@ class DraftMatMuls:
 
 
 def draft_graph(model: onnx.ModelProto, exit_after: int = -1, bits: int = 8, block: int = 32,
-                head: bool = True, accuracy_level: int = 4) -> onnx.ModelProto:
+                head: bool = True, accuracy_level: int = NBITS_ACCURACY) -> onnx.ModelProto:
     """The draft graph of a contract step graph (see module docstring)."""
     reason = check(model, exit_after)
     if reason:

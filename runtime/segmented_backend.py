@@ -193,8 +193,9 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
 
         def river(k: int, rows: np.ndarray) -> None:
             """River k for the rows that exit at gate k. Each runs alone on its own row of the pool
-            (a one-row view): quantized twins may scale activations over the whole batch (dynamic
-            int8), and a row's tokens must not depend on its neighbours."""
+            (a one-row view): a row's tokens must not depend on its neighbours, and the twins of
+            exports before MatMulNBits twins (dynamic int8) scale activations over the whole batch.
+            Today's twins quantize each row on its own, so batching them is a measured change to make."""
             nonlocal outs
             if b == 1 or not hasattr(cache, "row_view"):
                 finish(f"river{k}", rows)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from river.compiler.quantize import BITS, dynamic_int8_matmul, quantize, quantize_channels_int8
+from river.compiler.quantize import BITS, PackedWeight, nbits_activations, quantize
 from river.compiler.river import twins
 from river.models.llama import DecoderLayer, LlamaForCausalLM, additive_causal_mask
 
@@ -25,15 +25,17 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return dot / torch.clamp(norm, min=1e-12)
 
 
-class DynamicInt8Linear(torch.nn.Module):
-    """A twin linear layer computing exactly what the ORT twin format's dynamic-int8 MatMul computes."""
+class NBitsLinear(torch.nn.Module):
+    """A twin linear layer computing what the ORT twin format's MatMulNBits (accuracy level 4)
+    computes: int8 activations per block times the dequantized weight."""
 
-    def __init__(self, weight):
+    def __init__(self, weight: PackedWeight):
         super().__init__()
-        self.weight_q = weight
+        self.block = weight.block
+        self.register_buffer("weight_deq", torch.from_numpy(weight.dequantize().astype("float64")))
 
     def forward(self, x):
-        return dynamic_int8_matmul(x, self.weight_q)
+        return torch.matmul(nbits_activations(x, self.block), self.weight_deq).to(torch.float32)
 
 
 class TorchRiver:
@@ -54,11 +56,11 @@ class TorchRiver:
                             if not (isinstance(mod, torch.nn.Linear) and mod.in_features % self.block == 0):
                                 continue
                             w = mod.weight.detach().cpu().numpy().T  # the ONNX MatMul layout [in, out]
-                            if self.twin_format == "ort" and self.precision == "int8":
-                                setattr(parent, name, DynamicInt8Linear(quantize_channels_int8(w)))
+                            qw = quantize(w, BITS[self.precision], self.block, self.twin_format)
+                            if self.twin_format == "ort":
+                                setattr(parent, name, NBitsLinear(qw))
                                 continue
-                            deq = quantize(w, BITS[self.precision], self.block, self.twin_format).dequantize()
-                            mod.weight.copy_(torch.from_numpy(deq.T.copy()))
+                            mod.weight.copy_(torch.from_numpy(qw.dequantize().T.copy()))
             self._twins[layer] = twin
         return self._twins[layer]
 

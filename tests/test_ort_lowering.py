@@ -7,6 +7,7 @@ it declines with a reason and runs portable."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
@@ -143,17 +144,21 @@ def test_dynamo_export_lowered_equals_portable(tiny, tiny_dynamo_onnx):
 
 
 def test_rules_explain_what_they_leave(tiny_onnx, tiny_river):
-    """The draft's products (fp32 backbone layers, MatMulNBits twins) are all packed; the River's
-    dynamic-int8 twins are not, and the first norm reads the embeddings (no residual Add to fuse):
-    each rule's check says so."""
+    """The draft's and the River's products (fp32 backbone layers, MatMulNBits twins) are all packed,
+    and the first norm reads the embeddings (no residual Add to fuse): the rule's check says so."""
     _, draft = verify_pair(tiny_onnx, 1)  # layers 0-1 of the backbone, 2-3 quantized twins
     lowered = gs.import_onnx(load_onnx(OrtBackend(draft, threads=1).decode_path))
     assert {packed_qkv.check(n) for n in lowered.nodes if n.op == "GroupQueryAttention"} == {"already packed"}
     assert sum(n.op == "MatMulNBits" for n in lowered.nodes) == 2 * 4 + 1  # qkv, o, gate|up, down; the head
     river = gs.import_onnx(load_onnx(OrtBackend(tiny_river, threads=1).decode_path))
-    reasons = {packed_qkv.check(n) for g in river.subgraphs(recursive=True) for n in g.nodes
-               if n.op == "GroupQueryAttention"}
-    assert "already packed" in reasons and any("not made by a MatMul or MatMulNBits" in r for r in reasons if r)
+    branches = list(river.subgraphs(recursive=True))
+    assert {packed_qkv.check(n) for g in branches for n in g.nodes if n.op == "GroupQueryAttention"} == {"already packed"}
+    # a twin's packed product reads its branch's own constants (ONNX Runtime prepacks only those),
+    # never the backbone layer's packed weights of the same scope
+    nbits = [n for g in branches for n in g.nodes if n.op == "MatMulNBits" and n.name.endswith("packed_product")]
+    assert len(nbits) == 2 * (3 + 1)  # qkv and gate|up of layers 1-3 (gate 0's river) and of layer 3 (gate 1's)
+    for node in nbits:
+        assert all(isinstance(t, gs.Constant) and "@q" in t.name for t in node.inputs[1:]), node.name
     original = gs.import_onnx(load_onnx(tiny_onnx))
     ids = {id(n) for n in original.nodes}
     norms = [skip_norm.check(n, ids) for n in original.nodes if n.op == "Mul"
@@ -166,6 +171,36 @@ def test_rule_check_explains_a_non_match():
     y = gs.Variable("y", np.float32, [1, 4])
     graph = gs.Graph(nodes=[gs.Node("Softmax", "s", {"axis": -1}, [x], [y])], inputs=[x], outputs=[y])
     assert fused_attention.check(graph.nodes[0]) == "softmax input is not masked scores (Add)"
+    qkv = [gs.Variable(name, np.float32, [1, 1, 4]) for name in "qkv"]
+    adds = [gs.Node("Add", f"add_{t.name}", {}, [x, x], [t]) for t in qkv]
+    attention = gs.Node("GroupQueryAttention", "gqa", {}, qkv, [gs.Variable("out", np.float32)], domain="com.microsoft")
+    gs.Graph(nodes=[*adds, attention], inputs=[x], outputs=attention.outputs)
+    assert packed_qkv.check(attention) == "'q' is not made by a MatMul or MatMulNBits"
+
+
+def test_hoisting_refuses_two_initializers_of_one_name():
+    """Branch initializers shared by name are kept once in the main graph: two different tensors under
+    one name (a pass's naming slip, as the packed twin and backbone weights once were) are refused
+    instead of one silently standing in for the other."""
+    from onnx import helper, numpy_helper
+
+    from river.compiler.graph_io import hoist_initializers
+
+    def branch(name, value):
+        return helper.make_graph([helper.make_node("Identity", ["w"], [name])], name, [],
+                                 [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [2])],
+                                 [numpy_helper.from_array(np.asarray(value, np.float32), "w")])
+
+    def model(then_value, else_value):
+        node = helper.make_node("If", ["c"], ["y"], then_branch=branch("a", then_value), else_branch=branch("b", else_value))
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+        return helper.make_model(graph)
+
+    same = hoist_initializers(model([1, 2], [1, 2]))
+    assert [t.name for t in same.graph.initializer] == ["w"]
+    with pytest.raises(ValueError, match="'w'"):
+        hoist_initializers(model([1, 2], [1, 3]))
 
 
 def test_cache_beyond_the_rotary_tables_is_refused(tiny_onnx):

@@ -76,7 +76,7 @@ def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, twin_format
     spec = RiverSpec.from_name(river, GATES, twin_format=twin_format)
     model = river_graph(tiny_proto, spec)
     ops = {n.op_type for n in walk_nodes(model.graph)}
-    expected = {("int8", "ort"): "MatMulInteger", ("int4", "ort"): "MatMulNBits",
+    expected = {("int8", "ort"): "MatMulNBits", ("int4", "ort"): "MatMulNBits",
                 ("int8", "dq"): "DequantizeLinear", ("int4", "dq"): "DequantizeLinear"}.get((spec.precision, twin_format))
     if expected:  # each twin format really emits its own twin operator
         assert expected in ops and not ({"MatMulInteger", "MatMulNBits", "DequantizeLinear"} - {expected}) & ops
@@ -158,6 +158,9 @@ def test_weights_are_not_duplicated(tiny_proto):
     assert len([n for n in names if n.endswith("@q8")]) == 7 * 3 + 7 * 1
 
 
+FLIP_TOLERANCE = 0.05  # of the largest value: int8 twins over many layers (see the SmolLM2 test)
+
+
 @pytest.fixture(scope="module")
 def smol_river(smol_onnx):
     from river.compiler.river.spec import default_gates
@@ -205,5 +208,42 @@ def test_smollm2_onnx_river_matches_torch_reference(smol, smol_river):
         out = session.run(None, {**feeds, THRESHOLDS: thr})
         logits, presents_ref, exit_layer = ref.step(*targs, past, thr)
         assert int(out[-1][0]) == int(exit_layer[0]) == expect
-        assert np.abs(out[0] - logits.numpy()).max() <= 1e-3
-        assert max(np.abs(o - p.numpy()).max() for o, p in zip(out[1:-1], presents_ref)) <= 1e-3
+        assert out[0][0, -1].argmax() == int(logits[0, -1].argmax())
+        # within what one int8 rounding flip explains (see nbits_activations): an activation within
+        # float noise of a boundary rounds the other way in ONNX Runtime and the layers after it carry
+        # the step on (gate 20 on this step: 0.24 on logits up to 11, 0.06 on the last K/V); a wrong
+        # weight, scale or block shows as differences of the order of the values themselves
+        assert np.abs(out[0] - logits.numpy()).max() <= FLIP_TOLERANCE * np.abs(logits.numpy()).max()
+        for o, p in zip(out[1:-1], presents_ref):
+            assert np.abs(o - p.numpy()).max() <= FLIP_TOLERANCE * max(1.0, np.abs(p.numpy()).max())
+
+
+@pytest.mark.slow
+def test_smollm2_twin_product_matches_torch_reference(smol):
+    """One MatMulNBits twin product (accuracy level 4) on SmolLM2's real weights and activations
+    equals the reference's per-block int8 activations times the dequantized weight."""
+    from river.compiler.quantize import nbits_activations, quantize_ort
+    from tests_helpers import torch_step
+
+    layer, seen = smol.model.model.layers[15], {}
+    hooks = [mod.register_forward_hook(lambda m, inp, out, name=name: seen.__setitem__(name, inp[0][0].numpy()))
+             for name, mod in (("q", layer.self_attn.q_proj), ("down", layer.mlp.down_proj))]
+    torch_step(smol.model, np.asarray([smol.tokenizer("The river rose after the storm, and the village")["input_ids"]]))
+    for h in hooks:
+        h.remove()
+    for name, mod in (("q", layer.self_attn.q_proj), ("down", layer.mlp.down_proj)):
+        weight = mod.weight.detach().numpy().T.copy()
+        qw = quantize_ort(weight, 8, 64)
+        k, n = weight.shape
+        node = onnx.helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                                     block_size=64, accuracy_level=4)
+        graph = onnx.helper.make_graph(
+            [node], "twin", [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [None, k])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, n])],
+            [onnx.numpy_helper.from_array(qw.packed, "b"), onnx.numpy_helper.from_array(qw.scales.reshape(-1), "s")])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                             onnx.helper.make_opsetid("com.microsoft", 1)])
+        got = make_session(model, threads=2).run(None, {"a": seen[name]})[0]
+        want = (nbits_activations(torch.from_numpy(seen[name]), 64).numpy() @ qw.dequantize().astype(np.float64))
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+        assert np.abs(got - seen[name] @ weight).max() > 1e-3  # the product really is quantized

@@ -4,9 +4,9 @@ graph's ONNX initializers and dequantized with plain numpy written from the oper
 graph's own twin nodes, run alone in ONNX Runtime, are compared with ``x @ W_dequantized``.
 
 Specs: com.microsoft MatMulNBits (B [N, K/block, block*bits/8] uint8, low nibble first at 4 bits;
-scales [N * K/block]; no zero point input: 2^(bits-1)); ONNX DequantizeLinear with ``block_size``
-on axis 0 (y[k, n] = q[k, n] * scale[k // block, n]; INT4 two a byte, low nibble first, signed);
-DynamicQuantizeLinear -> MatMulInteger (uint8 weight, zero point per column) -> Cast -> Mul.
+scales [N * K/block]; no zero point input: 2^(bits-1); accuracy level 4: each activation row quantized
+to int8 per block of K, symmetric, scale = max |x| / 127); ONNX DequantizeLinear with ``block_size``
+on axis 0 (y[k, n] = q[k, n] * scale[k // block, n]; INT4 two a byte, low nibble first, signed).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from river.compiler.compile import compile_river
 from river.compiler.ort_session import make_session
 
-TWIN_OPS = {"MatMulNBits", "DequantizeLinear", "MatMulInteger"}
+TWIN_OPS = {"MatMulNBits", "DequantizeLinear", "MatMulInteger"}  # MatMulInteger: the dynamic int8 twins of before
 
 
 def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -80,15 +80,7 @@ def dequantize(node: onnx.NodeProto, nodes: list[onnx.NodeProto], inits: dict[st
             q = numpy_helper.to_array(t).astype(np.int64)
         step = np.repeat(scale, attrs["block_size"], axis=0)
         return q * step, step, node.input[0]
-    # MatMulInteger (dynamic int8): the uint8 weight minus its zero point (128), times the per-column
-    # weight scale that the scale Mul multiplies into the activation scale
-    q, zp = arr(1).astype(np.int64), arr(3).astype(np.int64)
-    assert np.all(zp == 128)
-    quant = next(n for n in nodes if n.op_type == "DynamicQuantizeLinear" and n.output[0] == node.input[0])
-    scale_mul = next(n for n in nodes if n.op_type == "Mul" and quant.output[1] in n.input)
-    scale = numpy_helper.to_array(inits[next(i for i in scale_mul.input if i in inits)]).astype(np.float64)
-    step = np.broadcast_to(scale[None, :], q.shape)
-    return (q - zp[None, :]) * step, step, node.input[1]
+    raise AssertionError(f"unexpected twin operator {node.op_type}")
 
 
 def twin_subgraph(node: onnx.NodeProto, graph_nodes: list[onnx.NodeProto], inits) -> tuple[onnx.ModelProto, str]:
@@ -96,16 +88,10 @@ def twin_subgraph(node: onnx.NodeProto, graph_nodes: list[onnx.NodeProto], inits
     consumers = lambda name: [n for n in graph_nodes if name in n.input]  # noqa: E731
     if node.op_type == "MatMulNBits":
         nodes, x = [node], node.input[0]
-    elif node.op_type == "DequantizeLinear":
+    else:
         nodes = [node] + consumers(node.output[0])
         x = nodes[1].input[0]
-    else:
-        quant = next(n for n in graph_nodes if n.output[0] == node.input[0])
-        cast = consumers(node.output[0])[0]
-        final = consumers(cast.output[0])[0]
-        scale_mul = next(n for n in graph_nodes if n.output[0] in final.input and n is not cast)
-        nodes, x = [quant, node, cast, scale_mul, final], quant.input[0]
-    assert nodes[-1].op_type in ("MatMul", "MatMulNBits", "Mul") and len(nodes[-1].output) == 1
+    assert nodes[-1].op_type in ("MatMul", "MatMulNBits") and len(nodes[-1].output) == 1
     used = sorted({i for n in nodes for i in n.input if i in inits})
     constants = []
     for name in used:  # Constant nodes' tensors carry no name of their own
@@ -119,14 +105,14 @@ def twin_subgraph(node: onnx.NodeProto, graph_nodes: list[onnx.NodeProto], inits
     return helper.make_model(g, opset_imports=opsets, ir_version=10), x
 
 
-def dynamic_quantize(x: np.ndarray) -> np.ndarray:
-    """DynamicQuantizeLinear (uint8) then back to float, from the ONNX spec: the activation as
-    MatMulInteger sees it."""
-    lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
-    scale = np.float32((hi - lo) / 255.0)
-    zp = np.clip(np.rint(-lo / scale), 0, 255)
-    q = np.clip(np.rint(x / scale) + zp, 0, 255)
-    return (q - zp) * np.float64(scale)
+def block_int8(x: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
+    """The activation as MatMulNBits at accuracy level 4 sees it: each row int8 per block of K
+    (symmetric, scale max |x| / 127 in float32, round half to even), back to float."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["accuracy_level"] == 4, "ort twins run ONNX Runtime's int8 path (accuracy level 4)"
+    blocks = x.reshape(x.shape[0], -1, attrs["block_size"])
+    scale = (np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)).astype(np.float32)
+    return (np.rint(blocks / scale) * scale.astype(np.float64)).reshape(x.shape)
 
 
 @pytest.mark.parametrize("twin_format, precision", [("ort", "int8"), ("ort", "int4"), ("dq", "int8"), ("dq", "int4")])
@@ -135,8 +121,7 @@ def test_twin_weights_dequantize_to_the_backbone(tiny_onnx, tmp_path, twin_forma
     proto = onnx.load(str(river))
     inits, graph = all_constants(proto.graph), all_nodes(proto.graph)
     twins = [n for n in graph if n.op_type in TWIN_OPS and any(i in inits for i in n.input)]
-    expected_op = {("ort", "int8"): "MatMulInteger", ("ort", "int4"): "MatMulNBits"}.get((twin_format, precision),
-                                                                                       "DequantizeLinear")
+    expected_op = "MatMulNBits" if twin_format == "ort" else "DequantizeLinear"
     assert twins and {n.op_type for n in twins} == {expected_op}
     seen, rng = set(), np.random.default_rng(0)
     levels = 2 ** (int(precision[3:]) - 1) - 1
@@ -144,14 +129,14 @@ def test_twin_weights_dequantize_to_the_backbone(tiny_onnx, tmp_path, twin_forma
         w_deq, step, name = dequantize(node, graph, inits)
         backbone = numpy_helper.to_array(inits[name.split("@q")[0]]).astype(np.float64)
         assert w_deq.shape == backbone.shape, name
-        # within half a quantization step, except where ORT's 4-bit quantizer clips: it maps a block's
-        # largest magnitude to -8 (its scales carry the sign), so an opposite-sign value beyond 7.5
-        # steps is stored as +7 (error up to one step); no step is larger than the weight's largest
+        # within half a quantization step, except where ORT's quantizer clips: it maps a block's
+        # largest magnitude to -8 / -128 (its scales carry the sign), so an opposite-sign value beyond
+        # 7.5 / 127.5 steps is stored as +7 / +127 (error up to one step); no step is larger than the weight's largest
         # magnitude over the largest positive level
         step, err = np.abs(step), np.abs(w_deq - backbone)
         over = err > step / 2 * (1 + 1e-5) + 1e-12
         clipped = np.isclose(np.abs(w_deq), levels * step, rtol=1e-5) & (err <= step * (1 + 1e-5))
-        assert np.all(clipped[over]) and over.mean() < (0.01 if (twin_format, precision) == ("ort", "int4") else 1e-9), name
+        assert np.all(clipped[over]) and over.mean() < (0.01 if twin_format == "ort" else 1e-9), name
         assert np.all(step > 0) and step.max() <= np.abs(backbone).max() / levels * (1 + 1e-5), name
         if name in seen:
             continue
@@ -160,7 +145,7 @@ def test_twin_weights_dequantize_to_the_backbone(tiny_onnx, tmp_path, twin_forma
         session = make_session(model, threads=1)
         x = rng.normal(0, 1, (1, backbone.shape[0])).astype(np.float32)
         got = session.run(None, {x_name: x})[0].astype(np.float64).reshape(1, -1)
-        xin = dynamic_quantize(x) if node.op_type == "MatMulInteger" else x.astype(np.float64)
+        xin = block_int8(x, node) if node.op_type == "MatMulNBits" else x.astype(np.float64)
         want = xin @ w_deq
         tol = 1e-4 * np.abs(x).sum() * np.abs(w_deq).max()  # float32 accumulation
         assert np.abs(got - want).max() <= tol, (name, np.abs(got - want).max(), tol)

@@ -6,8 +6,8 @@ tensor with key and value left out, so one product over ``concat(Wq, Wk, Wv)`` d
 (the same floats: each output column is the same dot product).
 
 Applies to projections with constant weights - fp32 ``MatMul``, or ``MatMulNBits`` alike in bits, block
-and accuracy (the draft's twins) - over one shared input and no other reader (``check`` says why not);
-the River's dynamic-int8 twins keep their own products.
+and accuracy (the draft's and the River's twins) - over one shared input and no other reader (``check``
+says why not).
 """
 
 from __future__ import annotations

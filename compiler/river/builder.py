@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from river.compiler.graph_io import complete_types, hoist_initializers, lift_opset, stamp
-from river.compiler.quantize import BITS, quantize, quantize_channels_int8
+from river.compiler.quantize import BITS, NBITS_ACCURACY, quantize
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
 from river.compiler.river import twins
 from river.compiler.river.spec import RiverSpec, check_spec, default_thresholds
@@ -31,8 +31,8 @@ class TwinMatMuls:
     """Quantized twins of weight MatMuls at one precision/block/format; each weight is quantized
     once, however many twins (rivers) use it.
 
-    ort format: dynamic int8 (DynamicQuantizeLinear -> MatMulInteger, fused by ONNX Runtime) or
-    MatMulNBits int4 over ONNX Runtime-packed weights. dq format: DequantizeLinear right before the
+    ort format: MatMulNBits over ONNX Runtime-packed weights at accuracy level 4 (int8 activations
+    per block, see ``river.compiler.quantize``). dq format: DequantizeLinear right before the
     MatMul (the pattern TensorRT imports as weight-only quantization).
     """
 
@@ -48,8 +48,6 @@ class TwinMatMuls:
     def __call__(self, node: gs.Node, a: gs.Tensor, weight: gs.Constant, tag: str, out: gs.Variable) -> list[gs.Node]:
         """Nodes computing ``out = a @ weight`` with the quantized weight."""
         bits, block, fmt = BITS[self.precision], self.block, self.twin_format
-        if fmt == "ort" and bits == 8:
-            return self._dynamic_int8(node, a, weight, tag, out)
         key = id(weight)
         if key not in self.quantized:
             qw = quantize(weight.values, bits, block, fmt)
@@ -65,33 +63,12 @@ class TwinMatMuls:
         c0, c1 = self.quantized[key]
         k, n = weight.values.shape
         if fmt == "ort":
-            return [gs.Node("MatMulNBits", f"{node.name}@{tag}", {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 1},
+            return [gs.Node("MatMulNBits", f"{node.name}@{tag}", {"K": k, "N": n, "bits": bits, "block_size": block,
+                                                                 "accuracy_level": NBITS_ACCURACY},
                             [a, c0, c1], [out], domain="com.microsoft")]
         w = gs.Variable(f"{weight.name}@twin@{tag}", dtype=np.float32, shape=[k, n])
         return [gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear@{tag}", {"axis": 0, "block_size": block}, [c0, c1], [w]),
                 gs.Node("MatMul", f"{node.name}@{tag}", {}, [a, w], [out])]
-
-    def _dynamic_int8(self, node, a, weight, tag, out) -> list[gs.Node]:
-        """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul: ORT fuses it to DynamicQuantizeMatMul."""
-        key = id(weight)
-        if key not in self.quantized:
-            qw = quantize_channels_int8(weight.values)
-            # stored as uint8 with zero point 128: ORT's u8s8 x86 kernel saturates int16 pair sums
-            # (255*127*2 > 32767) and gave wrong products; u8u8 is exact
-            self.quantized[key] = (gs.Constant(f"{weight.name}@q8c", (qw.q.astype(np.int16) + 128).astype(np.uint8)),
-                                   gs.Constant(f"{weight.name}@q8c_scale", qw.scale),
-                                   gs.Constant(f"{weight.name}@q8c_zp", np.full(qw.q.shape[1], 128, np.uint8)))
-        wq, wscale, wzp = self.quantized[key]
-        v = lambda name, dtype=np.float32: gs.Variable(f"{node.name}@{tag}/{name}", dtype=dtype)  # noqa: E731
-        aq, ascale, azp, acc, accf, scale = v("a_q", np.uint8), v("a_scale"), v("a_zp", np.uint8), v("acc", np.int32), v("acc_f"), v("scale")
-        n = f"{node.name}@{tag}"
-        return [
-            gs.Node("DynamicQuantizeLinear", f"{n}/DynamicQuantizeLinear", {}, [a], [aq, ascale, azp]),
-            gs.Node("MatMulInteger", f"{n}/MatMulInteger", {}, [aq, wq, azp, wzp], [acc]),
-            gs.Node("Cast", f"{n}/Cast", {"to": onnx.TensorProto.FLOAT}, [acc], [accf]),
-            gs.Node("Mul", f"{n}/scale", {}, [ascale, wscale], [scale]),
-            gs.Node("Mul", f"{n}/Mul", {}, [accf, scale], [out]),
-        ]
 
 
 class Builder:

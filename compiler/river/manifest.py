@@ -20,7 +20,7 @@ THRESHOLDS = "exit_thresholds"  # graph input [G] float32 (with a same-named ini
 EXIT_LAYER = "exit_layer"  # graph output [B] int64: backbone layers run (L: never exited)
 DISABLED = 2.0  # cosine similarity never reaches 2: a gate with this threshold never fires
 FORCED_EXIT = -2.0  # cosine similarity is always >= -1: a gate with this threshold always fires
-TWIN_FORMATS = ("ort", "dq")  # quantized twins: ORT MatMulNBits / dynamic int8, or DequantizeLinear (TensorRT)
+TWIN_FORMATS = ("ort", "dq")  # quantized twins: ORT MatMulNBits (accuracy level 4), or DequantizeLinear (TensorRT)
 
 MANIFEST_FILE = "river.json"
 CALIBRATION_FILE = "calibration.json"  # --calibrate's report: similarity data and the named operating points

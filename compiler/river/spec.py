@@ -21,7 +21,7 @@ class RiverSpec:
     precision: str = "int8"
     block: int = 64  # quantization block along the input dimension
     thresholds: tuple[float, ...] | None = None  # default thresholds (None: every gate disabled)
-    twin_format: str = "ort"  # quantized twins: "ort" (MatMulNBits / dynamic int8) or "dq" (DequantizeLinear, TensorRT)
+    twin_format: str = "ort"  # quantized twins: "ort" (MatMulNBits, accuracy level 4) or "dq" (DequantizeLinear, TensorRT)
 
     @classmethod
     def from_name(cls, river: str, gates, **kw) -> RiverSpec:
