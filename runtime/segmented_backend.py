@@ -38,6 +38,11 @@ def contract_of(index: SegmentIndex) -> StepContract:
     return StepContract(index.num_layers, dims[1], dims[3], vocab, kv.elem_type)
 
 
+# operators whose result for one row depends on the other rows of the batch (DynamicQuantizeLinear:
+# one activation scale per tensor; today's MatMulNBits twins quantize each row by itself)
+BATCH_WIDE_OPS = {"DynamicQuantizeLinear"}
+
+
 class SegmentedBackend(InPlaceSteps, StepBackend):
     """The backend protocol with the same results as ``OrtBackend`` on the fused River graph, plus
     ``last_similarities`` (per gate reached: per-row similarity)."""
@@ -58,6 +63,8 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         first = load_onnx_header(self.index.path(self.index.backbone(0), shared_kv=True))
         self.multi_token_steps = {p.key: p.value for p in first.metadata_props}.get(CAUSAL_PROP) == "position"
         self.kv_window = kv_window(ix.folder.parent)  # the River folder holds the model's config.json
+        self.rivers_per_row = any(n.op_type in BATCH_WIDE_OPS for k in range(len(ix.gates))
+                                  for n in load_onnx_header(ix.path(ix.river(k))).graph.node)
 
     def session(self, name: str, shared_kv: bool = False) -> ort.InferenceSession:
         """Sessions are made on first use: a decode-only or prefill-only user loads half of them."""
@@ -192,12 +199,12 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
                 outs[rows] = out[rows]
 
         def river(k: int, rows: np.ndarray) -> None:
-            """River k for the rows that exit at gate k. Each runs alone on its own row of the pool
-            (a one-row view): a row's tokens must not depend on its neighbours, and the twins of
-            exports before MatMulNBits twins (dynamic int8) scale activations over the whole batch.
-            Today's twins quantize each row on its own, so batching them is a measured change to make."""
+            """River k for the rows that exit at gate k, over the batch like a backbone segment (the
+            others write into the slack). Twins that scale activations over the whole batch (the
+            dynamic int8 of older exports, ``rivers_per_row``) run each row alone on its own row of
+            the pool instead (a one-row view): a row's tokens must not depend on its neighbours."""
             nonlocal outs
-            if b == 1 or not hasattr(cache, "row_view"):
+            if b == 1 or not self.rivers_per_row or not hasattr(cache, "row_view"):
                 finish(f"river{k}", rows)
                 return
             gate = self.index.gates[k]

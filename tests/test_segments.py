@@ -211,3 +211,43 @@ def test_smollm2_segmented_equals_fused(smol, smol_onnx, tmp_path):
         got = segmented.run_step(feeds, thr)
         assert int(ref[EXIT_LAYER][0]) == int(got[EXIT_LAYER][0]) == (gates[k] + 1 if k < len(gates) else 30)
         assert max(np.abs(got[n] - ref[n]).max() for n in ref if n != EXIT_LAYER) <= 1e-4
+
+
+def test_rivers_run_once_over_the_batch_and_rows_equal_alone(tiny, river_int8):
+    """Rows 0 and 2 exit at gate 0, row 1 at none: river0 runs once over the whole batch (today's twins
+    quantize each row by itself; the staying row writes the slack), and every row's logits and K/V
+    equal the same row run alone."""
+    from river.runtime.batching.kv_pool import KVPool
+
+    backend = SegmentedBackend(river_int8.parent / "segments", threads=1)
+    assert not backend.rivers_per_row
+    c, gates = backend.contract, len(GATES)
+    rng = np.random.default_rng(2)
+    pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, rows=3, slack=4, gates=gates, capacity=32)
+    pool.fit(32, 0)
+    exit_at_0 = np.array([FORCED_EXIT] + [DISABLED] * (gates - 1), np.float32)
+    for i, n in enumerate((5, 8, 6)):
+        backend.prefill(rng.integers(1, tiny.config.vocab_size, (1, n)).astype(np.int64), pool.rows(i, i + 1))
+        pool.lengths[i] = n
+        pool.thresholds[i] = exit_at_0 if i != 1 else DISABLED
+    tokens = rng.integers(1, tiny.config.vocab_size, (3, 1)).astype(np.int64)
+    alone = []
+    for i in range(3):  # a fresh cache with the row's own past and thresholds
+        solo = backend.new_cache(32)
+        for a, b in zip(solo.buffers(), pool.rows(i, i + 1).buffers()):
+            a[:] = b[:, :, :32]
+        solo.length = int(pool.lengths[i])
+        backend.set_thresholds(pool.thresholds[i])
+        alone.append((np.array(backend.extend(tokens[i:i + 1], solo))[0], [b[0, :, :solo.length + 1].copy()
+                                                                           for b in solo.buffers()]))
+        assert backend.last_exit_layer == (GATES[0] + 1 if i != 1 else c.num_layers)
+    states = []
+    original = backend._step_state
+    backend._step_state = lambda ids, cache: states.append(cache) or original(ids, cache)
+    both = np.array(backend.extend(tokens, pool.rows(0, 3)))
+    assert len(states) == 1, "a river ran row by row"
+    assert list(backend.last_exit_layers) == [GATES[0] + 1, c.num_layers, GATES[0] + 1]
+    for i, (logits, kv) in enumerate(alone):
+        np.testing.assert_allclose(both[i], logits, atol=1e-5)
+        for a, b in zip(pool.rows(i, i + 1).buffers(), kv):
+            np.testing.assert_allclose(a[0, :, :b.shape[1]], b, atol=1e-5)
