@@ -220,9 +220,13 @@ def test_smollm2_onnx_river_matches_torch_reference(smol, smol_river):
 
 @pytest.mark.slow
 def test_smollm2_twin_product_matches_torch_reference(smol):
-    """One MatMulNBits twin product (accuracy level 4) on SmolLM2's real weights and activations
-    equals the reference's per-block int8 activations times the dequantized weight."""
+    """One twin product as the compiler writes it (``TwinMatMuls``: MatMulNBits at accuracy level 4) on
+    SmolLM2's real weights and activations equals the reference's per-block int8 activations times
+    the dequantized weight."""
+    import onnx_graphsurgeon as gs
+
     from river.compiler.quantize import nbits_activations, quantize_ort
+    from river.compiler.river.builder import RIVER_OPSET, TwinMatMuls
     from tests_helpers import torch_step
 
     layer, seen = smol.model.model.layers[15], {}
@@ -233,17 +237,11 @@ def test_smollm2_twin_product_matches_torch_reference(smol):
         h.remove()
     for name, mod in (("q", layer.self_attn.q_proj), ("down", layer.mlp.down_proj)):
         weight = mod.weight.detach().numpy().T.copy()
-        qw = quantize_ort(weight, 8, 64)
-        k, n = weight.shape
-        node = onnx.helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
-                                     block_size=64, accuracy_level=4)
-        graph = onnx.helper.make_graph(
-            [node], "twin", [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [None, k])],
-            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, n])],
-            [onnx.numpy_helper.from_array(qw.packed, "b"), onnx.numpy_helper.from_array(qw.scales.reshape(-1), "s")])
-        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
-                                                             onnx.helper.make_opsetid("com.microsoft", 1)])
+        a = gs.Variable("a", np.float32, [None, weight.shape[0]])
+        y = gs.Variable("y", np.float32, [None, weight.shape[1]])
+        nodes = TwinMatMuls("int8", 64)(gs.Node("MatMul", name), a, gs.Constant("w", weight), "twin", y)
+        model = gs.export_onnx(gs.Graph(nodes=nodes, inputs=[a], outputs=[y], opset=RIVER_OPSET))
         got = make_session(model, threads=2).run(None, {"a": seen[name]})[0]
-        want = (nbits_activations(torch.from_numpy(seen[name]), 64).numpy() @ qw.dequantize().astype(np.float64))
+        want = nbits_activations(torch.from_numpy(seen[name]), 64).numpy() @ quantize_ort(weight, 8, 64).dequantize().astype(np.float64)
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
         assert np.abs(got - seen[name] @ weight).max() > 1e-3  # the product really is quantized

@@ -55,7 +55,7 @@ def nibbles(data: np.ndarray) -> np.ndarray:
     return np.stack([data & 0x0F, data >> 4], axis=-1).reshape(-1).astype(np.int64)
 
 
-def dequantize(node: onnx.NodeProto, nodes: list[onnx.NodeProto], inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray, str]:
+def dequantize(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray, str]:
     """(W_deq [K, N] float64, the quantization step of every element [K, N], the weight's initializer name)."""
     arr = lambda i: numpy_helper.to_array(inits[node.input[i]])  # noqa: E731
     if node.op_type == "MatMulNBits":
@@ -126,7 +126,7 @@ def test_twin_weights_dequantize_to_the_backbone(tiny_onnx, tmp_path, twin_forma
     seen, rng = set(), np.random.default_rng(0)
     levels = 2 ** (int(precision[3:]) - 1) - 1
     for node in twins:
-        w_deq, step, name = dequantize(node, graph, inits)
+        w_deq, step, name = dequantize(node, inits)
         backbone = numpy_helper.to_array(inits[name.split("@q")[0]]).astype(np.float64)
         assert w_deq.shape == backbone.shape, name
         # within half a quantization step, except where ORT's quantizer clips: it maps a block's

@@ -280,9 +280,8 @@ def fuse(g: gs.Graph, block: AttentionBlock, inputs: dict[str, gs.Tensor]) -> gs
     present_k, present_v = block.key_concat.outputs[0], block.value_concat.outputs[0]
     for node in (block.key_concat, block.value_concat, block.output_node):
         node.outputs = []
-    scope, last = block.output.name.rsplit("/", 1)[0], block.output.name.rsplit("/", 1)[-1]
-    tag = last[last.index("@"):] if "@" in last else ""  # a River twin's: its backbone layer has the same scope
-    name = f"{scope.split('@')[0]}/GroupQueryAttention{tag}"
+    base, at, tag = block.output.name.partition("@")  # a River twin's tag: its backbone layer has the same scope
+    name = f"{base.rsplit('/', 1)[0]}/GroupQueryAttention{at}{tag}"
     node = gs.Node("GroupQueryAttention", name,
                    {"num_heads": block.num_heads, "kv_num_heads": block.kv_heads, "scale": float(block.scale),
                     "do_rotary": 1, "rotary_interleaved": 0},
