@@ -79,7 +79,7 @@ def parse_gates(text: str | None, num_layers: int) -> tuple[int, ...]:
 def river_spec(num_layers: int, *, gates: str | Sequence[int] | None = None, river: str = "int8",
                thresholds: str | Path | Sequence[float] | None = None, block: int = 64, twin_format: str = "ort",
                calibrate=None, budget: str | float | None = None, metric: str | None = None,
-               threads: int | None = None, draft_exit: int | None = -1) -> RiverSpec:
+               threads: int | None = None, draft_exit: int | None = -1, head: str = "fp32") -> RiverSpec:
     """The RiverSpec that river-export's options ask for, every option checked against the model's
     layer count. Called as soon as the layer count is known (graph header, model config) so that a
     bad option fails in a second, not after the draft graph or the step graph export."""
@@ -101,7 +101,7 @@ def river_spec(num_layers: int, *, gates: str | Sequence[int] | None = None, riv
     if metric is not None:
         check_metric(metric)
     check_threads(threads)
-    spec = RiverSpec.from_name(river, gate_list, block=block, twin_format=twin_format,
+    spec = RiverSpec.from_name(river, gate_list, block=block, twin_format=twin_format, head=head,
                                thresholds=None if thresholds is None else check_thresholds(thresholds, len(gate_list)))
     check_spec(spec, num_layers)
     reason = None if draft_exit is None else exit_range_error(draft_exit, num_layers)
@@ -114,7 +114,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                   river: str = "int8", thresholds: str | Path | Sequence[float] | None = None, block: int = 64,
                   model_name: str | None = None, twin_format: str = "ort", calibrate: str | Path | Sequence[str] | None = None,
                   budget: str | float | None = None, metric: str | None = None, calibration_tokens: int = 32,
-                  threads: int | None = None, draft_exit: int | None = -1, log=sys.stderr) -> Path:
+                  threads: int | None = None, draft_exit: int | None = -1, head: str = "fp32", log=sys.stderr) -> Path:
     """Rewrite ``source_onnx`` (a step graph) into ``out_dir/model.onnx`` + ``river.json``.
 
     Everything is written into a temporary sibling folder and renamed into place at the end: a failure
@@ -135,7 +135,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
             check_wiring(header, str(source_onnx))
             spec = river_spec(contract.num_layers, gates=gates, river=river, thresholds=thresholds, block=block,
                               twin_format=twin_format, calibrate=calibrate, budget=budget, metric=metric,
-                              threads=threads, draft_exit=draft_exit)
+                              threads=threads, draft_exit=draft_exit, head=head)
             budget, metric = "balanced" if budget is None else budget, metric or "flip"
             if calibrate is not None and not (source_onnx.parent / "tokenizer.json").is_file():
                 raise RiverError(f"calibration needs the tokenizer next to {source_onnx} (tokenizer.json)")
@@ -186,7 +186,7 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 source={"path": str(source_onnx.resolve()),
                         "sha256": cached_sha256(graph_files(source_onnx))},
                 num_layers=contract.num_layers, gates=list(spec.gates), river=river, kind=spec.kind,
-                precision=spec.precision, block=spec.block, twin_format=spec.twin_format,
+                precision=spec.precision, block=spec.block, twin_format=spec.twin_format, head=spec.head,
                 thresholds=list(spec.thresholds) if spec.thresholds is not None else None,
                 operating_points=None if calibration is None else
                 {k: v["thresholds"] for k, v in calibration["operating_points"].items()},

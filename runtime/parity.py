@@ -233,7 +233,8 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
 
 def _twins(info: RiverInfo) -> str:
     """Which twin weights a River form computes with: graphs agree only when these agree."""
-    return f"{info.kind}/{info.precision}" + ("" if info.precision == "fp32" else f"/{info.twin_format}/{info.block}")
+    quantized = info.precision != "fp32" or info.head != "fp32"
+    return f"{info.kind}/{info.precision}/head-{info.head}" + (f"/{info.twin_format}/{info.block}" if quantized else "")
 
 
 def check_parity(river: str | Path, *, segments: str | Path | None = None, engines: str | Path | None = None,
@@ -272,7 +273,7 @@ def check_parity(river: str | Path, *, segments: str | Path | None = None, engin
 
     def segments_twins(folder_: Path) -> str:
         index = SegmentIndex.load(folder_)
-        return _twins(RiverInfo(tuple(index.gates), index.kind, index.precision, index.block, index.twin_format))
+        return _twins(index.info())
 
     nested = reference(onnx_path)
     groups.setdefault(nested, []).append(("river-ort-fused", lambda: OrtBackend(onnx_path, threads=threads), "backend"))

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from river.compiler.graph_io import load_onnx_header
 from river.compiler.ort_session import session_options
-from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS
 from river.compiler.river.segments import SegmentIndex, exit_name, hidden_name, similarity_name
 from river.compiler.lowering.shared_kv import WRITE_INDICES
 from river.errors import RiverError
@@ -54,8 +54,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
                  matmul_accuracy: int = 1):
         self.index = ix = SegmentIndex.load(segments_dir)
         self.contract = contract_of(ix)
-        self._init_river(RiverInfo(tuple(ix.gates), ix.kind, ix.precision, ix.block, ix.twin_format, "segment"),
-                         ix.thresholds, thresholds)
+        self._init_river(ix.info(), ix.thresholds, thresholds)
         self._options = session_options(threads, matmul_accuracy)
         self._providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {}

@@ -27,7 +27,8 @@ class TorchBackend(StepBackend):
         self.contract = StepContract.of_config(model.config)
         self._init_river(river, defaults, thresholds)
         self.reference = None if river is None else TorchRiver(
-            model, river.gates, river.kind, river.precision, river.block, twin_format=river.twin_format)
+            model, river.gates, river.kind, river.precision, river.block, twin_format=river.twin_format,
+            head=river.head)
 
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         return self._prefill_by_extend(input_ids, cache)

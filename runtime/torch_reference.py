@@ -40,29 +40,42 @@ class NBitsLinear(torch.nn.Module):
 
 class TorchRiver:
     def __init__(self, model: LlamaForCausalLM, gates, kind: str = "full", precision: str = "int8", block: int = 64,
-                 twin_format: str = "ort"):
+                 twin_format: str = "ort", head: str = "fp32"):
         self.model, self.gates, self.kind, self.precision, self.block = model.eval(), tuple(gates), kind, precision, block
-        self.twin_kind, self.twin_format = twins.get(kind), twin_format
+        self.twin_kind, self.twin_format, self.head = twins.get(kind), twin_format, head
         self._twins: dict[int, DecoderLayer] = {}
+        self._head = None
+
+    def quantized(self, linear: torch.nn.Linear, precision: str) -> torch.nn.Module:
+        """``linear`` as the River graph computes it at ``precision``: the block-quantized weight
+        (dequantized), behind the ORT twin format's per-block int8 activations."""
+        if precision == "fp32" or linear.in_features % self.block:
+            return linear
+        w = linear.weight.detach().cpu().numpy().T  # the ONNX MatMul layout [in, out]
+        qw = quantize(w, BITS[precision], self.block, self.twin_format)
+        if self.twin_format == "ort":
+            return NBitsLinear(qw)
+        out = copy.deepcopy(linear)
+        with torch.no_grad():
+            out.weight.copy_(torch.from_numpy(qw.dequantize().T.copy()))
+        return out
 
     def twin(self, layer: int) -> DecoderLayer:
         """A copy of the layer whose linear weights are block-quantized and dequantized (the twin)."""
         if layer not in self._twins:
             twin = copy.deepcopy(self.model.model.layers[layer])
-            if self.precision != "fp32":
-                with torch.no_grad():
-                    for parent in list(twin.modules()):
-                        for name, mod in list(parent.named_children()):
-                            if not (isinstance(mod, torch.nn.Linear) and mod.in_features % self.block == 0):
-                                continue
-                            w = mod.weight.detach().cpu().numpy().T  # the ONNX MatMul layout [in, out]
-                            qw = quantize(w, BITS[self.precision], self.block, self.twin_format)
-                            if self.twin_format == "ort":
-                                setattr(parent, name, NBitsLinear(qw))
-                                continue
-                            mod.weight.copy_(torch.from_numpy(qw.dequantize().T.copy()))
+            for parent in list(twin.modules()):
+                for name, mod in list(parent.named_children()):
+                    if isinstance(mod, torch.nn.Linear):
+                        setattr(parent, name, self.quantized(mod, self.precision))
             self._twins[layer] = twin
         return self._twins[layer]
+
+    def river_head(self) -> torch.nn.Module:
+        """The LM head a river ends with, at the head precision."""
+        if self._head is None:
+            self._head = self.quantized(self.model.lm_head, self.head)
+        return self._head
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, position_ids, past, thresholds):
@@ -92,6 +105,6 @@ class TorchRiver:
                 twin = self.twin(l)
                 h, k, v = self.twin_kind.torch(twin, h, h_exit, (cos, sin), mask, past[2 * l], past[2 * l + 1])
                 presents += [k, v]
-        logits = self.model.lm_head(m.norm(h))
+        logits = (self.model.lm_head if exit_after is None else self.river_head())(m.norm(h))
         exit_layer = torch.full((input_ids.shape[0],), L if exit_after is None else exit_after + 1, dtype=torch.int64)
         return logits, presents, exit_layer

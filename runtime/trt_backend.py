@@ -304,8 +304,7 @@ class TrtBackend(StepBackend):
             ix = self.index
             self.engines = {b.name: _Engine(self.trt, self.runtime, self.folder / b.plan)
                             for b in self.report.builds if b.form in ("segment", "segment.kv")}
-            self._init_river(RiverInfo(tuple(ix.gates), ix.kind, ix.precision, ix.block, ix.twin_format, "segment"),
-                             ix.thresholds, thresholds)
+            self._init_river(ix.info(), ix.thresholds, thresholds)
         else:
             from river.compiler.graph_io import load_onnx_header
 

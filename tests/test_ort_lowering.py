@@ -93,6 +93,29 @@ def test_river_graph_lowered_equals_portable_under_every_exit(tiny, tiny_river):
     _assert_same_steps(lowered, portable, tiny.config.vocab_size, thresholds=patterns)
 
 
+def test_river_with_quantized_head_from_the_cli(tiny, tiny_onnx, tmp_path, capsys):
+    """``river-export --river-head int8``: the manifest and graph say so, every river ends with an 8-bit
+    MatMulNBits head (the backbone's stays fp32), and the lowered graph equals the portable one."""
+    from river.cli import main as export_main
+    from river.compiler.graph_io import walk_nodes
+    from river.compiler.river.manifest import RiverInfo, RiverManifest
+
+    out = tmp_path / "qhead"
+    assert export_main([str(tiny_onnx), "-o", str(out), "--gates", "0,2", "--river-head", "int8", "--no-draft"]) == 0
+    assert RiverManifest.load(out).head == "int8"
+    graph = load_onnx(out / "model.onnx")
+    assert RiverInfo.from_model(graph).head == "int8"
+    heads = [n for n in walk_nodes(graph.graph) if n.op_type == "MatMulNBits"
+             and {a.name: a.i for a in n.attribute}["N"] == tiny.config.vocab_size]
+    assert len(heads) == 2 and all({a.name: a.i for a in n.attribute}["bits"] == 8 for n in heads)
+    lowered, portable = _pair(out / "model.onnx")
+    _assert_same_steps(lowered, portable, tiny.config.vocab_size, thresholds=[[-2, DISABLED], [DISABLED, -2],
+                                                                            [DISABLED, DISABLED]])
+    with pytest.raises(SystemExit) as exc:  # argparse's one-line usage error, nothing written
+        export_main([str(tiny_onnx), "-o", str(tmp_path / "bad"), "--river-head", "int3"])
+    assert exc.value.code == 2 and "--river-head" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_draft_graph_lowered_equals_portable(tiny, tiny_onnx):
     _, draft = verify_pair(tiny_onnx, 1)
     lowered, portable = _pair(draft)

@@ -69,19 +69,27 @@ def test_gates_disabled_equals_original_other_exporters(tiny, which, tiny_optimu
     assert np.array_equal(forced[-1], [1, 1])
 
 
-@pytest.mark.parametrize("river, twin_format", [("int8", "ort"), ("int4", "ort"), ("int8", "dq"), ("int4", "dq"),
-                                            ("fp32", "ort"), ("attn", "ort"), ("kv", "ort")])
-def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, twin_format):
-    """Invariant 3: same exits and outputs as the torch reference, gate by gate."""
-    spec = RiverSpec.from_name(river, GATES, twin_format=twin_format)
+@pytest.mark.parametrize("river, twin_format, head", [
+    ("int8", "ort", "fp32"), ("int4", "ort", "fp32"), ("int8", "dq", "fp32"), ("int4", "dq", "fp32"),
+    ("fp32", "ort", "fp32"), ("attn", "ort", "fp32"), ("kv", "ort", "fp32"),
+    ("int8", "ort", "int8"), ("int8", "dq", "int8"), ("fp32", "ort", "int8"), ("int8", "ort", "int4")])
+def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, twin_format, head):
+    """Invariant 3: same exits and outputs as the torch reference, gate by gate (a quantized river
+    head on exited tokens only: a token that stays gets the model's own head)."""
+    spec = RiverSpec.from_name(river, GATES, twin_format=twin_format, head=head)
     model = river_graph(tiny_proto, spec)
     ops = {n.op_type for n in walk_nodes(model.graph)}
-    expected = {("int8", "ort"): "MatMulNBits", ("int4", "ort"): "MatMulNBits",
-                ("int8", "dq"): "DequantizeLinear", ("int4", "dq"): "DequantizeLinear"}.get((spec.precision, twin_format))
+    quantized = spec.precision != "fp32" or head != "fp32"
+    expected = {"ort": "MatMulNBits", "dq": "DequantizeLinear"}[twin_format] if quantized else None
     if expected:  # each twin format really emits its own twin operator
         assert expected in ops and not ({"MatMulInteger", "MatMulNBits", "DequantizeLinear"} - {expected}) & ops
+    vocab = tiny.config.vocab_size
+    heads = [n for n in walk_nodes(model.graph) if n.op_type == "MatMulNBits" and
+             next(a.i for a in n.attribute if a.name == "N") == vocab]
+    assert len(heads) == (len(GATES) if head != "fp32" and twin_format == "ort" else 0)  # one per river
     session = make_session(model)
-    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format)
+    ref = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format, head=head)
+    fp32_head = TorchRiver(tiny.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format)
     feeds = step_feeds(tiny.config, seed=3)
     ids, past = torch_args(feeds, tiny.config)
     for thresholds, expect in (([FORCED_EXIT, DISABLED], 1), ([DISABLED, FORCED_EXIT], 3), ([DISABLED, DISABLED], 4)):
@@ -91,6 +99,8 @@ def test_onnx_river_matches_torch_reference(tiny, tiny_proto, river, twin_format
         assert np.array_equal(out[-1], exit_layer.numpy()) and int(out[-1][0]) == expect
         assert np.abs(out[0] - logits.numpy()).max() <= 1e-4
         assert max(np.abs(o - p.numpy()).max() for o, p in zip(out[1:-1], presents)) <= 1e-4
+        if head != "fp32" and expect < 4:  # the quantized head really changes an exited token's logits
+            assert np.abs(out[0] - fp32_head.step(*ids, past, thr)[0].numpy()).max() > 1e-3
 
 
 def test_batch_exits_only_when_every_row_clears_its_gate(tiny, tiny_proto):

@@ -14,7 +14,7 @@ from tests_helpers import poison_decode
 from river.compiler.compile import compile_river
 from river.compiler.ort_session import make_session
 from river.compiler.river.chained import chained_river_graph
-from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS
+from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS, RiverInfo
 from river.compiler.river.nested import river_graph
 from river.compiler.river.manifest import SEGMENTS_FILE
 from river.compiler.river.segments import DATA_FILE, SegmentIndex, write_segments
@@ -75,16 +75,18 @@ def test_segments_folder(river_int8):
     assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".onnx")) == [SEGMENTS_FILE, DATA_FILE]
 
 
-@pytest.mark.parametrize("river", ["int8", "int4", "attn", "kv"])
-def test_segmented_and_chained_steps_equal_fused(tiny, tiny_proto, tmp_path, river):
+@pytest.mark.parametrize("river, head", [("int8", "fp32"), ("int4", "fp32"), ("attn", "fp32"), ("kv", "fp32"),
+                                         ("int8", "int8")])
+def test_segmented_and_chained_steps_equal_fused(tiny, tiny_proto, tmp_path, river, head):
     """Forced exit at each gate and no exit: logits, every present and exit_layer agree (1e-5)."""
-    spec = RiverSpec.from_name(river, GATES)
+    spec = RiverSpec.from_name(river, GATES, head=head)
     fused = make_session(river_graph(tiny_proto, spec))
     chained_model = chained_river_graph(tiny_proto, spec)
     onnx.checker.check_model(chained_model, full_check=True)
     chained = make_session(chained_model)
     write_segments(tiny_proto, spec, tmp_path / "segments")
     segmented = SegmentedBackend(tmp_path / "segments", threads=1)
+    assert segmented.river.head == RiverInfo.from_model(chained_model).head == head
     for seq, past in ((1, 6), (3, 4)):
         feeds = step_feeds(tiny.config, batch=2, seq=seq, past=past, seed=seq)
         for thresholds, expect in PATTERNS:

@@ -17,6 +17,7 @@ from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
 from river.compiler.river import twins
 from river.compiler.river.spec import RiverSpec, check_spec, default_thresholds
 from river.compiler.structure import DecoderStructure, discover
+from river.errors import RiverError
 from river.export.contract import INPUT_IDS, LOGITS, StepContract
 
 RIVER_OPSET = 21  # block-wise DequantizeLinear (and INT4) need opset 21
@@ -77,16 +78,20 @@ class Builder:
     def __init__(self, structure: DecoderStructure, spec: RiverSpec):
         self.s, self.spec = structure, spec
         self.matmuls = TwinMatMuls(spec.precision, spec.block, spec.twin_format)
+        self.head_matmuls = (self.matmuls if spec.head == spec.precision
+                             else TwinMatMuls(spec.head, spec.block, spec.twin_format))
         self.outputs = {t.name: t for t in structure.graph.outputs}
         ids = next(t for t in structure.graph.inputs if t.name == INPUT_IDS)
         self.batch = gs.Variable("/river/batch", dtype=np.int64, shape=[1])
         self.batch_node = gs.Node("Shape", "/river/batch/Shape", {"start": 0, "end": 1}, [ids], [self.batch])
         self.thresholds = gs.Variable(THRESHOLDS, dtype=np.float32, shape=[len(spec.gates)])
 
-    def clone(self, nodes: list[gs.Node], mapping: dict[int, gs.Tensor], tag: str, twin: bool = True) -> list[gs.Node]:
+    def clone(self, nodes: list[gs.Node], mapping: dict[int, gs.Tensor], tag: str, twin: bool = True,
+              matmuls: TwinMatMuls | None = None) -> list[gs.Node]:
         """Copies of ``nodes`` whose inputs go through ``mapping`` (id -> replacement) and whose
         outputs are fresh tensors named ``<name>@<tag>`` (added to ``mapping``). With ``twin``,
-        MatMul weights become the twin's (quantized) weights; the head keeps backbone precision."""
+        MatMul weights become quantized by ``matmuls`` (default: the twins' precision)."""
+        matmuls = matmuls or self.matmuls
         clones = []
         for n in nodes:
             inputs = [mapping.get(id(t), t) for t in n.inputs]
@@ -96,17 +101,29 @@ class Builder:
                 mapping[id(o)] = new
                 outputs.append(new)
             w = inputs[1] if n.op == "MatMul" and len(inputs) == 2 else None
-            if twin and isinstance(w, gs.Constant) and self.matmuls.quantizable(w):
-                clones += self.matmuls(n, inputs[0], w, tag, outputs[0])
+            if twin and isinstance(w, gs.Constant) and matmuls.quantizable(w):
+                clones += matmuls(n, inputs[0], w, tag, outputs[0])
             else:
                 clones.append(gs.Node(n.op, f"{n.name}@{tag}", dict(n.attrs), inputs, outputs))
         return clones
 
-    def head(self, stream: gs.Tensor, tag: str) -> tuple[list[gs.Node], gs.Tensor]:
-        """The final norm and LM head (backbone precision) on ``stream``; returns (nodes, logits)."""
+    def head(self, stream: gs.Tensor, tag: str, river: bool = True) -> tuple[list[gs.Node], gs.Tensor]:
+        """The final norm and LM head on ``stream``; returns (nodes, logits). A river's head has the
+        spec's head precision; the backbone's (``river=False``) is the model's own."""
         mapping = {id(self.s.final_hidden): stream}
-        nodes = self.clone(list(self.s.head), mapping, tag, twin=False)
+        nodes = self.clone(list(self.s.head), mapping, tag, twin=river, matmuls=self.head_matmuls)
         return nodes, mapping[id(self.outputs[LOGITS])]
+
+    def head_quant_error(self) -> str | None:
+        """Why the rivers' head cannot have the spec's precision (None when it can): the LM head must
+        be a MatMul by a constant weight whose input width the block divides."""
+        if self.spec.head == "fp32":
+            return None
+        weights = [n.inputs[1] for n in self.s.head if n.op == "MatMul" and len(n.inputs) == 2]
+        if any(isinstance(w, gs.Constant) and self.head_matmuls.quantizable(w) for w in weights):
+            return None
+        return (f"cannot quantize the rivers' head to {self.spec.head}: this graph's LM head is not a MatMul by a "
+                f"constant weight of input width divisible by {self.spec.block}; use --river-head fp32")
 
     def exit_layer(self, value, tag: str) -> tuple[gs.Node, gs.Variable]:
         """``exit_layer`` [B] from a scalar (an int, or an int64 tensor)."""
@@ -140,9 +157,7 @@ class Builder:
         graph.cleanup().toposort()
         result = hoist_initializers(gs.export_onnx(graph, do_type_check=False), keep_local=is_quantized_weight)
         result.graph.initializer.append(onnx.numpy_helper.from_array(default_thresholds(self.spec), THRESHOLDS))
-        spec = self.spec
-        info = RiverInfo(tuple(spec.gates), spec.kind, spec.precision, spec.block, spec.twin_format, layout)
-        stamp(result, source, info.to_props())
+        stamp(result, source, RiverInfo.of(self.spec, layout).to_props())
         complete_types(result, contract_types(source))
         return result
 
@@ -167,4 +182,8 @@ def prepare(model: onnx.ModelProto, spec: RiverSpec) -> Prepared:
     model = lift_opset(model, RIVER_OPSET)
     structure = discover(gs.import_onnx(model), contract)
     twins.check_blocks(spec.kind, structure.blocks[spec.gates[0] + 1:])
-    return Prepared(Builder(structure, spec), model)
+    builder = Builder(structure, spec)
+    reason = builder.head_quant_error()
+    if reason:
+        raise RiverError(reason)
+    return Prepared(builder, model)

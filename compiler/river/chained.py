@@ -10,8 +10,9 @@ Layers are grouped by the gates: group 0 = layers 0..g_0 (backbone, always runs,
 group k = layers g_{k-1}+1..g_k (g_G = L-1). For k >= 1 an ``If(exited)`` runs either the twins of
 group k (then: the token already left the backbone) or the backbone of group k followed by gate k
 (else). ``exited`` accumulates the gates that fired; the final norm and head run once, on whatever
-stream comes out. A token that exits at gate k runs twins of layers g_k+1..L-1 and the head: exactly
-the nested layout's river k, so both layouts compute the same values (the tests check this).
+stream comes out (with a quantized river head, an ``If(exited)`` picks the rivers' head or the model's).
+A token that exits at gate k runs twins of layers g_k+1..L-1 and the river head: exactly the nested
+layout's river k, so both layouts compute the same values (the tests check this).
 """
 
 from __future__ import annotations
@@ -86,7 +87,15 @@ def chained_river_graph(model: onnx.ModelProto, spec: RiverSpec) -> onnx.ModelPr
                                  [if_outs[-1], i64(f"/river/chain/at{k}", gates[k] + 1), exit_value], [value]))
             exited, exit_value = now, value
 
-    head_nodes, logits = b.head(stream, "head")
+    if spec.head == "fp32":  # the rivers' head is the backbone's: one head for whichever stream came out
+        head_nodes, logits = b.head(stream, "head")
+    else:  # a token that exited takes the rivers' quantized head, one that stayed the model's own
+        logits = var(f"{LOGITS}@chain", np.float32, None)
+        river_nodes, river_logits = b.head(stream, "river_head")
+        own_nodes, own_logits = b.head(stream, "head", river=False)
+        head_nodes = [gs.Node("If", "/river/head/If", {"then_branch": b.branch(river_nodes, [river_logits], "river_head"),
+                                                       "else_branch": b.branch(own_nodes, [own_logits], "head")},
+                              [exited], [logits])]
     exit_node, exit_layer = b.exit_layer(exit_value, "chain")
     nodes += head_nodes + [exit_node]
     final = [(LOGITS, logits)] + [(n, presents[n]) for n in kv_names(range(L))] + [(EXIT_LAYER, exit_layer)]

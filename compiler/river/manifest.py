@@ -62,11 +62,17 @@ class RiverInfo:
     block: int = 64
     twin_format: str = "ort"
     layout: str = "nested"  # nested | chained | segment
+    head: str = "fp32"  # the precision of the head a river ends with (the backbone's head is the model's own)
+
+    @classmethod
+    def of(cls, spec, layout: str) -> RiverInfo:
+        """The facts of a ``RiverSpec`` built in ``layout``."""
+        return cls(tuple(spec.gates), spec.kind, spec.precision, spec.block, spec.twin_format, layout, spec.head)
 
     def to_props(self) -> dict[str, str]:
         return {f"{_PROP}gates": ",".join(map(str, self.gates)), f"{_PROP}kind": self.kind,
                 f"{_PROP}precision": self.precision, f"{_PROP}block": str(self.block),
-                f"{_PROP}twin_format": self.twin_format, f"{_PROP}layout": self.layout}
+                f"{_PROP}twin_format": self.twin_format, f"{_PROP}layout": self.layout, f"{_PROP}head": self.head}
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> RiverInfo | None:
@@ -75,7 +81,7 @@ class RiverInfo:
         fmt = props.get(f"{_PROP}twin_format", props.get(f"{_PROP}flavour", "dq"))  # graphs written before 0.2
         return cls(tuple(int(g) for g in props[f"{_PROP}gates"].split(",")), props[f"{_PROP}kind"],
                    props[f"{_PROP}precision"], int(props.get(f"{_PROP}block", 64)), fmt,
-                   props.get(f"{_PROP}layout", "nested"))
+                   props.get(f"{_PROP}layout", "nested"), props.get(f"{_PROP}head", "fp32"))
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> RiverInfo | None:
@@ -107,6 +113,7 @@ class RiverManifest:
     calibration: dict | None = None
     draft: dict | None = None
     thresholds_note: str | None = None
+    head: str = "fp32"  # the precision of the rivers' head (--river-head)
     inputs_added: list[str] = field(default_factory=lambda: [THRESHOLDS])
     outputs_added: list[str] = field(default_factory=lambda: [EXIT_LAYER])
     format: int = MANIFEST_FORMAT
@@ -142,4 +149,4 @@ class RiverManifest:
         return Path(path) if path else None
 
     def info(self) -> RiverInfo:
-        return RiverInfo(tuple(self.gates), self.kind, self.precision, self.block, self.twin_format)
+        return RiverInfo.of(self, "nested")

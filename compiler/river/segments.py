@@ -102,6 +102,7 @@ class SegmentIndex:
     thresholds: list[float]  # default per-gate thresholds (segments take exit_thresholds as a plain input)
     segments: list[Segment]
     twin_format: str = "dq"  # quantized twins: "ort" (MatMulNBits) or "dq" (DequantizeLinear, TensorRT)
+    head: str = "fp32"  # the precision of the rivers' head
     data: str = DATA_FILE
     format: int = FORMAT
 
@@ -122,6 +123,10 @@ class SegmentIndex:
 
     def exit_layer(self, exit_gate: int | None) -> int:
         return self.num_layers if exit_gate is None else self.gates[exit_gate] + 1
+
+    def info(self) -> RiverInfo:
+        """The River facts every segment carries (its metadata)."""
+        return RiverInfo.of(self, "segment")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -230,8 +235,7 @@ class _Cutter:
             for t, n in saved:
                 t.name = n
         complete_types(model, self.type_of)
-        spec = self.spec
-        info = RiverInfo(tuple(spec.gates), spec.kind, spec.precision, spec.block, spec.twin_format, "segment")
+        info = RiverInfo.of(self.spec, "segment")
         return stamp(model, self.source, info.to_props() | {f"river.segment.{k}": v for k, v in props.items()})
 
 
@@ -352,7 +356,7 @@ def write_segments(step: str | Path | onnx.ModelProto, spec: RiverSpec, out_dir:
                 onnx.checker.check_model(str(tmp / name), full_check=True)
         index = SegmentIndex(folder=out_dir, num_layers=L, gates=list(spec.gates), kind=spec.kind,
                              precision=spec.precision, block=spec.block, twin_format=spec.twin_format,
-                             thresholds=[float(x) for x in default_thresholds(spec)],
+                             head=spec.head, thresholds=[float(x) for x in default_thresholds(spec)],
                              segments=[seg for seg, _ in concat])
         (tmp / SEGMENTS_FILE).write_text(json.dumps(index.to_json(), indent=2))
     return out_dir / SEGMENTS_FILE

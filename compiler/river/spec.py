@@ -22,6 +22,7 @@ class RiverSpec:
     block: int = 64  # quantization block along the input dimension
     thresholds: tuple[float, ...] | None = None  # default thresholds (None: every gate disabled)
     twin_format: str = "ort"  # quantized twins: "ort" (MatMulNBits, accuracy level 4) or "dq" (DequantizeLinear, TensorRT)
+    head: str = "fp32"  # the precision of the LM head a river ends with (the backbone keeps the model's head)
 
     @classmethod
     def from_name(cls, river: str, gates, **kw) -> RiverSpec:
@@ -37,7 +38,7 @@ class RiverSpec:
 
         m = RiverManifest.load(river_dir)
         return cls(tuple(m.gates), m.kind, m.precision, m.block,
-                   None if m.thresholds is None else tuple(m.thresholds), m.twin_format)
+                   None if m.thresholds is None else tuple(m.thresholds), m.twin_format, m.head)
 
 
 def check_spec(spec: RiverSpec, num_layers: int) -> None:
@@ -47,6 +48,8 @@ def check_spec(spec: RiverSpec, num_layers: int) -> None:
         raise RiverError(f"unknown twin format '{spec.twin_format}' (choose from {', '.join(TWIN_FORMATS)})")
     if spec.precision not in PRECISIONS:
         raise RiverError(f"unknown twin precision '{spec.precision}' (choose from {', '.join(PRECISIONS)})")
+    if spec.head not in PRECISIONS:
+        raise RiverError(f"unknown river head precision '{spec.head}' (choose from {', '.join(PRECISIONS)})")
     if not spec.gates:
         raise RiverError("no gates: give at least one gate layer")
     if list(spec.gates) != sorted(set(spec.gates)):
