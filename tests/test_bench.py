@@ -72,6 +72,26 @@ def test_summary_arithmetic():
     assert s["fixed@3"]["role"] == EXITS and s["full"]["about"] == "reference"
 
 
+def test_each_river_graph_has_its_own_step_cost_model():
+    """fixed@ and fixed-qhead@ runs come from two River graphs (the second with a cheaper head for exited
+    tokens): each graph's methods are predicted by the fit on its own fixed-exit runs."""
+    L, gates = 10, [3, 6]
+    # head 5 ms in the first graph, 2 ms for exited tokens in the second: t(e) = 15 + e and 12 + e (e < L)
+    results = {"full": fake_results([0.025] * 5),
+               "fixed@3": fake_results([0.019] * 5, exits=[4] * 5), "fixed@6": fake_results([0.022] * 5, exits=[7] * 5),
+               "fixed-qhead@3": fake_results([0.016] * 5, exits=[4] * 5),
+               "fixed-qhead@6": fake_results([0.019] * 5, exits=[7] * 5),
+               "river-qhead:fast": fake_results([0.0175] * 5, exits=[4, 7] * 2 + [4])}
+    tf = {k: {"agree": [True], "nll": [1.0]} for k in results}
+    methods = {"full": Method(None, REFERENCE, "reference")}
+    methods.update({k: Method(None, EXITS, k, cost_family="-qhead" if "qhead" in k else "") for k in results if k != "full"})
+    s = report.summarize(results, tf, methods, gates, L, ["p"])
+    assert np.allclose([s["full"]["layer_costs"]["fixed_ms"], s["full"]["layer_costs-qhead"]["fixed_ms"]], [15, 12])
+    assert np.isclose(s["fixed-qhead@3"]["theoretical_speedup"], 25 / 16)
+    expected = 25 / np.mean([12 + e for e in [4, 7, 4, 7, 4]])  # not the first graph's 25 / mean(15 + e)
+    assert np.isclose(s["river-qhead:fast"]["theoretical_speedup"], expected)
+
+
 def test_frontier_verdict_words():
     uni = [{"speedup_vs_full": 1.8, "teacher_forced_agreement": 0.986}]
     assert "slower" in report.frontier_verdict({"speedup_vs_full": 0.9, "teacher_forced_agreement": 1.0}, uni)
@@ -147,7 +167,8 @@ def test_quick_bench_runs_every_method(tiny, tmp_path, monkeypatch):
     check_figures_from_raw_results(tiny, data, raw, out)
     expected = {"full", "river:safe", "river:balanced", "river:fast", "fixed@1", "fixed@2", "monotone:balanced",
                 "propagate:balanced", "uniform-int8", "uniform-int4", "draft-alone", "verify:k=3", "verify:k=4",
-                "verify-river:k=4", "full-torch", "river-torch:balanced", "mask:balanced", "recompute:balanced"}
+                "verify-river:k=4", "full-torch", "river-torch:balanced", "mask:balanced", "recompute:balanced",
+                "river-qhead:safe", "river-qhead:balanced", "river-qhead:fast", "fixed-qhead@1", "fixed-qhead@2"}
     assert set(data["methods"]) == expected
     m = data["methods"]
     for name, r in m.items():  # every speedup is the tokens/s ratio recomputed from the raw per-prompt figures

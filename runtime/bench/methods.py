@@ -2,6 +2,8 @@
   full                   the step graph, no exits (the reference)
   river:<op>             River graph, calibrated thresholds of operating point <op> (safe/balanced/fast)
   fixed@<g>              every decode token exits after layer g (a fixed exit depth)
+  river-qhead:<op>,      the same with the rivers' head 8-bit (river-export --river-head int8): an
+  fixed-qhead@<g>        exited token's head is a MatMulNBits, the backbone's stays fp32
   monotone:<op>          SkipDecode-style policy: once a token exits at a gate, later tokens exit there too
   propagate:<op>         CALM-style: skipped layers' K/V projected from the exit state (kv twins), calibrated
   uniform-int8/int4      the whole model quantized like the twins, no exits (the honest competitor)
@@ -50,6 +52,7 @@ class Method:
     backend: StepBackend | None = None  # the River backend whose thresholds this method sets
     thresholds: Sequence[float] | None = None  # None: every gate off
     speed_reference: str = "full"  # the method on the same runtime whose decode tokens/s it is divided by
+    cost_family: str | None = ""  # its River graph's fixed-exit runs (fixed{family}@<g>) predict its step cost
 
     def use(self) -> Generator:
         """The generator, with this method's thresholds set (methods share River backends)."""
@@ -94,6 +97,7 @@ class Graphs:
     step: Path
     river_int8: Path  # int8 full twins
     river_kv: Path  # kv twins (propagate)
+    river_qhead: Path  # int8 full twins and an int8 river head
     uniform: dict[str, Path]  # precision -> graph
 
 
@@ -109,12 +113,13 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
     folder = out / "graphs"
     folder.mkdir(parents=True, exist_ok=True)
     river = {}
-    for name, kind in (("river-int8", "int8"), ("river-kv", "kv")):
+    for name, kind, head in (("river-int8", "int8", "fp32"), ("river-kv", "kv", "fp32"),
+                             ("river-int8-qhead", "int8", "int8")):
         graph_dir = folder / f"{name}-cal{n_cal}"
         if not (graph_dir / "model.onnx").is_file():
             print(f"[bench] compiling + calibrating {name} ...", file=log, flush=True)
             compile_river(step, graph_dir, gates=gates, river=kind, calibrate=CALIBRATION_PROMPTS[:n_cal],
-                          budget="balanced", threads=threads, log=log)
+                          budget="balanced", threads=threads, head=head, log=log)
         river[name] = graph_dir / "model.onnx"
     uniform = {}
     for precision in ("int8", "int4"):
@@ -123,7 +128,19 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
             print(f"[bench] quantizing the whole model ({precision}) ...", file=log, flush=True)
             save_onnx_atomic(uniform_quantized(load_onnx(step), precision), path)
         uniform[precision] = path
-    return Graphs(model, step, river["river-int8"], river["river-kv"], uniform)
+    return Graphs(model, step, river["river-int8"], river["river-kv"], river["river-int8-qhead"], uniform)
+
+
+def exit_methods(backend: StepBackend, ops: dict, tok, eos, suffix: str, what: str) -> dict[str, Method]:
+    """``river{suffix}:<op>`` at each calibrated operating point and ``fixed{suffix}@<g>`` at each gate
+    of one River graph (one generator: the methods set its thresholds in turn)."""
+    generator = Generator(backend, tok, eos)
+    methods = {f"river{suffix}:{op}": Method(generator, EXITS, f"River graph ({what}) at operating point {op}",
+                                             backend, thr, cost_family=suffix) for op, thr in ops.items()}
+    for i, g in enumerate(backend.river.gates):
+        methods[f"fixed{suffix}@{g}"] = Method(generator, EXITS, f"every decode token exits after layer {g} ({what})",
+                                               backend, backend.gate_thresholds.forced(i), cost_family=suffix)
+    return methods
 
 
 def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
@@ -140,21 +157,18 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
     kv_backend = OrtBackend(graphs.river_kv, threads=threads)
     ops = RiverManifest.load(graphs.river_int8.parent).operating_points
     kv_balanced = RiverManifest.load(graphs.river_kv.parent).operating_points["balanced"]
-    river = Generator(river_backend, tok, eos)
 
     methods = {"full": Method(full, REFERENCE, "the step graph, no exits")}
-    for op, thr in ops.items():
-        methods[f"river:{op}"] = Method(river, EXITS, f"River graph (int8 twins) at operating point {op}",
-                                        river_backend, thr)
-    for i, g in enumerate(river_backend.river.gates):
-        methods[f"fixed@{g}"] = Method(river, EXITS, f"every decode token exits after layer {g}", river_backend,
-                                       river_backend.gate_thresholds.forced(i))
+    methods.update(exit_methods(river_backend, ops, tok, eos, "", "int8 twins"))
+    qhead_backend = OrtBackend(graphs.river_qhead, threads=threads)
+    methods.update(exit_methods(qhead_backend, RiverManifest.load(graphs.river_qhead.parent).operating_points,
+                                tok, eos, "-qhead", "int8 twins, int8 river head"))
     monotone = MonotoneGenerator(river_backend, tok, eos, base_thresholds=np.asarray(ops["balanced"], np.float32))
     methods["monotone:balanced"] = Method(monotone, EXITS, "SkipDecode-style: the exit layer never rises",
                                           river_backend, ops["balanced"])
     methods["propagate:balanced"] = Method(Generator(kv_backend, tok, eos), EXITS,
                                            "CALM-style: kv twins project the skipped layers' K/V", kv_backend,
-                                           kv_balanced)
+                                           kv_balanced, cost_family=None)
     for precision, path in graphs.uniform.items():
         uniform = open_generator(str(path), threads=threads, tokenizer=str(graphs.step.parent))
         uniform.eos_token_ids = eos

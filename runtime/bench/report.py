@@ -19,20 +19,30 @@ import numpy as np
 from river.runtime.bench.methods import EXITS, LOSSLESS, OTHER_RUNTIME, QUANTIZED, REFERENCE, Method
 
 
-def fit_step_cost(results: dict, gates, L: int) -> dict | None:
-    """Step cost as a function of the layers run e: t(e) = fixed + e * per_layer, where per_layer is
-    what a backbone layer costs more than its twin (backbone and twin costs always add up to L
-    layers, so only their difference is identifiable), fitted on the full and fixed-depth runs."""
-    es, ys = [L], [statistics.median(results["full"]["decode_seconds"])]
+def fit_step_cost(results: dict, gates, L: int, family: str = "") -> dict | None:
+    """Step cost of an exited token as a function of the layers run e: t(e) = fixed + e * per_layer,
+    where per_layer is what a backbone layer costs more than its twin (backbone and twin costs always
+    add up to L layers, so only their difference is identifiable), fitted on the fixed-depth runs of
+    one River graph (``fixed{family}@<g>``). The full run (e = L) joins the fit only when fewer than
+    two fixed runs exist: its head is the model's own, which a River graph's rivers may not share."""
+    es, ys = [], []
     for g in gates:
-        name = f"fixed@{g}"
+        name = f"fixed{family}@{g}"
         if name in results and results[name]["decode_seconds"]:
             es.append(g + 1)
             ys.append(statistics.median(results[name]["decode_seconds"]))
     if len(set(es)) < 2:
+        es.append(L)
+        ys.append(statistics.median(results["full"]["decode_seconds"]))
+    if len(set(es)) < 2:
         return None
     per_layer, fixed = np.polyfit(np.asarray(es, float), np.asarray(ys, float), 1)
     return {"per_backbone_layer_over_twin_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3, "points": len(es)}
+
+
+def predicted_ms(costs: dict, e: int) -> float:
+    """The fitted step cost of a token that exited after e backbone layers."""
+    return costs["fixed_ms"] + e * costs["per_backbone_layer_over_twin_ms"]
 
 
 def tokens_per_s(speed: list[dict]) -> float:
@@ -44,7 +54,9 @@ def summarize(results: dict, tf: dict, methods: dict[str, Method], gates, L: int
     """Per method: speed (against its speed reference of the same run), quality and exit figures."""
     full_tokens = results["full"]["tokens"]
     rate = {name: tokens_per_s(r["speed"]) for name, r in results.items()}
-    costs = fit_step_cost(results, gates, L)
+    families = {m.cost_family for m in methods.values() if m.cost_family is not None}
+    fits = {f: fit_step_cost(results, gates, L, f) for f in sorted(families | {""})}
+    full_ms = statistics.median(results["full"]["decode_seconds"]) * 1e3  # a token that never exited costs this
     out = {}
     for name, r in results.items():
         ts = sorted(r["decode_seconds"])
@@ -60,9 +72,9 @@ def summarize(results: dict, tf: dict, methods: dict[str, Method], gates, L: int
             exact += a == b
         speedup = rate[name] / rate[methods[name].speed_reference]
         theory = None
+        costs = fits.get(methods[name].cost_family)
         if costs and r["exits"] and methods[name].speed_reference == "full":
-            predict = lambda e: costs["fixed_ms"] + e * costs["per_backbone_layer_over_twin_ms"]  # noqa: E731
-            theory = predict(L) / float(np.mean([predict(e) for e in r["exits"]]))
+            theory = full_ms / float(np.mean([full_ms if e >= L else predicted_ms(costs, e) for e in r["exits"]]))
         hist = {}
         for e in r["exits"]:
             hist[e] = hist.get(e, 0) + 1
@@ -89,8 +101,11 @@ def summarize(results: dict, tf: dict, methods: dict[str, Method], gates, L: int
             "acceptance_rate": r["accepted"] / r["drafted"] if r.get("drafted") else None,
             "mean_accepted_per_round": r["accepted"] / r["rounds"] if r.get("rounds") else None,
         }
-    if costs:
-        out["full"]["layer_costs"] = costs
+    if fits[""]:
+        out["full"]["layer_costs"] = fits[""]
+    for family, costs in fits.items():
+        if family and costs:
+            out["full"][f"layer_costs{family}"] = costs
     return out
 
 
@@ -137,11 +152,14 @@ def markdown(out: dict, plots: list[str]) -> str:
     lines += ["", "## Against the honest competitor", "",
               f"Each lossy exit policy against whole-model quantization ({', '.join(competitors) or 'none run'}):", ""]
     lines += [f"- {k}: {frontier_verdict(v, list(competitors.values()))}" for k, v in m.items() if v["role"] == EXITS]
-    costs = m.get("full", {}).get("layer_costs")
-    if costs:
-        lines += ["", f"Step cost model fitted on the full and fixed-depth runs: t(e) = {costs['fixed_ms']:.2f} ms + "
+    for key, costs in m.get("full", {}).items():
+        if not key.startswith("layer_costs") or not costs:
+            continue
+        family = key[len("layer_costs"):]
+        lines += ["", f"Step cost model of an exited token, fitted on the fixed{family}@ runs: t(e) = {costs['fixed_ms']:.2f} ms + "
                   f"e x {costs['per_backbone_layer_over_twin_ms']:.3f} ms (e = backbone layers run; the slope is what a "
-                  "backbone layer costs beyond its twin). 'theoretical' = t(L) / mean t(e) over the exits taken; "
+                  "backbone layer costs beyond its twin). 'theoretical' = full / mean t(e) over the exits taken "
+                  "(a token that never exited costs full); "
                   "practical/theoretical below 1 is overhead beyond the fixed-depth paths."]
     lines += ["", f"Baselines: {s['baselines']}.", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
