@@ -28,8 +28,8 @@ GATES = (0, 2)
 SMALL = {"max_seq": 16, "max_past": 64}
 
 
-def _dq(river: str, gates=GATES) -> RiverSpec:
-    return RiverSpec.from_name(river, gates, twin_format="dq")
+def _dq(river: str, gates=GATES, head: str = "fp32") -> RiverSpec:
+    return RiverSpec.from_name(river, gates, twin_format="dq", head=head)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,15 @@ def tiny_proto(tiny_onnx):
     return onnx.load(str(tiny_onnx))
 
 
-@pytest.mark.parametrize("river", ["fp32", "int8", "int4"])
-def test_fused_river_engine_builds_with_conditionals(tiny_proto, tmp_path, river):
-    path = save_onnx_atomic(chained_river_graph(tiny_proto, _dq(river)), tmp_path / "chained" / "model.onnx")
+@pytest.mark.parametrize("river, head", [("fp32", "fp32"), ("int8", "fp32"), ("int4", "fp32"), ("int8", "int8")])
+def test_fused_river_engine_builds_with_conditionals(tiny_proto, tmp_path, river, head):
+    """The chained River builds with its conditionals (with a quantized river head: one more, on the head)."""
+    path = save_onnx_atomic(chained_river_graph(tiny_proto, _dq(river, head=head)), tmp_path / "chained" / "model.onnx")
     report = build_river_engines(tmp_path / "engines", fused_onnx=path, **SMALL)
     fused = report.build("fused")
     print(f"\n[tiny {river}] fused build {fused.seconds:.1f}s, {fused.plan_bytes / 1e6:.1f} MB, "
           f"{fused.conditionals} conditionals, {fused.layers} layers")
-    assert fused.conditionals >= len(GATES) and fused.conditional_layers > fused.conditionals
+    assert fused.conditionals >= len(GATES) + (head != "fp32") and fused.conditional_layers > fused.conditionals
     assert (tmp_path / "engines" / "fused.plan").stat().st_size == fused.plan_bytes > 0
     assert EnginesReport.load(tmp_path / "engines").build("fused").plan == "fused.plan"
     assert sorted(p.name for p in (tmp_path / "chained").iterdir()) == ["model.onnx", "model.onnx.data"]  # no temp copy left
