@@ -81,7 +81,8 @@ def test_each_river_graph_has_its_own_step_cost_model():
                "fixed@3": fake_results([0.019] * 5, exits=[4] * 5), "fixed@6": fake_results([0.022] * 5, exits=[7] * 5),
                "fixed-qhead@3": fake_results([0.016] * 5, exits=[4] * 5),
                "fixed-qhead@6": fake_results([0.019] * 5, exits=[7] * 5),
-               "river-qhead:fast": fake_results([0.0175] * 5, exits=[4, 7] * 2 + [4])}
+               "river-qhead:fast": {**fake_results([0.0175] * 5, exits=[4, 7] * 2 + [4] + [10] * 5),
+                                    "timed_exits": [4, 7] * 2 + [4]}}  # the timed steps exit; later untimed ones not
     tf = {k: {"agree": [True], "nll": [1.0]} for k in results}
     methods = {"full": Method(None, REFERENCE, "reference")}
     methods.update({k: Method(None, EXITS, k, cost_family="-qhead" if "qhead" in k else "") for k in results if k != "full"})
@@ -89,6 +90,7 @@ def test_each_river_graph_has_its_own_step_cost_model():
     assert np.allclose([s["full"]["layer_costs"]["fixed_ms"], s["full"]["layer_costs-qhead"]["fixed_ms"]], [15, 12])
     assert np.isclose(s["fixed-qhead@3"]["theoretical_speedup"], 25 / 16)
     expected = 25 / np.mean([12 + e for e in [4, 7, 4, 7, 4]])  # not the first graph's 25 / mean(15 + e)
+    assert s["river-qhead:fast"]["mean_layers_run"] == np.mean([4, 7, 4, 7, 4] + [10] * 5)  # over every step
     assert np.isclose(s["river-qhead:fast"]["theoretical_speedup"], expected)
 
 

@@ -58,9 +58,12 @@ def test_gates_disabled_equals_original(tiny, tiny_proto, river):
 
 @pytest.mark.parametrize("which", ["optimum", "dynamo"])
 def test_gates_disabled_equals_original_other_exporters(tiny, which, tiny_optimum_onnx, tiny_dynamo_onnx):
+    """Other exporters' graphs, with an int8 river head: their LM head is found and quantized too."""
     proto = onnx.load(str(tiny_optimum_onnx if which == "optimum" else tiny_dynamo_onnx))
-    model = river_graph(proto, RiverSpec.from_name("int8", GATES))
+    model = river_graph(proto, RiverSpec.from_name("int8", GATES, head="int8"))
     onnx.checker.check_model(model, full_check=True)
+    assert sum(n.op_type == "MatMulNBits" and {a.name: a.i for a in n.attribute}["N"] == tiny.config.vocab_size
+               for n in walk_nodes(model.graph)) == len(GATES)
     feeds = step_feeds(tiny.config, seq=2)
     ref = make_session(proto).run(None, feeds)
     out = make_session(model).run(None, feeds)
@@ -142,6 +145,10 @@ def test_bad_specs_are_refused(tiny_proto):
         RiverSpec.from_name("int3", (1,))
     with pytest.raises(RiverError, match="2 thresholds for 1 gates"):
         river_graph(tiny_proto, RiverSpec.from_name("int8", (1,), thresholds=(0.5, 0.6)))
+    with pytest.raises(RiverError, match="unknown river head precision 'int3'"):
+        river_graph(tiny_proto, RiverSpec.from_name("int8", (1,), head="int3"))
+    with pytest.raises(RiverError, match="cannot quantize the rivers' head.* divisible by 48; use --river-head fp32"):
+        river_graph(tiny_proto, RiverSpec.from_name("int8", (1,), head="int8", block=48))
 
 
 def test_weights_are_not_duplicated(tiny_proto):

@@ -73,8 +73,9 @@ def summarize(results: dict, tf: dict, methods: dict[str, Method], gates, L: int
         speedup = rate[name] / rate[methods[name].speed_reference]
         theory = None
         costs = fits.get(methods[name].cost_family)
-        if costs and r["exits"] and methods[name].speed_reference == "full":
-            theory = full_ms / float(np.mean([full_ms if e >= L else predicted_ms(costs, e) for e in r["exits"]]))
+        timed = r.get("timed_exits", r["exits"])  # the exits of the timed steps: what the speed is compared with
+        if costs and timed and methods[name].speed_reference == "full":
+            theory = full_ms / float(np.mean([full_ms if e >= L else predicted_ms(costs, e) for e in timed]))
         hist = {}
         for e in r["exits"]:
             hist[e] = hist.get(e, 0) + 1
@@ -158,7 +159,7 @@ def markdown(out: dict, plots: list[str]) -> str:
         family = key[len("layer_costs"):]
         lines += ["", f"Step cost model of an exited token, fitted on the fixed{family}@ runs: t(e) = {costs['fixed_ms']:.2f} ms + "
                   f"e x {costs['per_backbone_layer_over_twin_ms']:.3f} ms (e = backbone layers run; the slope is what a "
-                  "backbone layer costs beyond its twin). 'theoretical' = full / mean t(e) over the exits taken "
+                  "backbone layer costs beyond its twin). 'theoretical' = full / mean t(e) over the exits the timed steps took "
                   "(a token that never exited costs full); "
                   "practical/theoretical below 1 is overhead beyond the fixed-depth paths."]
     lines += ["", f"Baselines: {s['baselines']}.", ""] + [f"![{p}]({p})" for p in plots]

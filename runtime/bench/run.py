@@ -61,7 +61,7 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
     """Run every method over the evaluation sets: (results, teacher-forced scores, prompts used)."""
     from tqdm import tqdm
 
-    results = {name: {"decode_seconds": [], "exits": [], "tokens": {}, "he": [], "math": [], "speed": []}
+    results = {name: {"decode_seconds": [], "exits": [], "timed_exits": [], "tokens": {}, "he": [], "math": [], "speed": []}
                for name in methods}
     cfg = GenerationConfig(max_new_tokens=sizes.new_tokens, eos_token_ids=[])  # EOS ignored: same token count
     prompts = EVAL_PROMPTS[:sizes.prompts]
@@ -80,9 +80,11 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
             r["drafted"] = r.get("drafted", 0) + stats.drafted
             r["accepted"] = r.get("accepted", 0) + stats.accepted
             r["rounds"] = r.get("rounds", 0) + stats.rounds
-        r["exits"] += [s.exit_layer for s in result.steps if s.phase == "decode" and s.exit_layer is not None]
-        if timed:  # per-token step latencies of the speed prompts
+        exits = [s.exit_layer for s in result.steps if s.phase == "decode" and s.exit_layer is not None]
+        r["exits"] += exits
+        if timed:  # per-token step latencies of the speed prompts, and the exits their cost model predicts
             r["decode_seconds"] += [s.seconds for s in result.steps if s.phase == "decode"]
+            r["timed_exits"] += exits
 
     for prompt in prompts:
         for name, m in methods.items():
