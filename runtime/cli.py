@@ -102,6 +102,9 @@ def _generate(args, shared_pool: bool) -> int:
         gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer,
                              max_length=args.max_length, thresholds=args.thresholds, backend=args.backend,
                              lowering=args.lowering)
+    note = getattr(gen.backend, "twins_note", None)
+    if note:
+        print(f"[river] {note}", file=sys.stderr)
     reason = getattr(gen.backend, "lowering_reason", "")
     if args.lowering == "ort" and getattr(gen.backend, "lowering", None) == "portable" and reason:
         print(f"[river] running the portable graph (the ONNX Runtime lowering does not apply: {reason})",

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from river.compiler.graph_io import derived_graph, load_onnx_header
 from river.compiler.ort_session import session_options
-from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
+from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo, legacy_twins_note
 from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, lower_for_ort, lowering_of
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, WRITE_INDICES, to_shared_kv
 from river.errors import CacheOverflow, RiverError
@@ -52,6 +52,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
         self._init_river(RiverInfo.from_model(header),
                          None if defaults is None else onnx.numpy_helper.to_array(defaults).astype(np.float32).tolist(),
                          thresholds)
+        self.twins_note = legacy_twins_note(header)  # an old export: the user should re-run river-export
         providers = providers or ["CPUExecutionProvider"]
         so = session_options(threads, matmul_accuracy)
         # Graphs whose causal mask goes by position run every step, prefill included, in the shared-KV

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS, RiverInfo
+from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS, RiverInfo, legacy_twins_note
 from river.compiler.river.nested import river_graph
 from river.compiler.river.spec import RiverSpec
 from river.compiler.graph_io import walk_nodes
@@ -134,6 +134,16 @@ def test_exit_river_writes_every_layer(tiny, tiny_proto):
             assert present.shape[2] == 5 and np.all(np.isfinite(present))
             np.testing.assert_array_equal(present[:, :, :4], feeds[C.past_name(layer, kind)])
             assert np.abs(present[:, :, 4]).max() > 0
+
+
+def test_old_dynamic_int8_twins_are_noticed(tiny_proto):
+    """A River graph from an earlier build (dynamic per-tensor int8 twins inside its branches) gets a
+    note telling the user to re-export; today's graphs and plain step graphs get none."""
+    model = river_graph(tiny_proto, RiverSpec.from_name("int8", GATES))
+    assert legacy_twins_note(model) is None and legacy_twins_note(tiny_proto) is None
+    twin = next(n for n in walk_nodes(model.graph) if n.op_type == "MatMulNBits")
+    twin.op_type, twin.domain = "DynamicQuantizeLinear", ""  # only the operator names matter to the check
+    assert "re-run river-export" in legacy_twins_note(model)
 
 
 def test_bad_specs_are_refused(tiny_proto):

@@ -89,6 +89,22 @@ class RiverInfo:
         return cls.from_props({p.key: p.value for p in model.metadata_props})
 
 
+# operators only the twins of River graphs from earlier river-export builds hold: dynamic per-tensor int8
+# (DynamicQuantizeLinear -> MatMulInteger), slower and far less accurate than today's MatMulNBits twins
+LEGACY_TWIN_OPS = {"DynamicQuantizeLinear"}
+
+
+def legacy_twins_note(model: onnx.ModelProto) -> str | None:
+    """What to tell the user of a River graph whose twins are the old dynamic-int8 ones (None otherwise).
+    Reads nodes only: a header (no weights) is enough."""
+    from river.compiler.graph_io import walk_nodes
+
+    if RiverInfo.from_model(model) is None or not any(n.op_type in LEGACY_TWIN_OPS for n in walk_nodes(model.graph)):
+        return None
+    return ("this River graph's twins are the old dynamic per-tensor int8 (MatMulInteger); re-run river-export for "
+            "MatMulNBits twins (faster; whole-model 8-bit agreement 91.7% against 80.3%)")
+
+
 def set_props(model: onnx.ModelProto, extra: dict[str, str]) -> None:
     """Add/replace metadata properties, keeping the others."""
     props = {p.key: p.value for p in model.metadata_props} | extra
