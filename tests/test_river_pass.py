@@ -246,6 +246,32 @@ def test_smollm2_onnx_river_matches_torch_reference(smol, smol_river):
 
 
 @pytest.mark.slow
+def test_smollm2_int8_river_head(smol, smol_onnx):
+    """SmolLM2 with an 8-bit river head (``--river-head int8``): an exited token's logits are the torch
+    reference's (same quantized head), top-1 included; a token that stays gets the model's own head."""
+    proto = onnx.load(str(smol_onnx))
+    spec = RiverSpec.from_name("int8", (14,), head="int8")
+    session = make_session(river_graph(proto, spec), threads=2)
+    plain = make_session(proto, threads=2)
+    ref = TorchRiver(smol.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format, head="int8")
+    fp32_head = TorchRiver(smol.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format)
+    ids = smol.tokenizer("The river rose after the storm, and the village")["input_ids"]
+    feeds = step_feeds(smol.config, batch=1, seq=len(ids), past=0)
+    feeds[C.INPUT_IDS] = np.asarray([ids])
+    targs, past = torch_args(feeds, smol.config)
+    out = session.run(None, {**feeds, THRESHOLDS: np.array([FORCED_EXIT], np.float32)})
+    logits = ref.step(*targs, past, np.array([FORCED_EXIT], np.float32))[0].numpy()
+    assert int(out[-1][0]) == 15
+    assert np.array_equal(out[0][0].argmax(-1), logits[0].argmax(-1))  # every position's top-1
+    assert np.abs(out[0] - logits).max() <= FLIP_TOLERANCE * np.abs(logits).max()
+    unquantized = fp32_head.step(*targs, past, np.array([FORCED_EXIT], np.float32))[0].numpy()
+    assert np.abs(out[0] - unquantized).max() > np.abs(out[0] - logits).max()  # the head really is 8-bit
+    stay = session.run(None, {**feeds, THRESHOLDS: np.array([DISABLED], np.float32)})
+    assert int(stay[-1][0]) == 30
+    assert np.abs(stay[0] - plain.run(None, feeds)[0]).max() <= 1e-4
+
+
+@pytest.mark.slow
 def test_smollm2_twin_product_matches_torch_reference(smol):
     """One twin product as the compiler writes it (``TwinMatMuls``: MatMulNBits at accuracy level 4) on
     SmolLM2's real weights and activations equals the reference's per-block int8 activations times
