@@ -19,25 +19,29 @@ import numpy as np
 from river.runtime.bench.methods import EXITS, LOSSLESS, OTHER_RUNTIME, QUANTIZED, REFERENCE, Method
 
 
-def fit_step_cost(results: dict, gates, L: int, family: str = "") -> dict | None:
-    """Step cost of an exited token as a function of the layers run e: t(e) = fixed + e * per_layer,
-    where per_layer is what a backbone layer costs more than its twin (backbone and twin costs always
-    add up to L layers, so only their difference is identifiable), fitted on the fixed-depth runs of
-    one River graph (``fixed{family}@<g>``). The full run (e = L) joins the fit only when fewer than
-    two fixed runs exist: its head is the model's own, which a River graph's rivers may not share."""
-    es, ys = [], []
-    for g in gates:
-        name = f"fixed{family}@{g}"
-        if name in results and results[name]["decode_seconds"]:
-            es.append(g + 1)
-            ys.append(statistics.median(results[name]["decode_seconds"]))
-    if len(set(es)) < 2:
-        es.append(L)
-        ys.append(statistics.median(results["full"]["decode_seconds"]))
-    if len(set(es)) < 2:
-        return None
-    per_layer, fixed = np.polyfit(np.asarray(es, float), np.asarray(ys, float), 1)
-    return {"per_backbone_layer_over_twin_ms": per_layer * 1e3, "fixed_ms": fixed * 1e3, "points": len(es)}
+def fit_step_costs(results: dict, gates, L: int, families) -> dict[str, dict | None]:
+    """Per River graph (``family``: its fixed-exit runs are ``fixed{family}@<g>``), the step cost of a
+    token that exited after e backbone layers: t(e) = fixed + e * per_layer. per_layer is what a
+    backbone layer costs more than its twin (backbone and twin costs always add up to L layers, so
+    only their difference is identifiable); it is one slope for every graph (their layers and twins
+    are the same), while each graph has its own intercept (its rivers' head may differ). The full
+    run is the point e = L of the graph whose rivers end with the model's own head (family "")."""
+    points = {f: [] for f in sorted(set(families) | {""})}  # family -> [(e, median step seconds)]
+    points[""].append((L, statistics.median(results["full"]["decode_seconds"])))
+    for f, pts in points.items():
+        for g in gates:
+            r = results.get(f"fixed{f}@{g}")
+            if r and r["decode_seconds"]:
+                pts.append((g + 1, statistics.median(r["decode_seconds"])))
+    fitted = [f for f, pts in points.items() if pts]
+    if not any(len({e for e, _ in points[f]}) >= 2 for f in fitted):  # nothing gives the slope
+        return {f: None for f in points}
+    rows = [([1.0 * (g == f) for g in fitted] + [float(e)], y) for f in fitted for e, y in points[f]]
+    coef = np.linalg.lstsq(np.asarray([r for r, _ in rows]), np.asarray([y for _, y in rows]), rcond=None)[0]
+    out = {f: None for f in points}
+    for k, f in enumerate(fitted):
+        out[f] = {"per_backbone_layer_over_twin_ms": coef[-1] * 1e3, "fixed_ms": coef[k] * 1e3, "points": len(points[f])}
+    return out
 
 
 def predicted_ms(costs: dict, e: int) -> float:
@@ -55,7 +59,7 @@ def summarize(results: dict, tf: dict, methods: dict[str, Method], gates, L: int
     full_tokens = results["full"]["tokens"]
     rate = {name: tokens_per_s(r["speed"]) for name, r in results.items()}
     families = {m.cost_family for m in methods.values() if m.cost_family is not None}
-    fits = {f: fit_step_cost(results, gates, L, f) for f in sorted(families | {""})}
+    fits = fit_step_costs(results, gates, L, families)
     full_ms = statistics.median(results["full"]["decode_seconds"]) * 1e3  # a token that never exited costs this
     out = {}
     for name, r in results.items():
@@ -157,7 +161,8 @@ def markdown(out: dict, plots: list[str]) -> str:
         if not key.startswith("layer_costs") or not costs:
             continue
         family = key[len("layer_costs"):]
-        lines += ["", f"Step cost model of an exited token, fitted on the fixed{family}@ runs: t(e) = {costs['fixed_ms']:.2f} ms + "
+        lines += ["", f"Step cost model of an exited token of the fixed{family}@ River graph (one slope fitted on every "
+                  f"graph's fixed-exit runs and the full run, an intercept per graph): t(e) = {costs['fixed_ms']:.2f} ms + "
                   f"e x {costs['per_backbone_layer_over_twin_ms']:.3f} ms (e = backbone layers run; the slope is what a "
                   "backbone layer costs beyond its twin). 'theoretical' = full / mean t(e) over the exits the timed steps took "
                   "(a token that never exited costs full); "
