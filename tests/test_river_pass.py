@@ -213,22 +213,27 @@ def test_smollm2_gates_disabled_equals_original(smol, smol_river):
         assert max(np.abs(a - b).max() for a, b in zip(ref, out[:-1])) <= 1e-5
 
 
+def smollm2_decode_step(smol) -> tuple[dict, list, list]:
+    """One SmolLM2 decode step over a realistic cache (the backbone's own presents for the prompt
+    prefix): the ONNX feeds, and the torch reference's (input args, past)."""
+    from tests_helpers import torch_step
+
+    ids = smol.tokenizer("The river rose after the storm, and the village")["input_ids"]
+    feeds = step_feeds(smol.config, batch=1, seq=1, past=len(ids) - 1)
+    _, presents = torch_step(smol.model, np.asarray([ids[:-1]]))
+    for layer in range(smol.config.num_layers):
+        feeds[C.past_name(layer, "key")] = presents[2 * layer].numpy()
+        feeds[C.past_name(layer, "value")] = presents[2 * layer + 1].numpy()
+    feeds[C.INPUT_IDS] = np.asarray([[ids[-1]]])
+    return (feeds, *torch_args(feeds, smol.config))
+
+
 @pytest.mark.slow
 def test_smollm2_onnx_river_matches_torch_reference(smol, smol_river):
     _, spec, model = smol_river
     session = make_session(model, threads=2)
     ref = TorchRiver(smol.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format)
-    ids = smol.tokenizer("The river rose after the storm, and the village")["input_ids"]
-    feeds = step_feeds(smol.config, batch=1, seq=1, past=len(ids) - 1)
-    # a realistic cache: the backbone's own presents for the prompt prefix
-    from tests_helpers import torch_step
-
-    _, presents = torch_step(smol.model, np.asarray([ids[:-1]]))
-    for layer in range(30):
-        feeds[C.past_name(layer, "key")] = presents[2 * layer].numpy()
-        feeds[C.past_name(layer, "value")] = presents[2 * layer + 1].numpy()
-    feeds[C.INPUT_IDS] = np.asarray([[ids[-1]]])
-    targs, past = torch_args(feeds, smol.config)
+    feeds, targs, past = smollm2_decode_step(smol)
     patterns = (([FORCED_EXIT, DISABLED, DISABLED], 15), ([DISABLED, DISABLED, FORCED_EXIT], 21), ([DISABLED] * 3, 30))
     for thresholds, expect in patterns:
         thr = np.array(thresholds, np.float32)
@@ -250,27 +255,19 @@ def test_smollm2_int8_river_head(smol, smol_onnx):
     """SmolLM2 with an 8-bit river head (``--river-head int8``), one decode step over the prompt's real
     K/V: an exited token's logits are the torch reference's with the same quantized head; a token that
     stays gets the model's own head."""
-    from tests_helpers import torch_step
-
     spec = RiverSpec.from_name("int8", (14,), head="int8")
     session = make_session(river_graph(onnx.load(str(smol_onnx)), spec), threads=2)
     ref = TorchRiver(smol.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format, head="int8")
     fp32_head = TorchRiver(smol.model, spec.gates, spec.kind, spec.precision, spec.block, spec.twin_format)
     fp32_head._twins = ref._twins  # the same twins: only the head differs
-    ids = smol.tokenizer("The river rose after the storm, and the village")["input_ids"]
-    feeds = step_feeds(smol.config, batch=1, seq=1, past=len(ids) - 1)
-    _, presents = torch_step(smol.model, np.asarray([ids[:-1]]))
-    for layer in range(30):
-        feeds[C.past_name(layer, "key")] = presents[2 * layer].numpy()
-        feeds[C.past_name(layer, "value")] = presents[2 * layer + 1].numpy()
-    feeds[C.INPUT_IDS] = np.asarray([[ids[-1]]])
-    targs, past = torch_args(feeds, smol.config)
+    feeds, targs, past = smollm2_decode_step(smol)
     for thresholds, layers in (([FORCED_EXIT], 15), ([DISABLED], 30)):
         thr = np.array(thresholds, np.float32)
         out = session.run(None, {**feeds, THRESHOLDS: thr})
         assert int(out[-1][0]) == layers
-        int8_head, own_head = (r.step(*targs, past, thr)[0].numpy() for r in (ref, fp32_head))
-        expected, other = (int8_head, own_head) if layers < 30 else (own_head, None)
+        own_head = fp32_head.step(*targs, past, thr)[0].numpy()
+        # a token that stays: both references run the model's own head, so one is enough
+        expected, other = (ref.step(*targs, past, thr)[0].numpy(), own_head) if layers < 30 else (own_head, None)
         err = np.abs(out[0] - expected).max()
         print(f"exit after {layers}: max |ORT - reference| {err:.2e}"
               + ("" if other is None else f", |ORT - fp32-head reference| {np.abs(out[0] - other).max():.2e}"))
