@@ -4,8 +4,8 @@ Every engine decodes the same prompts (our tokenizer's ids, chat template applie
 prompt (machine noise hits every engine alike), greedy, EOS ignored, exactly ``--tokens`` new tokens
 each, after one untimed warm-up. Engines:
 
-- ours: full depth (fp32, ONNX Runtime), verify mode (default: draft graph, k=4; output = the full
-  model's), and, with ``--river DIR`` (a river-export folder), each of its operating points;
+- ours: full depth (fp32, ONNX Runtime), verify mode (draft graph; output = the full model's) with
+  its default adaptive k and with k=4 fixed, and, with ``--river DIR`` (a river-export folder), each of its operating points;
 - onnxruntime-genai (0.11.4), fp32 and int4 (accuracy level 4), its own builder run on a Hugging
   Face copy of the model's weights (``models/hf_dir.save_hf_dir``);
 - llama.cpp through llama-cpp-python (0.3.36) on the GGUF itself, its native quantization.
@@ -94,8 +94,12 @@ def our_engines(full, model: str, threads: int, river: Path | None) -> list[Engi
                       f"step graph, ONNX Runtime, shared KV buffers ({full.backend.lowering} lowering)"),
                Engine("ours full (fp32, portable graph)", generator_runner(portable),
                       "the same step graph without the ONNX Runtime lowering (river-generate --lowering portable)"),
-               Engine("ours verify (k=4)", generator_runner(open_verifier(model, threads=threads, k=4)),
-                      "river-generate --mode verify default: draft graph drafts 4, full model verifies")]
+               Engine("ours verify (adaptive k)", generator_runner(open_verifier(model, threads=threads)),
+                      "river-generate --mode verify, its default: the draft graph drafts k tokens (adaptive, "
+                      "from 4), the full model verifies"),
+               Engine("ours verify (k=4 fixed)", generator_runner(open_verifier(model, threads=threads, k=4,
+                                                                               adaptive=False)),
+                      "river-generate --mode verify --no-adaptive")]
     if river is not None:
         from river.compiler.river.manifest import RiverManifest
 

@@ -9,6 +9,7 @@ from river.errors import RiverError, run_command
 from river.models.cache import cache_root
 from river.models.registry import DEFAULT_MODEL, available_models
 from river.runtime.loading import BACKENDS, LOWERINGS
+from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, K_MAX
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verify mode, --draft graph: last backbone layer of the draft (-1 = every layer a twin; "
                    "default: the shipped draft.onnx, else -1)")
     p.add_argument("--draft-gate", type=int, default=0, help="verify mode, --draft river: index of the gate the draft exits at")
-    p.add_argument("--draft-k", type=int, default=4, help="verify mode: tokens drafted per round (default 4)")
-    p.add_argument("--adaptive", action="store_true", help="verify mode: grow k on full acceptance, shrink on early rejection")
+    p.add_argument("--draft-k", type=int, default=None,
+                   help=f"verify mode: tokens drafted per round; with adaptive k, in the first round (default {DRAFT_K})")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"verify mode: adapt k every round, up to {K_MAX} (grow it when every draft was accepted, "
+                   "shrink it when fewer than half were); --no-adaptive keeps k fixed "
+                   f"(default: {'adaptive' if ADAPTIVE_K else 'fixed'}, measured faster)")
     p.add_argument("--stats", action="store_true", help="print per-step statistics to stderr")
     return p
 
@@ -84,6 +89,8 @@ def _generate(args, shared_pool: bool) -> int:
         raise RiverError("give a prompt or --prompts FILE (one of them)")
     if args.max_batch < 1:
         raise RiverError(f"--max-batch must be >= 1, not {args.max_batch}")
+    if args.prompts is not None and args.adaptive:
+        raise RiverError("--adaptive applies to one prompt: batched verify rows (--prompts) draft a fixed --draft-k")
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, stop=args.stop)
     if args.prompts is not None:
@@ -122,7 +129,8 @@ def _generate(args, shared_pool: bool) -> int:
     stats = gen.stats if args.mode == "verify" else None
     if stats is not None and stats.rounds:
         print(f"[river] verify: {stats.rounds} rounds, acceptance {stats.acceptance_rate:.1%}, "
-              f"mean accepted {stats.mean_accepted:.2f} of {args.draft_k}", file=sys.stderr)
+              f"mean accepted {stats.mean_accepted:.2f} per round "
+              f"({'adaptive k from' if gen.adaptive else 'k ='} {gen.k})", file=sys.stderr)
     n = len(result.token_ids)
     print(f"[river] {n} tokens ({result.finish_reason}); prompt {len(result.prompt_ids)} tokens in "
           f"{result.prefill_seconds * 1e3:.0f} ms; decode {result.decode_tokens_per_s:.1f} tokens/s",
@@ -147,7 +155,8 @@ def _generate_batch(args, prompts: list[str], cfg) -> int:
     thresholds = parse_thresholds(args.thresholds, sched.decoder) if mode == "exit" else None
     t0 = time.perf_counter()
     tickets = [sched.submit(BatchRequest(encode_prompt(sched.tokenizer, p, not args.raw), cfg, mode=mode,
-                                         thresholds=thresholds, k=args.draft_k)) for p in prompts]
+                                         thresholds=thresholds, k=DRAFT_K if args.draft_k is None else args.draft_k))
+               for p in prompts]  # batched verify rows draft a fixed k
     sched.run_until_idle()
     seconds = time.perf_counter() - t0
     tokens = 0

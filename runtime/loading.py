@@ -171,13 +171,17 @@ def _generator(backend: StepBackend, where, tokenizer, max_length, thresholds) -
 
 def open_verifier(model: str, threads: int | None = None, tokenizer: str | None = None,
                   max_length: int | None = None, draft: str = "graph", draft_exit: int | None = None,
-                  draft_gate: int = 0, k: int = 4, adaptive: bool = False, backend: str = "auto",
+                  draft_gate: int = 0, k: int | None = None, adaptive: bool | None = None, backend: str = "auto",
                   lowering: str = "ort"):
     """A verify-mode generator. ``draft="graph"``: a draft graph (``runtime/verify_graphs.py``) over
     the plain backbone (ONNX Runtime); ``draft="river"``: the River graph's own exit at gate index
-    ``draft_gate``, on any backend that runs several tokens a step."""
+    ``draft_gate``, on any backend that runs several tokens a step. ``k``/``adaptive``: None = the
+    defaults in ``runtime/speculative.py``."""
     from river.compiler.ort_session import shared_thread_pool
-    from river.runtime.speculative import SpeculativeGenerator
+    from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, SpeculativeGenerator
+
+    k = DRAFT_K if k is None else k
+    adaptive = ADAPTIVE_K if adaptive is None else adaptive
 
     if draft not in ("graph", "river"):
         raise RiverError(f"unknown draft '{draft}' (choose graph or river)")

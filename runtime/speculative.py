@@ -32,6 +32,13 @@ from river.runtime.backend import KVCache, StepBackend
 from river.runtime.generate import GenerationConfig, GenerationResult, Generator, StepStat
 from river.runtime.sampling import sample, speculative_accept
 
+DRAFT_K = 4  # tokens drafted in a round (with adaptive k, in the first round)
+K_MAX = 8  # the most adaptive k grows to
+# Adaptive k is the default: on SmolLM2 (2-core CPU, draft graph) it beat fixed k from every start
+# tried (k=3..6: 1.45-1.49x against 1.40-1.47x; benchmarks/verify_speed.py --adaptive); easy spans
+# get long drafts, hard ones short
+ADAPTIVE_K = True
+
 
 @dataclass
 class VerifyStats:
@@ -76,7 +83,7 @@ class SpeculativeGenerator(Generator):
 
     def __init__(self, backend: StepBackend, tokenizer, eos_token_ids: Sequence[int] = (), *,
                  draft: StepBackend | None = None, draft_gate: int = 0,
-                 k: int = 4, adaptive: bool = False, k_max: int = 8, max_length: int | None = None):
+                 k: int = DRAFT_K, adaptive: bool = False, k_max: int = K_MAX, max_length: int | None = None):
         if draft is None and backend.river is None:
             raise RiverError("verify mode needs a draft: a draft graph, or a River graph whose exit river drafts")
         if draft is not None and draft.contract.num_layers != backend.contract.num_layers:

@@ -58,8 +58,10 @@ def test_run_on_tiny_with_river_points(anchors, tiny_onnx, tmp_path, capsys):
     assert "skipping llama.cpp: it runs a GGUF file and tiny-random is not one" in captured.err
     data = json.loads(out.read_text())
     rows = {r["engine"]: r for r in data["engines"]}
-    assert list(rows)[:3] == [anchors.REFERENCE, "ours full (fp32, portable graph)", "ours verify (k=4)"]
-    assert rows["ours verify (k=4)"]["greedy"]["identical"]  # lossless
+    assert list(rows)[:4] == [anchors.REFERENCE, "ours full (fp32, portable graph)", "ours verify (adaptive k)",
+                              "ours verify (k=4 fixed)"]
+    assert rows["ours verify (adaptive k)"]["greedy"]["identical"]  # lossless
+    assert rows["ours verify (k=4 fixed)"]["greedy"]["identical"]
     assert rows["ours full (fp32, portable graph)"]["greedy"]["identical"]  # the lowering changes no token
     assert {"ours River safe", "ours River balanced", "ours River fast"} <= set(rows)
     for r in rows.values():

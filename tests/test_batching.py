@@ -282,6 +282,8 @@ def test_generate_cli_answers_a_prompts_file_batched(make, river_dir, tmp_path, 
     assert "3 prompts, mode verify" in err and "peak batch 3" in err
     assert main(["--prompts", str(tmp_path / "missing.txt")]) == 2
     assert "--prompts file not found" in capsys.readouterr().err
+    assert main(["--prompts", str(tmp_path / "prompts.txt"), "--mode", "verify", "--adaptive"]) == 2
+    assert "batched verify rows (--prompts) draft a fixed --draft-k" in capsys.readouterr().err
 
 
 def test_requests_that_end_at_their_first_token_leave_the_batch_cleanly(make):

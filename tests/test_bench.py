@@ -169,7 +169,7 @@ def test_quick_bench_runs_every_method(tiny, tmp_path, monkeypatch):
     check_figures_from_raw_results(tiny, data, raw, out)
     expected = {"full", "river:safe", "river:balanced", "river:fast", "fixed@1", "fixed@2", "monotone:balanced",
                 "propagate:balanced", "uniform-int8", "uniform-int4", "draft-alone", "verify:k=3", "verify:k=4",
-                "verify-river:k=4", "full-torch", "river-torch:balanced", "mask:balanced", "recompute:balanced",
+                "verify:k~4", "verify-river:k=4", "full-torch", "river-torch:balanced", "mask:balanced", "recompute:balanced",
                 "river-qhead:safe", "river-qhead:balanced", "river-qhead:fast", "fixed-qhead@1", "fixed-qhead@2"}
     assert set(data["methods"]) == expected
     m = data["methods"]
@@ -180,7 +180,7 @@ def test_quick_bench_runs_every_method(tiny, tmp_path, monkeypatch):
     for name in ("mask:balanced", "recompute:balanced", "river-torch:balanced"):
         assert m[name]["speed_reference"] == "full-torch" and m[name]["role"] == EXITS
     assert m["full-torch"]["greedy_exact_match"] == 1.0  # the same model in torch
-    for name in ("verify:k=3", "verify:k=4", "verify-river:k=4", "full"):  # lossless methods
+    for name in ("verify:k=3", "verify:k=4", "verify:k~4", "verify-river:k=4", "full"):  # lossless methods
         assert data["methods"][name]["greedy_exact_match"] == 1.0
     assert data["settings"]["threads"] == 1 and "machine" in data["settings"]
     assert data["methods"]["draft-alone"]["role"] == QUANTIZED  # the draft graph, named for what it is

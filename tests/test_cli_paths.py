@@ -105,11 +105,14 @@ def test_adaptive_changes_k(river_dir, monkeypatch, capsys):
     monkeypatch.setattr(SpeculativeGenerator, "draft", lambda self, pending, cache, k, *a: asked.append(k) or
                         real(self, pending, cache, k, *a))
     base = ["--model", str(river_dir), "--mode", "verify", "--raw", "--max-new-tokens", "40", "--draft-k", "2"]
-    _run(capsys, base + ["hello there"])
+    _run(capsys, base + ["--no-adaptive", "hello there"])
     fixed, asked[:] = list(asked), []
+    _run(capsys, base + ["hello there"])  # adaptive k is the default
+    default, asked[:] = list(asked), []
     _run(capsys, base + ["--adaptive", "hello there"])
     assert set(fixed[:-1]) == {2}  # the last round may be cut short by max_new_tokens
     assert set(asked) != {2} and len(set(asked)) > 1, asked  # grown on full acceptance / shrunk on rejection
+    assert default == asked
 
 
 def test_hf_directory_input(tiny, tiny_onnx, tmp_path, capsys):

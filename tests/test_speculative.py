@@ -276,7 +276,8 @@ def test_smollm2_verify_mode_identical_on_benchmark_prompts(smol, smol_onnx, smo
             counts[name][0] += spec.stats.accepted
             counts[name][1] += spec.stats.drafted
     for name, (accepted, drafted) in counts.items():
-        print(f"\nSmolLM2 verify mode, {name} draft, k=4: acceptance {accepted / drafted:.1%} over {drafted} drafted tokens")
+        k = "adaptive k from 4" if drafts[name].adaptive else "k=4"
+        print(f"\nSmolLM2 verify mode, {name} draft, {k}: acceptance {accepted / drafted:.1%} over {drafted} drafted tokens")
     assert counts["graph"][0] / counts["graph"][1] > 0.8  # the 8-bit draft agrees with the backbone
 
 

@@ -39,7 +39,7 @@ from river.runtime.backend import StepBackend
 from river.runtime.batching.kv_pool import KVPool, RowsView
 from river.runtime.generate import Emitter, GenerationConfig, GenerationResult, StepStat
 from river.runtime.sampling import sample
-from river.runtime.speculative import accept_drafts
+from river.runtime.speculative import DRAFT_K, K_MAX, accept_drafts
 
 MODES = ("full", "exit", "verify")  # what a request may ask for (the Triton model and river-loadtest use these)
 _GROUP = {"verify": 0, "full": 1, "exit": 2}  # where a decoding row sits in the pool (3: still prefilling)
@@ -61,7 +61,7 @@ class BatchRequest:
     cfg: GenerationConfig = field(default_factory=GenerationConfig)
     mode: str = "full"  # full: every layer; exit: River exits at `thresholds`; verify: lossless drafts
     thresholds: Sequence[float] | None = None  # mode "exit" (None: the model's calibrated ones)
-    k: int = 4  # mode "verify": tokens drafted per round
+    k: int = DRAFT_K  # mode "verify": tokens drafted per round (fixed: a batch drafts in lockstep)
     cancelled: Callable[[], bool] | None = None  # polled between steps (e.g. the client went away)
 
 
@@ -154,7 +154,7 @@ class Scheduler:
     def __init__(self, decoder: StepBackend, tokenizer, eos_token_ids: Sequence[int] = (), *,
                  backbone: StepBackend | None = None, draft: StepBackend | None = None, draft_gate: int = 0,
                  max_rows: int = 8, max_queue: int = 64, max_length: int | None = None,
-                 prefill_chunk: int = 16, k_max: int = 8, budgets: dict[str, Sequence[float]] | None = None,
+                 prefill_chunk: int = 16, k_max: int = K_MAX, budgets: dict[str, Sequence[float]] | None = None,
                  min_shared_prefix: int = 4, prefill_budget: int | None = None):
         if max_rows < 1 or max_queue < 0 or prefill_chunk < 1 or k_max < 1 or (prefill_budget or 1) < 1:
             raise RiverError("max_rows, prefill_chunk, k_max and prefill_budget must be >= 1, max_queue >= 0")

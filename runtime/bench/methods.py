@@ -11,6 +11,7 @@
                          MatMulNBits (whole-model quantization, lossy)
   verify:k=<k>           lossless River: the draft graph (8-bit twins of every layer) drafts k tokens
                          over the shared KV, the backbone verifies (output = full model's)
+  verify:k~4             the same with adaptive k from 4 (river-generate --mode verify's default)
   verify-river:k=<k>     the same with the River graph's own exit (first gate) as the draft
 On the torch reference (runtime/bench/baselines.py; speedups against full-torch, never ORT's full):
   full-torch             our torch decoder, no exits (the speed reference of the torch methods)
@@ -180,6 +181,8 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
     for k in (3, 4):
         methods[f"verify:k={k}"] = Method(SpeculativeGenerator(full.backend, tok, eos, draft=draft_backend, k=k),
                                           LOSSLESS, f"the draft graph drafts {k} tokens, the full model verifies")
+    methods["verify:k~4"] = Method(SpeculativeGenerator(full.backend, tok, eos, draft=draft_backend, k=4, adaptive=True),
+                                   LOSSLESS, "adaptive k from 4 (river-generate's default), the full model verifies")
     methods["verify-river:k=4"] = Method(SpeculativeGenerator(river_backend, tok, eos, draft_gate=0, k=4), LOSSLESS,
                                          "the River graph's first exit drafts 4 tokens, its backbone verifies",
                                          river_backend)

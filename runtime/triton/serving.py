@@ -19,6 +19,7 @@ from river.errors import RiverError
 from river.runtime.backend import KVCache, StepBackend
 from river.runtime.batching.scheduler import MODES
 from river.runtime.generate import GenerationConfig, GenerationResult, Generator
+from river.runtime.speculative import DRAFT_K
 from river.runtime.triton.config import DEFAULT_MAX_TOKENS
 
 
@@ -114,7 +115,7 @@ def parse_request(values: Mapping[str, np.ndarray | None], gates: int,
     k = _scalar(values, "k")
     if k is not None and mode != "verify":
         raise RequestError(f"'k' applies to mode 'verify', not '{mode}'")
-    k = 4 if k is None else int(k)
+    k = DRAFT_K if k is None else int(k)
     if k < 1:
         raise RequestError(f"k must be >= 1, not {k}")
     return RequestSpec(prompt, cfg, thresholds, chat=not (raw is not None and bool(raw)), mode=mode, k=k, budget=budget)
