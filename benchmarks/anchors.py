@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -198,6 +199,27 @@ def llama_cpp_runner(llm):
     return run
 
 
+PROBE = """import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), verbose=False)
+it = llm.generate([1, 2, 3], top_k=1, temp=0.0)
+next(it); next(it)
+"""
+
+
+def llama_cpp_probe(path: Path, threads: int) -> str | None:
+    """Why llama.cpp cannot run here, or None: two tokens in a child process first, because a build
+    made for another CPU dies of SIGILL (this VM's CPU changes between sessions), which no
+    exception in this process could catch."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(path), str(threads)], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    if proc.returncode == -signal.SIGILL:
+        return ("its build uses an instruction this CPU lacks (illegal instruction); rebuild it for this machine: "
+                "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON' pip install --force-reinstall --no-deps "
+                "--no-cache-dir llama-cpp-python==0.3.36")
+    return f"a two-token test run failed (exit status {proc.returncode}): {proc.stderr.strip()[-300:]}"
+
+
 def llama_cpp_engines(model: str, threads: int, context: int, log=None) -> list[Engine]:
     log = log or sys.stderr
     path = gguf_of(model)
@@ -209,6 +231,10 @@ def llama_cpp_engines(model: str, threads: int, context: int, log=None) -> list[
     except ImportError:
         print("[anchors] skipping llama.cpp: llama-cpp-python is not installed "
               "(pip install llama-cpp-python==0.3.36; builds from source, ~17 min on 2 cores; benchmark-only)", file=log)
+        return []
+    problem = llama_cpp_probe(path, threads)
+    if problem:
+        print(f"[anchors] skipping llama.cpp: {problem}", file=log)
         return []
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
                           n_batch=512, verbose=False)

@@ -85,3 +85,18 @@ def test_missing_engines_are_skipped_with_a_line(anchors, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "skipping onnxruntime-genai (fp32, int4): not installed" in err
     assert "skipping llama.cpp: llama-cpp-python is not installed" in err
+
+
+def test_llama_cpp_built_for_another_cpu_is_skipped_not_fatal(anchors, monkeypatch, capsys):
+    """A llama-cpp-python build for another CPU dies of SIGILL on its first token, which would kill the
+    whole benchmark: the two-token probe runs in a child process and the engine is skipped with a line."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))  # no Llama: must not be reached
+    monkeypatch.setattr(anchors, "PROBE", "import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    assert anchors.llama_cpp_engines("m.gguf", 1, 64) == []
+    err = capsys.readouterr().err
+    assert "skipping llama.cpp: its build uses an instruction this CPU lacks" in err and "GGML_NATIVE=OFF" in err
+    monkeypatch.setattr(anchors, "PROBE", "import sys\nsys.exit(3)\n")
+    assert anchors.llama_cpp_engines("m.gguf", 1, 64) == []
+    assert "a two-token test run failed (exit status 3)" in capsys.readouterr().err
