@@ -40,6 +40,14 @@ K_MAX = 8  # the most adaptive k grows to
 ADAPTIVE_K = True
 
 
+def next_k(k: int, drafted: int, accepted: int, k_max: int) -> int:
+    """Adaptive k's rule for the next round: one more after a round whose ``drafted`` tokens were all
+    accepted (up to ``k_max``), one fewer after one that kept fewer than half, else the same."""
+    if accepted == drafted:
+        return min(k + 1, k_max)
+    return max(1, k - 1) if accepted < drafted // 2 else k
+
+
 @dataclass
 class VerifyStats:
     rounds: int = 0
@@ -172,5 +180,5 @@ class SpeculativeGenerator(Generator):
                     break
             pending = out[-1]
             if self.adaptive:
-                k = min(k + 1, self.k_max) if len(out) - 1 == kk else max(1, k - 1) if len(out) - 1 < kk // 2 else k
+                k = next_k(k, kk, len(out) - 1, self.k_max)
         return steps

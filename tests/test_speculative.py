@@ -315,3 +315,12 @@ def test_export_ships_a_draft_and_the_cli_verifies_with_it(tiny, tiny_onnx, tmp_
     (out / "river.json").write_text(json.dumps(manifest))
     assert generate_cli.main(["--model", str(out / "model.onnx"), "--mode", "verify", "hi"]) == 2
     assert "re-run river-export" in assert_one_line_error(capsys.readouterr().err, "river-generate")
+
+
+def test_adaptive_k_rule():
+    from river.runtime.speculative import next_k
+
+    assert next_k(4, 4, 4, 8) == 5 and next_k(8, 8, 8, 8) == 8  # all accepted: grow, up to k_max
+    assert next_k(4, 4, 1, 8) == 3 and next_k(1, 1, 0, 8) == 1  # fewer than half kept: shrink, not below 1
+    assert next_k(4, 4, 2, 8) == 4 and next_k(4, 4, 3, 8) == 4  # half or more but not all: keep
+    assert next_k(6, 2, 2, 8) == 7  # a round cut short (room, max_new_tokens) that was all accepted still grows
