@@ -89,8 +89,6 @@ def _generate(args, shared_pool: bool) -> int:
         raise RiverError("give a prompt or --prompts FILE (one of them)")
     if args.max_batch < 1:
         raise RiverError(f"--max-batch must be >= 1, not {args.max_batch}")
-    if args.prompts is not None and args.adaptive:
-        raise RiverError("--adaptive applies to one prompt: batched verify rows (--prompts) draft a fixed --draft-k")
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, stop=args.stop)
     if args.prompts is not None:
@@ -155,8 +153,9 @@ def _generate_batch(args, prompts: list[str], cfg) -> int:
     thresholds = parse_thresholds(args.thresholds, sched.decoder) if mode == "exit" else None
     t0 = time.perf_counter()
     tickets = [sched.submit(BatchRequest(encode_prompt(sched.tokenizer, p, not args.raw), cfg, mode=mode,
-                                         thresholds=thresholds, k=DRAFT_K if args.draft_k is None else args.draft_k))
-               for p in prompts]  # batched verify rows draft a fixed k
+                                         thresholds=thresholds, k=DRAFT_K if args.draft_k is None else args.draft_k,
+                                         adaptive=ADAPTIVE_K if args.adaptive is None else args.adaptive))
+               for p in prompts]
     sched.run_until_idle()
     seconds = time.perf_counter() - t0
     tokens = 0

@@ -60,7 +60,7 @@ def same(a, b):
 JOBS = [  # (prompt, new tokens, mode, extra request fields)
     (PROMPTS[0], 40, "full", {}),
     (PROMPTS[1], 25, "exit", {"thresholds": MIXED}),
-    (PROMPTS[2], 33, "verify", {"k": 3}),
+    (PROMPTS[2], 33, "verify", {"k": 3, "adaptive": False}),  # the others adapt k (the default)
     (PROMPTS[3], 18, "exit", {"thresholds": [-2.0, 2.0]}),
     (PROMPTS[4], 30, "verify", {"k": 5}),
     (PROMPTS[0], 21, "exit", {}),  # the graph's default thresholds
@@ -282,8 +282,6 @@ def test_generate_cli_answers_a_prompts_file_batched(make, river_dir, tmp_path, 
     assert "3 prompts, mode verify" in err and "peak batch 3" in err
     assert main(["--prompts", str(tmp_path / "missing.txt")]) == 2
     assert "--prompts file not found" in capsys.readouterr().err
-    assert main(["--prompts", str(tmp_path / "prompts.txt"), "--mode", "verify", "--adaptive"]) == 2
-    assert "batched verify rows (--prompts) draft a fixed --draft-k" in capsys.readouterr().err
 
 
 def test_requests_that_end_at_their_first_token_leave_the_batch_cleanly(make):
@@ -298,3 +296,21 @@ def test_requests_that_end_at_their_first_token_leave_the_batch_cleanly(make):
     for ticket, single in zip(tickets, singles):
         same(ticket.wait(), single)
     assert [len(t.wait().token_ids) for t in tickets] == [20, 1, 15, 1, 12, 1]
+
+
+def test_verify_rows_adapt_their_own_k(make, monkeypatch):
+    """Adaptive k per row: a verify row's draft length follows its own acceptance (next_k), so its
+    rounds change with it while the tokens stay the full model's."""
+    from river.runtime.batching import scheduler as scheduler_module
+
+    sched = make()
+    fixed = alone(sched, request(sched, PROMPTS[1], 40, "verify", k=2, adaptive=False))
+    seen: list[tuple[int, int]] = []  # (k, drafted) of every round
+    real = scheduler_module.next_k
+    monkeypatch.setattr(scheduler_module, "next_k", lambda k, d, a, m: seen.append((k, d)) or real(k, d, a, m))
+    ticket = sched.submit(request(sched, PROMPTS[1], 40, "verify", k=2, adaptive=True))
+    sched.run_until_idle()
+    assert ticket.wait().token_ids == fixed.token_ids  # lossless either way
+    assert len(seen) == ticket.stats.verify_rounds
+    assert {k for k, _ in seen} != {2}, seen  # k moved away from its start
+    assert all(d <= k for k, d in seen)  # a round drafts at most the row's k

@@ -38,6 +38,7 @@ from river.runtime.triton.client import build_inputs, stream_generate  # noqa: E
 from river.runtime.triton.repository import write_triton_repo  # noqa: E402
 from river.runtime.triton.server import triton_server  # noqa: E402
 from river.runtime.triton.serving import RequestError, parse_request  # noqa: E402
+from river.runtime.speculative import ADAPTIVE_K  # noqa: E402
 
 GATES = "0,2"
 MIXED = [0.2, 0.65]  # on the tiny model: exits after layers 1, 3 and 4 (no exit) all occur
@@ -72,11 +73,11 @@ def reference(repo):
     scheduler = open_scheduler(str(repo / TC.GENERATE_MODEL / "1" / TC.RIVER_SUBDIR), threads=1)
     tokenizer = scheduler.tokenizer
 
-    def run(prompt, max_tokens, thresholds=None, ignore_eos=False, mode=None, k=4, cfg=None):
+    def run(prompt, max_tokens, thresholds=None, ignore_eos=False, mode=None, k=4, adaptive=ADAPTIVE_K, cfg=None):
         mode = mode or "exit"
         cfg = GenerationConfig(max_new_tokens=max_tokens, eos_token_ids=[] if ignore_eos else None, **(cfg or {}))
         ticket = scheduler.submit(BatchRequest(encode_prompt(tokenizer, prompt), cfg, mode=mode,
-                                               thresholds=thresholds, k=k))
+                                               thresholds=thresholds, k=k, adaptive=adaptive))
         scheduler.run_until_idle()
         return ticket.wait()
 
@@ -136,6 +137,9 @@ def test_writer_refuses_bad_input_and_leaves_nothing_behind(tiny_river, tmp_path
 def test_parse_request_refuses_bad_values():
     ok = parse_request({"prompt": np.array([b"hi"], object), "max_tokens": np.array([3], np.int32)}, 2)
     assert ok.prompt == "hi" and ok.cfg.max_new_tokens == 3 and ok.chat and ok.thresholds is None
+    verify = {"prompt": np.array([b"hi"], object), "mode": np.array([b"verify"], object)}
+    assert parse_request(verify, 2).adaptive is ADAPTIVE_K
+    assert parse_request({**verify, "adaptive": np.array([not ADAPTIVE_K])}, 2).adaptive is (not ADAPTIVE_K)
     hi = np.array([b"hi"], object)
     for values, message in [({"prompt": np.array([b""], object)}, "empty"),
                             ({"prompt": np.array([b"\xff"], object)}, "UTF-8"),
@@ -237,8 +241,8 @@ def _concurrently(jobs, run):
 BATCH_JOBS = [  # prompt, max_tokens, request fields: every mode in one batch
     ("first river", 120, {"mode": "full"}),
     ("a second, longer prompt about deltas", 90, {"mode": "exit", "thresholds": MIXED}),
-    ("3", 110, {"mode": "verify", "k": 3}),
-    ("fourth stream", 100, {"mode": "verify", "k": 4, "temperature": 0.8, "seed": 11}),
+    ("3", 110, {"mode": "verify", "k": 3, "adaptive": False}),
+    ("fourth stream", 100, {"mode": "verify", "k": 4, "temperature": 0.8, "seed": 11}),  # adaptive k: the default
     ("fifth", 60, {}),  # the model's default: exit at the graph's thresholds
     ("sixth, sampled", 80, {"mode": "full", "temperature": 0.7, "top_p": 0.9, "seed": 5}),
 ]
@@ -375,6 +379,7 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(server
         (build_inputs("hi", temperature=float("nan")), "temperature"),
         (build_inputs("hi", mode="bogus"), "unknown mode 'bogus'"),
         (build_inputs("hi", mode="full", k=3), "'k' applies to mode 'verify'"),
+        (build_inputs("hi", mode="exit", adaptive=False), "'adaptive' applies to mode 'verify'"),
         (build_inputs("hi", mode="verify", k=99), "k must be between 1 and 8"),
         (build_inputs("hi", budget="safe"), "unknown budget 'safe'"),
         (build_inputs("hi", mode="verify", thresholds=MIXED), "apply to mode 'exit'"),

@@ -39,7 +39,7 @@ from river.runtime.backend import StepBackend
 from river.runtime.batching.kv_pool import KVPool, RowsView
 from river.runtime.generate import Emitter, GenerationConfig, GenerationResult, StepStat
 from river.runtime.sampling import sample
-from river.runtime.speculative import DRAFT_K, K_MAX, accept_drafts
+from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, K_MAX, accept_drafts, next_k
 
 MODES = ("full", "exit", "verify")  # what a request may ask for (the Triton model and river-loadtest use these)
 _GROUP = {"verify": 0, "full": 1, "exit": 2}  # where a decoding row sits in the pool (3: still prefilling)
@@ -61,7 +61,8 @@ class BatchRequest:
     cfg: GenerationConfig = field(default_factory=GenerationConfig)
     mode: str = "full"  # full: every layer; exit: River exits at `thresholds`; verify: lossless drafts
     thresholds: Sequence[float] | None = None  # mode "exit" (None: the model's calibrated ones)
-    k: int = DRAFT_K  # mode "verify": tokens drafted per round (fixed: a batch drafts in lockstep)
+    k: int = DRAFT_K  # mode "verify": tokens drafted per round (with ``adaptive``, in the first round)
+    adaptive: bool = ADAPTIVE_K  # mode "verify": the row's k adapts every round (speculative.next_k)
     cancelled: Callable[[], bool] | None = None  # polled between steps (e.g. the client went away)
 
 
@@ -122,6 +123,7 @@ class _Row:
         self.shown = ""  # text already passed to on_tokens
         self.slot = -1
         self.submitted = time.perf_counter()
+        self.k = request.k  # verify mode: tokens to draft next round
 
     @property
     def group(self) -> int:
@@ -557,7 +559,7 @@ class Scheduler:
         ks = []
         for row in rows:
             room = row.capacity - int(self.pool.lengths[row.slot]) - 1
-            ks.append(max(0, min(row.request.k, room, row.request.cfg.max_new_tokens - len(row.emitter.tokens))))
+            ks.append(max(0, min(row.k, room, row.request.cfg.max_new_tokens - len(row.emitter.tokens))))
         for row, k in zip(rows, ks):
             if k < 1:
                 row.emitter.reason = row.emitter.reason or "length"
@@ -594,6 +596,8 @@ class Scheduler:
             out = accept_drafts(target[i], drafted[i], dists[i], row.request.cfg, row.rng)
             accepted = len(out) - 1
             lengths[i] = start[i] + 1 + accepted
+            if row.request.adaptive:  # each row its own k; the batch drafts the longest of them
+                row.k = next_k(row.k, ks[i], accepted, self.k_max)
             st = row.ticket.stats
             st.verify_rounds += 1
             st.drafted += ks[i]

@@ -34,9 +34,11 @@ class StreamResult:
 def build_inputs(prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
                  thresholds: Sequence[float] | None = None, raw: bool = False, ignore_eos: bool = False,
-                 mode: str | None = None, k: int | None = None, budget: str | None = None):
+                 mode: str | None = None, k: int | None = None, adaptive: bool | None = None,
+                 budget: str | None = None):
     """The request's ``InferInput``s; an option left at its default is not sent (the model's default applies).
-    ``mode`` ("full" | "exit" | "verify"), ``k`` (verify mode's draft length) and ``budget`` (exit mode's named
+    ``mode`` ("full" | "exit" | "verify"), ``k`` (verify mode's draft length), ``adaptive`` (verify mode:
+    k adapts every round; None = the model's default) and ``budget`` (exit mode's named
     operating point) are optional model inputs, so older models still accept requests that omit them."""
     import tritonclient.grpc as grpcclient
 
@@ -66,6 +68,8 @@ def build_inputs(prompt: str, *, max_tokens: int | None = None, temperature: flo
         inputs.append(tensor("mode", np.array([mode.encode("utf-8")], dtype=np.object_), "BYTES"))
     if k is not None:
         inputs.append(tensor("k", np.array([k], np.int32), "INT32"))
+    if adaptive is not None:
+        inputs.append(tensor("adaptive", np.array([adaptive]), "BOOL"))
     if budget is not None:
         inputs.append(tensor("budget", np.array([budget.encode("utf-8")], dtype=np.object_), "BYTES"))
     return inputs
@@ -144,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thresholds", help="per-gate exit thresholds, comma-separated")
     p.add_argument("--raw", action="store_true", help="no chat template")
     p.add_argument("--mode", choices=["full", "exit", "verify"], help="generation mode (default: the model's)")
-    p.add_argument("--k", type=int, help="verify mode: tokens drafted per round")
+    p.add_argument("--k", type=int, help="verify mode: tokens drafted per round (adaptive: the first round's)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="verify mode: k adapts every round (default: the model's, adaptive)")
     p.add_argument("--budget", help="exit mode: a named calibrated operating point (e.g. safe, balanced, fast)")
     args = p.parse_args(argv)
     from tritonclient.utils import InferenceServerException
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                  on_piece=lambda piece, _ids: print(piece, end="", flush=True),
                                  max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                  seed=args.seed, stop=args.stop, thresholds=thresholds, raw=args.raw,
-                                 mode=args.mode, k=args.k, budget=args.budget)
+                                 mode=args.mode, k=args.k, adaptive=args.adaptive, budget=args.budget)
     except (InferenceServerException, TimeoutError) as exc:
         print(f"\ntriton.client: error: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,8 @@ GENERATE_INPUTS = (
     ("raw", "TYPE_BOOL", [1], True),  # true: no chat template
     ("ignore_eos", "TYPE_BOOL", [1], True),  # true: generate to max_tokens (benchmarks, tests)
     ("mode", "TYPE_STRING", [1], True),  # full | exit | verify (default: exit on a River graph, else full)
-    ("k", "TYPE_INT32", [1], True),  # verify mode: tokens drafted per round (default 4)
+    ("k", "TYPE_INT32", [1], True),  # verify mode: tokens drafted per round (default 4; adaptive: the first)
+    ("adaptive", "TYPE_BOOL", [1], True),  # verify mode: k adapts every round (default true)
     ("budget", "TYPE_STRING", [1], True),  # exit mode: a calibrated operating point (safe, balanced, fast)
 )
 GENERATE_OUTPUTS = (

@@ -244,7 +244,7 @@ class TritonPythonModel:
             if spec.budget is not None:
                 thresholds = self.scheduler.budget_thresholds(spec.budget)
             batch_request = BatchRequest(prompt_ids, spec.cfg, mode=spec.mode, thresholds=thresholds, k=spec.k,
-                                         cancelled=sender.is_cancelled)
+                                         adaptive=spec.adaptive, cancelled=sender.is_cancelled)
             self.scheduler.submit(batch_request, on_tokens=lambda ids, piece: sender.send(self._tokens_response(ids, piece)),
                                   on_done=lambda ticket: self._done(rid, spec, thresholds, ticket, sender, t0))
         except SchedulerFull as exc:
@@ -277,7 +277,7 @@ class TritonPythonModel:
                 if spec.mode == "exit" and thresholds is None:
                     stats["thresholds"] = [float(t) for t in self.backend.default_thresholds]
                 if spec.mode == "verify":
-                    stats.update(k=spec.k, verify_rounds=st.verify_rounds, drafted=st.drafted, accepted=st.accepted,
+                    stats.update(k=spec.k, adaptive=spec.adaptive, verify_rounds=st.verify_rounds, drafted=st.drafted, accepted=st.accepted,
                                  acceptance=st.accepted / st.drafted if st.drafted else None)
                 sender.send(self._tokens_response([], "", stats), flags=final)
         finally:

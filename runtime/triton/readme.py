@@ -94,7 +94,8 @@ client.stop_stream()
 Inputs: `prompt` (string), optional `max_tokens` (int32), `temperature`, `top_p` (fp32), `seed`
 (int64), `stop` (strings), `thresholds` (fp32 [{n_gates}], one per gate; above 1.0 disables a gate),
 `raw` (bool: no chat template), `ignore_eos` (bool), `mode` (string: `full`, `exit` or `verify`;
-default `exit` at the graph's thresholds), `k` (int32: verify mode's draft length), `budget` (string:
+default `exit` at the graph's thresholds), `k` (int32: verify mode's draft length; with `adaptive`, the first round's), `adaptive` (bool: verify
+mode's k adapts every round, default true), `budget` (string:
 exit mode at a calibrated operating point, e.g. `safe`, `balanced`, `fast`). Each response carries
 `text` (the printable text it adds) and `token_ids` (the tokens it adds); the final one adds `stats`, a
 JSON object with the mode, the exit layer of every decode step, its histogram, token counts, time to

@@ -19,7 +19,7 @@ from river.errors import RiverError
 from river.runtime.backend import KVCache, StepBackend
 from river.runtime.batching.scheduler import MODES
 from river.runtime.generate import GenerationConfig, GenerationResult, Generator
-from river.runtime.speculative import DRAFT_K
+from river.runtime.speculative import ADAPTIVE_K, DRAFT_K
 from river.runtime.triton.config import DEFAULT_MAX_TOKENS
 
 
@@ -38,7 +38,8 @@ class RequestSpec:
     thresholds: list[float] | None = None
     chat: bool = True
     mode: str = "full"  # full | exit | verify (runtime/batching/scheduler.py)
-    k: int = 4  # verify mode: draft length
+    k: int = DRAFT_K  # verify mode: draft length (adaptive: the first round's)
+    adaptive: bool = ADAPTIVE_K  # verify mode: k adapts every round
     budget: str | None = None  # exit mode: a named operating point instead of thresholds
 
 
@@ -118,7 +119,12 @@ def parse_request(values: Mapping[str, np.ndarray | None], gates: int,
     k = DRAFT_K if k is None else int(k)
     if k < 1:
         raise RequestError(f"k must be >= 1, not {k}")
-    return RequestSpec(prompt, cfg, thresholds, chat=not (raw is not None and bool(raw)), mode=mode, k=k, budget=budget)
+    adaptive = _scalar(values, "adaptive")
+    if adaptive is not None and mode != "verify":
+        raise RequestError(f"'adaptive' applies to mode 'verify', not '{mode}'")
+    adaptive = ADAPTIVE_K if adaptive is None else bool(adaptive)
+    return RequestSpec(prompt, cfg, thresholds, chat=not (raw is not None and bool(raw)), mode=mode, k=k,
+                       adaptive=adaptive, budget=budget)
 
 
 class CacheLedger:
