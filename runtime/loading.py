@@ -222,7 +222,8 @@ def operating_points(folder: Path) -> dict[str, list[float]]:
 
 def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None = None,
                    max_length: int | None = None, *, max_rows: int = 8, max_queue: int = 64,
-                   prefill_chunk: int = 16, k_max: int = 8, prefill_budget: int | None = None):
+                   prefill_chunk: int = 16, k_max: int | None = None, prefill_budget: int | None = None,
+                   verify_drafts_up_to: int | None = None):
     """The continuous-batching scheduler (``runtime/batching``) for a river-export folder.
 
     It decodes with the segmented River where the folder has one (each row of a batch exits at its
@@ -230,7 +231,8 @@ def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None
     with the folder's draft graph (else the River's own exit at its first gate) and verifies with the
     decoder, every gate off, so all three share one KV pool."""
     from river.compiler.draft_graph import DRAFT_FILE
-    from river.runtime.batching.scheduler import Scheduler
+    from river.runtime.batching.scheduler import VERIFY_DRAFTS_UP_TO, Scheduler
+    from river.runtime.speculative import K_MAX
     from river.runtime.ort_backend import OrtBackend
 
     path = Path(model)
@@ -238,5 +240,7 @@ def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None
     gen = open_generator(str(folder), threads=threads, tokenizer=tokenizer, max_length=max_length)
     draft = OrtBackend(folder / DRAFT_FILE, threads=threads) if (folder / DRAFT_FILE).is_file() else None
     return Scheduler(gen.backend, gen.tokenizer, gen.eos_token_ids, draft=draft, max_rows=max_rows,
-                     max_queue=max_queue, max_length=gen.max_length, prefill_chunk=prefill_chunk, k_max=k_max,
-                     budgets=operating_points(folder), prefill_budget=prefill_budget)
+                     max_queue=max_queue, max_length=gen.max_length, prefill_chunk=prefill_chunk,
+                     k_max=K_MAX if k_max is None else k_max,
+                     budgets=operating_points(folder), prefill_budget=prefill_budget,
+                     verify_drafts_up_to=VERIFY_DRAFTS_UP_TO if verify_drafts_up_to is None else verify_drafts_up_to)

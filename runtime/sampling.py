@@ -29,10 +29,15 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(rng.choice(probs.shape[0], p=probs))
 
 
+def is_greedy(temperature: float) -> bool:
+    """Greedy decoding (the argmax, no draws) is temperature 0."""
+    return temperature <= 0.0
+
+
 def sample(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
            rng: np.random.Generator | None = None) -> tuple[int, np.ndarray | None]:
     """The next token and the distribution it was drawn from (None when greedy: temperature == 0)."""
-    if temperature <= 0.0:
+    if is_greedy(temperature):
         return int(np.argmax(logits)), None
     probs = next_token_probs(logits, temperature, top_p)
     return draw(probs, rng if rng is not None else np.random.default_rng()), probs

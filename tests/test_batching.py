@@ -314,3 +314,26 @@ def test_verify_rows_adapt_their_own_k(make, monkeypatch):
     assert len(seen) == ticket.stats.verify_rounds
     assert {k for k, _ in seen} != {2}, seen  # k moved away from its start
     assert all(d <= k for k, d in seen)  # a round drafts at most the row's k
+
+
+def test_greedy_verify_rows_decode_at_full_depth_in_a_big_batch(make):
+    """Beyond verify_drafts_up_to decoding rows, greedy verify rows join the full rows' step at full
+    depth (same tokens as drafting alone), while a sampled verify row keeps drafting (its draws must
+    not depend on the batch); at or below the limit every verify row drafts."""
+    reqs_of = lambda sched: [request(sched, PROMPTS[0], 20, "verify", k=3), request(sched, PROMPTS[1], 24, "full"),
+                             request(sched, PROMPTS[2], 22, "verify", cfg={"temperature": 0.8, "seed": 5}),
+                             request(sched, PROMPTS[3], 18, "verify"), request(sched, PROMPTS[0], 16, "exit",
+                                                                                thresholds=MIXED)]
+    for limit, switched in ((2, True), (8, False)):
+        sched = make(verify_drafts_up_to=limit)
+        reqs = reqs_of(sched)
+        singles = [alone(sched, r) for r in reqs]
+        assert sched.counters["verify_at_full_depth"] == 0  # one row at a time: every verify row drafts
+        tickets = [sched.submit(r) for r in reqs]
+        sched.run_until_idle()
+        for ticket, single in zip(tickets, singles):
+            same(ticket.wait(), single)
+        assert (sched.counters["verify_at_full_depth"] > 0) == switched
+        assert tickets[2].stats.verify_rounds > 0  # the sampled row drafted all along
+        if not switched:
+            assert tickets[0].stats.verify_rounds > 0 and tickets[3].stats.verify_rounds > 0

@@ -95,7 +95,9 @@ class SchedulerMetrics:
                 ("failed", "river_requests_failed_total", "requests failed"),
                 ("rejected", "river_requests_rejected_total", "requests refused: instance full"),
                 ("drafted", "river_verify_drafted_tokens_total", "verify mode: tokens drafted"),
-                ("accepted", "river_verify_accepted_tokens_total", "verify mode: drafted tokens accepted"))
+                ("accepted", "river_verify_accepted_tokens_total", "verify mode: drafted tokens accepted"),
+                ("verify_at_full_depth", "river_verify_full_depth_tokens_total",
+                 "verify mode: greedy tokens decoded at full depth (a big batch, where drafting does not pay)"))
     GAUGES = (("tokens_per_s", "river_tokens_per_second", "tokens generated per second (last 10 s)"),
               ("rows", "river_batch_rows", "requests in the batch"),
               ("occupancy", "river_batch_occupancy", "rows in use / rows of the KV pool"),
@@ -181,7 +183,9 @@ class TritonPythonModel:
             self.scheduler = open_scheduler(str(river_dir), threads=threads, max_length=max_length, max_rows=rows,
                                             max_queue=int(params.get("max_queue", 4 * rows)),
                                             prefill_chunk=int(params.get("prefill_chunk", 16)),
-                                            prefill_budget=int(params["prefill_budget"]) if params.get("prefill_budget") else None)
+                                            prefill_budget=int(params["prefill_budget"]) if params.get("prefill_budget") else None,
+                                            verify_drafts_up_to=int(params["verify_drafts_up_to"])
+                                            if params.get("verify_drafts_up_to") else None)
             self.backend, self.tokenizer = self.scheduler.decoder, self.scheduler.tokenizer
             self.scheduler.start()
             if hasattr(pb_utils, "MetricFamily"):
