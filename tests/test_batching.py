@@ -334,6 +334,8 @@ def test_greedy_verify_rows_decode_at_full_depth_in_a_big_batch(make):
         for ticket, single in zip(tickets, singles):
             same(ticket.wait(), single)
         assert (sched.counters["verify_at_full_depth"] > 0) == switched
-        assert tickets[2].stats.verify_rounds > 0  # the sampled row drafted all along
+        assert tickets[2].stats.verify_rounds > 0 and tickets[2].stats.full_depth_tokens == 0  # sampled: drafts
+        at_full = tickets[0].stats.full_depth_tokens + tickets[3].stats.full_depth_tokens
+        assert at_full == sched.counters["verify_at_full_depth"] and (at_full > 0) == switched
         if not switched:
             assert tickets[0].stats.verify_rounds > 0 and tickets[3].stats.verify_rounds > 0

@@ -262,8 +262,11 @@ def test_batched_streams_in_every_mode_equal_their_single_stream(server, referen
         ref = reference(prompt, n, ignore_eos=True, cfg=cfg, **f)
         assert_same(results[i], ref)
         assert results[i].stats["mode"] == (fields.get("mode") or "exit")
-        if fields.get("mode") == "verify":
-            assert results[i].stats["drafted"] >= results[i].stats["accepted"] > 0
+        if fields.get("mode") == "verify":  # a greedy row may decode at full depth while the batch is big
+            st = results[i].stats
+            assert st["drafted"] >= st["accepted"] and st["accepted"] + st["full_depth_tokens"] > 0
+            if "temperature" in fields:  # a sampled row always drafts: its draws must not depend on the batch
+                assert st["accepted"] > 0 and st["full_depth_tokens"] == 0
     server_stats = [r.stats["server"] for r in results.values()]
     assert max(s["peak_rows"] for s in server_stats) == 4, "the streams were not batched four at a time"
 

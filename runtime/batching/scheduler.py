@@ -16,9 +16,10 @@ row at once. A step of the scheduler (``step()``):
 5. decode rows (modes "full" and "exit"): one step for all of them; each row exits at its own gate
    with its own thresholds (backends with ``per_row_exits``; "full" rows have every gate off).
 
-Drafting pays only while a step decodes few rows: a batched full-depth step costs little more than a
-one-row step, a verify round several steps. So while a step decodes more than ``verify_drafts_up_to``
-rows, greedy verify rows join the full rows' step at full depth instead (their output is the full
+Drafting pays only while the batch is small: a batched full-depth step costs little more than a
+one-row step, a verify round several steps (and it stalls every other row, prompts being prefilled
+too). So while more than ``verify_drafts_up_to`` rows are live, greedy verify rows join the full
+rows' step at full depth instead (their output is the full
 model's either way); sampled verify rows keep drafting, so that their draws never depend on the batch.
 
 Rows are ordered [verify (sampled, then greedy) | full | exit | prefilling] so each group, and greedy
@@ -49,8 +50,8 @@ from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, K_MAX, accept_drafts,
 
 MODES = ("full", "exit", "verify")  # what a request may ask for (the Triton model and river-loadtest use these)
 _GROUP = {"verify": 0, "full": 1, "exit": 2}  # where a decoding row sits in the pool (3: still prefilling)
-# Greedy verify rows draft while a step decodes at most this many rows, and decode at full depth in
-# the full rows' step beyond it. Measured on SmolLM2 (2-core CPU, 8-bit draft graph, adaptive k): a
+# Greedy verify rows draft while at most this many rows are live, and decode at full depth in the
+# full rows' step beyond it. Measured on SmolLM2 (2-core CPU, 8-bit draft graph, adaptive k): a
 # batch of verify rows drafting against the same batch at full depth gave 1.51x (1 row), 1.11x (2),
 # 0.81x (3), 0.70x (4), 0.60x (8) of the full-depth tokens/s
 VERIFY_DRAFTS_UP_TO = 2
@@ -84,6 +85,7 @@ class RowStats:
     verify_rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    full_depth_tokens: int = 0  # verify mode: tokens decoded at full depth (a big batch: drafting does not pay)
     queued_seconds: float = 0.0
     first_token_seconds: float | None = None  # submit -> first token
     shared_prefix: int = 0  # prompt tokens whose K/V were copied from another request's row
@@ -325,9 +327,11 @@ class Scheduler:
         verify = [r for r in self._rows if r.group == 0 and r.emitter.reason is None]
         decode = [r for r in self._rows if r.group in (1, 2) and r.emitter.reason is None]
         at_full = []  # greedy verify rows decoding at full depth this step (they sit just before the full rows)
-        if len(verify) + len(decode) > self.verify_drafts_up_to:
+        if len(self._rows) > self.verify_drafts_up_to:  # a verify round would stall every other live row
             at_full = [r for r in verify if r.greedy]
             verify = [r for r in verify if not r.greedy]
+            for row in at_full:
+                row.ticket.stats.full_depth_tokens += 1
             with self._lock:
                 self.counters["verify_at_full_depth"] += len(at_full)
         if verify:

@@ -282,6 +282,7 @@ class TritonPythonModel:
                     stats["thresholds"] = [float(t) for t in self.backend.default_thresholds]
                 if spec.mode == "verify":
                     stats.update(k=spec.k, adaptive=spec.adaptive, verify_rounds=st.verify_rounds, drafted=st.drafted, accepted=st.accepted,
+                                 full_depth_tokens=st.full_depth_tokens,
                                  acceptance=st.accepted / st.drafted if st.drafted else None)
                 sender.send(self._tokens_response([], "", stats), flags=final)
         finally:
