@@ -19,14 +19,14 @@ row at once. A step of the scheduler (``step()``):
 Drafting pays only while the batch is small: a batched full-depth step costs little more than a
 one-row step, a verify round several steps (and it stalls every other row, prompts being prefilled
 too). So while more than ``verify_drafts_up_to`` rows are live, greedy verify rows join the full
-rows' step at full depth instead (their output is the full
-model's either way); sampled verify rows keep drafting, so that their draws never depend on the batch.
+rows' step at full depth instead (their output is the full model's either way); sampled verify rows
+keep drafting, so that their draws never depend on the batch.
 
-Rows are ordered [verify (sampled, then greedy) | full | exit | prefilling] so each group, and greedy
-verify rows with the full rows, is one contiguous view of the pool (a backend without per-row exits
-runs each exit row alone). A
-row's tokens do not depend on its neighbours: the same steps run for it alone or in a batch, and its
-sampling draws come from its own seeded generator in the same order.
+Rows are ordered [verify (sampled, then greedy) | full | exit | prefilling] so each group, and the
+greedy verify rows with the full rows, is one contiguous view of the pool (a backend without per-row
+exits runs each exit row alone). A row's tokens do not depend on its neighbours: the same steps run
+for it alone or in a batch, and its sampling draws come from its own seeded generator in the same
+order.
 """
 
 from __future__ import annotations
@@ -405,8 +405,8 @@ class Scheduler:
         self._arrange()
 
     def _arrange(self) -> None:
-        """Order live rows [verify | full | exit | prefilling] in the pool's first rows (moving as few as
-        the permutation needs)."""
+        """Order live rows [verify | full | exit | prefilling] in the pool's first rows, greedy rows last
+        within a group (so greedy verify rows border the full rows), moving as few as the permutation needs."""
         order = sorted(self._rows, key=lambda r: (r.group, r.greedy))  # stable: join order within a group
         sources = [r.slot for r in order]
         if sources != list(range(len(order))):
