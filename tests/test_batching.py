@@ -339,3 +339,31 @@ def test_greedy_verify_rows_decode_at_full_depth_in_a_big_batch(make):
         assert at_full == sched.counters["verify_at_full_depth"] and (at_full > 0) == switched
         if not switched:
             assert tickets[0].stats.verify_rounds > 0 and tickets[3].stats.verify_rounds > 0
+
+
+def test_greedy_verify_rows_keep_drafting_beside_exit_rows_alone(make, monkeypatch):
+    """In a big batch whose other decoding rows all exit early, verify rows keep drafting: at full
+    depth they would make the backbone run past every exit row's gate."""
+    from river.runtime.batching.scheduler import Scheduler
+
+    sched = make(verify_drafts_up_to=2)
+    reqs = [request(sched, PROMPTS[0], 20, "verify"), request(sched, PROMPTS[1], 18, "exit", thresholds=MIXED),
+            request(sched, PROMPTS[3], 16, "exit", thresholds=MIXED), request(sched, PROMPTS[2], 14, "verify")]
+    singles = [alone(sched, r) for r in reqs]
+    beside_exits = []  # verify_at_full_depth added by each step that began with exit rows decoding and no full row
+    real_step = Scheduler.step
+
+    def step(self):
+        decoding = {r.group for r in self._rows if r.emitter.reason is None}
+        before = self.counters["verify_at_full_depth"]
+        real_step(self)
+        if 2 in decoding and 1 not in decoding and 3 not in decoding:
+            beside_exits.append(self.counters["verify_at_full_depth"] - before)
+
+    monkeypatch.setattr(Scheduler, "step", step)
+    tickets = [sched.submit(r) for r in reqs]
+    sched.run_until_idle()
+    for ticket, single in zip(tickets, singles):
+        same(ticket.wait(), single)
+    assert len(beside_exits) > 3 and not any(beside_exits), beside_exits
+    assert tickets[0].stats.verify_rounds > 0 and tickets[3].stats.verify_rounds > 0

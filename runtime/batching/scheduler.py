@@ -19,8 +19,9 @@ row at once. A step of the scheduler (``step()``):
 Drafting pays only while the batch is small: a batched full-depth step costs little more than a
 one-row step, a verify round several steps (and it stalls every other row, prompts being prefilled
 too). So while more than ``verify_drafts_up_to`` rows are live, greedy verify rows join the full
-rows' step at full depth instead (their output is the full model's either way); sampled verify rows
-keep drafting, so that their draws never depend on the batch.
+rows' step at full depth instead (their output is the full model's either way) - unless the step's
+other rows all exit early, whose backbone would then run to the last layer for them; sampled verify
+rows keep drafting, so that their draws never depend on the batch.
 
 Rows are ordered [verify (sampled, then greedy) | full | exit | prefilling] so each group, and the
 greedy verify rows with the full rows, is one contiguous view of the pool (a backend without per-row
@@ -327,7 +328,10 @@ class Scheduler:
         verify = [r for r in self._rows if r.group == 0 and r.emitter.reason is None]
         decode = [r for r in self._rows if r.group in (1, 2) and r.emitter.reason is None]
         at_full = []  # greedy verify rows decoding at full depth this step (they sit just before the full rows)
-        if len(self._rows) > self.verify_drafts_up_to:  # a verify round would stall every other live row
+        # Beside exit rows alone, full-depth rows would keep the backbone running past their exits
+        # for the whole step (measured slower than drafting); beside full rows it runs anyway
+        exits_only = any(r.group == 2 for r in decode) and not any(r.group == 1 for r in decode)
+        if len(self._rows) > self.verify_drafts_up_to and not exits_only:  # a verify round stalls every live row
             at_full = [r for r in verify if r.greedy]
             verify = [r for r in verify if not r.greedy]
             for row in at_full:
