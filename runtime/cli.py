@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verify mode, --draft graph: last backbone layer of the draft (-1 = every layer a twin; "
                    "default: the shipped draft.onnx, else -1)")
     p.add_argument("--draft-gate", type=int, default=0, help="verify mode, --draft river: index of the gate the draft exits at")
-    p.add_argument("--draft-k", type=int, default=None,
+    p.add_argument("--draft-k", type=int, default=DRAFT_K,
                    help=f"verify mode: tokens drafted per round; with adaptive k, in the first round (default {DRAFT_K})")
-    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=ADAPTIVE_K,
                    help=f"verify mode: adapt k every round, up to {K_MAX} (grow it when every draft was accepted, "
                    "shrink it when fewer than half were); --no-adaptive keeps k fixed "
                    f"(default: {'adaptive' if ADAPTIVE_K else 'fixed'}, measured faster)")
@@ -153,8 +153,7 @@ def _generate_batch(args, prompts: list[str], cfg) -> int:
     thresholds = parse_thresholds(args.thresholds, sched.decoder) if mode == "exit" else None
     t0 = time.perf_counter()
     tickets = [sched.submit(BatchRequest(encode_prompt(sched.tokenizer, p, not args.raw), cfg, mode=mode,
-                                         thresholds=thresholds, k=DRAFT_K if args.draft_k is None else args.draft_k,
-                                         adaptive=ADAPTIVE_K if args.adaptive is None else args.adaptive))
+                                         thresholds=thresholds, k=args.draft_k, adaptive=args.adaptive))
                for p in prompts]
     sched.run_until_idle()
     seconds = time.perf_counter() - t0

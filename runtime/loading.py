@@ -22,6 +22,7 @@ from river.errors import CacheOverflow, ModelNotFound, RiverError
 from river.export.contract import eos_token_ids, exported_config
 from river.runtime.backend import StepBackend
 from river.runtime.generate import Generator
+from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, K_MAX
 
 BACKENDS = ("ort", "segmented", "tensorrt", "torch")
 LOWERINGS = ("ort", "portable")  # ONNX Runtime steps: its fused lowering where it applies, or the portable graph
@@ -171,17 +172,13 @@ def _generator(backend: StepBackend, where, tokenizer, max_length, thresholds) -
 
 def open_verifier(model: str, threads: int | None = None, tokenizer: str | None = None,
                   max_length: int | None = None, draft: str = "graph", draft_exit: int | None = None,
-                  draft_gate: int = 0, k: int | None = None, adaptive: bool | None = None, backend: str = "auto",
+                  draft_gate: int = 0, k: int = DRAFT_K, adaptive: bool = ADAPTIVE_K, backend: str = "auto",
                   lowering: str = "ort"):
     """A verify-mode generator. ``draft="graph"``: a draft graph (``runtime/verify_graphs.py``) over
     the plain backbone (ONNX Runtime); ``draft="river"``: the River graph's own exit at gate index
-    ``draft_gate``, on any backend that runs several tokens a step. ``k``/``adaptive``: None = the
-    defaults in ``runtime/speculative.py``."""
+    ``draft_gate``, on any backend that runs several tokens a step."""
     from river.compiler.ort_session import shared_thread_pool
-    from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, SpeculativeGenerator
-
-    k = DRAFT_K if k is None else k
-    adaptive = ADAPTIVE_K if adaptive is None else adaptive
+    from river.runtime.speculative import SpeculativeGenerator
 
     if draft not in ("graph", "river"):
         raise RiverError(f"unknown draft '{draft}' (choose graph or river)")
@@ -222,17 +219,17 @@ def operating_points(folder: Path) -> dict[str, list[float]]:
 
 def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None = None,
                    max_length: int | None = None, *, max_rows: int = 8, max_queue: int = 64,
-                   prefill_chunk: int = 16, k_max: int | None = None, prefill_budget: int | None = None,
+                   prefill_chunk: int = 16, k_max: int = K_MAX, prefill_budget: int | None = None,
                    verify_drafts_up_to: int | None = None):
     """The continuous-batching scheduler (``runtime/batching``) for a river-export folder.
 
     It decodes with the segmented River where the folder has one (each row of a batch exits at its
     own gate), else with the River graph (exit-mode rows then run one at a time). Verify mode drafts
     with the folder's draft graph (else the River's own exit at its first gate) and verifies with the
-    decoder, every gate off, so all three share one KV pool."""
+    decoder, every gate off, so all three share one KV pool. ``verify_drafts_up_to``: None (a Triton
+    model without the parameter) = the scheduler's default."""
     from river.compiler.draft_graph import DRAFT_FILE
     from river.runtime.batching.scheduler import VERIFY_DRAFTS_UP_TO, Scheduler
-    from river.runtime.speculative import K_MAX
     from river.runtime.ort_backend import OrtBackend
 
     path = Path(model)
@@ -240,7 +237,6 @@ def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None
     gen = open_generator(str(folder), threads=threads, tokenizer=tokenizer, max_length=max_length)
     draft = OrtBackend(folder / DRAFT_FILE, threads=threads) if (folder / DRAFT_FILE).is_file() else None
     return Scheduler(gen.backend, gen.tokenizer, gen.eos_token_ids, draft=draft, max_rows=max_rows,
-                     max_queue=max_queue, max_length=gen.max_length, prefill_chunk=prefill_chunk,
-                     k_max=K_MAX if k_max is None else k_max,
+                     max_queue=max_queue, max_length=gen.max_length, prefill_chunk=prefill_chunk, k_max=k_max,
                      budgets=operating_points(folder), prefill_budget=prefill_budget,
                      verify_drafts_up_to=VERIFY_DRAFTS_UP_TO if verify_drafts_up_to is None else verify_drafts_up_to)

@@ -334,10 +334,6 @@ class Scheduler:
         if len(self._rows) > self.verify_drafts_up_to and not exits_only:  # a verify round stalls every live row
             at_full = [r for r in verify if r.greedy]
             verify = [r for r in verify if not r.greedy]
-            for row in at_full:
-                row.ticket.stats.full_depth_tokens += 1
-            with self._lock:
-                self.counters["verify_at_full_depth"] += len(at_full)
         if verify:
             tokens += self._guard(verify, self._verify_round)
         if decode and not self.decoder.per_row_exits:  # full rows together, each exit row alone
@@ -580,8 +576,12 @@ class Scheduler:
         for i, row in enumerate(rows):
             cfg = row.request.cfg
             row.pending, _ = sample(logits[i], cfg.temperature, cfg.top_p, row.rng)
-            # a verify row at full depth reports its steps as verify rounds do: no exit layer
-            self._emit(row, row.pending, seconds, "decode", None if row.group == 0 else exits[i])
+            at_full = row.group == 0  # a verify row at full depth: counted, and no exit layer (as in its rounds)
+            if at_full:
+                row.ticket.stats.full_depth_tokens += 1
+                with self._lock:
+                    self.counters["verify_at_full_depth"] += 1
+            self._emit(row, row.pending, seconds, "decode", None if at_full else exits[i])
         return len(rows)
 
     def _verify_round(self, rows: list[_Row]) -> int:
