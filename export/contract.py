@@ -25,6 +25,12 @@ META_FILE = "river_model.json"  # beside an exported graph: model name, source a
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
+def past_layers(model: onnx.ModelProto) -> list[int]:
+    """The layers whose ``past_key_values.{l}`` a graph reads (every layer for a step graph, a range
+    for a River segment)."""
+    return sorted({int(m.group(1)) for i in model.graph.input if (m := _PAST_RE.match(i.name))})
+
+
 def past_name(layer: int, kind: str) -> str:
     return f"past_key_values.{layer}.{kind}"
 

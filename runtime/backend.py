@@ -9,6 +9,8 @@ A backend runs steps of a decode-step graph (or a River graph) over a KV cache i
 - ``extend(ids, cache)``: S new tokens per row at ``cache.length`` (S = 1: ``decode``); the caller
   moves ``cache.length`` (verify mode keeps it where a draft was rejected);
 - ``set_thresholds`` / ``thresholds`` / ``default_thresholds``: the operating point (River graphs);
+- ``set_recall``: the recall margin of the operating point (``compiler/river/recall.py``), on backends
+  that can send an exited row back to the backbone (``supports_recall``);
 - ``last_exit_layer``: where the last step left the backbone (None for plain graphs);
 - ``release(cache)``: forget any binding to that cache, so its buffers die with the request.
 """
@@ -24,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from river.compiler.river.manifest import DISABLED, FORCED_EXIT, RiverInfo, check_thresholds
+from river.compiler.river.recall import RECALL_OFF, check_recall
 from river.errors import CacheOverflow, RiverError
 from river.export import contract as C
 from river.export.contract import StepContract
@@ -106,17 +109,22 @@ class GateThresholds:
             self.values[:] = saved
 
 
-def route_gates(num_gates: int, backbone: Callable[[int], bool], finish: Callable[[int | None], None]) -> int | None:
+def route_gates(num_gates: int, backbone: Callable[[int], bool], finish: Callable[[int | None], None],
+                recall: Callable[[int], bool] | None = None) -> int | None:
     """The one gate router of the segmented backends: run backbone segment k (it returns whether gate
     k fired) until a gate fires or none is left, then ``finish(exit_gate)`` runs river k or the last
-    backbone segment (exit_gate None). Returns the gate the step exited at."""
-    exit_gate = None
+    backbone segment (exit_gate None). ``recall(k)``, asked after river k, True: the step goes back to
+    the backbone after gate k and runs it to the top, gates ignored (``compiler/river/recall.py``).
+    Returns the gate the step exited at (None: full depth, recalled or not)."""
+    recalled = False
     for k in range(num_gates):
-        if backbone(k):
-            exit_gate = k
-            break
-    finish(exit_gate)
-    return exit_gate
+        if backbone(k) and not recalled:
+            finish(k)
+            if recall is None or not recall(k):
+                return k
+            recalled = True
+    finish(None)
+    return None
 
 
 class StepBackend(ABC):
@@ -131,6 +139,9 @@ class StepBackend(ABC):
     kv_window: int | None = None  # the graph masks by a sliding window: every step runs in the contract form
     per_row_exits: bool = False  # each row of a batch exits at its own gate (else a gate fires when all rows clear it)
     last_exit_layers: np.ndarray | None = None  # per row, where the last step left the backbone (per-row backends)
+    supports_recall: bool = False  # can send an exited row back to the backbone (set_recall)
+    recall_margin: float = RECALL_OFF
+    last_recalled: np.ndarray | None = None  # per row, whether the last step recalled it (backends with recall)
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -174,6 +185,16 @@ class StepBackend(ABC):
         if self.gate_thresholds is None:
             raise RiverError("thresholds apply to River graphs; this model has no exit gates")
         self.gate_thresholds.set(thresholds)
+
+    def set_recall(self, margin) -> None:
+        """Change the recall margin between steps (``RECALL_OFF``: never recall)."""
+        margin = check_recall(margin)
+        if margin != RECALL_OFF and self.river is None:
+            raise RiverError("recall applies to River graphs; this model has no exit gates")
+        if margin != RECALL_OFF and not self.supports_recall:
+            raise RiverError(f"recall needs a backend that can send an exited row back to the backbone: the "
+                             f"segmented River (river-export --segmented) or the torch reference, not {self.name}")
+        self.recall_margin = margin
 
     def _init_river(self, info: RiverInfo | None, defaults=None, thresholds=None) -> None:
         self.river = info
@@ -229,6 +250,15 @@ class StepBackend(ABC):
         return out[C.LOGITS]
 
 
+ROTARY_POSITIONS = 16384  # positions the fused rotary tables cover when the graph's context is not recorded
+
+
+def fused_positions(context: int | None) -> int:
+    """Positions the fused lowering's rotary tables cover: twice the model's context, so positions past
+    a row's room (a pool's slack, padding) stay inside."""
+    return 2 * context if context else ROTARY_POSITIONS
+
+
 class InPlaceSteps:
     """Bookkeeping shared by backends that run steps of a shared-KV graph through IOBinding.
 
@@ -256,6 +286,24 @@ class InPlaceSteps:
                 self._bound.popitem(last=False)
         self._bound.move_to_end(id(cache))
         return entry[1]
+
+    max_positions: int | None = None  # fused graphs: positions their rotary tables cover (None: any)
+
+    def _check_positions(self, positions: int) -> None:
+        if self.max_positions is not None and positions > self.max_positions:
+            raise CacheOverflow(f"a cache of {positions} positions is beyond the {self.max_positions} the fused "
+                                "rotary tables cover: lower --max-length")
+
+    def _extend_by_row(self, token_ids: np.ndarray, cache) -> np.ndarray:
+        """Several new tokens for several rows, one row at a time: ONNX Runtime's fused attention runs
+        several new tokens over a non-empty past for a batch of one only."""
+        logits = None
+        for i in range(token_ids.shape[0]):
+            row = self.extend(token_ids[i:i + 1], cache.row_view(i))
+            if logits is None:
+                logits = np.empty((token_ids.shape[0], *row.shape[1:]), row.dtype)
+            logits[i] = row[0]
+        return logits
 
     def bound_states(self) -> list[dict]:
         """Every kept binding state (tests read the bound pointers from them)."""

@@ -18,14 +18,13 @@ from river.compiler.ort_session import session_options
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo, legacy_twins_note
 from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, lower_for_ort, lowering_of
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, WRITE_INDICES, to_shared_kv
-from river.errors import CacheOverflow, RiverError
+from river.errors import RiverError
 from river.export import contract as C
 from river.export.contract import CAUSAL_PROP, StepContract, exported_config, kv_window
-from river.runtime.backend import InPlaceSteps, StepBackend
+from river.runtime.backend import InPlaceSteps, StepBackend, fused_positions
 from river.runtime.kv_cache import SharedKVCache
 from river.runtime.loading import LOWERINGS
 
-ROTARY_POSITIONS = 16384  # positions the fused rotary tables cover when the graph's context is not recorded
 
 
 class OrtBackend(InPlaceSteps, StepBackend):
@@ -37,7 +36,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
     fused attention over the shared buffers) where it applies and the portable shared-KV form where it
     does not (``self.lowering`` says which, ``self.lowering_reason`` why not). ``positions``: the
     model's context; the rotary tables cover twice it, so a pool's slack and padded rows stay inside
-    (default: the context recorded beside the graph; none recorded, ``ROTARY_POSITIONS`` positions). A
+    (default: the context recorded beside the graph; none recorded, ``backend.ROTARY_POSITIONS`` positions). A
     cache beyond the tables is refused."""
 
     name = "ort"
@@ -81,7 +80,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
         self.context = positions or exported_config(self.model_path.parent).get("max_position_embeddings")
         if lowering == "ort" and self.kv_window is None:
             # twice the context: positions past a row's room (a pool's slack, padding) stay in the tables
-            positions = 2 * self.context if self.context else ROTARY_POSITIONS
+            positions = fused_positions(self.context)
             path = derived_graph("ort_lowered", self.model_path, ORT_LOWERING_FORMAT,
                                  lambda m: lower_for_ort(m, positions), variant=f"-p{positions}")
             self.lowering, self.lowering_reason = lowering_of(load_onnx_header(path))
@@ -90,11 +89,6 @@ class OrtBackend(InPlaceSteps, StepBackend):
         if lowering == "ort":
             self.lowering_reason = "a sliding window: every step runs the contract graph"
         return derived_graph("shared_kv", self.model_path, SHARED_KV_FORMAT, to_shared_kv)
-
-    def _check_positions(self, positions: int) -> None:
-        if self.max_positions is not None and positions > self.max_positions:
-            raise CacheOverflow(f"a cache of {positions} positions is beyond the {self.max_positions} the fused "
-                                "rotary tables cover: lower --max-length")
 
     def new_cache(self, capacity: int, batch: int = 1):
         self._check_positions(capacity)
@@ -149,17 +143,6 @@ class OrtBackend(InPlaceSteps, StepBackend):
                 binding.bind_ortvalue_output(C.present_name(layer, kind), value)
         st["binding"], st["values"] = binding, values
         return st
-
-    def _extend_by_row(self, token_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
-        """Several new tokens for several rows, one row at a time: ONNX Runtime's fused attention runs
-        several new tokens over a non-empty past for a batch of one only."""
-        logits = None
-        for i in range(token_ids.shape[0]):
-            row = self.extend(token_ids[i:i + 1], cache.row_view(i))
-            if logits is None:
-                logits = np.empty((token_ids.shape[0], *row.shape[1:]), row.dtype)
-            logits[i] = row[0]
-        return logits
 
     def _vocab(self) -> int:
         return int(self.decode_session.get_outputs()[0].shape[-1])

@@ -15,15 +15,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from river.compiler.graph_io import load_onnx_header
+from river.compiler.graph_io import derived_graph, load_onnx_header
+from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, lower_segment_for_ort, lowering_of
 from river.compiler.ort_session import session_options
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS
+from river.compiler.river.recall import RECALL_OFF, river_margin
 from river.compiler.river.segments import SegmentIndex, exit_name, hidden_name, similarity_name
 from river.compiler.lowering.shared_kv import WRITE_INDICES
 from river.errors import RiverError
 from river.export import contract as C
-from river.export.contract import CAUSAL_PROP, StepContract, kv_window
-from river.runtime.backend import InPlaceSteps, StepBackend, route_gates
+from river.export.contract import CAUSAL_PROP, StepContract, exported_config, kv_window
+from river.runtime.backend import InPlaceSteps, StepBackend, fused_positions, route_gates
 from river.runtime.kv_cache import SharedKVCache
 
 
@@ -49,9 +51,10 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
 
     name = "segmented"
     per_row_exits = True
+    supports_recall = True
 
     def __init__(self, segments_dir: str | Path, threads: int | None = None, providers=None, thresholds=None,
-                 matmul_accuracy: int = 1):
+                 matmul_accuracy: int = 1, lowering: str = "ort", positions: int | None = None):
         self.index = ix = SegmentIndex.load(segments_dir)
         self.contract = contract_of(ix)
         self._init_river(ix.info(), ix.thresholds, thresholds)
@@ -62,16 +65,51 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         first = load_onnx_header(self.index.path(self.index.backbone(0), shared_kv=True))
         self.multi_token_steps = {p.key: p.value for p in first.metadata_props}.get(CAUSAL_PROP) == "position"
         self.kv_window = kv_window(ix.folder.parent)  # the River folder holds the model's config.json
+        self._lowered = self._lower(lowering, positions)
         self.rivers_per_row = any(n.op_type in BATCH_WIDE_OPS for k in range(len(ix.gates))
                                   for n in load_onnx_header(ix.path(ix.river(k))).graph.node)
+
+    def _lower(self, lowering: str, positions: int | None) -> dict[str, Path]:
+        """Each segment's in-place graph lowered for ONNX Runtime (fused attention over the shared
+        buffers: ``compiler/lowering/ort_fused``), built once per segment and cached; {} when the
+        segments run their shipped portable shared-KV forms (``self.lowering_reason`` says why). All or
+        nothing: one segment that does not fuse keeps every segment portable."""
+        from river.runtime.loading import LOWERINGS
+
+        self.lowering, self.lowering_reason = "portable", ""
+        if lowering not in LOWERINGS:
+            raise RiverError(f"unknown lowering '{lowering}' (choose {' or '.join(LOWERINGS)})")
+        if lowering != "ort":
+            return {}
+        if self.kv_window is not None:
+            self.lowering_reason = "a sliding window: every step runs the contract segments"
+            return {}
+        context = positions or exported_config(self.index.folder.parent).get("max_position_embeddings")
+        table = fused_positions(context)
+        paths = {}
+        for seg in self.index.segments:
+            path = derived_graph("ort_lowered_segment", self.index.path(seg), ORT_LOWERING_FORMAT,
+                                 lambda m: lower_segment_for_ort(m, table), variant=f"-p{table}")
+            lowering_done, reason = lowering_of(load_onnx_header(path))
+            if lowering_done != "ort_fused":
+                self.lowering_reason = f"segment {seg.name}: {reason}"
+                return {}
+            paths[seg.name] = path
+        self.lowering, self.max_positions = "ort_fused", table
+        return paths
 
     def session(self, name: str, shared_kv: bool = False) -> ort.InferenceSession:
         """Sessions are made on first use: a decode-only or prefill-only user loads half of them."""
         key = (name, shared_kv)
         if key not in self._sessions:
-            path = self.index.path(self.index.segment(name), shared_kv)
+            path = self._lowered.get(name) if shared_kv else None
+            path = path or self.index.path(self.index.segment(name), shared_kv)
             self._sessions[key] = ort.InferenceSession(str(path), self._options, providers=self._providers)
         return self._sessions[key]
+
+    def new_cache(self, capacity: int, batch: int = 1):
+        self._check_positions(capacity)
+        return super().new_cache(capacity, batch)
 
     # --- one step in the contract form (any S and P): prefill, parity checks ---------------------
     def run_step(self, feeds: dict[str, np.ndarray], thresholds=None) -> dict[str, np.ndarray]:
@@ -88,7 +126,15 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
             self.last_similarities.append(values[similarity_name(k)])
             return bool(values[exit_name(k)])
 
-        exit_gate = route_gates(len(self.index.gates), backbone, lambda gate: values.update(self._run(self._last(gate), values)))
+        recalled = np.zeros(batch, bool)
+
+        def recall(k: int) -> bool:  # a whole-batch step: back to the backbone when any row is unsure
+            recalled[:] = (river_margin(values[C.LOGITS][:, -1]) < self.recall_margin).any()
+            return bool(recalled[0])
+
+        exit_gate = route_gates(len(self.index.gates), backbone, lambda gate: values.update(self._run(self._last(gate), values)),
+                                recall if self.recall_margin != RECALL_OFF else None)
+        self.last_recalled = recalled
         result = {C.LOGITS: values[C.LOGITS]}
         for layer in range(self.contract.num_layers):
             for kind in ("key", "value"):
@@ -172,21 +218,29 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         contract step (exact, copies the valid past): _needs_contract_step."""
         if self._needs_contract_step(token_ids, cache):
             return self._contract_step(token_ids, cache, self.run_step)
+        if self.lowering == "ort_fused":
+            self._check_positions(cache.physical)  # caches made elsewhere too (a batch scheduler's pool)
+            if token_ids.shape[0] > 1 and token_ids.shape[1] > 1:
+                return self._extend_by_row(token_ids, cache)
         st = self._step_state(token_ids, cache)
         b, s, gates = cache.batch, token_ids.shape[1], len(self.index.gates)
         thresholds = self.thresholds if cache.row_thresholds is None else cache.row_thresholds
         thresholds = np.broadcast_to(np.asarray(thresholds, np.float32), (b, gates))
-        own_writes, trash = st["write_at"].copy(), cache.physical - s
-        running, exits = np.ones(b, bool), np.full(b, -1)
+        own_writes, own_mask, trash = st["write_at"].copy(), st["mask"].copy(), cache.physical - s
+        running, exits, recalled = np.ones(b, bool), np.full(b, -1), np.zeros(b, bool)
         out, outs = st["logits"], None  # several routes: each row's logits are copied out of its route's run
         self.last_similarities = []
 
         def run(name: str, rows: np.ndarray) -> None:
+            """Segment ``name`` over the batch; the rows it is not for write into the slack: by their write
+            index (portable form) or by a mask whose valid length ends there (fused attention writes
+            at the valid length); their outputs are never read."""
             if not rows.all():
                 if cache.slack < s:
                     raise RiverError(f"the rows of this batch leave at different gates: the cache needs {s} "
                                      f"positions of slack for the others' writes, it has {cache.slack}")
-                st["write_at"][:] = np.where(rows, own_writes, trash)
+            st["write_at"][:] = np.where(rows, own_writes, trash)  # every run: a recalled row comes back
+            st["mask"][:] = np.where(rows[:, None], own_mask, 1)
             sess, binding = st["bindings"][name]
             sess.run_with_iobinding(binding)
 
@@ -219,15 +273,22 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
             run(f"backbone{k}", running)
             sim = st["sim"][k].copy()
             self.last_similarities.append(sim)
-            fire = running & (sim >= thresholds[:, k])
+            fire = running & ~recalled & (sim >= thresholds[:, k])
             if fire.any():
                 exits[fire] = k
                 river(k, fire)
                 running &= ~fire
+                if self.recall_margin != RECALL_OFF:  # unsure rows go back to the backbone after gate k
+                    back = fire & (river_margin((out if outs is None else outs)[:, -1]) < self.recall_margin)
+                    if back.any() and outs is None:  # every row took river k: keep the others' logits
+                        outs = st.setdefault("routed", np.zeros_like(out))
+                        outs[...] = out
+                    exits[back], running[back], recalled[back] = -1, True, True
                 if not running.any():
                     break
         if running.any():
             finish(f"backbone{gates}", running)
+        self.last_recalled = recalled
         self.last_exit_layers = np.array([self.exit_layer_of(None if e < 0 else int(e)) for e in exits])
         self.last_exit_layer = int(self.last_exit_layers[0])
         return out if outs is None else outs

@@ -19,6 +19,7 @@ from river.runtime.kv_cache import SharedKVCache
 
 class TorchBackend(StepBackend):
     name = "torch"
+    supports_recall = True
 
     def __init__(self, model, river: RiverInfo | None = None, defaults=None, thresholds=None):
         from river.runtime.torch_reference import TorchRiver
@@ -45,8 +46,10 @@ class TorchBackend(StepBackend):
         if self.reference is None:
             logits, *presents = self.model(ids, mask, positions, *past)
         else:
-            logits, presents, exit_layer = self.reference.step(ids, mask, positions, past, self.thresholds)
+            logits, presents, exit_layer = self.reference.step(ids, mask, positions, past, self.thresholds,
+                                                               self.recall_margin)
             self.last_exit_layer = int(exit_layer[0])
+            self.last_recalled = np.full(b, self.reference.recalled)
         for layer in range(self.contract.num_layers):  # only the new positions go back into the buffers
             cache.write(layer, presents[2 * layer][:, :, p:].numpy(), presents[2 * layer + 1][:, :, p:].numpy(), at=p)
         return logits.numpy()

@@ -4,7 +4,7 @@ graph (same gates, same twins, same KV share), and the way to time River on a GP
 One ``step`` mirrors one River graph step: run the backbone; after each gate layer compare the
 per-row cosine similarity of the block's input and output (last position) with the gate's threshold;
 when every row clears it, run the river (twins of the remaining layers, writing their K/V) and the
-head. Twin weights come from ``river.compiler.quantize``, the same routine the compiler uses, and
+head (and, when the river is unsure and recall is on, the backbone from the exit on). Twin weights come from ``river.compiler.quantize``, the same routine the compiler uses, and
 each twin kind computes what its class in the twin registry (``river.compiler.river.twins``) says.
 """
 
@@ -15,6 +15,7 @@ import copy
 import torch
 from river.compiler.quantize import BITS, PackedWeight, nbits_activations, quantize
 from river.compiler.river import twins
+from river.compiler.river.recall import RECALL_OFF, river_margin
 from river.models.llama import DecoderLayer, LlamaForCausalLM, additive_causal_mask
 
 
@@ -78,8 +79,10 @@ class TorchRiver:
         return self._head
 
     @torch.no_grad()
-    def step(self, input_ids, attention_mask, position_ids, past, thresholds):
-        """(logits, presents, exit_layer[B]) for one step; ``past`` is the flat contract list."""
+    def step(self, input_ids, attention_mask, position_ids, past, thresholds, recall_margin: float = RECALL_OFF):
+        """(logits, presents, exit_layer[B]) for one step; ``past`` is the flat contract list. A batch
+        exits when every row clears the gate and is recalled when any row's river is unsure
+        (``compiler/river/recall.py``): then the backbone runs on from the exit layer."""
         m = self.model.model
         L = len(m.layers)
         h = m.embed_tokens(input_ids)
@@ -87,6 +90,7 @@ class TorchRiver:
         mask = additive_causal_mask(attention_mask, position_ids, h.dtype)
         presents: list[torch.Tensor] = []
         exit_after = None
+        self.recalled = False
         self.similarities: list[torch.Tensor] = []  # per gate reached: per-row s_k
         for l, layer in enumerate(m.layers):
             h_in = h
@@ -105,6 +109,15 @@ class TorchRiver:
                 twin = self.twin(l)
                 h, k, v = self.twin_kind.torch(twin, h, h_exit, (cos, sin), mask, past[2 * l], past[2 * l + 1])
                 presents += [k, v]
-        logits = (self.model.lm_head if exit_after is None else self.river_head())(m.norm(h))
+            logits = self.river_head()(m.norm(h))
+            if recall_margin != RECALL_OFF and (river_margin(logits[:, -1].numpy()) < recall_margin).any():
+                h, presents = h_exit, presents[:2 * (exit_after + 1)]  # recalled: the backbone from the exit on
+                self.recalled = True
+                for l in range(exit_after + 1, L):
+                    h, k, v = m.layers[l](h, cos, sin, mask, past[2 * l], past[2 * l + 1])
+                    presents += [k, v]
+                exit_after = None
+        if exit_after is None:
+            logits = self.model.lm_head(m.norm(h))
         exit_layer = torch.full((input_ids.shape[0],), L if exit_after is None else exit_after + 1, dtype=torch.int64)
         return logits, presents, exit_layer

@@ -253,3 +253,37 @@ def test_rivers_run_once_over_the_batch_and_rows_equal_alone(tiny, river_int8):
         np.testing.assert_allclose(both[i], logits, atol=1e-5)
         for a, b in zip(pool.rows(i, i + 1).buffers(), kv):
             np.testing.assert_allclose(a[0, :, :b.shape[1]], b, atol=1e-5)
+
+
+def test_lowered_segments_equal_the_portable_ones(tiny, river_int8):
+    """The segments' ONNX Runtime lowering (fused attention over the shared buffers, the default) gives
+    the portable segments' logits, exits and K/V, with rows of one batch leaving at different gates
+    (a row a segment is not for writes the slack through its mask, not a write index)."""
+    from river.runtime.batching.kv_pool import KVPool
+
+    folder = river_int8.parent / "segments"
+    lowered, portable = SegmentedBackend(folder, threads=1), SegmentedBackend(folder, threads=1, lowering="portable")
+    assert (lowered.lowering, portable.lowering) == ("ort_fused", "portable")
+    assert any(n.op_type == "GroupQueryAttention"
+               for n in onnx.load(str(lowered._lowered["backbone1"]), load_external_data=False).graph.node)
+    c = lowered.contract
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, tiny.config.vocab_size, (1, n)).astype(np.int64) for n in (5, 8, 6)]
+    tokens = rng.integers(1, tiny.config.vocab_size, (3, 1)).astype(np.int64)
+    results = []
+    for backend in (lowered, portable):
+        pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, rows=3, slack=4, gates=len(GATES), capacity=32)
+        pool.fit(32, 0)
+        for i, p in enumerate(prompts):
+            backend.prefill(p, pool.rows(i, i + 1))
+            pool.lengths[i] = p.shape[1]
+            pool.thresholds[i] = PATTERNS[i][0]
+        logits = np.array(backend.extend(tokens, pool.rows(0, 3)))
+        results.append((logits, list(backend.last_exit_layers), pool))
+    (a, exits_a, pool_a), (b, exits_b, pool_b) = results
+    assert exits_a == exits_b == [expect for _, expect in PATTERNS]
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    for i in range(3):
+        n = int(pool_a.lengths[i]) + 1
+        for x, y in zip(pool_a.rows(i, i + 1).buffers(), pool_b.rows(i, i + 1).buffers()):
+            np.testing.assert_allclose(x[:, :, :n], y[:, :, :n], atol=1e-4)

@@ -33,7 +33,7 @@ from river.compiler.lowering.packed_qkv import pack_qkv
 from river.compiler.lowering.skip_norm import fuse_skip_norm
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
 from river.compiler.river.builder import is_quantized_weight
-from river.export.contract import StepContract, past_name, present_name
+from river.export.contract import past_layers, past_name, present_name
 
 ORT_LOWERING_FORMAT = 6 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
@@ -72,18 +72,33 @@ def lower_for_ort(model: onnx.ModelProto, max_positions: int | None) -> onnx.Mod
     return result
 
 
+def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None) -> onnx.ModelProto:
+    """The fused form of a River segment (``compiler/river/segments.py``, its contract form), or, when it
+    does not fuse, the segment itself marked portable with the reason: the runtime then runs the
+    segments' shipped shared-KV forms."""
+    try:
+        result, reason = to_ort_fused(segment, max_positions), ""
+    except NotLowered as exc:
+        result, reason = segment, str(exc)
+    result.metadata_props.add(key=LOWERING_PROP, value="portable" if reason else "ort_fused")
+    if reason:
+        result.metadata_props.add(key=LOWERING_REASON_PROP, value=reason)
+    return result
+
+
 def to_ort_fused(model: onnx.ModelProto, max_positions: int | None) -> onnx.ModelProto:
-    """The graph with every attention block fused (raises NotLowered, saying why, when one is not)."""
+    """The graph (a step graph or a River segment) with every attention block fused (raises
+    NotLowered, saying why, when one is not)."""
     if not max_positions or max_positions < 1:
         raise NotLowered("the model's context length is unknown (the rotary tables need it)")
-    contract = StepContract.from_model(model)
-    result = rewrite_step_graph(model, lambda m: _fuse_all(m, contract, max_positions), keep_local=is_quantized_weight)
+    layers = past_layers(model)
+    result = rewrite_step_graph(model, lambda m: _fuse_all(m, layers, max_positions), keep_local=is_quantized_weight)
     if not any(o.domain == MS_DOMAIN for o in result.opset_import):
         result.opset_import.add(domain=MS_DOMAIN, version=1)
     return result
 
 
-def _fuse_all(model: onnx.ModelProto, contract: StepContract, max_positions: int) -> gs.Graph:
+def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int) -> gs.Graph:
     graph = gs.import_onnx(model)
     blocks, reasons = [], []
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -119,7 +134,7 @@ def _fuse_all(model: onnx.ModelProto, contract: StepContract, max_positions: int
     _check_cache_use(graph)
     outputs = {t.name: t for t in graph.outputs}
     inputs = {t.name: t for t in graph.inputs}
-    for layer in range(contract.num_layers):
+    for layer in layers:
         for kind in ("key", "value"):
             outputs[present_name(layer, kind)].shape = list(inputs[past_name(layer, kind)].shape)
     return graph

@@ -1,0 +1,182 @@
+"""Recall (compiler/river/recall.py): a row whose river is unsure goes back to the backbone after the
+gate it left at. The segmented runtime does it per row, the torch reference per batch; a recalled step
+must be the full model's step exactly (logits and every layer's K/V), and a row's result must not
+depend on its batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tests_helpers import poison_decode
+
+from river.compiler.compile import compile_river
+from river.compiler.river.manifest import DISABLED, FORCED_EXIT
+from river.compiler.river.recall import RECALL_OFF, check_recall, river_margin
+from river.compiler.river.segments import write_segments
+from river.compiler.river.spec import RiverSpec
+from river.errors import RiverError
+from river.runtime.batching.kv_pool import KVPool
+from river.runtime.generate import GenerationConfig, Generator
+from river.runtime.ort_backend import OrtBackend
+from river.runtime.segmented_backend import SegmentedBackend
+from river.runtime.torch_backend import TorchBackend
+
+GATES = (0, 2)
+EXIT_AT_0 = [FORCED_EXIT, DISABLED]
+
+
+@pytest.fixture(scope="module")
+def river_folder(tiny_onnx, tmp_path_factory):
+    out = tmp_path_factory.mktemp("recall") / "int8"
+    path = compile_river(tiny_onnx, out, gates=list(GATES), river="int8", log=None)
+    write_segments(tiny_onnx, RiverSpec.from_name("int8", GATES), out / "segments")
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmented(river_folder):
+    return SegmentedBackend(river_folder.parent / "segments", threads=1)
+
+
+def test_river_margin_is_the_gap_between_the_two_most_likely_tokens():
+    logits = np.random.default_rng(0).normal(size=(4, 3, 50)) * 3
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top = np.sort(p, -1)
+    np.testing.assert_allclose(river_margin(logits), top[..., -1] - top[..., -2], rtol=1e-12)
+    assert river_margin(np.array([[1000.0, 0.0, -1000.0]]))[0] == pytest.approx(1.0)  # no overflow
+    assert river_margin(np.array([[2.0, 2.0, 0.0]]))[0] == 0.0  # a tie: as unsure as it gets
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, "x", float("nan"), True, None])
+def test_a_bad_recall_margin_is_refused_in_one_line(bad):
+    with pytest.raises(RiverError, match="recall margin") as err:
+        check_recall(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_recall_is_refused_where_a_backend_cannot_send_a_row_back(river_folder, tiny_onnx):
+    fused = OrtBackend(river_folder, threads=1)
+    with pytest.raises(RiverError, match="segmented"):
+        fused.set_recall(0.1)
+    fused.set_recall(RECALL_OFF)  # off is always fine
+    with pytest.raises(RiverError, match="no exit gates"):
+        OrtBackend(tiny_onnx, threads=1).set_recall(0.1)
+
+
+def _prefilled(backend, prompt, capacity=24):
+    cache = backend.new_cache(capacity)
+    backend.prefill(prompt, cache)
+    cache.length = prompt.shape[1]
+    return cache
+
+
+def _copy(backend, cache):
+    twin = backend.new_cache(cache.capacity)
+    for a, b in zip(twin.buffers(), cache.buffers()):
+        a[:] = b
+    twin.length = cache.length
+    return twin
+
+
+def test_a_recalled_step_is_the_full_models_step(segmented):
+    """A forced exit at gate 0 with a margin no river reaches: the step's logits and every layer's K/V
+    at the new position are the full-depth step's, even where the river wrote first (poisoned)."""
+    prompt = np.arange(20, 27)[None]
+    cache = _prefilled(segmented, prompt)
+    full_cache = _copy(segmented, cache)
+    token = np.array([[31]])
+    segmented.set_thresholds([DISABLED, DISABLED])
+    full = segmented.decode(token, full_cache).copy()
+    try:
+        segmented.set_thresholds(EXIT_AT_0)
+        segmented.set_recall(0.999999)
+        pos = cache.length
+        for buf in cache.buffers():
+            buf[:, :, pos] = np.nan
+        recalled = segmented.decode(token, cache).copy()
+        assert segmented.last_exit_layer == segmented.contract.num_layers and segmented.last_recalled.all()
+        np.testing.assert_allclose(recalled, full, atol=1e-5)
+        for a, b in zip(cache.buffers(), full_cache.buffers()):
+            np.testing.assert_allclose(a[:, :, :pos + 1], b[:, :, :pos + 1], atol=1e-5)
+        segmented.set_recall(1e-300)  # a margin every river clears: the plain exit
+        exited = segmented.decode(token, _copy(segmented, full_cache)).copy()
+        assert segmented.last_exit_layer == GATES[0] + 1 and not segmented.last_recalled.any()
+        assert not np.allclose(exited, full, atol=1e-5)
+    finally:
+        segmented.set_recall(RECALL_OFF)
+
+
+def _river_margins(backend, prompt, steps):
+    """The river's margin at each step of a greedy run that always exits at gate 0 (recall off)."""
+    backend.set_thresholds(EXIT_AT_0)
+    cache = _prefilled(backend, prompt, capacity=prompt.shape[1] + steps + 1)
+    token, margins = np.array([[int(prompt[0, -1])]]), []
+    for _ in range(steps):
+        logits = backend.decode(token, cache)[:, -1]
+        cache.length += 1
+        margins.append(float(river_margin(logits)[0]))
+        token = np.array([[int(np.argmax(logits[0]))]])
+    return margins
+
+
+def test_segmented_recall_equals_the_torch_reference_and_has_no_holes(tiny, segmented):
+    """With the median margin as the recall margin some steps are recalled and some exit; tokens, exit
+    layers and recalls equal the torch reference's, and no step leaves a hole in the cache."""
+    reference = TorchBackend(tiny.model, segmented.river, segmented.default_thresholds)
+    margin = float(np.median(_river_margins(segmented, np.arange(40, 46)[None], 12)))
+    runs, recalls = [], []
+    for backend in (segmented, reference):
+        backend.set_thresholds(EXIT_AT_0)
+        backend.set_recall(margin)
+        seen = []
+        poison_decode(backend, [EXIT_AT_0], seen,
+                      after=lambda cache, b=backend, r=recalls: r.append((b.name, bool(b.last_recalled[0]))))
+        result = Generator(backend, tiny.tokenizer).generate("unsure rivers", GenerationConfig(max_new_tokens=12))
+        del backend.decode  # poison_decode's wrapper
+        backend.set_recall(RECALL_OFF)
+        runs.append((result.token_ids, seen))
+    assert runs[0] == runs[1]
+    mine = [r for name, r in recalls if name == segmented.name]
+    assert mine == [r for name, r in recalls if name == reference.name]
+    assert any(mine) and not all(mine), "the margin should recall some steps and not others"
+    assert set(runs[0][1]) == {GATES[0] + 1, tiny.config.num_layers}
+
+
+def test_rows_are_recalled_each_by_itself(tiny, segmented):
+    """Three rows exit at gate 0 in one batch; the recall margin falls between their rivers' margins, so
+    some rows go back to the backbone and some do not. Each row's logits and K/V equal the row alone."""
+    c = segmented.contract
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, tiny.config.vocab_size, (1, n)).astype(np.int64) for n in (5, 8, 6)]
+    tokens = rng.integers(1, tiny.config.vocab_size, (3, 1)).astype(np.int64)
+    segmented.set_thresholds(EXIT_AT_0)
+    margins = []
+    for p, t in zip(prompts, tokens):
+        cache = _prefilled(segmented, p, 32)
+        margins.append(float(river_margin(segmented.decode(t[None], cache)[:, -1])[0]))
+    low, high = sorted(margins)[:2]
+    assert low < high
+    margin = (low + high) / 2
+    pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, rows=3, slack=4, gates=len(GATES), capacity=32)
+    pool.fit(32, 0)
+    try:
+        segmented.set_recall(margin)
+        alone = []
+        for i, (p, t) in enumerate(zip(prompts, tokens)):
+            segmented.prefill(p, pool.rows(i, i + 1))
+            pool.lengths[i] = p.shape[1]
+            pool.thresholds[i] = EXIT_AT_0
+            solo = _prefilled(segmented, p, 32)
+            logits = np.array(segmented.decode(t[None], solo))[0]
+            alone.append((logits, [b[0, :, :solo.length + 1].copy() for b in solo.buffers()],
+                          bool(segmented.last_recalled[0])))
+        both = np.array(segmented.extend(tokens, pool.rows(0, 3)))
+        assert list(segmented.last_recalled) == [r for _, _, r in alone]
+        assert 0 < sum(segmented.last_recalled) < 3
+        for i, (logits, kv, _) in enumerate(alone):
+            np.testing.assert_allclose(both[i], logits, atol=1e-5)
+            for a, b in zip(pool.rows(i, i + 1).buffers(), kv):
+                np.testing.assert_allclose(a[0, :, :b.shape[1]], b, atol=1e-5)
+    finally:
+        segmented.set_recall(RECALL_OFF)
