@@ -29,12 +29,14 @@ import onnx_graphsurgeon as gs
 from river.atomic import write_bytes_atomic
 from river.compiler.graph_io import load_onnx, load_onnx_header
 from river.compiler.river.manifest import DISABLED, FORCED_EXIT, THRESHOLDS, RiverInfo
+from river.compiler.river.recall import RECALL_OFF, recall_point_name, river_margin
 from river.compiler.structure import discover
 from river.errors import RiverError
 from river.export import contract as C
 from river.export.contract import StepContract
 
 BUDGETS = {"safe": 0.005, "balanced": 0.02, "fast": 0.05}  # mean top-1 flip rate among exited tokens
+RECALL_BASE = "fast"  # recall points exit where this point does; their recall margin buys the quality back
 METRICS = ("flip", "kl", "kv")
 OpenSession = Callable[[onnx.ModelProto], object]  # a graph -> a session with run(names, feeds) and get_outputs()
 
@@ -46,9 +48,10 @@ class GateData:
     flip: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
     kv: list[float] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)  # the river's top-2 probability margin (recall)
 
     def arrays(self):
-        return {k: np.asarray(getattr(self, k), np.float64) for k in ("similarity", "flip", "kl", "kv")}
+        return {k: np.asarray(getattr(self, k), np.float64) for k in ("similarity", "flip", "kl", "kv", "margin")}
 
 
 def instrumented_step_graph(step: onnx.ModelProto, gates: Sequence[int]) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
@@ -117,6 +120,7 @@ def collect(step_path: str | Path, river_path: str | Path, sequences: Sequence[S
                 d.flip.append(float(np.argmax(logp) != np.argmax(logp_full[t])))
                 d.kl.append(float((np.exp(logp_full[t]) * (logp_full[t] - logp)).sum()))
                 d.kv.append(num / max(den, 1e-30))
+                d.margin.append(float(river_margin(r[C.LOGITS][0, -1])))
             if progress is not None:
                 progress.update()
     return data
@@ -179,15 +183,44 @@ def resolve_budget(budget: str | float) -> float:
     return value
 
 
+def recall_for_budget(data: Sequence[GateData], gate_thresholds: Sequence[float], budget: float) -> float:
+    """The lowest recall margin (``compiler/river/recall.py``) such that, with these gate thresholds, the
+    exited tokens the river keeps (margin >= it) flip the top-1 token for at most ``budget`` of all exited
+    tokens. RECALL_OFF when the thresholds alone stay within it; just above the largest margin (every
+    exit recalled) when nothing else does."""
+    flips, margins = [], []
+    for t in range(len(data[0].similarity) if data else 0):
+        gate = next((d for d, thr in zip(data, gate_thresholds) if d.similarity[t] >= thr), None)
+        if gate is not None:
+            flips.append(gate.flip[t])
+            margins.append(gate.margin[t])
+    if not flips or sum(flips) <= budget * len(flips):
+        return RECALL_OFF
+    order = np.argsort(-np.asarray(margins), kind="stable")
+    m, kept_flips = np.asarray(margins)[order], np.cumsum(np.asarray(flips)[order])
+    ok = np.nonzero(kept_flips <= budget * len(flips))[0]  # keep the k+1 surest exits
+    k = int(ok.max()) if len(ok) else -1
+    while k >= 0 and k + 1 < len(m) and m[k + 1] == m[k]:  # ties: a margin keeps all equal margins
+        k -= 1
+    if k < 0:
+        return float(min(np.nextafter(m[0], 1.0), np.nextafter(1.0, 0.0)))
+    return float((m[k] + m[k + 1]) / 2)
+
+
 def report(data: Sequence[GateData], metric: str = "flip", budgets: dict | None = None) -> dict:
-    """The calibration file: per-gate data summary, predictor fits, thresholds per named budget."""
+    """The calibration file: per-gate data summary, predictor fits, thresholds per named budget, and
+    the recall points: the loosest named budget's gates (``RECALL_BASE``) with, per budget, the recall
+    margin that brings their exits back within it."""
     budgets = budgets or BUDGETS
+    base = thresholds(data, BUDGETS[RECALL_BASE], metric)
     return {
         "gates": [d.layer for d in data],
         "metric": metric,
         "tokens": len(data[0].similarity) if data else 0,
         "fits": {str(d.layer): fit_predictor(d) for d in data},
         "operating_points": {name: {"budget": b, "thresholds": thresholds(data, b, metric)} for name, b in budgets.items()},
+        "recall_points": {recall_point_name(name): {"budget": b, "thresholds": base, "recall": recall_for_budget(data, base, b)}
+                          for name, b in budgets.items()},
         "samples": {str(d.layer): {k: v.tolist() for k, v in d.arrays().items()} for d in data},
     }
 

@@ -190,6 +190,8 @@ def compile_river(source_onnx: str | Path, out_dir: str | Path, *, gates: str | 
                 thresholds=list(spec.thresholds) if spec.thresholds is not None else None,
                 operating_points=None if calibration is None else
                 {k: v["thresholds"] for k, v in calibration["operating_points"].items()},
+                recall_points=None if calibration is None else
+                {k: {"thresholds": v["thresholds"], "recall": v["recall"]} for k, v in calibration["recall_points"].items()},
                 calibration=None if calibration is None else
                 {"metric": metric, "budget": budget, "tokens": calibration["tokens"], "file": CALIBRATION_FILE},
                 thresholds_note=None if spec.thresholds is not None else

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="cache capacity: prompt + new tokens (default: model context)")
     p.add_argument("--thresholds", help="River graphs: per-gate exit thresholds, comma-separated or a JSON "
                    "file (default: the graph's baked-in ones); 'off' disables every gate")
+    p.add_argument("--recall", metavar="MARGIN|POINT",
+                   help="exit mode, segmented River: a token whose river's top two tokens are closer than MARGIN in "
+                   "probability goes back to the backbone after its gate (lossy, much closer to the full model); "
+                   "or a calibrated recall point (e.g. balanced-recall: its gate thresholds and margin). Default: off")
     p.add_argument("--mode", choices=["exit", "verify"], default="exit",
                    help="exit = tokens leave at their gate (River graphs; the paper); verify = lossless: a draft "
                    "proposes --draft-k tokens over the shared KV, one backbone step verifies them (output = the "
@@ -95,6 +99,8 @@ def _generate(args, shared_pool: bool) -> int:
         from river.compiler.calibrate import read_prompts
 
         prompts = read_prompts(args.prompts, "--prompts")  # a bad file fails before any model is loaded
+    if args.recall is not None and args.mode != "exit":
+        raise RiverError("--recall applies to exit mode (verify mode is lossless already)")
     if shared_pool:
         use_shared_thread_pool(args.threads)
     if args.prompts is not None:
@@ -107,6 +113,7 @@ def _generate(args, shared_pool: bool) -> int:
         gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer,
                              max_length=args.max_length, thresholds=args.thresholds, backend=args.backend,
                              lowering=args.lowering)
+        _set_recall(args, gen.backend)
     note = getattr(gen.backend, "twins_note", None)
     if note:
         print(f"[river] {note}", file=sys.stderr)
@@ -124,6 +131,9 @@ def _generate(args, shared_pool: bool) -> int:
                   file=sys.stderr)
         if result.exit_layers:
             print(f"[river] exit layers (layers run per decode step): {result.exit_histogram}", file=sys.stderr)
+        if gen.backend.recall_margin:
+            print(f"[river] recall margin {gen.backend.recall_margin:g}: {sum(s.recalled for s in result.steps)} "
+                  "steps went back to the backbone", file=sys.stderr)
     stats = gen.stats if args.mode == "verify" else None
     if stats is not None and stats.rounds:
         print(f"[river] verify: {stats.rounds} rounds, acceptance {stats.acceptance_rate:.1%}, "
@@ -134,6 +144,19 @@ def _generate(args, shared_pool: bool) -> int:
           f"{result.prefill_seconds * 1e3:.0f} ms; decode {result.decode_tokens_per_s:.1f} tokens/s",
           file=sys.stderr)
     return 0
+
+
+def _set_recall(args, backend) -> list[float] | None:
+    """--recall on the backend; a recall point's gate thresholds set too (and returned)."""
+    from river.runtime.loading import parse_recall
+
+    thresholds, margin = parse_recall(args.recall, args.model)
+    if thresholds is not None:
+        if args.thresholds is not None:
+            raise RiverError(f"--recall {args.recall} sets the gate thresholds: drop --thresholds, or give --recall a margin")
+        backend.set_thresholds(thresholds)
+    backend.set_recall(margin)
+    return thresholds
 
 
 def _generate_batch(args, prompts: list[str], cfg) -> int:
@@ -151,6 +174,7 @@ def _generate_batch(args, prompts: list[str], cfg) -> int:
     gates = sched.decoder.river is not None
     mode = "verify" if args.mode == "verify" else ("exit" if gates else "full")
     thresholds = parse_thresholds(args.thresholds, sched.decoder) if mode == "exit" else None
+    thresholds = _set_recall(args, sched.decoder) or thresholds
     t0 = time.perf_counter()
     tickets = [sched.submit(BatchRequest(encode_prompt(sched.tokenizer, p, not args.raw), cfg, mode=mode,
                                          thresholds=thresholds, k=args.draft_k, adaptive=args.adaptive))

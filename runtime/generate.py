@@ -44,6 +44,7 @@ class StepStat:
     seconds: float
     phase: str  # "prefill" | "decode"
     exit_layer: int | None = None  # filled by River backends
+    recalled: bool = False  # the river was unsure and the backbone ran on (compiler/river/recall.py)
 
 
 @dataclass
@@ -181,7 +182,9 @@ class Generator:
                 return
             t0 = time.perf_counter()
             logits = self.decode_one_token(token, cache)
-            steps.append(StepStat(len(steps), -1, time.perf_counter() - t0, "decode", self.backend.last_exit_layer))
+            recalled = self.backend.last_recalled is not None and bool(self.backend.last_recalled[0])
+            steps.append(StepStat(len(steps), -1, time.perf_counter() - t0, "decode", self.backend.last_exit_layer,
+                                  recalled))
 
     def emitter(self, cfg: GenerationConfig, on_token: Callable[[int, str], None] | None) -> Emitter:
         eos = cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids

@@ -48,6 +48,36 @@ def parse_thresholds(text: str | None, backend: StepBackend):
     return list(check_thresholds(values, len(gates), f"--thresholds (gates after layers {gates})"))
 
 
+def recall_points(model: str) -> dict[str, dict]:
+    """The recall points (``compiler/river/recall.py``) river-export --calibrate recorded for a model
+    folder (or its model.onnx / segments folder); {} if none."""
+    path = Path(model)
+    folder = _river_folder(path.parent if path.suffix == ".onnx" else path)
+    if not (folder / MANIFEST_FILE).is_file():
+        return {}
+    from river.compiler.river.manifest import RiverManifest
+
+    return RiverManifest.load(folder).recall_points or {}
+
+
+def parse_recall(text: str | None, model: str) -> tuple[list[float] | None, float]:
+    """``--recall``: a margin in [0, 1) (the thresholds stay), or the name of a calibrated recall point:
+    (its gate thresholds, its margin). None: (None, RECALL_OFF)."""
+    from river.compiler.river.recall import RECALL_OFF, check_recall
+
+    if text is None:
+        return None, RECALL_OFF
+    points = recall_points(model)
+    if text in points:
+        return [float(x) for x in points[text]["thresholds"]], check_recall(points[text]["recall"], f"recall point {text}")
+    try:
+        float(text)
+    except ValueError:
+        known = ", ".join(points) or "none here: river-export --calibrate records them"
+        raise RiverError(f"--recall {text!r}: give a margin in [0, 1) or a calibrated recall point ({known})") from None
+    return None, check_recall(text, "--recall margin")
+
+
 def step_graph_path(model: str) -> Path:
     """The .onnx file itself, or the cached step graph of a model name / .gguf / HF directory."""
     if model.endswith(".onnx"):

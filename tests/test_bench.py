@@ -170,8 +170,10 @@ def test_quick_bench_runs_every_method(tiny, tmp_path, monkeypatch):
     expected = {"full", "river:safe", "river:balanced", "river:fast", "fixed@1", "fixed@2", "monotone:balanced",
                 "propagate:balanced", "uniform-int8", "uniform-int4", "draft-alone", "verify:k=3", "verify:k=4",
                 "verify:k~4", "verify-river:k=4", "full-torch", "river-torch:balanced", "mask:balanced", "recompute:balanced",
-                "river-qhead:safe", "river-qhead:balanced", "river-qhead:fast", "fixed-qhead@1", "fixed-qhead@2"}
+                "river-qhead:safe", "river-qhead:balanced", "river-qhead:fast", "fixed-qhead@1", "fixed-qhead@2",
+                "full-segmented", "river-recall:safe-recall", "river-recall:balanced-recall", "river-recall:fast-recall"}
     assert set(data["methods"]) == expected
+    assert data["methods"]["full-segmented"]["greedy_exact_match"] == 1.0  # the segments, every gate off
     m = data["methods"]
     for name, r in m.items():  # every speedup is the tokens/s ratio recomputed from the raw per-prompt figures
         ref = m[r["speed_reference"]]

@@ -180,3 +180,84 @@ def test_rows_are_recalled_each_by_itself(tiny, segmented):
                 np.testing.assert_allclose(a[0, :, :b.shape[1]], b, atol=1e-5)
     finally:
         segmented.set_recall(RECALL_OFF)
+
+
+def test_recall_arithmetic_on_known_data():
+    """Six tokens exit at the first gate (two flip, at margins 0.1 and 0.05); a seventh does not exit."""
+    from river.compiler.calibrate import GateData, recall_for_budget
+
+    first = GateData(3, [0.99] * 6 + [0.1], [0, 0, 1, 0, 1, 0, 1], [0] * 7, [0] * 7,
+                     [0.9, 0.8, 0.05, 0.6, 0.1, 0.3, 0.0])
+    second = GateData(5, [0.0] * 7, [1] * 7, [0] * 7, [0] * 7, [0.5] * 7)
+    thr = [0.9, DISABLED]
+    assert recall_for_budget([first, second], thr, 0.0) == pytest.approx(0.2)  # both flips sent back
+    assert recall_for_budget([first, second], thr, 1 / 6) == pytest.approx(0.075)  # one flip kept
+    assert recall_for_budget([first, second], thr, 0.5) == RECALL_OFF  # the gates alone are within budget
+    budgets = [0.0, 0.1, 0.2, 0.4]
+    margins = [recall_for_budget([first, second], thr, b) for b in budgets]
+    assert margins == sorted(margins, reverse=True)  # a tighter budget never recalls less
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    from river import cli as export_cli
+
+    tmp = tmp_path_factory.mktemp("recall-cli")
+    (tmp / "prompts.txt").write_text("The river runs to the sea\nOnce upon a time\ndef add(a, b):\n")
+    out = tmp / "out"
+    assert export_cli.main(["tiny-random", "-o", str(out), "--gates", "0,2", "--calibrate", str(tmp / "prompts.txt"),
+                            "--segmented"]) == 0
+    return out
+
+
+def test_calibration_records_recall_points(calibrated):
+    import json
+
+    from river.compiler.calibrate import BUDGETS, RECALL_BASE
+    from river.compiler.river.recall import recall_point_name
+
+    manifest = json.loads((calibrated / "river.json").read_text())
+    calibration = json.loads((calibrated / "calibration.json").read_text())
+    points = manifest["recall_points"]
+    assert {recall_point_name(n) for n in BUDGETS} <= set(points)
+    for name, point in points.items():
+        assert point["thresholds"] == manifest["operating_points"][RECALL_BASE]
+        assert point["recall"] == calibration["recall_points"][name]["recall"]
+        check_recall(point["recall"])
+    margins = np.concatenate([calibration["samples"][g]["margin"] for g in calibration["samples"]])
+    assert len(margins) and np.all((margins >= 0) & (margins <= 1))
+
+
+def test_recall_through_the_cli(calibrated, tmp_path, capsys):
+    """--recall with a margin no river reaches sends every exit back: the full model's text; a recall
+    point sets its thresholds and margin; bad uses are one-line errors."""
+    import json
+
+    from tests_helpers import assert_one_line_error
+
+    from river.runtime import cli as generate_cli
+
+    forced = tmp_path / "t.json"
+    forced.write_text(json.dumps({"gates": [0, 2], "thresholds": EXIT_AT_0}))
+    base = ["--model", str(calibrated), "--raw", "--max-new-tokens", "8", "--stats"]
+
+    def run(*extra):
+        assert generate_cli.main(base + list(extra) + ["hello river"]) == 0
+        captured = capsys.readouterr()
+        return captured.out, captured.err
+
+    full, _ = run("--thresholds", "off")
+    _, err = run("--thresholds", str(forced))
+    assert "{1: 7}" in err and "went back" not in err  # every step exits at gate 0
+    recalled, err = run("--thresholds", str(forced), "--recall", "0.999999")
+    assert recalled == full and "7 steps went back to the backbone" in err and "{4: 7}" in err
+    point = json.loads((calibrated / "river.json").read_text())["recall_points"]["fast-recall"]
+    _, err = run("--recall", "fast-recall")
+    assert (f"recall margin {point['recall']:g}:" in err) == (point["recall"] != RECALL_OFF)
+    for extra, message in ((["--recall", "1.5"], "recall margin"),
+                           (["--recall", "nope"], "fast-recall"),
+                           (["--recall", "fast-recall", "--thresholds", "off"], "drop --thresholds"),
+                           (["--recall", "0.1", "--mode", "verify"], "exit mode"),
+                           (["--recall", "0.1", "--backend", "ort"], "segmented")):
+        assert generate_cli.main(base + extra + ["hi"]) == 2
+        assert message in assert_one_line_error(capsys.readouterr().err, "river-generate")

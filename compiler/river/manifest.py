@@ -126,6 +126,7 @@ class RiverManifest:
     twin_format: str
     thresholds: list[float] | None
     operating_points: dict | None = None
+    recall_points: dict | None = None  # name -> {"thresholds": [...], "recall": margin} (compiler/river/recall.py)
     calibration: dict | None = None
     draft: dict | None = None
     thresholds_note: str | None = None

@@ -13,8 +13,10 @@ to the top, at full precision. It overwrites, in place, the K/V the river wrote 
 cache holds what the backbone alone would have written, and the row's logits are the backbone's. A
 recalled row does not exit again in that step. Margin 0 (``RECALL_OFF``) never recalls.
 
-The recall margin is part of an operating point (calibration picks it per error budget); this module is
-its one home: the margin, the off value and the check of a user's value.
+A *recall point* is an operating point with a recall margin: calibration (``compiler/calibrate.py``)
+gives one per error budget, with the loosest budget's gates and the margin that brings their exits back
+within the budget. This module is recall's one home: the margin, the off value, the points' names and
+the check of a user's value.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ import numpy as np
 from river.errors import RiverError
 
 RECALL_OFF = 0.0  # a margin below which no row falls: never recall
+RECALL_SUFFIX = "-recall"  # a recall point is named after its error budget: balanced-recall
+
+
+def recall_point_name(budget_name: str) -> str:
+    return f"{budget_name}{RECALL_SUFFIX}"
 
 
 def river_margin(logits: np.ndarray) -> np.ndarray:

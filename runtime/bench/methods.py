@@ -4,6 +4,9 @@
   fixed@<g>              every decode token exits after layer g (a fixed exit depth)
   river-qhead:<op>,      the same with the rivers' head 8-bit (river-export --river-head int8): an
   fixed-qhead@<g>        exited token's head is a MatMulNBits, the backbone's stays fp32
+  river-recall:<point>   the int8-head River's segments at a calibrated recall point (<budget>-recall):
+                         fast's gates, and a token whose river is unsure goes back to the backbone
+  full-segmented         the same segments with every gate off (what running as segments costs)
   monotone:<op>          SkipDecode-style policy: once a token exits at a gate, later tokens exit there too
   propagate:<op>         CALM-style: skipped layers' K/V projected from the exit state (kv twins), calibrated
   uniform-int8/int4      the whole model quantized like the twins, no exits (the honest competitor)
@@ -31,7 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from river.compiler.river.manifest import FORCED_EXIT, RiverManifest
+from river.compiler.river.manifest import FORCED_EXIT, SEGMENTS_DIR, RiverManifest
+from river.compiler.river.recall import RECALL_OFF
 from river.runtime.backend import StepBackend
 from river.runtime.generate import Generator
 
@@ -54,12 +58,14 @@ class Method:
     thresholds: Sequence[float] | None = None  # None: every gate off
     speed_reference: str = "full"  # the method on the same runtime whose decode tokens/s it is divided by
     cost_family: str | None = ""  # its River graph's fixed-exit runs (fixed{family}@<g>) predict its step cost
+    recall: float = RECALL_OFF  # the recall margin it runs at (compiler/river/recall.py)
 
     def use(self) -> Generator:
         """The generator, with this method's thresholds set (methods share River backends)."""
         if self.backend is not None:
             self.backend.set_thresholds(self.backend.gate_thresholds.disabled() if self.thresholds is None
                                         else self.thresholds)
+            self.backend.set_recall(self.recall)
         return self.generator
 
     @property
@@ -107,6 +113,8 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
     from river.compiler.calibration_data import CALIBRATION_PROMPTS
     from river.compiler.compile import compile_river
     from river.compiler.graph_io import load_onnx, save_onnx_atomic
+    from river.compiler.river.segments import write_segments
+    from river.compiler.river.spec import RiverSpec
     from river.compiler.weight_quant import uniform_quantized
     from river.export.store import exported_model_path
 
@@ -122,6 +130,8 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
             compile_river(step, graph_dir, gates=gates, river=kind, calibrate=CALIBRATION_PROMPTS[:n_cal],
                           budget="balanced", threads=threads, head=head, log=log)
         river[name] = graph_dir / "model.onnx"
+        if head != "fp32" and not (graph_dir / SEGMENTS_DIR).is_dir():  # river-recall runs its segments
+            write_segments(step, RiverSpec.from_manifest(graph_dir), graph_dir / SEGMENTS_DIR)
     uniform = {}
     for precision in ("int8", "int4"):
         path = folder / f"uniform-{precision}" / "model.onnx"
@@ -186,7 +196,29 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
     methods["verify-river:k=4"] = Method(SpeculativeGenerator(river_backend, tok, eos, draft_gate=0, k=4), LOSSLESS,
                                          "the River graph's first exit drafts 4 tokens, its backbone verifies",
                                          river_backend)
+    methods.update(recall_methods(graphs.river_qhead, threads, tok, eos))
     methods.update(torch_methods(graphs, threads, river_backend.river, ops["balanced"], tok, eos))
+    return methods
+
+
+def recall_methods(river: Path, threads: int, tok, eos) -> dict[str, Method]:
+    """``river-recall:<point>`` at each calibrated recall point of the River graph's segments, and
+    ``full-segmented`` (every gate off) as their speed reference on the same runtime."""
+    from river.runtime.segmented_backend import SegmentedBackend
+
+    points = RiverManifest.load(river.parent).recall_points
+    if not points:
+        print(f"[bench] {river.parent} has no recall points (compiled before they existed): river-recall "
+              "methods skipped; a fresh --out folder recompiles it", file=sys.stderr)
+        return {}
+    backend = SegmentedBackend(river.parent / SEGMENTS_DIR, threads=threads)
+    generator = Generator(backend, tok, eos)
+    methods = {"full-segmented": Method(generator, OTHER_RUNTIME, "the River's segments, every gate off", backend,
+                                        None, cost_family=None)}
+    for name, point in points.items():
+        methods[f"river-recall:{name}"] = Method(
+            generator, EXITS, f"segments at recall point {name}: fast's gates, recall margin {point['recall']:.3g}",
+            backend, point["thresholds"], cost_family=None, recall=point["recall"])
     return methods
 
 
