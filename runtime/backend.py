@@ -46,6 +46,7 @@ class KVCache:
     length: int = 0
     slack: int = 0
     row_thresholds: np.ndarray | None = None  # [B,G] per-row gate thresholds; None: the backend's
+    row_recall: np.ndarray | None = None  # [B] per-row recall margins; None: the backend's
 
     @property
     def physical(self) -> int:

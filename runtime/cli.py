@@ -113,7 +113,10 @@ def _generate(args, shared_pool: bool) -> int:
         gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer,
                              max_length=args.max_length, thresholds=args.thresholds, backend=args.backend,
                              lowering=args.lowering)
-        _set_recall(args, gen.backend)
+        thresholds, margin = _recall(args)
+        if thresholds is not None:
+            gen.backend.set_thresholds(thresholds)
+        gen.backend.set_recall(margin)
     note = getattr(gen.backend, "twins_note", None)
     if note:
         print(f"[river] {note}", file=sys.stderr)
@@ -146,17 +149,14 @@ def _generate(args, shared_pool: bool) -> int:
     return 0
 
 
-def _set_recall(args, backend) -> list[float] | None:
-    """--recall on the backend; a recall point's gate thresholds set too (and returned)."""
+def _recall(args) -> tuple[list[float] | None, float]:
+    """--recall: (a recall point's gate thresholds or None, the margin)."""
     from river.runtime.loading import parse_recall
 
     thresholds, margin = parse_recall(args.recall, args.model)
-    if thresholds is not None:
-        if args.thresholds is not None:
-            raise RiverError(f"--recall {args.recall} sets the gate thresholds: drop --thresholds, or give --recall a margin")
-        backend.set_thresholds(thresholds)
-    backend.set_recall(margin)
-    return thresholds
+    if thresholds is not None and args.thresholds is not None:
+        raise RiverError(f"--recall {args.recall} sets the gate thresholds: drop --thresholds, or give --recall a margin")
+    return thresholds, margin
 
 
 def _generate_batch(args, prompts: list[str], cfg) -> int:
@@ -174,10 +174,12 @@ def _generate_batch(args, prompts: list[str], cfg) -> int:
     gates = sched.decoder.river is not None
     mode = "verify" if args.mode == "verify" else ("exit" if gates else "full")
     thresholds = parse_thresholds(args.thresholds, sched.decoder) if mode == "exit" else None
-    thresholds = _set_recall(args, sched.decoder) or thresholds
+    point, margin = _recall(args)
+    thresholds = point or thresholds
     t0 = time.perf_counter()
     tickets = [sched.submit(BatchRequest(encode_prompt(sched.tokenizer, p, not args.raw), cfg, mode=mode,
-                                         thresholds=thresholds, k=args.draft_k, adaptive=args.adaptive))
+                                         thresholds=thresholds, k=args.draft_k, adaptive=args.adaptive,
+                                         recall=margin))
                for p in prompts]
     sched.run_until_idle()
     seconds = time.perf_counter() - t0

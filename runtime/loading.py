@@ -268,5 +268,6 @@ def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None
     draft = OrtBackend(folder / DRAFT_FILE, threads=threads) if (folder / DRAFT_FILE).is_file() else None
     return Scheduler(gen.backend, gen.tokenizer, gen.eos_token_ids, draft=draft, max_rows=max_rows,
                      max_queue=max_queue, max_length=gen.max_length, prefill_chunk=prefill_chunk, k_max=k_max,
-                     budgets=operating_points(folder), prefill_budget=prefill_budget,
+                     budgets=operating_points(folder), recall_points=recall_points(str(folder)),
+                     prefill_budget=prefill_budget,
                      verify_drafts_up_to=VERIFY_DRAFTS_UP_TO if verify_drafts_up_to is None else verify_drafts_up_to)

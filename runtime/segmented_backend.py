@@ -226,6 +226,8 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         b, s, gates = cache.batch, token_ids.shape[1], len(self.index.gates)
         thresholds = self.thresholds if cache.row_thresholds is None else cache.row_thresholds
         thresholds = np.broadcast_to(np.asarray(thresholds, np.float32), (b, gates))
+        recall = np.broadcast_to(np.asarray(self.recall_margin if cache.row_recall is None else cache.row_recall,
+                                            np.float64), (b,))
         own_writes, own_mask, trash = st["write_at"].copy(), st["mask"].copy(), cache.physical - s
         running, exits, recalled = np.ones(b, bool), np.full(b, -1), np.zeros(b, bool)
         out, outs = st["logits"], None  # several routes: each row's logits are copied out of its route's run
@@ -278,8 +280,8 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
                 exits[fire] = k
                 river(k, fire)
                 running &= ~fire
-                if self.recall_margin != RECALL_OFF:  # unsure rows go back to the backbone after gate k
-                    back = fire & (river_margin((out if outs is None else outs)[:, -1]) < self.recall_margin)
+                if (recall[fire] != RECALL_OFF).any():  # unsure rows go back to the backbone after gate k
+                    back = fire & (river_margin((out if outs is None else outs)[:, -1]) < recall)
                     if back.any() and outs is None:  # every row took river k: keep the others' logits
                         outs = st.setdefault("routed", np.zeros_like(out))
                         outs[...] = out

@@ -12,6 +12,7 @@ import pytest
 
 from river.compiler.compile import compile_river
 from river.compiler.river.segments import write_segments
+from river.compiler.river.recall import RECALL_OFF
 from river.compiler.river.spec import RiverSpec
 from river.errors import CacheOverflow, RiverError
 from river.models.tokenizer import encode_prompt
@@ -238,9 +239,38 @@ def test_prompt_past_max_length_is_refused(make):
 def test_budgets_name_the_calibrated_operating_points(make, river_dir):
     sched = make()
     with pytest.raises(RiverError, match="unknown budget 'safe'.*not calibrated"):
-        sched.budget_thresholds("safe")
+        sched.budget_point("safe")
     sched.budgets["safe"] = [0.9, 0.95]
-    assert sched.budget_thresholds("safe") == [0.9, 0.95]
+    sched.recall_points["safe-recall"] = {"thresholds": [0.5, 0.6], "recall": 0.25}
+    assert sched.budget_point("safe") == ([0.9, 0.95], RECALL_OFF)
+    assert sched.budget_point("safe-recall") == ([0.5, 0.6], 0.25)
+    with pytest.raises(RiverError, match="unknown budget 'fast'.*safe, safe-recall"):
+        sched.budget_point("fast")
+
+
+def test_exit_rows_with_and_without_recall_equal_each_alone(make):
+    """Exit rows at the same thresholds, some with a recall margin (some of their steps go back to the
+    backbone) and some without, batched with a full row: each equals itself alone; recall is refused
+    outside exit mode."""
+    sched = make()
+    forced = [-2.0, 2.0]  # every step exits at gate 0: recall decides
+    reqs = [request(sched, PROMPTS[0], 20, "exit", thresholds=forced, recall=0.999999),
+            request(sched, PROMPTS[1], 16, "exit", thresholds=forced),
+            request(sched, PROMPTS[3], 18, "full"),
+            request(sched, PROMPTS[2], 22, "exit", thresholds=forced, recall=0.999999)]
+    singles = [alone(sched, r) for r in reqs]
+    tickets = [sched.submit(r) for r in reqs]
+    sched.run_until_idle()
+    for ticket, single in zip(tickets, singles):
+        same(ticket.wait(), single)
+    L = sched.decoder.contract.num_layers
+    assert {s.exit_layer for s in singles[0].steps[1:]} == {L}  # every exit recalled: full depth
+    assert {s.exit_layer for s in singles[1].steps[1:]} == {1}
+    full = alone(sched, request(sched, PROMPTS[0], 20, "full"))
+    assert singles[0].token_ids == full.token_ids
+    for mode in ("full", "verify"):
+        with pytest.raises(RiverError, match="recall applies to mode 'exit'"):
+            sched.submit(request(sched, PROMPTS[0], 4, mode, recall=0.5))
 
 
 def test_pool_permutation_and_views():

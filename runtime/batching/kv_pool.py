@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from river.compiler.river.manifest import DISABLED
+from river.compiler.river.recall import RECALL_OFF
 from river.errors import CacheOverflow
 from river.runtime.kv_cache import SharedKVCache
 
@@ -33,6 +34,7 @@ class RowsView(SharedKVCache):
         self.batch, self.capacity, self.slack = hi - lo, pool.capacity, pool.slack
         self._lengths = pool.lengths[lo:hi]
         self.row_thresholds = None if pool.thresholds is None else pool.thresholds[lo:hi]
+        self.row_recall = pool.recall[lo:hi]
 
     def row_lengths(self) -> np.ndarray:
         return self._lengths
@@ -72,6 +74,7 @@ class KVPool:
         self.max_capacity = max_capacity
         self.lengths = np.zeros(rows + 1, np.int64)
         self.thresholds = np.full((rows + 1, gates), DISABLED, np.float32) if gates else None
+        self.recall = np.full(rows + 1, RECALL_OFF, np.float32)  # per row: its recall margin (exit rows)
         self.capacity = 0
         self.cache: SharedKVCache | None = None
         self._views: dict[tuple[int, int], RowsView] = {}
@@ -119,7 +122,7 @@ class KVPool:
         return view
 
     def move(self, src: int, dst: int) -> None:
-        """Copy row ``src`` (its valid positions, length, thresholds) to row ``dst``."""
+        """Copy row ``src`` (its valid positions, length, thresholds, recall margin) to row ``dst``."""
         if src == dst:
             return
         n = int(self.lengths[src])
@@ -128,6 +131,7 @@ class KVPool:
         self.lengths[dst] = self.lengths[src]
         if self.thresholds is not None:
             self.thresholds[dst] = self.thresholds[src]
+        self.recall[dst] = self.recall[src]
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Row ``dst``'s first ``n`` positions take row ``src``'s K/V (a shared prompt prefix)."""

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from river.compiler.river.manifest import DISABLED, check_thresholds
+from river.compiler.river.recall import RECALL_OFF, check_recall
 from river.errors import CacheOverflow, RiverError
 from river.runtime.backend import StepBackend
 from river.runtime.batching.kv_pool import KVPool, RowsView
@@ -76,6 +77,7 @@ class BatchRequest:
     thresholds: Sequence[float] | None = None  # mode "exit" (None: the model's calibrated ones)
     k: int = DRAFT_K  # mode "verify": tokens drafted per round (with ``adaptive``, in the first round)
     adaptive: bool = ADAPTIVE_K  # mode "verify": the row's k adapts every round (speculative.next_k)
+    recall: float = RECALL_OFF  # mode "exit": the recall margin (compiler/river/recall.py; segmented River)
     cancelled: Callable[[], bool] | None = None  # polled between steps (e.g. the client went away)
 
 
@@ -176,6 +178,7 @@ class Scheduler:
                  backbone: StepBackend | None = None, draft: StepBackend | None = None, draft_gate: int = 0,
                  max_rows: int = 8, max_queue: int = 64, max_length: int | None = None,
                  prefill_chunk: int = 16, k_max: int = K_MAX, budgets: dict[str, Sequence[float]] | None = None,
+                 recall_points: dict[str, dict] | None = None,
                  min_shared_prefix: int = 4, prefill_budget: int | None = None,
                  verify_drafts_up_to: int = VERIFY_DRAFTS_UP_TO):
         if max_rows < 1 or max_queue < 0 or prefill_chunk < 1 or k_max < 1 or (prefill_budget or 1) < 1:
@@ -193,6 +196,7 @@ class Scheduler:
         # stream's next token, so this bounds the per-token latency a joining request causes
         self.prefill_budget = 2 * prefill_chunk if prefill_budget is None else prefill_budget
         self.budgets = dict(budgets or {})
+        self.recall_points = dict(recall_points or {})
         self.verify_drafts_up_to = verify_drafts_up_to  # module docstring: when drafting pays
         gates = len(decoder.river.gates) if decoder.river is not None else 0
         c = decoder.contract
@@ -229,6 +233,12 @@ class Scheduler:
             thresholds = np.array(check_thresholds([float(t) for t in given], self.gates), np.float32)
         elif request.thresholds is not None:
             raise RiverError(f"thresholds apply to mode 'exit', not '{request.mode}'")
+        if check_recall(request.recall) != RECALL_OFF:
+            if request.mode != "exit":
+                raise RiverError(f"recall applies to mode 'exit', not '{request.mode}'")
+            if not self.decoder.supports_recall:
+                raise RiverError(f"recall needs the segmented River (river-export --segmented), not the "
+                                 f"{self.decoder.name} backend")
         if request.mode == "verify":
             if not 1 <= request.k <= self.k_max:
                 raise RiverError(f"k must be between 1 and {self.k_max}, not {request.k}")
@@ -242,12 +252,16 @@ class Scheduler:
             need = min(need, self.max_length)
         return thresholds, need
 
-    def budget_thresholds(self, name: str) -> list[float]:
-        """The thresholds of a named operating point (calibration.json's budgets)."""
-        if name not in self.budgets:
-            known = ", ".join(sorted(self.budgets)) or "none: the model was not calibrated"
-            raise RiverError(f"unknown budget '{name}' (calibrated budgets: {known})")
-        return list(self.budgets[name])
+    def budget_point(self, name: str) -> tuple[list[float], float]:
+        """(thresholds, recall margin) of a named operating point: calibration.json's budgets (recall
+        off) and recall points (``<budget>-recall``)."""
+        if name in self.budgets:
+            return list(self.budgets[name]), RECALL_OFF
+        if name in self.recall_points:
+            point = self.recall_points[name]
+            return list(point["thresholds"]), float(point["recall"])
+        known = ", ".join(sorted(self.budgets) + sorted(self.recall_points)) or "none: the model was not calibrated"
+        raise RiverError(f"unknown budget '{name}' (calibrated budgets: {known})")
 
     def submit(self, request: BatchRequest, on_tokens: Callable[[list[int], str], None] | None = None,
                on_done: Callable[[Ticket], None] | None = None) -> Ticket:
@@ -380,6 +394,7 @@ class Scheduler:
                 self.pool.lengths[row.slot] = 0
                 if self.pool.thresholds is not None:
                     self.pool.thresholds[row.slot] = DISABLED  # prefill: the whole backbone
+                self.pool.recall[row.slot] = RECALL_OFF
                 self._rows.append(row)
                 self.peak_rows = max(self.peak_rows, len(self._rows))
         self._arrange()
@@ -557,6 +572,7 @@ class Scheduler:
             row.pending, _ = sample(logits[i, len(chunk) - 1], cfg.temperature, cfg.top_p, row.rng)
             if self.pool.thresholds is not None and row.thresholds is not None:
                 self.pool.thresholds[row.slot] = row.thresholds
+                self.pool.recall[row.slot] = row.request.recall
             self._emit(row, row.pending, seconds, "prefill")
             produced += 1
         return produced

@@ -29,6 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS
+from river.compiler.river.recall import RECALL_OFF
 from river.errors import CacheOverflow, RiverError
 from river.export import contract as C
 from river.runtime.backend import StepBackend
@@ -244,11 +245,11 @@ class TritonPythonModel:
         try:
             with self.encode_lock:
                 prompt_ids = encode_prompt(self.tokenizer, spec.prompt, spec.chat)
-            thresholds = spec.thresholds
+            thresholds, recall = spec.thresholds, RECALL_OFF
             if spec.budget is not None:
-                thresholds = self.scheduler.budget_thresholds(spec.budget)
+                thresholds, recall = self.scheduler.budget_point(spec.budget)
             batch_request = BatchRequest(prompt_ids, spec.cfg, mode=spec.mode, thresholds=thresholds, k=spec.k,
-                                         adaptive=spec.adaptive, cancelled=sender.is_cancelled)
+                                         adaptive=spec.adaptive, recall=recall, cancelled=sender.is_cancelled)
             self.scheduler.submit(batch_request, on_tokens=lambda ids, piece: sender.send(self._tokens_response(ids, piece)),
                                   on_done=lambda ticket: self._done(rid, spec, thresholds, ticket, sender, t0))
         except SchedulerFull as exc:

@@ -96,7 +96,9 @@ Inputs: `prompt` (string), optional `max_tokens` (int32), `temperature`, `top_p`
 `raw` (bool: no chat template), `ignore_eos` (bool), `mode` (string: `full`, `exit` or `verify`;
 default `exit` at the graph's thresholds), `k` (int32: verify mode's draft length; with `adaptive`, the first round's), `adaptive` (bool: verify
 mode's k adapts every round, default true), `budget` (string:
-exit mode at a calibrated operating point, e.g. `safe`, `balanced`, `fast`). Each response carries
+exit mode at a calibrated operating point, e.g. `safe`, `balanced`, `fast`, or a recall point,
+`safe-recall`, `balanced-recall`, `fast-recall`: the fast point's exits, and a token whose river is
+unsure goes back to the backbone; see the project README). Each response carries
 `text` (the printable text it adds) and `token_ids` (the tokens it adds); the final one adds `stats`, a
 JSON object with the mode, the exit layer of every decode step, its histogram, token counts, time to
 first token, verify acceptance and the instance's batch counters. A prompt that does not fit the KV
