@@ -73,13 +73,16 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
 
 
 # --- ours ------------------------------------------------------------------------------------------
-def generator_runner(gen, thresholds=None):
-    """Our generate(): decode seconds = its wall time less its prefill step."""
+def generator_runner(gen, thresholds=None, recall=None):
+    """Our generate(): decode seconds = its wall time less its prefill step. ``thresholds`` and
+    ``recall`` (a margin): set on the backend before each run (engines may share one backend)."""
     from river.runtime.generate import GenerationConfig
 
     def run(ids, n):
         if thresholds is not None:
             gen.backend.set_thresholds(thresholds)
+        if recall is not None:
+            gen.backend.set_recall(recall)
         t0 = time.perf_counter()
         res = gen.generate(ids, GenerationConfig(max_new_tokens=n, eos_token_ids=[]))
         return time.perf_counter() - t0 - res.prefill_seconds, res.token_ids
@@ -102,11 +105,20 @@ def our_engines(full, model: str, threads: int, river: Path | None) -> list[Engi
                                                                                adaptive=False)),
                       "river-generate --mode verify --no-adaptive")]
     if river is not None:
-        from river.compiler.river.manifest import RiverManifest
+        from river.compiler.river.manifest import SEGMENTS_DIR, RiverManifest
 
         gen = open_generator(str(river), threads=threads, backend="ort")  # the fused River graph, lowered
-        for op, thr in (RiverManifest.load(river).operating_points or {}).items():
-            engines.append(Engine(f"ours River {op}", generator_runner(gen, thr), f"{river}, operating point {op}"))
+        manifest = RiverManifest.load(river)
+        for op, thr in (manifest.operating_points or {}).items():
+            engines.append(Engine(f"ours River {op}", generator_runner(gen, thr, 0.0), f"{river}, operating point {op}"))
+        if (Path(river) / SEGMENTS_DIR).is_dir() and manifest.recall_points:  # recall runs on the segments
+            seg = open_generator(str(river), threads=threads, backend="segmented")
+            for name, point in manifest.recall_points.items():
+                engines.append(Engine(f"ours River {name}", generator_runner(seg, point["thresholds"], point["recall"]),
+                                      f"{river} segments, recall point {name} (margin {point['recall']:.3g})"))
+        else:
+            print(f"[anchors] no recall points in {river} (river-export --calibrate ... --segmented writes them)",
+                  file=sys.stderr)
     return engines
 
 

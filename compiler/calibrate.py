@@ -6,6 +6,10 @@ backbone's K/V. The River graph, forced to exit at gate k over the backbone's ex
 true damage of exiting there: relative error of the K/V the river writes for layers > k (the KV the
 paper's similarity predicts), the KL of the next-token distribution, and whether the top-1 token flips.
 
+Recall points (``compiler/river/recall.py``) are calibrated end to end instead: the River decodes the
+calibration tokens teacher-forced over its own history at a candidate recall margin, and the lowest
+margin whose flip rate over all tokens is within the budget is kept (``recall_points``).
+
 Per gate we fit the predictor "cumulative KV error ~ a + b * (1 - s)" (reported with its R^2 and
 rank correlation), and turn an error budget into a threshold: the lowest similarity t such that
 tokens with s >= t have mean damage <= budget on the calibration data. Thresholds therefore never
@@ -28,7 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from river.atomic import write_bytes_atomic
 from river.compiler.graph_io import load_onnx, load_onnx_header
-from river.compiler.river.manifest import DISABLED, FORCED_EXIT, THRESHOLDS, RiverInfo
+from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS, RiverInfo
 from river.compiler.river.recall import RECALL_OFF, recall_point_name, river_margin
 from river.compiler.structure import discover
 from river.errors import RiverError
@@ -207,20 +211,73 @@ def recall_for_budget(data: Sequence[GateData], gate_thresholds: Sequence[float]
     return float((m[k] + m[k + 1]) / 2)
 
 
-def report(data: Sequence[GateData], metric: str = "flip", budgets: dict | None = None) -> dict:
-    """The calibration file: per-gate data summary, predictor fits, thresholds per named budget, and
-    the recall points: the loosest named budget's gates (``RECALL_BASE``) with, per budget, the recall
-    margin that brings their exits back within it."""
-    budgets = budgets or BUDGETS
+RECALL_GRID = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)  # margins the end-to-end search tries, in order
+
+
+def river_flip_rate(step, river, contract: StepContract, sequences: Sequence[Sequence[int]], start: Sequence[int],
+                    gate_thresholds: Sequence[float], recall: float) -> float:
+    """The share of tokens t >= start[i] whose next-token choice differs from the full model's when the
+    River decodes them teacher-forced at these gate thresholds and recall margin, over *its own* history:
+    the K/V its exits wrote for earlier tokens, which the per-token damage of ``collect`` (exact history)
+    does not see. A recalled token is the step graph's step over the same past (what the backbone
+    running on from the exit layer computes). ``step`` and ``river``: sessions of the two graphs."""
+    L, thr = contract.num_layers, np.asarray(gate_thresholds, np.float32)
+    names = {id(s): [o.name for o in s.get_outputs()] for s in (step, river)}
+
+    def run(session, feeds):
+        return dict(zip(names[id(session)], session.run(None, feeds)))
+
+    flips = total = 0
+    for seq, s0 in zip(sequences, start):
+        ids = np.asarray([seq], np.int64)
+        s0 = max(s0, 1)
+        target = run(step, C.step_feeds(contract, ids))[C.LOGITS][0].argmax(-1)  # exact history
+        past = None
+        out = run(step, C.step_feeds(contract, ids[:, :s0]))
+        for t in range(s0, ids.shape[1]):
+            past = {C.past_name(layer, kind): out[C.present_name(layer, kind)]
+                    for layer in range(L) for kind in ("key", "value")}
+            feeds = C.step_feeds(contract, ids[:, t:t + 1], past)
+            out = run(river, {**feeds, THRESHOLDS: thr})
+            if int(out[EXIT_LAYER][0]) < L and river_margin(out[C.LOGITS][0, -1])[()] < recall:
+                out = run(step, feeds)  # recalled
+            flips += int(out[C.LOGITS][0, -1].argmax() != target[t])
+            total += 1
+    return flips / max(total, 1)
+
+
+def recall_points(data: Sequence[GateData], measure: Callable[[Sequence[float], float], float],
+                  budgets: dict, metric: str = "flip") -> dict:
+    """Per budget, the recall point ``<name>-recall``: the gates of ``RECALL_BASE`` and the lowest
+    recall margin whose measured flip rate over all tokens (``measure(thresholds, margin)``, e.g.
+    ``river_flip_rate``) is within the budget. The search starts at the per-token estimate
+    (``recall_for_budget``) and walks up ``RECALL_GRID``; where no margin is within the budget the last
+    one tried stands, with its rate recorded."""
     base = thresholds(data, BUDGETS[RECALL_BASE], metric)
+    measured: dict[float, float] = {}
+    points = {}
+    for name, b in budgets.items():
+        first = recall_for_budget(data, base, b)
+        margin = first
+        for margin in [first, *(m for m in RECALL_GRID if m > first)]:
+            if margin not in measured:
+                measured[margin] = measure(base, margin)
+            if measured[margin] <= b:
+                break
+        points[recall_point_name(name)] = {"budget": b, "thresholds": base, "recall": margin,
+                                           "flip_rate": measured[margin]}
+    return points
+
+
+def report(data: Sequence[GateData], metric: str = "flip", budgets: dict | None = None) -> dict:
+    """The calibration file: per-gate data summary, predictor fits and thresholds per named budget."""
+    budgets = budgets or BUDGETS
     return {
         "gates": [d.layer for d in data],
         "metric": metric,
         "tokens": len(data[0].similarity) if data else 0,
         "fits": {str(d.layer): fit_predictor(d) for d in data},
         "operating_points": {name: {"budget": b, "thresholds": thresholds(data, b, metric)} for name, b in budgets.items()},
-        "recall_points": {recall_point_name(name): {"budget": b, "thresholds": base, "recall": recall_for_budget(data, base, b)}
-                          for name, b in budgets.items()},
         "samples": {str(d.layer): {k: v.tolist() for k, v in d.arrays().items()} for d in data},
     }
 
@@ -277,9 +334,18 @@ def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequ
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     sequences = greedy_continuations(step_path, prompt_ids, new_tokens, open_session, eos)
     total = sum(len(s) - len(p) for s, p in zip(sequences, prompt_ids))
+    start = [len(p) for p in prompt_ids]
     with tqdm(total=total, desc="calibrating", unit="tok", file=log, disable=log is None) as bar:
-        data = collect(step_path, river_path, sequences, [len(p) for p in prompt_ids], open_session, bar)
+        data = collect(step_path, river_path, sequences, start, open_session, bar)
     result = report(data, metric, budgets)
+    step, river = open_session(load_onnx(step_path)), open_session(load_onnx(river_path))
+    contract = StepContract.from_model(load_onnx_header(step_path))
+    with tqdm(desc="calibrating recall", unit="margin", file=log, disable=log is None) as bar:
+        def measure(gate_thresholds, margin):
+            bar.update()
+            return river_flip_rate(step, river, contract, sequences, start, gate_thresholds, margin)
+
+        result["recall_points"] = recall_points(data, measure, budgets or BUDGETS, metric)
     result["prompts"] = list(prompts)
     result["new_tokens"] = new_tokens
     return result

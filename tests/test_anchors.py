@@ -49,8 +49,12 @@ def test_run_on_tiny_with_river_points(anchors, tiny_onnx, tmp_path, capsys):
     from river.compiler.calibration_data import CALIBRATION_PROMPTS
     from river.compiler.compile import compile_river
 
+    from river.compiler.river.segments import write_segments
+    from river.compiler.river.spec import RiverSpec
+
     river = compile_river(tiny_onnx, tmp_path / "river", gates="0,2", river="int8", calibrate=CALIBRATION_PROMPTS[:2],
                           budget="balanced", threads=1, log=None).parent
+    write_segments(tiny_onnx, RiverSpec.from_manifest(river), river / "segments")  # the recall points run on it
     out = tmp_path / "anchors.json"
     assert anchors.main(["--model", "tiny-random", "--tokens", "6", "--prompts", "2", "--threads", "1",
                          "--engines", "ours,llama.cpp", "--river", str(river), "--json", str(out)]) == 0
@@ -64,6 +68,7 @@ def test_run_on_tiny_with_river_points(anchors, tiny_onnx, tmp_path, capsys):
     assert rows["ours verify (k=4 fixed)"]["greedy"]["identical"]
     assert rows["ours full (fp32, portable graph)"]["greedy"]["identical"]  # the lowering changes no token
     assert {"ours River safe", "ours River balanced", "ours River fast"} <= set(rows)
+    assert {"ours River safe-recall", "ours River balanced-recall", "ours River fast-recall"} <= set(rows)
     for r in rows.values():
         assert r["decode_tokens"] == 2 * 5 and all(len(t) == 6 for t in r["tokens"])
     assert "| ours full (fp32) |" in captured.out

@@ -167,6 +167,7 @@ def test_rows_are_recalled_each_by_itself(tiny, segmented):
             segmented.prefill(p, pool.rows(i, i + 1))
             pool.lengths[i] = p.shape[1]
             pool.thresholds[i] = EXIT_AT_0
+            pool.recall[i] = margin  # a pool row's own margin (the backend's is for caches without one)
             solo = _prefilled(segmented, p, 32)
             logits = np.array(segmented.decode(t[None], solo))[0]
             alone.append((logits, [b[0, :, :solo.length + 1].copy() for b in solo.buffers()],
@@ -198,6 +199,47 @@ def test_recall_arithmetic_on_known_data():
     assert margins == sorted(margins, reverse=True)  # a tighter budget never recalls less
 
 
+def test_recall_points_search_up_from_the_per_token_estimate():
+    """The end-to-end search starts where the per-token data points, walks up the grid until the measured
+    flip rate is within the budget, measures each margin once, and keeps the last margin when none is."""
+    from river.compiler.calibrate import BUDGETS, RECALL_BASE, RECALL_GRID, GateData, recall_for_budget, recall_points
+
+    first = GateData(3, [0.999, 0.998, 0.997, 0.996, 0.995, 0.994], [0, 0, 1, 0, 1, 0], [0] * 6, [0] * 6,
+                     [0.9, 0.8, 0.05, 0.6, 0.1, 0.3])
+    calls = []
+
+    def measure(thresholds, margin):  # history makes it worse than the per-token data says
+        calls.append(margin)
+        return max(0.01, 0.12 - margin)
+
+    from river.compiler.calibrate import thresholds as gate_thresholds
+
+    base = gate_thresholds([first], BUDGETS[RECALL_BASE])
+    points = recall_points([first], measure, {"loose": 0.1, "close": 0.02, "tight": 0.0})
+    assert calls[0] == recall_for_budget([first], base, 0.1) == RECALL_OFF
+    assert len(calls) == len(set(calls))  # each margin measured once
+    assert points["loose-recall"]["recall"] == 0.02 and points["loose-recall"]["flip_rate"] == pytest.approx(0.1)
+    assert points["close-recall"]["recall"] == min(m for m in RECALL_GRID if m >= 0.1)
+    assert points["tight-recall"]["recall"] == RECALL_GRID[-1] and points["tight-recall"]["flip_rate"] == 0.01
+    assert all(p["thresholds"] == base for p in points.values())
+
+
+def test_river_flip_rate_is_zero_when_every_exit_is_recalled(tiny, tiny_onnx, river_folder):
+    """Teacher-forced over its own history: every token forced out at gate 0 flips some choices of the
+    random model; recalling every exit gives the full model's choices exactly."""
+    from river.compiler.calibrate import river_flip_rate
+    from river.compiler.graph_io import load_onnx
+    from river.compiler.ort_session import make_session
+    from river.export.contract import StepContract
+
+    step, river = make_session(load_onnx(tiny_onnx), 1), make_session(load_onnx(river_folder), 1)
+    contract = StepContract.from_model(load_onnx(tiny_onnx))
+    seqs, start = [list(range(40, 70)), list(range(100, 124))], [4, 6]
+    assert river_flip_rate(step, river, contract, seqs, start, EXIT_AT_0, 0.999999) == 0.0
+    assert river_flip_rate(step, river, contract, seqs, start, [DISABLED, DISABLED], RECALL_OFF) == 0.0
+    assert river_flip_rate(step, river, contract, seqs, start, EXIT_AT_0, RECALL_OFF) > 0.0
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     from river import cli as export_cli
@@ -224,6 +266,8 @@ def test_calibration_records_recall_points(calibrated):
         assert point["thresholds"] == manifest["operating_points"][RECALL_BASE]
         assert point["recall"] == calibration["recall_points"][name]["recall"]
         check_recall(point["recall"])
+        rate = calibration["recall_points"][name]["flip_rate"]  # measured end to end
+        assert rate <= calibration["recall_points"][name]["budget"] or point["recall"] == 0.5
     margins = np.concatenate([calibration["samples"][g]["margin"] for g in calibration["samples"]])
     assert len(margins) and np.all((margins >= 0) & (margins <= 1))
 
@@ -261,3 +305,55 @@ def test_recall_through_the_cli(calibrated, tmp_path, capsys):
                            (["--recall", "0.1", "--backend", "ort"], "segmented")):
         assert generate_cli.main(base + extra + ["hi"]) == 2
         assert message in assert_one_line_error(capsys.readouterr().err, "river-generate")
+
+
+@pytest.mark.slow
+def test_smollm2_recall(smol, smol_onnx, tmp_path):
+    """SmolLM2, segments lowered for ONNX Runtime, every token forced out at the first gate (layer 14):
+    a margin no river reaches gives the full model's greedy tokens, and a small one recalls some steps
+    and agrees with the full model teacher-forced at least as often as the plain exit."""
+    from river.compiler.river.spec import default_gates
+    from river.runtime.bench.eval_data import REFERENCE_TEXT
+    from river.runtime.bench.run import teacher_forced
+
+    gates = default_gates(smol.config.num_layers)
+    write_segments(smol_onnx, RiverSpec.from_name("int8", gates, head="int8"), tmp_path / "segments")
+    backend = SegmentedBackend(tmp_path / "segments", threads=2)
+    assert backend.lowering == "ort_fused", backend.lowering_reason
+    gen = Generator(backend, smol.tokenizer)
+    forced = [FORCED_EXIT] + [DISABLED] * (len(gates) - 1)
+    cfg = GenerationConfig(max_new_tokens=16, eos_token_ids=[])
+    backend.set_thresholds([DISABLED] * len(gates))
+    full = gen.generate("What is a river delta?", cfg)
+    backend.set_thresholds(forced)
+    backend.set_recall(0.999999)
+    recalled = gen.generate("What is a river delta?", cfg)
+    assert recalled.token_ids == full.token_ids
+    assert all(s.recalled and s.exit_layer == smol.config.num_layers for s in recalled.steps[1:])
+
+    ids = smol.tokenizer(REFERENCE_TEXT[0])["input_ids"]
+    backend.set_thresholds([DISABLED] * len(gates))
+    backend.set_recall(RECALL_OFF)
+    reference = teacher_forced(gen, ids).argmax(-1)
+    backend.set_thresholds(forced)
+
+    def agreement_and_recalls(margin):
+        backend.set_recall(margin)
+        seen, decode = [], backend.decode
+
+        def counted(tokens, cache):
+            out = decode(tokens, cache)
+            seen.append(bool(backend.last_recalled[0]))
+            return out
+
+        backend.decode = counted
+        try:
+            rows = teacher_forced(gen, ids).argmax(-1)
+        finally:
+            del backend.decode
+        return float(np.mean(rows == reference)), float(np.mean(seen))
+
+    plain, never = agreement_and_recalls(RECALL_OFF)
+    with_recall, share = agreement_and_recalls(0.1)
+    assert never == 0 and 0 < share < 1
+    assert with_recall >= plain
