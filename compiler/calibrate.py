@@ -247,14 +247,15 @@ def river_flip_rate(step, river, contract: StepContract, sequences: Sequence[Seq
 
 
 def recall_points(data: Sequence[GateData], measure: Callable[[Sequence[float], float], float],
-                  budgets: dict, metric: str = "flip") -> dict:
+                  budgets: dict, metric: str = "flip", measured: dict[float, float] | None = None) -> dict:
     """Per budget, the recall point ``<name>-recall``: the gates of ``RECALL_BASE`` and the lowest
     recall margin whose measured flip rate over all tokens (``measure(thresholds, margin)``, e.g.
     ``river_flip_rate``) is within the budget. The search starts at the per-token estimate
     (``recall_for_budget``) and walks up ``RECALL_GRID``; where no margin is within the budget the last
-    one tried stands, with its rate recorded."""
+    one tried stands, with its rate recorded. ``measured`` (margin -> flip rate) collects every
+    measurement (calibration.json's ``recall_curve``)."""
     base = thresholds(data, BUDGETS[RECALL_BASE], metric)
-    measured: dict[float, float] = {}
+    measured = {} if measured is None else measured
     points = {}
     for name, b in budgets.items():
         first = recall_for_budget(data, base, b)
@@ -345,7 +346,10 @@ def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequ
             bar.update()
             return river_flip_rate(step, river, contract, sequences, start, gate_thresholds, margin)
 
-        result["recall_points"] = recall_points(data, measure, budgets or BUDGETS, metric)
+        curve: dict[float, float] = {}
+        result["recall_points"] = recall_points(data, measure, budgets or BUDGETS, metric, curve)
+    result["recall_curve"] = {"thresholds": thresholds(data, BUDGETS[RECALL_BASE], metric),
+                              "flip_rate": {f"{m:g}": r for m, r in sorted(curve.items())}}
     result["prompts"] = list(prompts)
     result["new_tokens"] = new_tokens
     return result

@@ -268,6 +268,8 @@ def test_calibration_records_recall_points(calibrated):
         check_recall(point["recall"])
         rate = calibration["recall_points"][name]["flip_rate"]  # measured end to end
         assert rate <= calibration["recall_points"][name]["budget"] or point["recall"] == 0.5
+    curve = calibration["recall_curve"]["flip_rate"]  # every margin measured, with its rate
+    assert all(f"{p['recall']:g}" in curve for p in calibration["recall_points"].values())
     margins = np.concatenate([calibration["samples"][g]["margin"] for g in calibration["samples"]])
     assert len(margins) and np.all((margins >= 0) & (margins <= 1))
 
