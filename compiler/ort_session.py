@@ -45,7 +45,7 @@ def shared_thread_pool() -> bool:
 
 
 def session_options(threads: int | None = None, matmul_accuracy: int = 1, optimization: str = "all",
-                    prepacking: bool = True) -> ort.SessionOptions:
+                    prepacking: bool = True, spinning: bool = True) -> ort.SessionOptions:
     """ORT options. ``matmul_accuracy``: ONNX Runtime fuses our twins' DequantizeLinear -> MatMul into
     MatMulNBits; its accuracy level 4 (ORT's default) quantizes activations to int8 as well, level 1
     computes in fp32 and matches the weight-only twins the compiler wrote. We default to 1."""
@@ -54,6 +54,8 @@ def session_options(threads: int | None = None, matmul_accuracy: int = 1, optimi
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_accuracy))
     if not prepacking:  # ORT prepacks only a graph's own initializers: off, both graphs run the same GEMMs
         so.add_session_config_entry("session.disable_prepacking", "1")
+    if not spinning:  # sessions that alternate with a pool each: an idle pool must not spin on the next one's cores
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # "basic" (no fusions) makes two graphs with the same ops compute bit-alike; "all" is for speed
     so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[optimization]

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from river.compiler.graph_io import derived_graph, load_onnx_header
 from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, lower_segment_for_ort, lowering_of
-from river.compiler.ort_session import session_options
+from river.compiler.ort_session import session_options, shared_thread_pool
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS
 from river.compiler.river.recall import RECALL_OFF, river_margin
 from river.compiler.river.segments import SegmentIndex, exit_name, hidden_name, similarity_name
@@ -58,7 +58,9 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         self.index = ix = SegmentIndex.load(segments_dir)
         self.contract = contract_of(ix)
         self._init_river(ix.info(), ix.thresholds, thresholds)
-        self._options = session_options(threads, matmul_accuracy)
+        # the segments alternate step by step: with a pool per session (no shared pool in this process)
+        # their threads must not spin (SmolLM2, 2 cores: 10.5 tok/s spinning, 29-35 not, 43 with one pool)
+        self._options = session_options(threads, matmul_accuracy, spinning=shared_thread_pool())
         self._providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {}
         self.last_similarities: list[np.ndarray] = []
