@@ -189,20 +189,22 @@ def resolve_budget(budget: str | float) -> float:
 
 def recall_for_budget(data: Sequence[GateData], gate_thresholds: Sequence[float], budget: float) -> float:
     """The lowest recall margin (``compiler/river/recall.py``) such that, with these gate thresholds, the
-    exited tokens the river keeps (margin >= it) flip the top-1 token for at most ``budget`` of all exited
-    tokens. RECALL_OFF when the thresholds alone stay within it; just above the largest margin (every
+    exited tokens the river keeps (margin >= it) flip the top-1 token for at most ``budget`` of all
+    tokens (exact history: the end-to-end search starts here). RECALL_OFF when the thresholds alone stay within it; just above the largest margin (every
     exit recalled) when nothing else does."""
     flips, margins = [], []
-    for t in range(len(data[0].similarity) if data else 0):
+    tokens = len(data[0].similarity) if data else 0
+    for t in range(tokens):
         gate = next((d for d, thr in zip(data, gate_thresholds) if d.similarity[t] >= thr), None)
         if gate is not None:
             flips.append(gate.flip[t])
             margins.append(gate.margin[t])
-    if not flips or sum(flips) <= budget * len(flips):
+    allowed = budget * tokens  # flips over all tokens, as the end-to-end measurement counts them
+    if not flips or sum(flips) <= allowed:
         return RECALL_OFF
     order = np.argsort(-np.asarray(margins), kind="stable")
     m, kept_flips = np.asarray(margins)[order], np.cumsum(np.asarray(flips)[order])
-    ok = np.nonzero(kept_flips <= budget * len(flips))[0]  # keep the k+1 surest exits
+    ok = np.nonzero(kept_flips <= allowed)[0]  # keep the k+1 surest exits
     k = int(ok.max()) if len(ok) else -1
     while k >= 0 and k + 1 < len(m) and m[k + 1] == m[k]:  # ties: a margin keeps all equal margins
         k -= 1
@@ -247,14 +249,14 @@ def river_flip_rate(step, river, contract: StepContract, sequences: Sequence[Seq
 
 
 def recall_points(data: Sequence[GateData], measure: Callable[[Sequence[float], float], float],
-                  budgets: dict, metric: str = "flip", measured: dict[float, float] | None = None) -> dict:
+                  budgets: dict, measured: dict[float, float] | None = None) -> dict:
     """Per budget, the recall point ``<name>-recall``: the gates of ``RECALL_BASE`` and the lowest
     recall margin whose measured flip rate over all tokens (``measure(thresholds, margin)``, e.g.
     ``river_flip_rate``) is within the budget. The search starts at the per-token estimate
     (``recall_for_budget``) and walks up ``RECALL_GRID``; where no margin is within the budget the last
     one tried stands, with its rate recorded. ``measured`` (margin -> flip rate) collects every
     measurement (calibration.json's ``recall_curve``)."""
-    base = thresholds(data, BUDGETS[RECALL_BASE], metric)
+    base = thresholds(data, BUDGETS[RECALL_BASE], "flip")  # recall budgets are flip rates, whatever the metric
     measured = {} if measured is None else measured
     points = {}
     for name, b in budgets.items():
@@ -266,7 +268,7 @@ def recall_points(data: Sequence[GateData], measure: Callable[[Sequence[float], 
             if measured[margin] <= b:
                 break
         points[recall_point_name(name)] = {"budget": b, "thresholds": base, "recall": margin,
-                                           "flip_rate": measured[margin]}
+                                           "flip_rate": measured[margin], "within_budget": measured[margin] <= b}
     return points
 
 
@@ -347,8 +349,12 @@ def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequ
             return river_flip_rate(step, river, contract, sequences, start, gate_thresholds, margin)
 
         curve: dict[float, float] = {}
-        result["recall_points"] = recall_points(data, measure, budgets or BUDGETS, metric, curve)
-    result["recall_curve"] = {"thresholds": thresholds(data, BUDGETS[RECALL_BASE], metric),
+        result["recall_points"] = recall_points(data, measure, BUDGETS, curve)  # flip-rate budgets
+    for name, point in result["recall_points"].items():
+        if not point["within_budget"] and log is not None:
+            print(f"[river] recall point {name}: no margin up to {point['recall']:g} keeps the flip rate within "
+                  f"{point['budget']:g} (measured {point['flip_rate']:.2%}); it recalls nearly every exit", file=log)
+    result["recall_curve"] = {"thresholds": thresholds(data, BUDGETS[RECALL_BASE], "flip"),
                               "flip_rate": {f"{m:g}": r for m, r in sorted(curve.items())}}
     result["prompts"] = list(prompts)
     result["new_tokens"] = new_tokens

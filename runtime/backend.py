@@ -298,12 +298,16 @@ class InPlaceSteps:
     def _extend_by_row(self, token_ids: np.ndarray, cache) -> np.ndarray:
         """Several new tokens for several rows, one row at a time: ONNX Runtime's fused attention runs
         several new tokens over a non-empty past for a batch of one only."""
-        logits = None
+        logits, exits, recalled = None, [], []
         for i in range(token_ids.shape[0]):
             row = self.extend(token_ids[i:i + 1], cache.row_view(i))
             if logits is None:
                 logits = np.empty((token_ids.shape[0], *row.shape[1:]), row.dtype)
             logits[i] = row[0]
+            exits.append(self.last_exit_layer)
+            recalled.append(self.last_recalled is not None and bool(self.last_recalled[0]))
+        if self.per_row_exits:  # each row's own route, as one call over the batch reports it
+            self.last_exit_layers, self.last_recalled = np.array(exits), np.array(recalled)
         return logits
 
     def bound_states(self) -> list[dict]:

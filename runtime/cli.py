@@ -101,10 +101,11 @@ def _generate(args, shared_pool: bool) -> int:
         prompts = read_prompts(args.prompts, "--prompts")  # a bad file fails before any model is loaded
     if args.recall is not None and args.mode != "exit":
         raise RiverError("--recall applies to exit mode (verify mode is lossless already)")
+    recall = _recall(args)  # a bad value fails before any model is loaded
     if shared_pool:
         use_shared_thread_pool(args.threads)
     if args.prompts is not None:
-        return _generate_batch(args, prompts, cfg)
+        return _generate_batch(args, prompts, cfg, recall)
     if args.mode == "verify":
         gen = open_verifier(args.model, threads=args.threads, tokenizer=args.tokenizer, max_length=args.max_length,
                             draft=args.draft, draft_exit=args.draft_exit, draft_gate=args.draft_gate,
@@ -113,7 +114,7 @@ def _generate(args, shared_pool: bool) -> int:
         gen = open_generator(args.model, threads=args.threads, tokenizer=args.tokenizer,
                              max_length=args.max_length, thresholds=args.thresholds, backend=args.backend,
                              lowering=args.lowering)
-        thresholds, margin = _recall(args)
+        thresholds, margin = recall
         if thresholds is not None:
             gen.backend.set_thresholds(thresholds)
         gen.backend.set_recall(margin)
@@ -159,7 +160,7 @@ def _recall(args) -> tuple[list[float] | None, float]:
     return thresholds, margin
 
 
-def _generate_batch(args, prompts: list[str], cfg) -> int:
+def _generate_batch(args, prompts: list[str], cfg, recall: tuple[list[float] | None, float]) -> int:
     """--prompts: every prompt through the scheduler at once (runtime/batching)."""
     import time
 
@@ -174,7 +175,7 @@ def _generate_batch(args, prompts: list[str], cfg) -> int:
     gates = sched.decoder.river is not None
     mode = "verify" if args.mode == "verify" else ("exit" if gates else "full")
     thresholds = parse_thresholds(args.thresholds, sched.decoder) if mode == "exit" else None
-    point, margin = _recall(args)
+    point, margin = recall
     thresholds = point or thresholds
     t0 = time.perf_counter()
     tickets = [sched.submit(BatchRequest(encode_prompt(sched.tokenizer, p, not args.raw), cfg, mode=mode,

@@ -74,7 +74,7 @@ class KVPool:
         self.max_capacity = max_capacity
         self.lengths = np.zeros(rows + 1, np.int64)
         self.thresholds = np.full((rows + 1, gates), DISABLED, np.float32) if gates else None
-        self.recall = np.full(rows + 1, RECALL_OFF, np.float32)  # per row: its recall margin (exit rows)
+        self.recall = np.full(rows + 1, RECALL_OFF, np.float64)  # per row: its recall margin (exit rows)
         self.capacity = 0
         self.cache: SharedKVCache | None = None
         self._views: dict[tuple[int, int], RowsView] = {}

@@ -236,9 +236,11 @@ class Scheduler:
         if check_recall(request.recall) != RECALL_OFF:
             if request.mode != "exit":
                 raise RiverError(f"recall applies to mode 'exit', not '{request.mode}'")
-            if not self.decoder.supports_recall:
+            if not (self.decoder.supports_recall and self.decoder.per_row_exits):  # a pool row's own margin
                 raise RiverError(f"recall needs the segmented River (river-export --segmented), not the "
                                  f"{self.decoder.name} backend")
+            if self.decoder.kv_window is not None:  # its steps run in the contract form, one margin a batch
+                raise RiverError("recall does not reach a sliding-window model's batched steps yet")
         if request.mode == "verify":
             if not 1 <= request.k <= self.k_max:
                 raise RiverError(f"k must be between 1 and {self.k_max}, not {request.k}")
