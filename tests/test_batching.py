@@ -266,6 +266,9 @@ def test_exit_rows_with_and_without_recall_equal_each_alone(make):
     L = sched.decoder.contract.num_layers
     assert {s.exit_layer for s in singles[0].steps[1:]} == {L}  # every exit recalled: full depth
     assert {s.exit_layer for s in singles[1].steps[1:]} == {1}
+    counted = [t.stats.recalled_tokens for t in tickets]  # every decode step of the recall rows, none of the others
+    assert counted == [len(singles[0].steps) - 1, 0, 0, len(singles[3].steps) - 1]
+    assert sched.counters["recalled"] == 2 * sum(counted)  # the requests alone, then batched
     full = alone(sched, request(sched, PROMPTS[0], 20, "full"))
     assert singles[0].token_ids == full.token_ids
     for mode in ("full", "verify"):

@@ -262,6 +262,8 @@ def test_batched_streams_in_every_mode_equal_their_single_stream(server, referen
         ref = reference(prompt, n, ignore_eos=True, cfg=cfg, **f)
         assert_same(results[i], ref)
         assert results[i].stats["mode"] == (fields.get("mode") or "exit")
+        if results[i].stats["mode"] == "exit":  # no recall point asked for: no token went back
+            assert results[i].stats["recalled_tokens"] == 0
         if fields.get("mode") == "verify":  # a greedy row may decode at full depth while the batch is big
             st = results[i].stats
             assert st["drafted"] >= st["accepted"] and st["accepted"] + st["full_depth_tokens"] > 0

@@ -89,6 +89,7 @@ class RowStats:
     drafted: int = 0
     accepted: int = 0
     full_depth_tokens: int = 0  # verify mode: tokens decoded at full depth (a big batch: drafting does not pay)
+    recalled_tokens: int = 0  # exit mode: tokens whose river was unsure, decoded by the backbone (recall)
     queued_seconds: float = 0.0
     first_token_seconds: float | None = None  # submit -> first token
     shared_prefix: int = 0  # prompt tokens whose K/V were copied from another request's row
@@ -211,7 +212,7 @@ class Scheduler:
         self._stop = False
         self.counters = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "rejected": 0,
                          "tokens": 0, "steps": 0, "drafted": 0, "accepted": 0, "verify_at_full_depth": 0,
-                         "prefix_tokens_shared": 0}
+                         "recalled": 0, "prefix_tokens_shared": 0}
         self.exit_histogram: dict[int, int] = {}
         self.peak_rows = 0  # the most requests ever batched together
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps: tokens/s
@@ -590,6 +591,8 @@ class Scheduler:
             logits = np.array(self.decoder.extend(ids, view)[:, -1])
         seconds = time.perf_counter() - t0
         exits = self._exit_layers(self.decoder, len(rows))
+        recalled = self.decoder.last_recalled
+        recalled = recalled if recalled is not None and len(recalled) == len(rows) else np.zeros(len(rows), bool)
         view.row_lengths()[:] += 1
         for i, row in enumerate(rows):
             cfg = row.request.cfg
@@ -599,6 +602,10 @@ class Scheduler:
                 row.ticket.stats.full_depth_tokens += 1
                 with self._lock:
                     self.counters["verify_at_full_depth"] += 1
+            elif recalled[i]:
+                row.ticket.stats.recalled_tokens += 1
+                with self._lock:
+                    self.counters["recalled"] += 1
             self._emit(row, row.pending, seconds, "decode", None if at_full else exits[i])
         return len(rows)
 

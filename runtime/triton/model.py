@@ -98,7 +98,9 @@ class SchedulerMetrics:
                 ("drafted", "river_verify_drafted_tokens_total", "verify mode: tokens drafted"),
                 ("accepted", "river_verify_accepted_tokens_total", "verify mode: drafted tokens accepted"),
                 ("verify_at_full_depth", "river_verify_full_depth_tokens_total",
-                 "verify mode: greedy tokens decoded at full depth (a big batch, where drafting does not pay)"))
+                 "verify mode: greedy tokens decoded at full depth (a big batch, where drafting does not pay)"),
+                ("recalled", "river_recalled_tokens_total",
+                 "exit mode: tokens whose river was unsure, sent back to the backbone (recall points)"))
     GAUGES = (("tokens_per_s", "river_tokens_per_second", "tokens generated per second (last 10 s)"),
               ("rows", "river_batch_rows", "requests in the batch"),
               ("occupancy", "river_batch_occupancy", "rows in use / rows of the KV pool"),
@@ -281,6 +283,8 @@ class TritonPythonModel:
                              server=server)
                 if spec.mode == "exit" and thresholds is None:
                     stats["thresholds"] = [float(t) for t in self.backend.default_thresholds]
+                if spec.mode == "exit":
+                    stats["recalled_tokens"] = st.recalled_tokens
                 if spec.mode == "verify":
                     stats.update(k=spec.k, adaptive=spec.adaptive, verify_rounds=st.verify_rounds, drafted=st.drafted, accepted=st.accepted,
                                  full_depth_tokens=st.full_depth_tokens,

@@ -110,7 +110,7 @@ next step. Greedy verify requests draft while at most `verify_drafts_up_to` requ
 except beside exit requests alone. Metrics (on Triton's metrics port): `river_generated_tokens_total`,
 `river_tokens_per_second`, `river_batch_rows`, `river_batch_occupancy`, `river_queue_depth`,
 `river_exit_tokens_total{{layer=...}}`, `river_verify_drafted_tokens_total`,
-`river_verify_accepted_tokens_total`, `river_verify_full_depth_tokens_total`, `river_verify_acceptance`,
+`river_verify_accepted_tokens_total`, `river_verify_full_depth_tokens_total`, `river_recalled_tokens_total`, `river_verify_acceptance`,
 `river_requests_*_total`.
 Load test: `river-loadtest --url 127.0.0.1:8001 --streams 1,4,8 --modes full,verify`.
 """
