@@ -105,9 +105,7 @@ def collect(step_path: str | Path, river_path: str | Path, sequences: Sequence[S
         out = dict(zip(names, full.run(None, C.step_feeds(contract, ids))))
         logp_full = _log_softmax(out[C.LOGITS][0])
         for t in range(max(s0, 1), n):
-            step_feeds = C.step_feeds(contract, ids[:, t:t + 1], {
-                C.past_name(layer, kind): out[C.present_name(layer, kind)][:, :, :t]
-                for layer in range(L) for kind in ("key", "value")})
+            step_feeds = C.step_feeds(contract, ids[:, t:t + 1], C.past_of(out, L, t))
             for gi, (g, (hin, hout)) in enumerate(zip(gates, pairs)):
                 thr = np.full(len(gates), DISABLED, np.float32)
                 thr[gi] = FORCED_EXIT
@@ -234,12 +232,9 @@ def river_flip_rate(step, river, contract: StepContract, sequences: Sequence[Seq
         ids = np.asarray([seq], np.int64)
         s0 = max(s0, 1)
         target = run(step, C.step_feeds(contract, ids))[C.LOGITS][0].argmax(-1)  # exact history
-        past = None
         out = run(step, C.step_feeds(contract, ids[:, :s0]))
         for t in range(s0, ids.shape[1]):
-            past = {C.past_name(layer, kind): out[C.present_name(layer, kind)]
-                    for layer in range(L) for kind in ("key", "value")}
-            feeds = C.step_feeds(contract, ids[:, t:t + 1], past)
+            feeds = C.step_feeds(contract, ids[:, t:t + 1], C.past_of(out, L))
             out = run(river, {**feeds, THRESHOLDS: thr})
             if int(out[EXIT_LAYER][0]) < L and river_margin(out[C.LOGITS][0, -1])[()] < recall:
                 out = run(step, feeds)  # recalled
@@ -320,7 +315,7 @@ def greedy_continuations(step_path: str | Path, prompts_ids: Sequence[Sequence[i
             if tok in eos:
                 break
             seq.append(tok)
-            past = {C.past_name(l, k): r[C.present_name(l, k)] for l in range(contract.num_layers) for k in ("key", "value")}
+            past = C.past_of(r, contract.num_layers)
             new = np.asarray([[tok]], np.int64)
         out.append(seq)
     return out
@@ -354,8 +349,8 @@ def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequ
         if not point["within_budget"] and log is not None:
             print(f"[river] recall point {name}: no margin up to {point['recall']:g} keeps the flip rate within "
                   f"{point['budget']:g} (measured {point['flip_rate']:.2%}); it recalls nearly every exit", file=log)
-    result["recall_curve"] = {"thresholds": thresholds(data, BUDGETS[RECALL_BASE], "flip"),
-                              "flip_rate": {f"{m:g}": r for m, r in sorted(curve.items())}}
+    base = next(iter(result["recall_points"].values()))["thresholds"]  # every recall point's gates
+    result["recall_curve"] = {"thresholds": base, "flip_rate": {f"{m:g}": r for m, r in sorted(curve.items())}}
     result["prompts"] = list(prompts)
     result["new_tokens"] = new_tokens
     return result

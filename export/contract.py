@@ -39,6 +39,14 @@ def present_name(layer: int, kind: str) -> str:
     return f"present.{layer}.{kind}"
 
 
+def past_of(outputs: dict, num_layers: int, length: int | None = None) -> dict:
+    """The ``past_key_values`` feeds of the next contract step: each layer's ``present`` from a step's
+    ``outputs`` (its first ``length`` positions when given)."""
+    return {past_name(layer, kind): outputs[present_name(layer, kind)] if length is None
+            else outputs[present_name(layer, kind)][:, :, :length]
+            for layer in range(num_layers) for kind in ("key", "value")}
+
+
 def input_names(num_layers: int) -> list[str]:
     names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS]
     for layer in range(num_layers):

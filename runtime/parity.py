@@ -109,8 +109,7 @@ class StepDataLoader:
             pre[THRESHOLDS] = np.full(len(meta.gates), DISABLED, np.float32)
             outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, pre)))
             token = rng.integers(0, vocab, (batch, 1))
-            presents = {C.past_name(layer, kind): outs[C.present_name(layer, kind)]
-                        for layer in range(c.num_layers) for kind in ("key", "value")}
+            presents = C.past_of(outs, c.num_layers)
             for thresholds in self.patterns:
                 feed = OrderedDict(C.step_feeds(c, token, presents))
                 feed[THRESHOLDS] = thresholds

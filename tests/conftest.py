@@ -27,6 +27,19 @@ def tiny_onnx(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_river_segmented(tiny_onnx, tmp_path_factory) -> Path:
+    """The tiny model compiled once with int8 twins and gates after layers 0 and 2, its segments beside
+    it (river-export --segmented): the River graph's path. Tests read it and never write into it."""
+    from river.compiler.compile import compile_river
+    from river.compiler.river.segments import write_segments
+    from river.compiler.river.spec import RiverSpec
+
+    path = compile_river(tiny_onnx, tmp_path_factory.mktemp("tiny-river") / "int8", gates=[0, 2], river="int8", log=None)
+    write_segments(tiny_onnx, RiverSpec.from_manifest(path.parent), path.parent / "segments")
+    return path
+
+
+@pytest.fixture(scope="session")
 def smol():
     from river.models import load_model
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from river.compiler.compile import compile_river
-from river.compiler.river.segments import write_segments
 from river.compiler.river.recall import RECALL_OFF
-from river.compiler.river.spec import RiverSpec
 from river.errors import CacheOverflow, RiverError
 from river.models.tokenizer import encode_prompt
 from river.runtime.batching.kv_pool import KVPool
@@ -21,17 +18,15 @@ from river.runtime.batching.scheduler import BatchRequest, RequestCancelled, Sch
 from river.runtime.generate import GenerationConfig
 from river.runtime.loading import open_generator, open_scheduler
 
-GATES = "0,2"
 MIXED = [0.2, 0.65]  # on the tiny model: exits after layers 1, 3 and 4 (no exit) all occur
 PROMPTS = ["first river", "a second, longer prompt about deltas and the sea", "3", "fourth stream",
            "five " * 30]  # the last one is prefilled in several chunks
 
 
 @pytest.fixture(scope="module")
-def river_dir(tiny_onnx, tmp_path_factory):
-    model = compile_river(tiny_onnx, tmp_path_factory.mktemp("batching") / "river", gates=GATES, log=None)
-    write_segments(tiny_onnx, RiverSpec.from_manifest(model.parent), model.parent / "segments")
-    return model.parent
+def river_dir(tiny_river_segmented):
+    """The tiny River (gates after layers 0 and 2) with its segments: the folder the scheduler opens."""
+    return tiny_river_segmented.parent
 
 
 @pytest.fixture(scope="module")

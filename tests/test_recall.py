@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from tests_helpers import poison_decode
 
-from river.compiler.compile import compile_river
 from river.compiler.river.manifest import DISABLED, FORCED_EXIT
 from river.compiler.river.recall import RECALL_OFF, check_recall, river_margin
 from river.compiler.river.segments import write_segments
@@ -26,11 +25,9 @@ EXIT_AT_0 = [FORCED_EXIT, DISABLED]
 
 
 @pytest.fixture(scope="module")
-def river_folder(tiny_onnx, tmp_path_factory):
-    out = tmp_path_factory.mktemp("recall") / "int8"
-    path = compile_river(tiny_onnx, out, gates=list(GATES), river="int8", log=None)
-    write_segments(tiny_onnx, RiverSpec.from_name("int8", GATES), out / "segments")
-    return path
+def river_folder(tiny_river_segmented):
+    """The tiny River (gates ``GATES``, int8 twins) with its segments beside it."""
+    return tiny_river_segmented
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 from test_river_pass import step_feeds
 from tests_helpers import poison_decode
 
-from river.compiler.compile import compile_river
 from river.compiler.ort_session import make_session
 from river.compiler.river.chained import chained_river_graph
 from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS, RiverInfo
@@ -35,12 +34,9 @@ def tiny_proto(tiny_onnx):
 
 
 @pytest.fixture(scope="module")
-def river_int8(tiny_onnx, tmp_path_factory):
-    """A river-export folder (nested River graph) with its segments beside it."""
-    out = tmp_path_factory.mktemp("seg") / "int8"
-    path = compile_river(tiny_onnx, out, gates=list(GATES), river="int8", log=None)
-    write_segments(tiny_onnx, RiverSpec.from_name("int8", GATES), out / "segments")
-    return path
+def river_int8(tiny_river_segmented):
+    """A river-export folder (nested River graph, gates ``GATES``) with its segments beside it."""
+    return tiny_river_segmented
 
 
 def _outputs(session, feeds, thr):

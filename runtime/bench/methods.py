@@ -203,7 +203,8 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
 
 def recall_methods(river: Path, threads: int, tok, eos) -> dict[str, Method]:
     """``river-recall:<point>`` at each calibrated recall point of the River graph's segments, and
-    ``full-segmented`` (every gate off) as their speed reference on the same runtime."""
+    ``full-segmented`` (every gate off): what running as segments costs against ``full``, the speed
+    reference of both."""
     from river.runtime.segmented_backend import SegmentedBackend
 
     points = RiverManifest.load(river.parent).recall_points
