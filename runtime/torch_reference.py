@@ -62,12 +62,13 @@ class TorchRiver:
         return out
 
     def twin(self, layer: int) -> DecoderLayer:
-        """A copy of the layer whose linear weights are block-quantized and dequantized (the twin)."""
+        """A copy of the layer whose linear weights are block-quantized and dequantized (the twin),
+        except those its twin kind keeps exact."""
         if layer not in self._twins:
             twin = copy.deepcopy(self.model.model.layers[layer])
             for parent in list(twin.modules()):
                 for name, mod in list(parent.named_children()):
-                    if isinstance(mod, torch.nn.Linear):
+                    if isinstance(mod, torch.nn.Linear) and name not in self.twin_kind.torch_exact:
                         setattr(parent, name, self.quantized(mod, self.precision))
             self._twins[layer] = twin
         return self._twins[layer]

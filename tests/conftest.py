@@ -62,6 +62,17 @@ def smol_river_model(smol_onnx, tmp_path_factory) -> Path:
     return compile_river(smol_onnx, tmp_path_factory.mktemp("smol-river") / "river", log=None)
 
 
+@pytest.fixture(scope="session")
+def smol_segments(smol, smol_onnx, tmp_path_factory):
+    """SmolLM2's segments (river-export --segmented) at the default gates, int8 twins and an int8 river
+    head, written once: (the segments folder, its RiverSpec). Tests read it and never write into it."""
+    from river.compiler.river.segments import write_segments
+    from river.compiler.river.spec import RiverSpec, default_gates
+
+    spec = RiverSpec.from_name("int8", default_gates(smol.config.num_layers), head="int8")
+    return write_segments(smol_onnx, spec, tmp_path_factory.mktemp("smol-segments") / "segments").parent, spec
+
+
 def optimum_export(loaded, work: Path) -> Path:
     """Export through Hugging Face Optimum (text-generation-with-past) from a local HF directory."""
     from optimum.exporters.onnx import main_export

@@ -171,7 +171,9 @@ def test_quick_bench_runs_every_method(tiny, tmp_path, monkeypatch):
                 "propagate:balanced", "uniform-int8", "uniform-int4", "draft-alone", "verify:k=3", "verify:k=4",
                 "verify:k~4", "verify-river:k=4", "full-torch", "river-torch:balanced", "mask:balanced", "recompute:balanced",
                 "river-qhead:safe", "river-qhead:balanced", "river-qhead:fast", "fixed-qhead@1", "fixed-qhead@2",
-                "full-segmented", "river-recall:safe-recall", "river-recall:balanced-recall", "river-recall:fast-recall"}
+                "full-segmented", "river-recall:safe-recall", "river-recall:balanced-recall", "river-recall:fast-recall",
+                "river-kv32:safe", "river-kv32:balanced", "river-kv32:fast", "fixed-kv32@1", "fixed-kv32@2",
+                "river-recall-kv32:safe-recall", "river-recall-kv32:balanced-recall", "river-recall-kv32:fast-recall"}
     assert set(data["methods"]) == expected
     assert data["methods"]["full-segmented"]["greedy_exact_match"] == 1.0  # the segments, every gate off
     m = data["methods"]

@@ -11,8 +11,6 @@ from tests_helpers import poison_decode
 
 from river.compiler.river.manifest import DISABLED, FORCED_EXIT
 from river.compiler.river.recall import RECALL_OFF, check_recall, river_margin
-from river.compiler.river.segments import write_segments
-from river.compiler.river.spec import RiverSpec
 from river.errors import RiverError
 from river.runtime.batching.kv_pool import KVPool
 from river.runtime.generate import GenerationConfig, Generator
@@ -348,17 +346,16 @@ def test_recall_through_the_cli(calibrated, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_recall(smol, smol_onnx, tmp_path):
+def test_smollm2_recall(smol, smol_segments):
     """SmolLM2, segments lowered for ONNX Runtime, every token forced out at the first gate (layer 14):
     a margin no river reaches gives the full model's greedy tokens, and a small one recalls some steps
     and agrees with the full model teacher-forced at least as often as the plain exit."""
-    from river.compiler.river.spec import default_gates
     from river.runtime.bench.eval_data import REFERENCE_TEXT
     from river.runtime.bench.run import teacher_forced
 
-    gates = default_gates(smol.config.num_layers)
-    write_segments(smol_onnx, RiverSpec.from_name("int8", gates, head="int8"), tmp_path / "segments")
-    backend = SegmentedBackend(tmp_path / "segments", threads=2)
+    folder, spec = smol_segments
+    backend = SegmentedBackend(folder, threads=2)
+    gates = spec.gates
     assert backend.lowering == "ort_fused", backend.lowering_reason
     gen = Generator(backend, smol.tokenizer)
     forced = [FORCED_EXIT] + [DISABLED] * (len(gates) - 1)

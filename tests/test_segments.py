@@ -190,16 +190,11 @@ def test_segmented_extend_equals_fused(tiny, river_int8):
 
 
 @pytest.mark.slow
-def test_smollm2_segmented_equals_fused(smol, smol_onnx, tmp_path):
-    from river.compiler.river.spec import default_gates
-
-    gates = default_gates(smol.config.num_layers)
-    spec = RiverSpec.from_name("int8", gates)
-    proto = onnx.load(str(smol_onnx))
-    fused = make_session(river_graph(proto, spec), threads=2)
-    write_segments(proto, spec, tmp_path / "segments")
-    del proto
-    segmented = SegmentedBackend(tmp_path / "segments", threads=2)
+def test_smollm2_segmented_equals_fused(smol, smol_onnx, smol_segments):
+    folder, spec = smol_segments
+    gates = spec.gates
+    fused = make_session(river_graph(onnx.load(str(smol_onnx)), spec), threads=2)
+    segmented = SegmentedBackend(folder, threads=2)
     feeds = step_feeds(smol.config, batch=1, seq=1, past=12, seed=4)
     for k in range(len(gates) + 1):
         thr = np.full(len(gates), DISABLED, np.float32)

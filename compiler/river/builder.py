@@ -87,10 +87,11 @@ class Builder:
         self.thresholds = gs.Variable(THRESHOLDS, dtype=np.float32, shape=[len(spec.gates)])
 
     def clone(self, nodes: list[gs.Node], mapping: dict[int, gs.Tensor], tag: str, twin: bool = True,
-              matmuls: TwinMatMuls | None = None) -> list[gs.Node]:
+              matmuls: TwinMatMuls | None = None, exact: set[int] = frozenset()) -> list[gs.Node]:
         """Copies of ``nodes`` whose inputs go through ``mapping`` (id -> replacement) and whose
         outputs are fresh tensors named ``<name>@<tag>`` (added to ``mapping``). With ``twin``,
-        MatMul weights become quantized by ``matmuls`` (default: the twins' precision)."""
+        MatMul weights become quantized by ``matmuls`` (default: the twins' precision), except in the
+        nodes whose ids are in ``exact``."""
         matmuls = matmuls or self.matmuls
         clones = []
         for n in nodes:
@@ -101,7 +102,7 @@ class Builder:
                 mapping[id(o)] = new
                 outputs.append(new)
             w = inputs[1] if n.op == "MatMul" and len(inputs) == 2 else None
-            if twin and isinstance(w, gs.Constant) and matmuls.quantizable(w):
+            if twin and id(n) not in exact and isinstance(w, gs.Constant) and matmuls.quantizable(w):
                 clones += matmuls(n, inputs[0], w, tag, outputs[0])
             else:
                 clones.append(gs.Node(n.op, f"{n.name}@{tag}", dict(n.attrs), inputs, outputs))

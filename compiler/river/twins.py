@@ -6,6 +6,7 @@ twins through here, so adding a kind is one class + ``register`` (and its test).
 Built-in kinds, at precision fp32/int8/int4 (the builder quantizes the twins' weight MatMuls):
 
 - ``full``: the whole layer (attention over the shared cache + MLP);
+- ``full-kv32``: the whole layer, with the weights its K/V depend on left at fp32;
 - ``attn``: attention only (K/V written, MLP skipped);
 - ``kv``: only the layer's K/V projection of the exit state (CALM-style propagation).
 """
@@ -26,6 +27,7 @@ class TwinKind:
 
     name: str = ""
     river_names: dict[str, str] = {}
+    torch_exact: tuple[str, ...] = ()  # our DecoderLayer's Linear names the torch twin keeps fp32 (as ``build`` does)
 
     def build(self, b, block: Block, stream: gs.Tensor, h_exit: gs.Tensor, mapping: dict, tag: str
               ) -> tuple[list[gs.Node], gs.Tensor]:
@@ -55,6 +57,22 @@ class FullTwin(TwinKind):
 
     def torch(self, layer, h, h_exit, rope, mask, past_k, past_v):
         return layer(h, *rope, mask, past_k, past_v)
+
+
+class ExactKvTwin(FullTwin):
+    """The whole layer, quantized except for every weight its K/V depend on (the K and V projections;
+    a fused QKV projection whole). A twin's K/V stay in the shared cache for every later token, so
+    their error outlives the step that exited, while its MLP and output projection only touch that
+    step's own token. In a Llama layer these weights are ~6%."""
+
+    name = "full-kv32"
+    river_names = {"int8-kv32": "int8", "int4-kv32": "int4"}
+    torch_exact = ("k_proj", "v_proj")
+
+    def build(self, b, block, stream, h_exit, mapping, tag):
+        mapping[id(block.input)] = stream
+        exact = {id(n) for n in block.kv_nodes(b.outputs)}
+        return b.clone(block.nodes, mapping, tag, exact=exact), mapping[id(block.output)]
 
 
 class AttnTwin(TwinKind):
@@ -154,5 +172,5 @@ def build_twins(b, kind: str, layers, stream: gs.Tensor, h_exit: gs.Tensor, tag:
     return Twins(nodes, stream, presents)
 
 
-for _kind in (FullTwin(), AttnTwin(), KvTwin()):
+for _kind in (FullTwin(), ExactKvTwin(), AttnTwin(), KvTwin()):
     register(_kind)

@@ -4,8 +4,11 @@
   fixed@<g>              every decode token exits after layer g (a fixed exit depth)
   river-qhead:<op>,      the same with the rivers' head 8-bit (river-export --river-head int8): an
   fixed-qhead@<g>        exited token's head is a MatMulNBits, the backbone's stays fp32
+  river-kv32:<op>,       the int8-head River with full-kv32 twins (--river int8-kv32): the weights a
+  fixed-kv32@<g>         twin's K/V depend on stay fp32, so exited tokens leave less error in the cache
   river-recall:<point>   the int8-head River's segments at a calibrated recall point (<budget>-recall):
                          fast's gates, and a token whose river is unsure goes back to the backbone
+  river-recall-kv32:<p>  the same on the full-kv32 River's segments
   full-segmented         the same segments with every gate off (what running as segments costs)
   monotone:<op>          SkipDecode-style policy: once a token exits at a gate, later tokens exit there too
   propagate:<op>         CALM-style: skipped layers' K/V projected from the exit state (kv twins), calibrated
@@ -105,6 +108,7 @@ class Graphs:
     river_int8: Path  # int8 full twins
     river_kv: Path  # kv twins (propagate)
     river_qhead: Path  # int8 full twins and an int8 river head
+    river_kv32: Path  # int8 full-kv32 twins and an int8 river head
     uniform: dict[str, Path]  # precision -> graph
 
 
@@ -123,7 +127,7 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
     folder.mkdir(parents=True, exist_ok=True)
     river = {}
     for name, kind, head in (("river-int8", "int8", "fp32"), ("river-kv", "kv", "fp32"),
-                             ("river-int8-qhead", "int8", "int8")):
+                             ("river-int8-qhead", "int8", "int8"), ("river-kv32-qhead", "int8-kv32", "int8")):
         graph_dir = folder / f"{name}-cal{n_cal}"
         if not (graph_dir / "model.onnx").is_file():
             print(f"[bench] compiling + calibrating {name} ...", file=log, flush=True)
@@ -139,7 +143,8 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
             print(f"[bench] quantizing the whole model ({precision}) ...", file=log, flush=True)
             save_onnx_atomic(uniform_quantized(load_onnx(step), precision), path)
         uniform[precision] = path
-    return Graphs(model, step, river["river-int8"], river["river-kv"], river["river-int8-qhead"], uniform)
+    return Graphs(model, step, river["river-int8"], river["river-kv"], river["river-int8-qhead"],
+                  river["river-kv32-qhead"], uniform)
 
 
 def exit_methods(backend: StepBackend, ops: dict, tok, eos, suffix: str, what: str) -> dict[str, Method]:
@@ -171,9 +176,10 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
 
     methods = {"full": Method(full, REFERENCE, "the step graph, no exits")}
     methods.update(exit_methods(river_backend, ops, tok, eos, "", "int8 twins"))
-    qhead_backend = OrtBackend(graphs.river_qhead, threads=threads)
-    methods.update(exit_methods(qhead_backend, RiverManifest.load(graphs.river_qhead.parent).operating_points,
-                                tok, eos, "-qhead", "int8 twins, int8 river head"))
+    for path, suffix, what in ((graphs.river_qhead, "-qhead", "int8 twins, int8 river head"),
+                               (graphs.river_kv32, "-kv32", "int8 twins with fp32 K/V weights, int8 river head")):
+        methods.update(exit_methods(OrtBackend(path, threads=threads), RiverManifest.load(path.parent).operating_points,
+                                    tok, eos, suffix, what))
     monotone = MonotoneGenerator(river_backend, tok, eos, base_thresholds=np.asarray(ops["balanced"], np.float32))
     methods["monotone:balanced"] = Method(monotone, EXITS, "SkipDecode-style: the exit layer never rises",
                                           river_backend, ops["balanced"])
@@ -197,14 +203,15 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
                                          "the River graph's first exit drafts 4 tokens, its backbone verifies",
                                          river_backend)
     methods.update(recall_methods(graphs.river_qhead, threads, tok, eos))
+    methods.update(recall_methods(graphs.river_kv32, threads, tok, eos, "-kv32"))
     methods.update(torch_methods(graphs, threads, river_backend.river, ops["balanced"], tok, eos))
     return methods
 
 
-def recall_methods(river: Path, threads: int, tok, eos) -> dict[str, Method]:
-    """``river-recall:<point>`` at each calibrated recall point of the River graph's segments, and
-    ``full-segmented`` (every gate off): what running as segments costs against ``full``, the speed
-    reference of both."""
+def recall_methods(river: Path, threads: int, tok, eos, suffix: str = "") -> dict[str, Method]:
+    """``river-recall{suffix}:<point>`` at each calibrated recall point of the River graph's segments,
+    and (for the first River, without ``suffix``) ``full-segmented``, every gate off: what running as
+    segments costs against ``full``, the speed reference of both."""
     from river.runtime.segmented_backend import SegmentedBackend
 
     points = RiverManifest.load(river.parent).recall_points
@@ -214,10 +221,10 @@ def recall_methods(river: Path, threads: int, tok, eos) -> dict[str, Method]:
         return {}
     backend = SegmentedBackend(river.parent / SEGMENTS_DIR, threads=threads)
     generator = Generator(backend, tok, eos)
-    methods = {"full-segmented": Method(generator, OTHER_RUNTIME, "the River's segments, every gate off", backend,
-                                        None, cost_family=None)}
+    methods = {} if suffix else {"full-segmented": Method(generator, OTHER_RUNTIME, "the River's segments, every gate off",
+                                                          backend, None, cost_family=None)}
     for name, point in points.items():
-        methods[f"river-recall:{name}"] = Method(
+        methods[f"river-recall{suffix}:{name}"] = Method(
             generator, EXITS, f"segments at recall point {name}: fast's gates, recall margin {point['recall']:.3g}",
             backend, point["thresholds"], cost_family=None, recall=point["recall"])
     return methods
