@@ -219,8 +219,9 @@ def river_flip_rate(step, river, contract: StepContract, sequences: Sequence[Seq
     """The share of tokens t >= start[i] whose next-token choice differs from the full model's when the
     River decodes them teacher-forced at these gate thresholds and recall margin, over *its own* history:
     the K/V its exits wrote for earlier tokens, which the per-token damage of ``collect`` (exact history)
-    does not see. A recalled token is the step graph's step over the same past (what the backbone
-    running on from the exit layer computes). ``step`` and ``river``: sessions of the two graphs."""
+    does not see. A recalled token repairs (``runtime/exit_history.py``): it and every earlier token
+    become the full model's, so it is the step graph's step over the exact past. ``step`` and
+    ``river``: sessions of the two graphs."""
     L, thr = contract.num_layers, np.asarray(gate_thresholds, np.float32)
     names = {id(s): [o.name for o in s.get_outputs()] for s in (step, river)}
 
@@ -231,13 +232,15 @@ def river_flip_rate(step, river, contract: StepContract, sequences: Sequence[Seq
     for seq, s0 in zip(sequences, start):
         ids = np.asarray([seq], np.int64)
         s0 = max(s0, 1)
-        target = run(step, C.step_feeds(contract, ids))[C.LOGITS][0].argmax(-1)  # exact history
+        exact = run(step, C.step_feeds(contract, ids))  # the full model over the exact history
+        target = exact[C.LOGITS][0].argmax(-1)
         out = run(step, C.step_feeds(contract, ids[:, :s0]))
         for t in range(s0, ids.shape[1]):
             feeds = C.step_feeds(contract, ids[:, t:t + 1], C.past_of(out, L))
             out = run(river, {**feeds, THRESHOLDS: thr})
             if int(out[EXIT_LAYER][0]) < L and river_margin(out[C.LOGITS][0, -1])[()] < recall:
-                out = run(step, feeds)  # recalled
+                out = {C.LOGITS: exact[C.LOGITS][:, t:t + 1],  # recalled and repaired: the full model's from here back
+                       **{n: exact[n][:, :, :t + 1] for n in C.present_names(L)}}
             flips += int(out[C.LOGITS][0, -1].argmax() != target[t])
             total += 1
     return flips / max(total, 1)

@@ -39,6 +39,11 @@ def present_name(layer: int, kind: str) -> str:
     return f"present.{layer}.{kind}"
 
 
+def present_names(num_layers: int) -> list[str]:
+    """Every layer's present K and V, in the contract's order."""
+    return [present_name(layer, kind) for layer in range(num_layers) for kind in ("key", "value")]
+
+
 def past_of(outputs: dict, num_layers: int, length: int | None = None) -> dict:
     """The ``past_key_values`` feeds of the next contract step: each layer's ``present`` from a step's
     ``outputs`` (its first ``length`` positions when given)."""

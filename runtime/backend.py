@@ -47,6 +47,7 @@ class KVCache:
     slack: int = 0
     row_thresholds: np.ndarray | None = None  # [B,G] per-row gate thresholds; None: the backend's
     row_recall: np.ndarray | None = None  # [B] per-row recall margins; None: the backend's
+    history = None  # the exit history a recall repairs from (runtime/exit_history.py); None: no repairs
 
     @property
     def physical(self) -> int:
@@ -70,6 +71,8 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
+        if self.history is not None:  # damage past the new end is forgotten with it
+            self.history.forget_from(length)
 
 
 class GateThresholds:
@@ -150,6 +153,11 @@ class StepBackend(ABC):
 
         c = self.contract
         return SharedKVCache(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim)
+
+    def new_history(self, rows: int, positions: int):
+        """The exit history its recalls repair from, for a cache of ``rows`` x ``positions`` (a batch
+        pool asks for one beside its buffers); None: this backend's recalls repair nothing."""
+        return None
 
     def release(self, cache: KVCache | None = None) -> None:
         """Forget bindings to ``cache`` (None: to any cache). Backends that bind nothing do nothing."""

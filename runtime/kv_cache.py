@@ -69,6 +69,7 @@ class SharedKVCache(KVCache):
         view = object.__new__(SharedKVCache)
         view.keys, view.values = [k[i:i + 1] for k in self.keys], [v[i:i + 1] for v in self.values]
         view.capacity, view.slack, view.batch, view.length = self.capacity, self.slack, 1, self.length
+        view.history = None if self.history is None else self.history.rows(i, i + 1)
         return view
 
     def valid_kv(self, layer: int, kind: str) -> np.ndarray:

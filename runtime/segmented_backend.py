@@ -26,6 +26,7 @@ from river.errors import RiverError
 from river.export import contract as C
 from river.export.contract import CAUSAL_PROP, StepContract, exported_config, kv_window
 from river.runtime.backend import InPlaceSteps, StepBackend, fused_positions, route_gates
+from river.runtime.exit_history import UNDAMAGED, ExitHistory
 from river.runtime.kv_cache import SharedKVCache
 
 
@@ -111,7 +112,18 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
 
     def new_cache(self, capacity: int, batch: int = 1):
         self._check_positions(capacity)
-        return super().new_cache(capacity, batch)
+        cache = super().new_cache(capacity, batch)
+        cache.history = self.new_history(batch, cache.physical)
+        return cache
+
+    def new_history(self, rows: int, positions: int) -> ExitHistory | None:
+        """The exit history a recall repairs from (``runtime/exit_history.py``), for a cache of ``rows``
+        and ``positions``; None where a repair cannot run in place (a repair is a step of several
+        tokens: graphs that mask by index or slide a window run those in the contract form)."""
+        if not self.multi_token_steps or self.kv_window is not None:
+            return None
+        width = self._output_width("backbone0", hidden_name(self.index.gates[0]))
+        return ExitHistory(rows, positions, len(self.index.gates), width)
 
     # --- one step in the contract form (any S and P): prefill, parity checks ---------------------
     def run_step(self, feeds: dict[str, np.ndarray], thresholds=None) -> dict[str, np.ndarray]:
@@ -158,7 +170,10 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         self._check_prefill(input_ids, cache)
         disabled = self.gate_thresholds.disabled()  # prefill: the whole backbone
-        return self._contract_step(input_ids, cache, lambda feeds: self.run_step(feeds, disabled))
+        logits = self._contract_step(input_ids, cache, lambda feeds: self.run_step(feeds, disabled))
+        if getattr(cache, "history", None) is not None:
+            cache.history.damaged_from[:] = UNDAMAGED  # a fresh sequence: the full model's K/V
+        return logits
 
     # --- decode / extend: shared-KV segments, buffers bound in place ----------------------------
     def _bind(self, cache: SharedKVCache, s: int) -> dict:
@@ -232,6 +247,8 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
                                             np.float64), (b,))
         own_writes, own_mask, trash = st["write_at"].copy(), st["mask"].copy(), cache.physical - s
         running, exits, recalled = np.ones(b, bool), np.full(b, -1), np.zeros(b, bool)
+        history = getattr(cache, "history", None)
+        repaired = np.zeros(b, bool)
         out, outs = st["logits"], None  # several routes: each row's logits are copied out of its route's run
         self.last_similarities = []
 
@@ -288,11 +305,53 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
                         outs = st.setdefault("routed", np.zeros_like(out))
                         outs[...] = out
                     exits[back], running[back], recalled[back] = -1, True, True
+                    if history is not None:  # rows with twin K/V in their past: repaired, each alone
+                        for i in np.flatnonzero(back & (history.damaged_from != UNDAMAGED)):
+                            outs[i] = self._repair(cache, history, int(i), k, st, own_writes[i])
+                            running[i], repaired[i] = False, True
                 if not running.any():
                     break
         if running.any():
             finish(f"backbone{gates}", running)
+        if history is not None:
+            self._record(history, st, own_writes, exits, recalled)
         self.last_recalled = recalled
         self.last_exit_layers = np.array([self.exit_layer_of(None if e < 0 else int(e)) for e in exits])
         self.last_exit_layer = int(self.last_exit_layers[0])
         return out if outs is None else outs
+
+    # --- recall repairs (runtime/exit_history.py) -----------------------------------------------
+    def _record(self, history: ExitHistory, st: dict, at: np.ndarray, exits: np.ndarray, recalled: np.ndarray) -> None:
+        """Each row's new positions into its exit history: the residual stream at every gate it passed
+        and the gate it left at. A recalled row is the full model's from here back (repaired, or it
+        had nothing to repair)."""
+        hidden = [st["hidden"][g] for g in self.index.gates]
+        for i in range(len(exits)):
+            if recalled[i]:
+                history.damaged_from[i] = UNDAMAGED
+            else:
+                history.record(i, int(at[i]), [h[i] for h in hidden], None if exits[i] < 0 else int(exits[i]))
+
+    def _repair(self, cache, history: ExitHistory, i: int, gate: int, st: dict, t: int) -> np.ndarray:
+        """Row ``i``, recalled after gate ``gate`` at position ``t``, with twin K/V in its past: the
+        backbone reruns positions ``damaged_from..t`` (several tokens, one row) from the lowest gate
+        any of them left at, over the exact past before them, and rewrites their K/V in place. Returns
+        the step's logits [S, V]: the full model's."""
+        s, start = st["ids"].shape[1], int(history.damaged_from[i])
+        r = history.repair_gate(i, t, gate)
+        at = self.index.gates[r]
+        hidden = np.concatenate([history.hidden[i, r, start:t], st["hidden"][at][i]])
+        row = cache if cache.batch == 1 else cache.row_view(i)
+        length = row.length
+        row.length = start  # the repair's new tokens start where the damage does
+        try:
+            one = self._step_state(np.zeros((1, hidden.shape[0]), np.int64), row)
+            one["hidden"][at][0] = hidden
+            for k in range(r + 1, len(self.index.gates) + 1):
+                sess, binding = one["bindings"][f"backbone{k}"]
+                sess.run_with_iobinding(binding)
+            return one["logits"][0, -s:].copy()
+        finally:
+            row.length = length
+            if row is not cache and not hasattr(cache, "pool"):
+                self.release(row)  # a plain cache's row view is made anew each time

@@ -8,6 +8,8 @@ positions back; it loads torch, so only ``--backend torch`` imports it.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -30,6 +32,9 @@ class TorchBackend(StepBackend):
         self.reference = None if river is None else TorchRiver(
             model, river.gates, river.kind, river.precision, river.block, twin_format=river.twin_format,
             head=river.head)
+        # per cache: its token ids by position and the first position whose K/V a twin wrote (or that
+        # attended to one) since the last repair: what a recall reruns (runtime/exit_history.py)
+        self._sequences: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def prefill(self, input_ids: np.ndarray, cache: SharedKVCache) -> np.ndarray:
         return self._prefill_by_extend(input_ids, cache)
@@ -43,6 +48,11 @@ class TorchBackend(StepBackend):
         mask = torch.ones((b, p + s), dtype=torch.int64)
         positions = torch.arange(p, p + s, dtype=torch.int64).expand(b, s)
         past = [torch.from_numpy(buf[:, :, :p]) for buf in cache.buffers()]
+        seq = self._sequences.setdefault(cache, {"ids": np.zeros((b, cache.physical), np.int64), "damaged": None})
+        seq["ids"][:, p:p + s] = token_ids
+        if seq["damaged"] is not None and seq["damaged"] >= p:  # rolled back past it
+            seq["damaged"] = None
+        start = p
         if self.reference is None:
             logits, *presents = self.model(ids, mask, positions, *past)
         else:
@@ -50,6 +60,17 @@ class TorchBackend(StepBackend):
                                                                self.recall_margin)
             self.last_exit_layer = int(exit_layer[0])
             self.last_recalled = np.full(b, self.reference.recalled)
-        for layer in range(self.contract.num_layers):  # only the new positions go back into the buffers
-            cache.write(layer, presents[2 * layer][:, :, p:].numpy(), presents[2 * layer + 1][:, :, p:].numpy(), at=p)
+            if self.reference.recalled and seq["damaged"] is not None:  # repair: the backbone reruns the damage
+                start = seq["damaged"]
+                rerun = torch.from_numpy(seq["ids"][:, start:p + s].copy())
+                logits, *presents = self.model(rerun, mask, torch.arange(start, p + s).expand(b, -1),
+                                               *[x[:, :, :start] for x in past])
+                logits = logits[:, -s:]
+            if self.reference.recalled:
+                seq["damaged"] = None
+            elif self.last_exit_layer < self.contract.num_layers and seq["damaged"] is None:
+                seq["damaged"] = p
+        for layer in range(self.contract.num_layers):  # only the new (or repaired) positions go back
+            key, value = presents[2 * layer], presents[2 * layer + 1]
+            cache.write(layer, key[:, :, -(p + s - start):].numpy(), value[:, :, -(p + s - start):].numpy(), at=start)
         return logits.numpy()

@@ -102,6 +102,94 @@ def test_a_recalled_step_is_the_full_models_step(segmented):
         segmented.set_recall(RECALL_OFF)
 
 
+def _decode_plan(backend, cache, tokens, plan, last_margin=RECALL_OFF):
+    """Decode ``tokens`` one by one, each at its thresholds in ``plan``, the last one at recall margin
+    ``last_margin`` (the others with recall off). Returns the last step's logits."""
+    try:
+        for i, (token, thresholds) in enumerate(zip(tokens, plan)):
+            backend.set_thresholds(thresholds)
+            backend.set_recall(last_margin if i == len(tokens) - 1 else RECALL_OFF)
+            logits = backend.decode(np.array([[token]]), cache).copy()
+            cache.length += 1
+        return logits
+    finally:
+        backend.set_recall(RECALL_OFF)
+
+
+def test_a_recall_repairs_the_twin_kv_in_its_past(tiny, segmented):
+    """Tokens exit at gate 1, gate 0 and gate 1 (twin K/V written, and attended to), then a token exits at
+    gate 1 and is recalled: the backbone reruns the damaged positions from gate 0 (the lowest any of them
+    left at), so the logits and every layer's K/V of every position are the full model's, the same
+    sequence decoded at full depth. The exits really left damage: the cache before the recall differs."""
+    prompt, tokens = np.arange(20, 27)[None], [31, 44, 7, 12]
+    exit_at_1 = [DISABLED, FORCED_EXIT]
+    plan = [exit_at_1, EXIT_AT_0, exit_at_1, exit_at_1]
+    full_cache = _prefilled(segmented, prompt)
+    full = _decode_plan(segmented, full_cache, tokens, [[DISABLED, DISABLED]] * len(tokens))
+    n = full_cache.length
+
+    damaged = _prefilled(segmented, prompt)  # the same exits, the last step at full depth without a recall
+    unrepaired = _decode_plan(segmented, damaged, tokens, plan[:-1] + [[DISABLED, DISABLED]])
+    assert max(np.abs(a[:, :, :n] - b[:, :, :n]).max() for a, b in zip(damaged.buffers(), full_cache.buffers())) > 1e-3
+    assert np.abs(unrepaired - full).max() > 1e-4
+
+    cache = _prefilled(segmented, prompt)
+    assert cache.history is not None
+    logits = _decode_plan(segmented, cache, tokens, plan, last_margin=0.999999)
+    assert segmented.last_recalled.all()
+    np.testing.assert_allclose(logits, full, atol=1e-5)
+    for a, b in zip(cache.buffers(), full_cache.buffers()):
+        np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], atol=1e-5)
+    assert cache.history.damaged_from[0] == -1  # nothing left to repair
+
+
+def test_repairs_in_a_pool_follow_moved_rows_and_equal_each_row_alone(tiny, segmented):
+    """Pool rows with different exit histories (one moved to another slot on the way) are recalled in
+    one batch next to a row that is not: each row's logits and K/V equal the same row decoded alone."""
+    c = segmented.contract
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, tiny.config.vocab_size, (1, n)).astype(np.int64) for n in (5, 8, 6)]
+    history = [list(rng.integers(1, tiny.config.vocab_size, 3)) for _ in prompts]
+    plans = [[EXIT_AT_0, EXIT_AT_0, [DISABLED, FORCED_EXIT]], [[DISABLED, DISABLED]] * 3, [[DISABLED, FORCED_EXIT]] * 3]
+    margins = [0.999999, RECALL_OFF, 0.999999]
+    last = rng.integers(1, tiny.config.vocab_size, (3, 1)).astype(np.int64)
+    alone = []
+    for p, h, plan, margin, token in zip(prompts, history, plans, margins, last):
+        solo = _prefilled(segmented, p, 32)
+        for t, thresholds in zip(h, plan):
+            segmented.set_thresholds(thresholds)
+            segmented.decode(np.array([[t]]), solo)
+            solo.length += 1
+        segmented.set_thresholds(plan[-1])
+        segmented.set_recall(margin)
+        alone.append((np.array(segmented.decode(token[None], solo))[0],
+                      [b[0, :, :solo.length + 1].copy() for b in solo.buffers()], bool(segmented.last_recalled[0])))
+        segmented.set_recall(RECALL_OFF)
+    assert [r for _, _, r in alone] == [True, False, True]
+
+    pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, rows=4, slack=4, gates=len(GATES), capacity=32,
+                  history=segmented.new_history)
+    pool.fit(32, 0)
+    slots = [3, 1, 2]  # row 0 is decoded in slot 3, then moved to slot 0
+    for slot, p, h, plan in zip(slots, prompts, history, plans):
+        pool.reset_row(slot)
+        segmented.prefill(p, pool.rows(slot, slot + 1))
+        pool.lengths[slot] = p.shape[1]
+        for t, thresholds in zip(h, plan):
+            pool.thresholds[slot] = thresholds
+            segmented.extend(np.array([[t]]), pool.rows(slot, slot + 1))
+            pool.lengths[slot] += 1
+    pool.move(3, 0)
+    for i, (plan, margin) in enumerate(zip(plans, margins)):
+        pool.thresholds[i], pool.recall[i] = plan[-1], margin
+    both = np.array(segmented.extend(last, pool.rows(0, 3)))
+    assert list(segmented.last_recalled) == [True, False, True]
+    for i, (logits, kv, _) in enumerate(alone):
+        np.testing.assert_allclose(both[i], logits, atol=1e-5)
+        for a, b in zip(pool.rows(i, i + 1).buffers(), kv):
+            np.testing.assert_allclose(a[0, :, :b.shape[1]], b, atol=1e-5)
+
+
 def _river_margins(backend, prompt, steps):
     """The river's margin at each step of a greedy run that always exits at gate 0 (recall off)."""
     backend.set_thresholds(EXIT_AT_0)

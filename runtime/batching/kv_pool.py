@@ -13,11 +13,14 @@ step pay for it.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from river.compiler.river.manifest import DISABLED
 from river.compiler.river.recall import RECALL_OFF
 from river.errors import CacheOverflow
+from river.runtime.exit_history import UNDAMAGED, ExitHistory
 from river.runtime.kv_cache import SharedKVCache
 
 CAPACITY_STEP = 64  # capacities are rounded up to a multiple of this (fewer regrowths, fewer bindings)
@@ -35,6 +38,7 @@ class RowsView(SharedKVCache):
         self._lengths = pool.lengths[lo:hi]
         self.row_thresholds = None if pool.thresholds is None else pool.thresholds[lo:hi]
         self.row_recall = pool.recall[lo:hi]
+        self.history = None if pool.history is None else pool.history.rows(lo, hi)
 
     def row_lengths(self) -> np.ndarray:
         return self._lengths
@@ -66,7 +70,8 @@ class KVPool:
     """KV buffers for up to ``rows`` sequences, allocated once per capacity (see the module docstring)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, rows: int, slack: int,
-                 gates: int = 0, capacity: int = CAPACITY_STEP, max_capacity: int | None = None):
+                 gates: int = 0, capacity: int = CAPACITY_STEP, max_capacity: int | None = None,
+                 history: Callable[[int, int], ExitHistory | None] | None = None):
         if rows < 1:
             raise ValueError("a KV pool needs at least one row")
         self.shape = (num_layers, num_kv_heads, head_dim)
@@ -77,6 +82,8 @@ class KVPool:
         self.recall = np.full(rows + 1, RECALL_OFF, np.float64)  # per row: its recall margin (exit rows)
         self.capacity = 0
         self.cache: SharedKVCache | None = None
+        self._new_history = history  # (rows, positions) -> the exit history beside the buffers (recall repairs)
+        self.history: ExitHistory | None = None
         self._views: dict[tuple[int, int], RowsView] = {}
         self.allocations = 0  # how many times buffers were allocated (tests: once per capacity)
         self._allocate(capacity)
@@ -89,14 +96,18 @@ class KVPool:
         """New buffers of ``capacity``; the first ``keep_rows`` rows' valid positions are copied over.
         Returns the old views (their backend bindings must be released)."""
         layers, heads, dim = self.shape
-        old, stale = self.cache, list(self._views.values())
+        old, old_history, stale = self.cache, self.history, list(self._views.values())
         self.cache = SharedKVCache(layers, self.num_rows + 1, heads, capacity, dim, slack=self.slack)
+        self.history = self._new_history(self.num_rows + 1, self.cache.physical) if self._new_history else None
         self.capacity, self._views = capacity, {}
         self.allocations += 1
         if old is not None:
             n = int(self.lengths[:keep_rows].max()) if keep_rows else 0
             for src, dst in zip(old.buffers(), self.cache.buffers()):
                 dst[:keep_rows, :, :n] = src[:keep_rows, :, :n]
+            if self.history is not None and old_history is not None:
+                for row in range(keep_rows):
+                    self.history.copy_row(row, row, n, source=old_history)
         return stale
 
     def fit(self, positions: int, live_rows: int) -> list[RowsView]:
@@ -121,6 +132,16 @@ class KVPool:
             view = self._views[(lo, hi)] = RowsView(self, lo, hi)
         return view
 
+    def reset_row(self, row: int) -> None:
+        """Row ``row`` for a new sequence: empty, every gate off (prefill runs the whole backbone), no
+        recall, nothing to repair."""
+        self.lengths[row] = 0
+        if self.thresholds is not None:
+            self.thresholds[row] = DISABLED
+        self.recall[row] = RECALL_OFF
+        if self.history is not None:
+            self.history.damaged_from[row] = UNDAMAGED
+
     def move(self, src: int, dst: int) -> None:
         """Copy row ``src`` (its valid positions, length, thresholds, recall margin) to row ``dst``."""
         if src == dst:
@@ -129,6 +150,8 @@ class KVPool:
         for buf in self.cache.buffers():
             buf[dst, :, :n] = buf[src, :, :n]
         self.lengths[dst] = self.lengths[src]
+        if self.history is not None:
+            self.history.copy_row(src, dst, n)
         if self.thresholds is not None:
             self.thresholds[dst] = self.thresholds[src]
         self.recall[dst] = self.recall[src]

@@ -202,7 +202,7 @@ class Scheduler:
         gates = len(decoder.river.gates) if decoder.river is not None else 0
         c = decoder.contract
         self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, max_rows, max(prefill_chunk, k_max + 1),
-                           gates, max_capacity=max_length)
+                           gates, max_capacity=max_length, history=decoder.new_history)
         self.gates = gates
         self._queue: deque[_Row] = deque()
         self._rows: list[_Row] = []  # live rows, in pool order
@@ -394,10 +394,7 @@ class Scheduler:
                     continue
                 row.ticket.stats.queued_seconds = time.perf_counter() - row.submitted
                 row.slot = len(self._rows)
-                self.pool.lengths[row.slot] = 0
-                if self.pool.thresholds is not None:
-                    self.pool.thresholds[row.slot] = DISABLED  # prefill: the whole backbone
-                self.pool.recall[row.slot] = RECALL_OFF
+                self.pool.reset_row(row.slot)
                 self._rows.append(row)
                 self.peak_rows = max(self.peak_rows, len(self._rows))
         self._arrange()
