@@ -307,6 +307,33 @@ def test_two_instances_each_batch_their_own_streams(tiny_river, reference, tmp_p
     assert logs.count("river: river_generate ready") == 2, "two instances were not started"
 
 
+def test_a_recall_budget_that_recalls_every_exit_serves_the_full_models_tokens(tiny_river, tmp_path):
+    """A request whose budget names a recall point: every token leaves at gate 0 and its river is never
+    sure enough, so each decode step is recalled and repairs the twin K/V before it. The stream is the
+    full model's, token for token; the same exits without recall are not; the request's stats and the
+    server's metric count every recalled step."""
+    from river.compiler.river.manifest import DISABLED, FORCED_EXIT
+
+    repo = write_triton_repo(tiny_river.parent, tmp_path / "repo", threads=1, max_rows=2)
+    manifest = repo / TC.GENERATE_MODEL / "1" / TC.RIVER_SUBDIR / "river.json"
+    data = json.loads(manifest.read_text())
+    data["recall_points"] = {"every-recall": {"thresholds": [FORCED_EXIT, DISABLED], "recall": 0.999999}}
+    manifest.write_text(json.dumps(data))
+    n, prompt = 24, "recall every river"
+    with triton_server(repo, keep_logs=tmp_path / "log") as s:
+        recalled = stream_generate(prompt, url=s.grpc_url, max_tokens=n, ignore_eos=True, budget="every-recall")
+        exited = stream_generate(prompt, url=s.grpc_url, max_tokens=n, ignore_eos=True,
+                                 thresholds=[FORCED_EXIT, DISABLED])
+        full = stream_generate(prompt, url=s.grpc_url, max_tokens=n, ignore_eos=True, mode="full")
+        time.sleep(1.2)  # the gauges refresh every 0.5 s
+        metrics = _metrics(s)
+    assert recalled.token_ids == full.token_ids and recalled.text == full.text
+    assert exited.token_ids != full.token_ids
+    assert recalled.stats["recalled_tokens"] == n - 1  # every decode step (the first token comes from prefill)
+    assert exited.stats["recalled_tokens"] == 0
+    assert _metric(metrics, "river_recalled_tokens_total") == n - 1
+
+
 def _metrics(server) -> dict[str, float]:
     import urllib.request
 
