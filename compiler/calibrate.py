@@ -33,14 +33,13 @@ import onnx_graphsurgeon as gs
 from river.atomic import write_bytes_atomic
 from river.compiler.graph_io import load_onnx, load_onnx_header
 from river.compiler.river.manifest import DISABLED, EXIT_LAYER, FORCED_EXIT, THRESHOLDS, RiverInfo
-from river.compiler.river.recall import RECALL_OFF, recall_point_name, river_margin
+from river.compiler.river.recall import RECALL_OFF, recall_base, recall_point_name, river_margin
 from river.compiler.structure import discover
 from river.errors import RiverError
 from river.export import contract as C
 from river.export.contract import StepContract
 
 BUDGETS = {"safe": 0.005, "balanced": 0.02, "fast": 0.05}  # mean top-1 flip rate among exited tokens
-RECALL_BASE = "fast"  # recall points exit where this point does; their recall margin buys the quality back
 METRICS = ("flip", "kl", "kv")
 OpenSession = Callable[[onnx.ModelProto], object]  # a graph -> a session with run(names, feeds) and get_outputs()
 
@@ -248,23 +247,34 @@ def river_flip_rate(step, river, contract: StepContract, sequences: Sequence[Seq
 
 def recall_points(data: Sequence[GateData], measure: Callable[[Sequence[float], float], float],
                   budgets: dict, measured: dict[float, float] | None = None) -> dict:
-    """Per budget, the recall point ``<name>-recall``: the gates of ``RECALL_BASE`` and the lowest
-    recall margin whose measured flip rate over all tokens (``measure(thresholds, margin)``, e.g.
-    ``river_flip_rate``) is within the budget. The search starts at the per-token estimate
-    (``recall_for_budget``) and walks up ``RECALL_GRID``; where no margin is within the budget the last
-    one tried stands, with its rate recorded. ``measured`` (margin -> flip rate) collects every
-    measurement (calibration.json's ``recall_curve``)."""
-    base = thresholds(data, BUDGETS[RECALL_BASE], "flip")  # recall budgets are flip rates, whatever the metric
+    """Per budget, the recall point ``<name>-recall``: every token out at the first gate (``recall_base``)
+    and the lowest recall margin whose measured flip rate over all tokens (``measure(thresholds,
+    margin)``, e.g. ``river_flip_rate``; recall budgets are flip rates, whatever the metric) is within
+    the budget. The search starts at the per-token estimate (``recall_for_budget``) and walks
+    ``RECALL_GRID`` up while the rate is over the budget, or down while it stays within (repairs make the
+    end-to-end rate lower than per-token data says); where no margin is within the budget the last one
+    tried stands, with its rate recorded. ``measured`` (margin -> flip rate) collects every measurement
+    (calibration.json's ``recall_curve``)."""
+    base = recall_base(len(data))
     measured = {} if measured is None else measured
+
+    def rate(margin: float) -> float:
+        if margin not in measured:
+            measured[margin] = measure(base, margin)
+        return measured[margin]
+
     points = {}
     for name, b in budgets.items():
         first = recall_for_budget(data, base, b)
         margin = first
         for margin in [first, *(m for m in RECALL_GRID if m > first)]:
-            if margin not in measured:
-                measured[margin] = measure(base, margin)
-            if measured[margin] <= b:
+            if rate(margin) <= b:
                 break
+        if margin == first and rate(first) <= b:
+            for lower in sorted((m for m in RECALL_GRID if m < first), reverse=True):
+                if rate(lower) > b:
+                    break
+                margin = lower
         points[recall_point_name(name)] = {"budget": b, "thresholds": base, "recall": margin,
                                            "flip_rate": measured[margin], "within_budget": measured[margin] <= b}
     return points

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from river.compiler.river.manifest import DISABLED
+from river.errors import RiverError
 from river.runtime.bench import cli, report
 from river.runtime.bench.eval_data import last_number
 from river.runtime.bench.methods import EXITS, LOSSLESS, QUANTIZED, REFERENCE, Method, MonotoneGenerator
@@ -173,7 +175,8 @@ def test_quick_bench_runs_every_method(tiny, tmp_path, monkeypatch):
                 "river-qhead:safe", "river-qhead:balanced", "river-qhead:fast", "fixed-qhead@1", "fixed-qhead@2",
                 "full-segmented", "river-recall:safe-recall", "river-recall:balanced-recall", "river-recall:fast-recall",
                 "river-kv32:safe", "river-kv32:balanced", "river-kv32:fast", "fixed-kv32@1", "fixed-kv32@2",
-                "river-recall-kv32:safe-recall", "river-recall-kv32:balanced-recall", "river-recall-kv32:fast-recall"}
+                "river-recall-kv32:safe-recall", "river-recall-kv32:balanced-recall", "river-recall-kv32:fast-recall",
+                "river-recall-early:safe-recall", "river-recall-early:balanced-recall", "river-recall-early:fast-recall"}
     assert set(data["methods"]) == expected
     assert data["methods"]["full-segmented"]["greedy_exact_match"] == 1.0  # the segments, every gate off
     m = data["methods"]
@@ -289,3 +292,16 @@ def test_kv_absence_baselines(tiny):
     assert rec.states[id(rec_cache)].filled == [8] * 4  # no holes left
     assert np.allclose(rec_rows[6], full[6], atol=1e-4) and np.allclose(rec_rows[7], full[7], atol=1e-4)
     assert not np.allclose(rec_rows[4], full[4], atol=1e-3)  # the exited token itself is early-exit output
+
+
+def test_methods_are_chosen_by_name_or_pattern_with_their_speed_references():
+    from river.runtime.bench.run import selected
+
+    names = ["full", "river-qhead:safe", "river-qhead:fast", "river-recall:safe-recall",
+             "river-recall-kv32:safe-recall", "full-torch", "mask:balanced"]
+    methods = {n: Method(None, EXITS, n, speed_reference="full-torch" if n == "mask:balanced" else "full") for n in names}
+    assert list(selected(methods, {"river-recall:*"})) == ["full", "river-recall:safe-recall"]
+    assert list(selected(methods, {"river-qhead:safe", "mask:*"})) == ["full", "river-qhead:safe", "full-torch",
+                                                                        "mask:balanced"]
+    with pytest.raises(RiverError, match="no method is named river-qhaed:safe"):
+        selected(methods, {"river-qhaed:safe", "full"})

@@ -322,29 +322,35 @@ def test_recall_arithmetic_on_known_data():
     assert recall_for_budget([sure_but_wrong], [0.9], 1 / 3) == RECALL_OFF
 
 
-def test_recall_points_search_up_from_the_per_token_estimate():
-    """The end-to-end search starts where the per-token data points, walks up the grid until the measured
-    flip rate is within the budget, measures each margin once, and keeps the last margin when none is."""
-    from river.compiler.calibrate import BUDGETS, RECALL_BASE, RECALL_GRID, GateData, recall_for_budget, recall_points
+def test_recall_points_search_the_grid_from_the_per_token_estimate():
+    """Every recall point exits at the first gate. The end-to-end search starts where the per-token data
+    points and walks the grid up while the measured flip rate is over the budget, or down while it is
+    within (repairs make history cleaner than per-token data says), measuring each margin once; where
+    none is within the budget the last margin stands."""
+    from river.compiler.calibrate import RECALL_GRID, GateData, recall_for_budget, recall_points
+    from river.compiler.river.recall import recall_base
 
     first = GateData(3, [0.999, 0.998, 0.997, 0.996, 0.995, 0.994], [0, 0, 1, 0, 1, 0], [0] * 6, [0] * 6,
                      [0.9, 0.8, 0.05, 0.6, 0.1, 0.3])
     calls = []
 
-    def measure(thresholds, margin):  # history makes it worse than the per-token data says
+    def measure(thresholds, margin):  # the rate falls as the margin grows
+        assert thresholds == recall_base(1) == [FORCED_EXIT]
         calls.append(margin)
         return max(0.01, 0.12 - margin)
 
-    from river.compiler.calibrate import thresholds as gate_thresholds
-
-    base = gate_thresholds([first], BUDGETS[RECALL_BASE])
     points = recall_points([first], measure, {"loose": 0.1, "close": 0.02, "tight": 0.0})
-    assert calls[0] == recall_for_budget([first], base, 0.1) == RECALL_OFF
+    assert calls[0] == recall_for_budget([first], [FORCED_EXIT], 0.1)
     assert len(calls) == len(set(calls))  # each margin measured once
     assert points["loose-recall"]["recall"] == 0.02 and points["loose-recall"]["flip_rate"] == pytest.approx(0.1)
-    assert points["close-recall"]["recall"] == min(m for m in RECALL_GRID if m >= 0.1)
+    assert points["close-recall"]["recall"] == 0.1
     assert points["tight-recall"]["recall"] == RECALL_GRID[-1] and points["tight-recall"]["flip_rate"] == 0.01
-    assert all(p["thresholds"] == base for p in points.values())
+    assert all(p["thresholds"] == [FORCED_EXIT] for p in points.values())
+
+    estimate = recall_for_budget([first], [FORCED_EXIT], 0.0)  # recall both flips: a high margin
+    assert estimate > 0.1
+    down = recall_points([first], lambda thr, margin: 0.0, {"exact": 0.0})  # end to end, nothing flips
+    assert down["exact-recall"]["recall"] == RECALL_GRID[0]  # walked all the way down
 
 
 def test_river_flip_rate_is_zero_when_every_exit_is_recalled(tiny, tiny_onnx, river_folder):
@@ -378,15 +384,15 @@ def calibrated(tmp_path_factory):
 def test_calibration_records_recall_points(calibrated):
     import json
 
-    from river.compiler.calibrate import BUDGETS, RECALL_BASE
-    from river.compiler.river.recall import recall_point_name
+    from river.compiler.calibrate import BUDGETS
+    from river.compiler.river.recall import recall_base, recall_point_name
 
     manifest = json.loads((calibrated / "river.json").read_text())
     calibration = json.loads((calibrated / "calibration.json").read_text())
     points = manifest["recall_points"]
     assert {recall_point_name(n) for n in BUDGETS} <= set(points)
     for name, point in points.items():
-        assert point["thresholds"] == manifest["operating_points"][RECALL_BASE]
+        assert point["thresholds"] == recall_base(len(manifest["gates"]))
         assert point["recall"] == calibration["recall_points"][name]["recall"]
         check_recall(point["recall"])
         measured = calibration["recall_points"][name]  # end to end

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--humaneval", type=int, help="HumanEval problems (default 20, quick 3)")
     p.add_argument("--math", type=int, help="math word problems (default 20, quick 4)")
     p.add_argument("--calibration", type=int, help="calibration prompts (default 16, quick 4)")
-    p.add_argument("--methods", help="comma-separated subset of methods to run")
+    p.add_argument("--methods", help="comma-separated subset of methods to run; shell-style patterns match "
+                                     "several ('river-recall*:*')")
     return p
 
 

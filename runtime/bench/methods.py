@@ -7,8 +7,11 @@
   river-kv32:<op>,       the int8-head River with full-kv32 twins (--river int8-kv32): the weights a
   fixed-kv32@<g>         twin's K/V depend on stay fp32, so exited tokens leave less error in the cache
   river-recall:<point>   the int8-head River's segments at a calibrated recall point (<budget>-recall):
-                         fast's gates, and a token whose river is unsure goes back to the backbone
+                         every token out at the first gate; one whose river is unsure goes back to
+                         the backbone, which repairs the twin K/V before it
   river-recall-kv32:<p>  the same on the full-kv32 River's segments
+  river-recall-early:<p> the same on a River with one gate, after layer 1 (EARLY_GATE): every token
+                         drafted from there by int8 twins, the unsure ones recalled and repaired
   full-segmented         the same segments with every gate off (what running as segments costs)
   monotone:<op>          SkipDecode-style policy: once a token exits at a gate, later tokens exit there too
   propagate:<op>         CALM-style: skipped layers' K/V projected from the exit state (kv twins), calibrated
@@ -42,6 +45,7 @@ from river.compiler.river.recall import RECALL_OFF
 from river.runtime.backend import StepBackend
 from river.runtime.generate import Generator
 
+EARLY_GATE = 1  # the early River's one gate: recall points draft from right after this layer
 TORCH_BASELINES = "mask (D-LLM) and recompute (EE-LLM) run on the torch reference, measured against full-torch"
 
 # What a method is to the report: the reference, a lossy exit policy (judged against whole-model
@@ -109,6 +113,7 @@ class Graphs:
     river_kv: Path  # kv twins (propagate)
     river_qhead: Path  # int8 full twins and an int8 river head
     river_kv32: Path  # int8 full-kv32 twins and an int8 river head
+    river_early: Path  # int8 twins and head, one gate after layer EARLY_GATE (recall points)
     uniform: dict[str, Path]  # precision -> graph
 
 
@@ -126,12 +131,14 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
     folder = out / "graphs"
     folder.mkdir(parents=True, exist_ok=True)
     river = {}
-    for name, kind, head in (("river-int8", "int8", "fp32"), ("river-kv", "kv", "fp32"),
-                             ("river-int8-qhead", "int8", "int8"), ("river-kv32-qhead", "int8-kv32", "int8")):
+    for name, kind, head, at in (("river-int8", "int8", "fp32", gates), ("river-kv", "kv", "fp32", gates),
+                                 ("river-int8-qhead", "int8", "int8", gates),
+                                 ("river-kv32-qhead", "int8-kv32", "int8", gates),
+                                 ("river-early-qhead", "int8", "int8", str(EARLY_GATE))):
         graph_dir = folder / f"{name}-cal{n_cal}"
         if not (graph_dir / "model.onnx").is_file():
             print(f"[bench] compiling + calibrating {name} ...", file=log, flush=True)
-            compile_river(step, graph_dir, gates=gates, river=kind, calibrate=CALIBRATION_PROMPTS[:n_cal],
+            compile_river(step, graph_dir, gates=at, river=kind, calibrate=CALIBRATION_PROMPTS[:n_cal],
                           budget="balanced", threads=threads, head=head, log=log)
         river[name] = graph_dir / "model.onnx"
         if head != "fp32" and not (graph_dir / SEGMENTS_DIR).is_dir():  # river-recall runs its segments
@@ -144,7 +151,7 @@ def prepare_graphs(model: str, out: Path, gates: str | None, n_cal: int, threads
             save_onnx_atomic(uniform_quantized(load_onnx(step), precision), path)
         uniform[precision] = path
     return Graphs(model, step, river["river-int8"], river["river-kv"], river["river-int8-qhead"],
-                  river["river-kv32-qhead"], uniform)
+                  river["river-kv32-qhead"], river["river-early-qhead"], uniform)
 
 
 def exit_methods(backend: StepBackend, ops: dict, tok, eos, suffix: str, what: str) -> dict[str, Method]:
@@ -204,6 +211,7 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
                                          river_backend)
     methods.update(recall_methods(graphs.river_qhead, threads, tok, eos))
     methods.update(recall_methods(graphs.river_kv32, threads, tok, eos, "-kv32"))
+    methods.update(recall_methods(graphs.river_early, threads, tok, eos, "-early"))
     methods.update(torch_methods(graphs, threads, river_backend.river, ops["balanced"], tok, eos))
     return methods
 
@@ -225,7 +233,8 @@ def recall_methods(river: Path, threads: int, tok, eos, suffix: str = "") -> dic
                                                           backend, None, cost_family=None)}
     for name, point in points.items():
         methods[f"river-recall{suffix}:{name}"] = Method(
-            generator, EXITS, f"segments at recall point {name}: fast's gates, recall margin {point['recall']:.3g}",
+            generator, EXITS, f"segments{suffix} at recall point {name}: every token out at gate "
+            f"{RiverManifest.load(river.parent).gates[0]}, recall margin {point['recall']:.3g}",
             backend, point["thresholds"], cost_family=None, recall=point["recall"])
     return methods
 

@@ -10,6 +10,7 @@ sampling and verify mode's partial last round included). Decode tokens/s = their
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from river.compiler.river.manifest import RiverManifest
+from river.errors import RiverError
 from river.runtime.bench import report
 from river.runtime.bench.eval_data import EVAL_PROMPTS, MATH_PROBLEMS, REFERENCE_TEXT, humaneval_problems, last_number
 from river.runtime.bench.methods import TORCH_BASELINES, Method, build_methods, prepare_graphs
@@ -131,6 +133,17 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
     return results, tf, prompts
 
 
+def selected(methods: dict[str, Method], only: set[str]) -> dict[str, Method]:
+    """The methods ``only`` names (shell-style patterns), with ``full`` and each one's speed reference;
+    a pattern that names none is refused."""
+    chosen = {k for k in methods if any(fnmatch.fnmatchcase(k, pattern) for pattern in only)}
+    unmatched = sorted(p for p in only if not any(fnmatch.fnmatchcase(k, p) for k in methods))
+    if unmatched:
+        raise RiverError(f"--methods: no method is named {', '.join(unmatched)} (see river-bench --help)")
+    keep = chosen | {"full"} | {methods[k].speed_reference for k in chosen}
+    return {k: v for k, v in methods.items() if k in keep}
+
+
 def run(model: str, out: Path, threads: int, gates: str | None, sizes: Sizes, only: set[str] | None = None) -> Path:
     """The whole benchmark: graphs, methods, evaluation, report; returns the markdown report's path.
     ``only``: the subset of methods to run (the full model always runs: it is the reference)."""
@@ -140,8 +153,7 @@ def run(model: str, out: Path, threads: int, gates: str | None, sizes: Sizes, on
     graphs = prepare_graphs(model, out, gates, sizes.calibration, threads)
     methods = build_methods(graphs, threads)
     if only:
-        keep = only | {"full"} | {methods[k].speed_reference for k in only if k in methods}
-        methods = {k: v for k, v in methods.items() if k in keep}
+        methods = selected(methods, only)
     results, tf, prompts = evaluate(methods, sizes, methods["full"].generator.tokenizer)
     river_dir = graphs.river_int8.parent
     manifest = RiverManifest.load(river_dir)
