@@ -12,6 +12,7 @@ from tests_helpers import poison_decode
 from river.compiler.river.manifest import DISABLED, FORCED_EXIT
 from river.compiler.river.recall import RECALL_OFF, check_recall, river_margin
 from river.errors import RiverError
+from river.export import contract as C
 from river.runtime.batching.kv_pool import KVPool
 from river.runtime.generate import GenerationConfig, Generator
 from river.runtime.ort_backend import OrtBackend
@@ -442,8 +443,9 @@ def test_recall_through_the_cli(calibrated, tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_recall(smol, smol_segments):
     """SmolLM2, segments lowered for ONNX Runtime, every token forced out at the first gate (layer 14):
-    a margin no river reaches gives the full model's greedy tokens, and a small one recalls some steps
-    and agrees with the full model teacher-forced at least as often as the plain exit."""
+    a margin no river reaches gives the full model's greedy tokens, and a small one recalls some steps,
+    each of which leaves the whole cache the full model's (repairs of several positions among them), and
+    agrees with the full model teacher-forced at least as often as the plain exit."""
     from river.runtime.bench.eval_data import REFERENCE_TEXT
     from river.runtime.bench.run import teacher_forced
 
@@ -468,13 +470,23 @@ def test_smollm2_recall(smol, smol_segments):
     reference = teacher_forced(gen, ids).argmax(-1)
     backend.set_thresholds(forced)
 
+    full_kv = backend.run_step(C.step_feeds(backend.contract, np.asarray([ids], np.int64)), [DISABLED] * len(gates))
+    full_kv = [full_kv[n] for n in C.present_names(smol.config.num_layers)]
+    repairs = []  # positions each repair rewrote
+
     def agreement_and_recalls(margin):
         backend.set_recall(margin)
         seen, decode = [], backend.decode
 
         def counted(tokens, cache):
+            damaged_from = int(cache.history.damaged_from[0])
             out = decode(tokens, cache)
             seen.append(bool(backend.last_recalled[0]))
+            if seen[-1]:  # a recall leaves the row's whole cache the full model's
+                n = cache.length + 1
+                repairs.append(n - damaged_from if damaged_from >= 0 else 1)
+                for got, want in zip(cache.buffers(), full_kv):
+                    assert np.abs(got[:, :, :n] - want[:, :, :n]).max() <= 1e-3 * np.abs(want).max()
             return out
 
         backend.decode = counted
@@ -488,3 +500,4 @@ def test_smollm2_recall(smol, smol_segments):
     with_recall, share = agreement_and_recalls(0.1)
     assert never == 0 and 0 < share < 1
     assert with_recall >= plain
+    assert max(repairs) > 1, "no recall had twin K/V to repair"
