@@ -248,7 +248,6 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         own_writes, own_mask, trash = st["write_at"].copy(), st["mask"].copy(), cache.physical - s
         running, exits, recalled = np.ones(b, bool), np.full(b, -1), np.zeros(b, bool)
         history = getattr(cache, "history", None)
-        repaired = np.zeros(b, bool)
         out, outs = st["logits"], None  # several routes: each row's logits are copied out of its route's run
         self.last_similarities = []
 
@@ -308,7 +307,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
                     if history is not None:  # rows with twin K/V in their past: repaired, each alone
                         for i in np.flatnonzero(back & (history.damaged_from != UNDAMAGED)):
                             outs[i] = self._repair(cache, history, int(i), k, st, own_writes[i])
-                            running[i], repaired[i] = False, True
+                            running[i] = False
                 if not running.any():
                     break
         if running.any():
