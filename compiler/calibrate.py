@@ -362,8 +362,7 @@ def calibrate_river(step_path: str | Path, river_path: str | Path, prompts: Sequ
         if not point["within_budget"] and log is not None:
             print(f"[river] recall point {name}: no margin up to {point['recall']:g} keeps the flip rate within "
                   f"{point['budget']:g} (measured {point['flip_rate']:.2%}); it recalls nearly every exit", file=log)
-    base = next(iter(result["recall_points"].values()))["thresholds"]  # every recall point's gates
-    result["recall_curve"] = {"thresholds": base, "flip_rate": {f"{m:g}": r for m, r in sorted(curve.items())}}
+    result["recall_curve"] = {"thresholds": recall_base(len(data)), "flip_rate": {f"{m:g}": r for m, r in sorted(curve.items())}}
     result["prompts"] = list(prompts)
     result["new_tokens"] = new_tokens
     return result

@@ -30,15 +30,11 @@ class ExitHistory:
         self.exit_gate = np.full((rows, positions), NO_EXIT, np.int8)
         self.damaged_from = np.full(rows, UNDAMAGED, np.int64)
 
-    @classmethod
-    def view(cls, hidden: np.ndarray, exit_gate: np.ndarray, damaged_from: np.ndarray) -> ExitHistory:
-        out = object.__new__(cls)
-        out.hidden, out.exit_gate, out.damaged_from = hidden, exit_gate, damaged_from
-        return out
-
     def rows(self, lo: int, hi: int) -> ExitHistory:
         """Rows [lo, hi) on the same arrays (a pool's view, a backend's one-row view)."""
-        return self.view(self.hidden[lo:hi], self.exit_gate[lo:hi], self.damaged_from[lo:hi])
+        out = object.__new__(ExitHistory)
+        out.hidden, out.exit_gate, out.damaged_from = self.hidden[lo:hi], self.exit_gate[lo:hi], self.damaged_from[lo:hi]
+        return out
 
     def record(self, row: int, at: int, hidden: list[np.ndarray], exit_gate: int | None) -> None:
         """Positions [at, at+S) of ``row`` left at ``exit_gate`` (None: ran every gate) with the residual

@@ -157,15 +157,9 @@ def test_repairs_in_a_pool_follow_moved_rows_and_equal_each_row_alone(tiny, segm
     alone = []
     for p, h, plan, margin, token in zip(prompts, history, plans, margins, last):
         solo = _prefilled(segmented, p, 32)
-        for t, thresholds in zip(h, plan):
-            segmented.set_thresholds(thresholds)
-            segmented.decode(np.array([[t]]), solo)
-            solo.length += 1
-        segmented.set_thresholds(plan[-1])
-        segmented.set_recall(margin)
-        alone.append((np.array(segmented.decode(token[None], solo))[0],
-                      [b[0, :, :solo.length + 1].copy() for b in solo.buffers()], bool(segmented.last_recalled[0])))
-        segmented.set_recall(RECALL_OFF)
+        logits = _decode_plan(segmented, solo, h + [int(token[0])], plan + [plan[-1]], last_margin=margin)
+        alone.append((logits[0], [b[0, :, :solo.length].copy() for b in solo.buffers()],
+                      bool(segmented.last_recalled[0])))
     assert [r for _, _, r in alone] == [True, False, True]
 
     pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, rows=4, slack=4, gates=len(GATES), capacity=32,

@@ -222,7 +222,8 @@ def recall_methods(river: Path, threads: int, tok, eos, suffix: str = "") -> dic
     segments costs against ``full``, the speed reference of both."""
     from river.runtime.segmented_backend import SegmentedBackend
 
-    points = RiverManifest.load(river.parent).recall_points
+    manifest = RiverManifest.load(river.parent)
+    points = manifest.recall_points
     if not points:
         print(f"[bench] {river.parent} has no recall points (compiled before they existed): river-recall "
               "methods skipped; a fresh --out folder recompiles it", file=sys.stderr)
@@ -234,7 +235,7 @@ def recall_methods(river: Path, threads: int, tok, eos, suffix: str = "") -> dic
     for name, point in points.items():
         methods[f"river-recall{suffix}:{name}"] = Method(
             generator, EXITS, f"segments{suffix} at recall point {name}: every token out at gate "
-            f"{RiverManifest.load(river.parent).gates[0]}, recall margin {point['recall']:.3g}",
+            f"{manifest.gates[0]}, recall margin {point['recall']:.3g}",
             backend, point["thresholds"], cost_family=None, recall=point["recall"])
     return methods
 
