@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from river.compiler.quantize import NBITS_ACCURACY, ort_block_quant, unpack_nbits
+from river.compiler.quantize import NBITS_ACCURACY, ort_block_quant
 from river.compiler.river.manifest import set_props
 from river.compiler.weight_quant import quantize_weights
 from river.export.contract import StepContract
@@ -57,15 +56,6 @@ def exit_range_error(exit_after: int, layers: int) -> str | None:
         return (f"draft exit after layer {exit_after} is out of range: use -1 (every layer a twin) up to "
                 f"{layers - 2} (the model has {layers} layers)")
     return None
-
-
-def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """The [K, N] weight a MatMulNBits twin holds (for tests and error reports)."""
-    n, blocks, _ = packed.shape
-    q = unpack_nbits(packed, bits).astype(np.float32)
-    zp = unpack_nbits(zero_points, bits).reshape(n, -1)[:, :blocks].astype(np.float32)
-    w = (q - zp[:, :, None]) * scales.reshape(n, blocks)[:, :, None]
-    return w.reshape(n, -1)[:, :k].T.astype(np.float32)
 
 
 class DraftMatMuls:

@@ -87,6 +87,15 @@ def unpack_nbits(packed: np.ndarray, bits: int) -> np.ndarray:
     return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.int32)
 
 
+def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The [K, N] weight a MatMulNBits twin holds (tests, and the greedy head's error bound)."""
+    n, blocks, _ = packed.shape
+    q = unpack_nbits(packed, bits).astype(np.float32)
+    zp = unpack_nbits(zero_points, bits).reshape(n, -1)[:, :blocks].astype(np.float32)
+    w = (q - zp[:, :, None]) * scales.reshape(n, blocks)[:, :, None]
+    return w.reshape(n, -1)[:, :k].T.astype(np.float32)
+
+
 def ort_block_quant(weight: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A [K, N] weight as MatMulNBits inputs, by ONNX Runtime's own block quantizer: packed
     [N, K/block, blob] uint8, scales [N, K/block] float32, zero points [N, ceil(K/block*bits/8)] uint8

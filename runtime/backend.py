@@ -218,6 +218,13 @@ class StepBackend(ABC):
         with self.gate_thresholds.applied(self.gate_thresholds.disabled()):
             yield
 
+    @contextmanager
+    def greedy_logits(self, on: bool = True):
+        """Within the block (when ``on``) the logits need be exact only where they can be the argmax -
+        greedy decoding and greedy verification read nothing else - so a backend may run a cheaper head
+        (ONNX Runtime: ``compiler/lowering/greedy_head.py``). Default: no change."""
+        yield
+
     def exit_layer_of(self, exit_gate: int | None) -> int:
         return self.contract.num_layers if exit_gate is None else self.river.gates[exit_gate] + 1
 

@@ -16,7 +16,7 @@ import numpy as np
 from river.errors import CacheOverflow
 from river.models.tokenizer import encode_prompt
 from river.runtime.backend import KVCache, StepBackend
-from river.runtime.sampling import sample
+from river.runtime.sampling import is_greedy, sample
 
 
 @dataclass
@@ -214,10 +214,11 @@ class Generator:
         cache = self.backend.new_cache(capacity)
         emitter = self.emitter(cfg, on_token)
         try:
-            t0 = time.perf_counter()
-            first = self.prefill(prompt_ids, cache)
-            steps = [StepStat(0, -1, time.perf_counter() - t0, "prefill")]
-            self.decode_n_tokens(first, cache, cfg, emitter, steps)
+            with self.backend.greedy_logits(is_greedy(cfg.temperature)):
+                t0 = time.perf_counter()
+                first = self.prefill(prompt_ids, cache)
+                steps = [StepStat(0, -1, time.perf_counter() - t0, "prefill")]
+                self.decode_n_tokens(first, cache, cfg, emitter, steps)
         finally:
             self.backend.release(cache)
         return emitter.result(prompt_ids, steps)

@@ -7,6 +7,7 @@ made once per cache; a step only updates the tiny id/mask/position arrays that a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import onnxruntime as ort
 from river.compiler.graph_io import derived_graph, load_onnx_header
 from river.compiler.ort_session import session_options
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo, legacy_twins_note
+from river.compiler.lowering.greedy_head import GREEDY_LOGITS
 from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, lower_for_ort, lowering_of
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, WRITE_INDICES, to_shared_kv
 from river.errors import RiverError
@@ -73,6 +75,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
                 if d.dim_param:
                     so.add_free_dimension_override_by_name(d.dim_param, 1)
         self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
+        self._greedy = np.zeros((), np.bool_)  # GREEDY_LOGITS, bound by pointer where the graph has it
 
     def _decode_graph(self, lowering: str, positions: int | None) -> Path:
         """The in-place graph for steps: the fused lowering where it applies, else the portable one."""
@@ -124,11 +127,15 @@ class OrtBackend(InPlaceSteps, StepBackend):
             C.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(st["mask"]),
             C.LOGITS: ort.OrtValue.ortvalue_from_numpy(st["logits"]),
         }
-        graph_inputs = {i.name for i in self.decode_session.get_inputs()}  # the fused form reads no write index
+        sess = self.decode_session  # inputs with a default are listed apart, as overridable initializers
+        graph_inputs = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}  # the fused form reads no write index
         for name in (C.INPUT_IDS, WRITE_INDICES, C.ATTENTION_MASK) + ((C.POSITION_IDS,) if c.position_ids else ()):
             if name in graph_inputs:
                 binding.bind_ortvalue_input(name, values[name])
         binding.bind_ortvalue_output(C.LOGITS, values[C.LOGITS])
+        if GREEDY_LOGITS in graph_inputs:
+            values[GREEDY_LOGITS] = ort.OrtValue.ortvalue_from_numpy(self._greedy)
+            binding.bind_ortvalue_input(GREEDY_LOGITS, values[GREEDY_LOGITS])
         if self.river is not None:
             st["exit"] = np.zeros((b,), np.int64)
             values[THRESHOLDS] = ort.OrtValue.ortvalue_from_numpy(self.thresholds)
@@ -143,6 +150,16 @@ class OrtBackend(InPlaceSteps, StepBackend):
                 binding.bind_ortvalue_output(C.present_name(layer, kind), value)
         st["binding"], st["values"] = binding, values
         return st
+
+    @contextmanager
+    def greedy_logits(self, on: bool = True):
+        """The lowered graph's greedy head (``compiler/lowering/greedy_head.py``) while ``on``."""
+        before = bool(self._greedy)
+        self._greedy[...] = on
+        try:
+            yield
+        finally:
+            self._greedy[...] = before
 
     def _vocab(self) -> int:
         return int(self.decode_session.get_outputs()[0].shape[-1])

@@ -30,7 +30,7 @@ import numpy as np
 from river.errors import RiverError
 from river.runtime.backend import KVCache, StepBackend
 from river.runtime.generate import GenerationConfig, GenerationResult, Generator, StepStat
-from river.runtime.sampling import sample, speculative_accept
+from river.runtime.sampling import is_greedy, sample, speculative_accept
 
 DRAFT_K = 4  # tokens drafted in a round (with adaptive k, in the first round)
 K_MAX = 8  # the most adaptive k grows to
@@ -145,7 +145,8 @@ class SpeculativeGenerator(Generator):
         emitter = self.emitter(cfg, on_token)
         cache = self.backend.new_cache(capacity)
         try:
-            steps = self._rounds(prompt_ids, cache, capacity, cfg, emitter, rng)
+            with self.backend.greedy_logits(is_greedy(cfg.temperature)):  # the backbone's; drafts are cheap already
+                steps = self._rounds(prompt_ids, cache, capacity, cfg, emitter, rng)
         finally:
             self.backend.release(cache)
             if self.draft_backend is not None:

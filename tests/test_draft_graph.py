@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from river.compiler.draft_graph import check, dequantize_nbits, draft_graph, draft_metadata
+from river.compiler.draft_graph import check, draft_graph, draft_metadata
+from river.compiler.quantize import dequantize_nbits
 from river.compiler.graph_io import load_onnx, save_onnx_atomic
 from river.runtime.ort_backend import OrtBackend
 

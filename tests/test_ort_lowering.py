@@ -81,7 +81,8 @@ def test_plain_step_graph_lowered_equals_portable(tiny, tiny_onnx):
     layers = tiny.config.num_layers
     assert ops.count("GroupQueryAttention") == layers
     assert not {"TensorScatter", "Softmax"} & set(ops)  # no portable attention left
-    assert ops.count("MatMul") == 4 * layers + 1 and ops.count("Split") == layers  # packed: qkv, o, gate|up, down; the head
+    assert ops.count("MatMul") == 4 * layers and ops.count("Split") == layers  # packed: qkv, o, gate|up, down
+    assert ops.count("If") == 1  # the head: fp32, or greedy_head's form (tests/test_greedy_head.py)
     # every norm after a residual Add (all but the first, over the embeddings) is fused with it
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
 

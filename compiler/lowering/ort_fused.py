@@ -6,7 +6,9 @@ length comes from its mask, and attention reads that length only. Its fp32 proje
 product over packed weights (``packed_qkv.py``), as do other products over one input (the gated MLP's
 gate and up: ``packed_matmuls.py``), and each residual Add with the RMSNorm after it becomes
 ``SkipSimplifiedLayerNormalization`` (``skip_norm.py``). ONNX Runtime's own optimizer fuses the rest
-(the first norm into ``SimplifiedLayerNormalization``, SiLU).
+(the first norm into ``SimplifiedLayerNormalization``, SiLU). An fp32 LM head gains the greedy form
+greedy decoding switches on (``greedy_head.py``: an 8-bit head, its error bound, the exact logits of
+the tokens that can still win); a head it does not take stays as it is, the reason logged.
 
 Exactness: the fused attention is causal by position with each row's valid prefix from its mask. For
 one new token a step that is every causal graph's semantics; for several, only graphs that mask by
@@ -26,16 +28,17 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from river.compiler.graph_io import rewrite_step_graph
-from river.compiler.lowering import fused_attention, packed_matmuls
+from river.compiler.lowering import fused_attention, greedy_head, packed_matmuls
 from river.compiler.lowering.packed_qkv import pack_qkv
 from river.compiler.lowering.skip_norm import fuse_skip_norm
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
 from river.compiler.river.builder import is_quantized_weight
 from river.export.contract import past_layers, past_name, present_name
 
-ORT_LOWERING_FORMAT = 6 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+ORT_LOWERING_FORMAT = 7 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
 MS_DOMAIN = "com.microsoft"
@@ -95,6 +98,8 @@ def to_ort_fused(model: onnx.ModelProto, max_positions: int | None) -> onnx.Mode
     result = rewrite_step_graph(model, lambda m: _fuse_all(m, layers, max_positions), keep_local=is_quantized_weight)
     if not any(o.domain == MS_DOMAIN for o in result.opset_import):
         result.opset_import.add(domain=MS_DOMAIN, version=1)
+    if any(i.name == greedy_head.GREEDY_LOGITS for i in result.graph.input):  # off unless the runtime asks
+        result.graph.initializer.append(numpy_helper.from_array(np.array(False), greedy_head.GREEDY_LOGITS))
     return result
 
 
@@ -132,6 +137,11 @@ def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int) -> 
             packed_matmuls.pack_siblings(g, siblings)
         _write_outputs_directly(g)  # which ends with a cleanup
     _check_cache_use(graph)
+    head, why = greedy_head.check(graph)
+    if head is not None:
+        greedy_head.lower(graph, head)
+    else:
+        log.debug("the LM head keeps its one form: %s", why)
     outputs = {t.name: t for t in graph.outputs}
     inputs = {t.name: t for t in graph.inputs}
     for layer in layers:
