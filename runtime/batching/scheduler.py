@@ -584,7 +584,7 @@ class Scheduler:
         view = self.pool.rows(lo, hi)
         ids = np.asarray([[r.pending] for r in rows], np.int64)
         t0 = time.perf_counter()
-        with self._gates_for(self.decoder, view):
+        with self._gates_for(self.decoder, view), self.decoder.greedy_logits(all(r.greedy for r in rows)):
             logits = np.array(self.decoder.extend(ids, view)[:, -1])
         seconds = time.perf_counter() - t0
         exits = self._exit_layers(self.decoder, len(rows))
@@ -642,7 +642,7 @@ class Scheduler:
         lengths[:] = start
         tokens = np.asarray([[r.pending] + d + [d[-1] if d else r.pending] * (kmax - len(d))
                              for r, d in zip(rows, drafted)], np.int64)
-        with self._gates_for(self.backbone, view, disabled=True):
+        with self._gates_for(self.backbone, view, disabled=True), self.backbone.greedy_logits(all(r.greedy for r in rows)):
             target = np.array(self.backbone.extend(tokens, view))
         seconds = time.perf_counter() - t0
         produced = 0
