@@ -240,9 +240,9 @@ def llama_cpp_engines(model: str, threads: int, context: int, log=None) -> list[
         return []
     try:
         import llama_cpp
-    except ImportError:
-        print("[anchors] skipping llama.cpp: llama-cpp-python is not installed "
-              "(pip install llama-cpp-python==0.3.36; builds from source, ~17 min on 2 cores; benchmark-only)", file=log)
+    except ImportError as exc:  # not installed, or installed without its dependencies (--no-deps)
+        print(f"[anchors] skipping llama.cpp: llama-cpp-python does not import ({exc}): pip install "
+              "llama-cpp-python==0.3.36 (builds from source, ~17 min on 2 cores; benchmark-only)", file=log)
         return []
     problem = llama_cpp_probe(path, threads)
     if problem:

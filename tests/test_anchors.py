@@ -89,7 +89,7 @@ def test_missing_engines_are_skipped_with_a_line(anchors, monkeypatch, capsys):
     assert anchors.llama_cpp_engines(str(Path("m.gguf")), 1, 64) == []
     err = capsys.readouterr().err
     assert "skipping onnxruntime-genai (fp32, int4): not installed" in err
-    assert "skipping llama.cpp: llama-cpp-python is not installed" in err
+    assert "skipping llama.cpp: llama-cpp-python does not import (llama_cpp): pip install" in err
 
 
 def test_llama_cpp_built_for_another_cpu_is_skipped_not_fatal(anchors, monkeypatch, capsys):
