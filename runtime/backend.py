@@ -293,6 +293,24 @@ class InPlaceSteps:
             self._bound_caches = OrderedDict()
         return self._bound_caches
 
+    @property
+    def greedy_flag(self) -> np.ndarray:
+        """The lowered graphs' ``greedy_logits`` input (``compiler/lowering/greedy_head.py``), a bool
+        bound by pointer where a graph has it: ``greedy_logits()`` sets it for a block."""
+        if "_greedy_flag" not in self.__dict__:
+            self._greedy_flag = np.zeros((), np.bool_)
+        return self._greedy_flag
+
+    @contextmanager
+    def greedy_logits(self, on: bool = True):
+        flag = self.greedy_flag
+        before = bool(flag)
+        flag[...] = on
+        try:
+            yield
+        finally:
+            flag[...] = before
+
     def _bindings_of(self, cache) -> dict[int, dict]:
         entry = self._bound.get(id(cache))
         if entry is None or entry[0]() is not cache:  # new, or a dead cache's id reused

@@ -7,7 +7,6 @@ made once per cache; a step only updates the tiny id/mask/position arrays that a
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +74,6 @@ class OrtBackend(InPlaceSteps, StepBackend):
                 if d.dim_param:
                     so.add_free_dimension_override_by_name(d.dim_param, 1)
         self.decode_session = ort.InferenceSession(str(decode_path), so, providers=providers)
-        self._greedy = np.zeros((), np.bool_)  # GREEDY_LOGITS, bound by pointer where the graph has it
 
     def _decode_graph(self, lowering: str, positions: int | None) -> Path:
         """The in-place graph for steps: the fused lowering where it applies, else the portable one."""
@@ -134,7 +132,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
                 binding.bind_ortvalue_input(name, values[name])
         binding.bind_ortvalue_output(C.LOGITS, values[C.LOGITS])
         if GREEDY_LOGITS in graph_inputs:
-            values[GREEDY_LOGITS] = ort.OrtValue.ortvalue_from_numpy(self._greedy)
+            values[GREEDY_LOGITS] = ort.OrtValue.ortvalue_from_numpy(self.greedy_flag)
             binding.bind_ortvalue_input(GREEDY_LOGITS, values[GREEDY_LOGITS])
         if self.river is not None:
             st["exit"] = np.zeros((b,), np.int64)
@@ -150,16 +148,6 @@ class OrtBackend(InPlaceSteps, StepBackend):
                 binding.bind_ortvalue_output(C.present_name(layer, kind), value)
         st["binding"], st["values"] = binding, values
         return st
-
-    @contextmanager
-    def greedy_logits(self, on: bool = True):
-        """The lowered graph's greedy head (``compiler/lowering/greedy_head.py``) while ``on``."""
-        before = bool(self._greedy)
-        self._greedy[...] = on
-        try:
-            yield
-        finally:
-            self._greedy[...] = before
 
     def _vocab(self) -> int:
         return int(self.decode_session.get_outputs()[0].shape[-1])

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from river.compiler.graph_io import derived_graph, load_onnx_header
 from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, lower_segment_for_ort, lowering_of
 from river.compiler.ort_session import session_options, shared_thread_pool
+from river.compiler.lowering.greedy_head import GREEDY_LOGITS
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS
 from river.compiler.river.recall import RECALL_OFF, river_margin
 from river.compiler.river.segments import SegmentIndex, exit_name, hidden_name, similarity_name
@@ -192,6 +193,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         buffers: dict[str, np.ndarray] = {
             C.INPUT_IDS: st["ids"], C.POSITION_IDS: st["positions"], WRITE_INDICES: st["write_at"],
             C.ATTENTION_MASK: st["mask"], C.LOGITS: st["logits"], THRESHOLDS: self.thresholds,
+            GREEDY_LOGITS: self.greedy_flag,  # the last backbone segment's head, lowered (greedy_head.py)
         }
         for k in range(G):
             buffers[exit_name(k)], buffers[similarity_name(k)] = st["exit"][k], st["sim"][k]
@@ -208,6 +210,8 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
             binding = sess.io_binding()
             for i in sess.get_inputs():
                 binding.bind_ortvalue_input(i.name, st["values"][i.name])
+            if GREEDY_LOGITS in {i.name for i in sess.get_overridable_initializers()}:
+                binding.bind_ortvalue_input(GREEDY_LOGITS, st["values"][GREEDY_LOGITS])
             for o in sess.get_outputs():
                 binding.bind_ortvalue_output(o.name, st["values"][o.name])
             st["bindings"][seg.name] = (sess, binding)

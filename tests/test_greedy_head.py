@@ -18,11 +18,11 @@ EXACT_TOL = 1e-4  # the rescored logits are fp32 dot products summed in another 
 
 
 def _steps(backend, vocab, greedy, seed=0, steps=((5, 0), (1, 0), (3, 1), (1, 0), (1, 0))):
-    """Logits of a fixed run of steps (random tokens, a rollback), with the greedy head on or off."""
+    """Logits of a fixed run of steps (random tokens, a rollback) at full depth, greedy head on or off."""
     rng = np.random.default_rng(seed)
     cache = backend.new_cache(24)
     out = []
-    with backend.greedy_logits(greedy):
+    with backend.greedy_logits(greedy), backend.full_depth():
         for s, back in steps:
             cache.truncate(cache.length - back)
             out.append(np.array(backend.extend(rng.integers(1, vocab, (1, s)).astype(np.int64), cache)))
@@ -67,7 +67,19 @@ def test_greedy_logits_keep_the_argmax_and_rescore_exactly(tiny, tiny_onnx):
     np.testing.assert_array_equal(wide_on, wide_off)  # steps of more rows run the fp32 head
     with lowered.greedy_logits(True):
         pass
-    assert not lowered._greedy  # restored after the block
+    assert not lowered.greedy_flag  # restored after the block
+
+
+def test_segmented_river_runs_the_greedy_head_in_its_last_segment(tiny, tiny_river_segmented):
+    from river.runtime.segmented_backend import SegmentedBackend
+
+    backend = SegmentedBackend(tiny_river_segmented.parent / "segments", threads=1)
+    assert backend.lowering == "ort_fused"
+    vocab, rescored, total = tiny.config.vocab_size, 0, 0
+    for on, off in zip(_steps(backend, vocab, True), _steps(backend, vocab, False)):
+        rescored += assert_greedy_contract(on, off)
+        total += on.size
+    assert 0 < rescored < total
 
 
 def test_the_bound_covers_the_8bit_error():
