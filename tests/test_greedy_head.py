@@ -107,7 +107,11 @@ def test_check_explains_heads_it_leaves(tiny_onnx):
     graph = gs.import_onnx(load_onnx(tiny_onnx))
     node, why = greedy_head.check(graph)
     assert node is not None and why is None
-    node.outputs[0].inputs[0].op = "Gemm"  # e.g. a head with a bias
+    logits = node.outputs[0]
+    shape, logits.shape = logits.shape, ["rows", 5]
+    assert greedy_head.check(graph)[1] == "'logits' is not [batch, sequence, vocab] (shape ['rows', 5])"
+    logits.shape = shape
+    node.op = "Gemm"  # e.g. a head with a bias
     assert greedy_head.check(graph)[1] == "'logits' is made by Gemm, not by a MatMul"
     graph.outputs = [t for t in graph.outputs if t.name != "logits"]
     assert greedy_head.check(graph)[1] == "the graph has no 'logits' output"

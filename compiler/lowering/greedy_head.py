@@ -54,6 +54,8 @@ def check(graph: gs.Graph) -> tuple[gs.Node | None, str | None]:
         return None, f"the graph has no '{LOGITS}' output"
     if len(out.inputs) != 1 or out.inputs[0].op != "MatMul":
         return None, f"'{LOGITS}' is made by {out.inputs[0].op if out.inputs else 'no node'}, not by a MatMul"
+    if out.shape is None or len(out.shape) != 3:  # then the head's input is [B, S, H] too
+        return None, f"'{LOGITS}' is not [batch, sequence, vocab] (shape {out.shape})"
     node = out.inputs[0]
     weight = constant_values(node.inputs[1])
     if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
