@@ -103,6 +103,41 @@ def test_the_bound_covers_the_8bit_error():
     assert (np.abs(approx - exact).max(-1) > 0.05 * bound.max(-1)).all()  # not vacuous
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_alone_tied_or_not(tied):
+    """A head by itself: rows read from an equal embedding table (tied) or by column from its own
+    weight (untied); the contract holds on hidden states with an outlier channel."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(1)
+    k, v = 64, 500
+    w = (rng.standard_normal((k, v)) * rng.uniform(0.02, 0.2, v)).astype(np.float32)
+    h = gs.Variable("h", np.float32, ["B", "S", k])
+    logits = gs.Variable("logits", np.float32, ["B", "S", v])
+    ids, emb = gs.Variable("ids", np.int64, ["n"]), gs.Variable("emb", np.float32)
+    table = np.ascontiguousarray(w.T) if tied else np.ascontiguousarray(w.T) + 1.0
+    graph = gs.Graph(nodes=[gs.Node("MatMul", "head", {}, [h, gs.Constant("W", w)], [logits]),
+                            gs.Node("Gather", "embed", {}, [gs.Constant("table", table), ids], [emb])],
+                     inputs=[h, ids], outputs=[logits, emb], opset=21)
+    node, why = greedy_head.check(graph)
+    assert why is None
+    greedy_head.lower(graph, node)
+    model = gs.export_onnx(graph)
+    model.opset_import.add(domain="com.microsoft", version=1)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(False), greedy_head.GREEDY_LOGITS))
+    then = next(a.g for a in next(n for n in model.graph.node if n.op_type == "If").attribute if a.name == "then_branch")
+    reads = {n.name: n.input[0] for n in then.node}
+    assert reads.get("/greedy_head/w_rows" if tied else "/greedy_head/w_cols") == ("table" if tied else "W")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 2, k)).astype(np.float32)
+    x[..., 5] *= 30
+    run = lambda flag: sess.run(["logits"], {"h": x, "ids": np.array([0]), greedy_head.GREEDY_LOGITS: np.array(flag)})[0]  # noqa: E731
+    exact = run(False)
+    np.testing.assert_allclose(exact, x @ w, rtol=1e-5, atol=1e-4)
+    assert 0 < assert_greedy_contract(run(True), exact) < exact.size
+
+
 def test_check_explains_heads_it_leaves(tiny_onnx):
     graph = gs.import_onnx(load_onnx(tiny_onnx))
     node, why = greedy_head.check(graph)
