@@ -103,7 +103,14 @@ def our_engines(full, model: str, threads: int, river: Path | None) -> list[Engi
                       "from 4), the full model verifies"),
                Engine("ours verify (k=4 fixed)", generator_runner(open_verifier(model, threads=threads, k=4,
                                                                                adaptive=False)),
-                      "river-generate --mode verify --no-adaptive")]
+                      "river-generate --mode verify --no-adaptive"),
+               Engine("ours full (ort-grid)", generator_runner(open_generator(model, threads=threads, backend="ort",
+                                                                             lowering="ort-grid")),
+                      "river-generate --lowering ort-grid: weights on a 4-bit grid (a GGUF's Q4_1) computed "
+                      "in fp32 from their 4-bit form; the others as ours full"),
+               Engine("ours verify (ort-grid)", generator_runner(open_verifier(model, threads=threads,
+                                                                              lowering="ort-grid")),
+                      "river-generate --mode verify --lowering ort-grid")]
     if river is not None:
         from river.compiler.river.manifest import SEGMENTS_DIR, RiverManifest
 

@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lowering", choices=LOWERINGS, default="ort",
                    help="ONNX Runtime backend: 'ort' (default) runs the graph lowered to ONNX Runtime's fused "
                    "kernels (GroupQueryAttention over the shared KV buffers) where the lowering applies, "
-                   "'portable' the plain graph")
+                   "'ort-grid' also computes weights that lie on a 4-bit grid (a GGUF's Q4_1 tensors) in fp32 "
+                   "from their 4-bit form (plain and River graphs; logits move by up to 1e-5 of their largest "
+                   "value), 'portable' the plain graph")
     p.add_argument("--tokenizer", help="tokenizer folder, for a model.onnx without tokenizer files beside it")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -122,7 +124,7 @@ def _generate(args, shared_pool: bool) -> int:
     if note:
         print(f"[river] {note}", file=sys.stderr)
     reason = getattr(gen.backend, "lowering_reason", "")
-    if args.lowering == "ort" and getattr(gen.backend, "lowering", None) == "portable" and reason:
+    if args.lowering != "portable" and getattr(gen.backend, "lowering", None) == "portable" and reason:
         print(f"[river] running the portable graph (the ONNX Runtime lowering does not apply: {reason})",
               file=sys.stderr)
     result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),

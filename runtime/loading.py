@@ -25,7 +25,9 @@ from river.runtime.generate import Generator
 from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, K_MAX
 
 BACKENDS = ("ort", "segmented", "tensorrt", "torch")
-LOWERINGS = ("ort", "portable")  # ONNX Runtime steps: its fused lowering where it applies, or the portable graph
+# ONNX Runtime steps: its fused lowering where it applies, or the portable graph; "ort-grid" also
+# computes weights that lie on a 4-bit grid (GGUF Q4_1) from that form (compiler/lowering/grid_weights.py)
+LOWERINGS = ("ort", "ort-grid", "portable")
 
 
 def parse_thresholds(text: str | None, backend: StepBackend):

@@ -79,15 +79,16 @@ class OrtBackend(InPlaceSteps, StepBackend):
         """The in-place graph for steps: the fused lowering where it applies, else the portable one."""
         self.lowering, self.lowering_reason, self.max_positions = "portable", "", None
         self.context = positions or exported_config(self.model_path.parent).get("max_position_embeddings")
-        if lowering == "ort" and self.kv_window is None:
+        if lowering != "portable" and self.kv_window is None:
             # twice the context: positions past a row's room (a pool's slack, padding) stay in the tables
-            positions = fused_positions(self.context)
+            positions, grid = fused_positions(self.context), lowering == "ort-grid"
             path = derived_graph("ort_lowered", self.model_path, ORT_LOWERING_FORMAT,
-                                 lambda m: lower_for_ort(m, positions), variant=f"-p{positions}")
+                                 lambda m: lower_for_ort(m, positions, grid=grid),
+                                 variant=f"-p{positions}" + ("-grid" if grid else ""))
             self.lowering, self.lowering_reason = lowering_of(load_onnx_header(path))
             self.max_positions = positions if self.lowering != "portable" else None
             return path
-        if lowering == "ort":
+        if lowering != "portable":
             self.lowering_reason = "a sliding window: every step runs the contract graph"
         return derived_graph("shared_kv", self.model_path, SHARED_KV_FORMAT, to_shared_kv)
 

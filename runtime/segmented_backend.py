@@ -83,8 +83,10 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         self.lowering, self.lowering_reason = "portable", ""
         if lowering not in LOWERINGS:
             raise RiverError(f"unknown lowering '{lowering}' (choose {' or '.join(LOWERINGS)})")
-        if lowering != "ort":
+        if lowering == "portable":
             return {}
+        if lowering == "ort-grid":  # segments are lowered without it (their twins are quantized already)
+            self.lowering_reason = "grid weights are not lowered in segments: they run the ort lowering"
         if self.kv_window is not None:
             self.lowering_reason = "a sliding window: every step runs the contract segments"
             return {}

@@ -8,7 +8,9 @@ gate and up: ``packed_matmuls.py``), and each residual Add with the RMSNorm afte
 ``SkipSimplifiedLayerNormalization`` (``skip_norm.py``). ONNX Runtime's own optimizer fuses the rest
 (the first norm into ``SimplifiedLayerNormalization``, SiLU). An fp32 LM head gains the greedy form
 greedy decoding switches on (``greedy_head.py``: an 8-bit head, its error bound, the exact logits of
-the tokens that can still win); a head it does not take stays as it is, the reason logged.
+the tokens that can still win); a head it does not take stays as it is, the reason logged. With
+``grid``, weights that lie on a 4-bit grid (a GGUF's Q4_1 tensors, dequantized) are computed in fp32 from
+their 4-bit form (``grid_weights.py``; opt-in: logits move by up to 1e-5 of their largest value).
 
 Exactness: the fused attention is causal by position with each row's valid prefix from its mask. For
 one new token a step that is every causal graph's semantics; for several, only graphs that mask by
@@ -31,14 +33,14 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from river.compiler.graph_io import rewrite_step_graph
-from river.compiler.lowering import fused_attention, greedy_head, packed_matmuls
+from river.compiler.lowering import fused_attention, greedy_head, grid_weights, packed_matmuls
 from river.compiler.lowering.packed_qkv import pack_qkv
 from river.compiler.lowering.skip_norm import fuse_skip_norm
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
 from river.compiler.river.builder import is_quantized_weight
 from river.export.contract import past_layers, past_name, present_name
 
-ORT_LOWERING_FORMAT = 7 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+ORT_LOWERING_FORMAT = 9 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
 MS_DOMAIN = "com.microsoft"
@@ -60,11 +62,12 @@ def lowering_of(model: onnx.ModelProto) -> tuple[str, str]:
     return props.get(LOWERING_PROP, "portable"), props.get(LOWERING_REASON_PROP, "")
 
 
-def lower_for_ort(model: onnx.ModelProto, max_positions: int | None) -> onnx.ModelProto:
+def lower_for_ort(model: onnx.ModelProto, max_positions: int | None, grid: bool = False) -> onnx.ModelProto:
     """The fused form of a step graph, or its portable shared-KV form with the reason it is not fused.
-    ``max_positions``: positions the rotary tables cover (the runtime asks for twice the context)."""
+    ``max_positions``: positions the rotary tables cover (the runtime asks for twice the context);
+    ``grid``: also compute grid weights from their 4-bit form (``grid_weights.py``)."""
     try:
-        result = to_ort_fused(model, max_positions)
+        result = to_ort_fused(model, max_positions, grid)
         lowering, reason = "ort_fused", ""
     except NotLowered as exc:
         result, lowering, reason = to_shared_kv(model), "portable", str(exc)
@@ -89,13 +92,13 @@ def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None) -
     return result
 
 
-def to_ort_fused(model: onnx.ModelProto, max_positions: int | None) -> onnx.ModelProto:
+def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: bool = False) -> onnx.ModelProto:
     """The graph (a step graph or a River segment) with every attention block fused (raises
     NotLowered, saying why, when one is not)."""
     if not max_positions or max_positions < 1:
         raise NotLowered("the model's context length is unknown (the rotary tables need it)")
     layers = past_layers(model)
-    result = rewrite_step_graph(model, lambda m: _fuse_all(m, layers, max_positions), keep_local=is_quantized_weight)
+    result = rewrite_step_graph(model, lambda m: _fuse_all(m, layers, max_positions, grid), keep_local=is_quantized_weight)
     if not any(o.domain == MS_DOMAIN for o in result.opset_import):
         result.opset_import.add(domain=MS_DOMAIN, version=1)
     if any(i.name == greedy_head.GREEDY_LOGITS for i in result.graph.input):  # off unless the runtime asks
@@ -103,7 +106,7 @@ def to_ort_fused(model: onnx.ModelProto, max_positions: int | None) -> onnx.Mode
     return result
 
 
-def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int) -> gs.Graph:
+def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, grid: bool) -> gs.Graph:
     graph = gs.import_onnx(model)
     blocks, reasons = [], []
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -136,6 +139,8 @@ def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int) -> 
         for siblings in packed_matmuls.groups(g):  # what is left: the gated MLP's gate and up
             packed_matmuls.pack_siblings(g, siblings)
         _write_outputs_directly(g)  # which ends with a cleanup
+        if grid:
+            grid_weights.rewrite(g)  # after packing: a packed weight is on its parts' grids
     _check_cache_use(graph)
     head, why = greedy_head.check(graph)
     if head is not None:

@@ -1,0 +1,93 @@
+"""Rewrite: an fp32 weight whose values lie on a 4-bit grid per block - what a GGUF's Q4_1 tensors
+dequantize to, ``w = d * q + m`` with q in 0..15 per block of 32 inputs - as the same values in 4 bits,
+computed in fp32.
+
+Why: SmolLM2's layers arrive as Q4_1; exported to fp32 they are 425 MB that every decode step reads
+(from DRAM: they do not fit the cache), stored on their grid they are ~60 MB. ``MatMulNBits`` at
+accuracy level 1 dequantizes and multiplies in fp32, but its zero point is an integer and Q4_1's
+offset ``m`` is any float. So each weight becomes
+
+    y = MatMulNBits(x; q, scale d, zero point z = round(-m / d))      # d * (q - z) = w - r
+      + MatMul(MatMul(x, block indicator), r)                          # r = m + d * z, one per block
+
+where the second product (K/32 x N) restores the offset exactly. The result equals ``x @ w`` up to
+fp32 rounding (the values d*(q-z) and r are each rounded once, and the sums run in another order):
+SmolLM2's logits move by ~2e-4 of values ~20, as much as the other fused kernels move them.
+
+Only weights whose every block sits on such a grid (within 1e-6 of the block's largest value) are
+rewritten; any other weight stays an fp32 MatMul, so a model trained and exported in fp32 is untouched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from river.compiler.lowering.patterns import constant_values
+
+BLOCK, LEVELS = 32, 15  # Q4_1: 32 inputs a block, q in 0..15
+TOLERANCE = 1e-6  # of the block's largest |w|: the grid is exact up to fp32 rounding of d * q + m
+FP32_COMPUTE = 1  # MatMulNBits accuracy level 1: fp32 activations, dequantized fp32 weights
+MS_DOMAIN = "com.microsoft"
+
+
+def grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """MatMulNBits' (packed [N, K/32, 16], scales [N*K/32], zero points [N, ceil(K/64)]) and the offset
+    residual [K/32, N] of a [K, N] weight on a 4-bit grid per block; None when any block is not."""
+    if w.ndim != 2 or w.dtype != np.float32 or w.shape[0] % BLOCK:
+        return None
+    k, n = w.shape
+    blocks = w.reshape(k // BLOCK, BLOCK, n).astype(np.float64)
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    d = (hi - lo) / LEVELS
+    d = np.where(d > 0, d, 1.0)
+    q = np.rint((blocks - lo[:, None]) / d[:, None])
+    scale = np.maximum(np.abs(blocks).max(axis=1), 1e-30)
+    if not (np.abs(lo[:, None] + d[:, None] * q - blocks) <= TOLERANCE * scale[:, None]).all():
+        return None
+    z = np.clip(np.rint(-lo / d), 0, LEVELS)
+    residual = (lo + d * z).astype(np.float32)  # what d * (q - z) leaves out of w, per block and column
+    nb = k // BLOCK
+    qt = q.astype(np.uint8).transpose(2, 0, 1)  # [N, K/32, 32]
+    packed = (qt[..., 0::2] | (qt[..., 1::2] << 4)).astype(np.uint8)  # two a byte, low nibble first
+    zt = z.astype(np.uint8).T  # [N, K/32]
+    if nb % 2:
+        zt = np.concatenate([zt, np.zeros((n, 1), np.uint8)], axis=1)
+    zero_points = (zt[:, 0::2] | (zt[:, 1::2] << 4)).astype(np.uint8)
+    return packed, d.T.reshape(-1).astype(np.float32), zero_points, residual
+
+
+def _block_indicator(k: int) -> np.ndarray:
+    """[K, K/32] ones where input i belongs to block b: x @ it sums each block (any rank of x)."""
+    return np.repeat(np.eye(k // BLOCK, dtype=np.float32), BLOCK, axis=0)
+
+
+def rewrite(graph: gs.Graph) -> int:
+    """Every MatMul of ``graph`` (not its subgraphs) by a constant grid weight, rewritten; returns how
+    many. Constants are named ``<weight>@q41...`` so that ``If`` branches keep theirs (ONNX Runtime
+    prepacks a MatMulNBits weight only when it is the branch's own)."""
+    done = 0
+    for node in [n for n in graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
+        w = constant_values(node.inputs[1])
+        grid = None if w is None else grid_of(w)
+        if grid is None:
+            continue
+        packed, scales, zero_points, residual = grid
+        k, n = w.shape
+        x, out, name = node.inputs[0], node.outputs[0], node.inputs[1].name
+        c = lambda suffix, value: gs.Constant(f"{name}@q41{suffix}", value)  # noqa: E731
+        v = lambda suffix: gs.Variable(f"{node.name}/q41/{suffix}", dtype=np.float32)  # noqa: E731
+        main, sums, offset = v("main"), v("block_sums"), v("offset")
+        node.inputs, node.outputs = [], []
+        graph.nodes += [
+            gs.Node("MatMulNBits", f"{node.name}/q41", {"K": k, "N": n, "bits": 4, "block_size": BLOCK,
+                                                          "accuracy_level": FP32_COMPUTE},
+                    [x, c("p", packed), c("s", scales), c("z", zero_points)], [main], domain=MS_DOMAIN),
+            gs.Node("MatMul", f"{node.name}/q41/block_sums", {}, [x, c("blocks", _block_indicator(k))], [sums]),
+            gs.Node("MatMul", f"{node.name}/q41/offset", {}, [sums, c("r", residual)], [offset]),
+            gs.Node("Add", f"{node.name}/q41/add", {}, [main, offset], [out]),
+        ]
+        done += 1
+    if done:
+        graph.cleanup()
+    return done

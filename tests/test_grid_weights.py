@@ -1,0 +1,109 @@
+"""Grid weights (compiler/lowering/grid_weights.py): a weight on a 4-bit grid per block (Q4_1,
+dequantized) is computed in fp32 from its 4-bit form and equals the fp32 product; other weights stay."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+
+from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
+from river.compiler.lowering import grid_weights
+from river.runtime.ort_backend import OrtBackend
+
+
+def on_grid(w: np.ndarray, rng) -> np.ndarray:
+    """``w`` snapped to a Q4_1 grid: per block of 32 inputs and column, w = d * q + m, q in 0..15."""
+    k, n = w.shape
+    b = w.reshape(k // 32, 32, n)
+    lo, hi = b.min(axis=1), b.max(axis=1)
+    d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)  # GGUF keeps d and m in fp16
+    m = lo.astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint((b - m[:, None]) / np.where(d > 0, d, 1)[:, None]), 0, 15)
+    q[:, 0], q[:, 1] = 0, 15  # every block spans its grid (as Q4_1's min and max do)
+    return (d[:, None] * q + m[:, None]).reshape(k, n).astype(np.float32)
+
+
+def test_grid_weight_is_found_and_computed_exactly():
+    rng = np.random.default_rng(0)
+    w = on_grid(rng.standard_normal((96, 40)).astype(np.float32) * 0.1, rng)
+    assert grid_weights.grid_of(w) is not None
+    assert grid_weights.grid_of(w + rng.standard_normal(w.shape).astype(np.float32) * 1e-3) is None  # off the grid
+    assert grid_weights.grid_of(w[:80]) is None  # not whole blocks
+    x = gs.Variable("x", np.float32, ["B", "S", 96])
+    y = gs.Variable("y", np.float32, ["B", "S", 40])
+    other = gs.Variable("z", np.float32, ["B", "S", 40])
+    graph = gs.Graph(nodes=[gs.Node("MatMul", "grid", {}, [x, gs.Constant("w", w)], [y]),
+                            gs.Node("MatMul", "plain", {}, [x, gs.Constant("v", w + rng.standard_normal(w.shape).astype(np.float32) * 1e-3)], [other])],
+                     inputs=[x], outputs=[y, other], opset=21)
+    assert grid_weights.rewrite(graph) == 1  # the off-grid weight stays an fp32 MatMul
+    ops = [n.op for n in graph.nodes]
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMul") == 3  # plain, block sums, offsets
+    model = gs.export_onnx(graph)
+    model.opset_import.add(domain="com.microsoft", version=1)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    xs = rng.standard_normal((2, 3, 96)).astype(np.float32)
+    got = sess.run(["y"], {"x": xs})[0]
+    np.testing.assert_allclose(got, xs @ w, rtol=0, atol=1e-5 * np.abs(xs @ w).max())
+
+
+@pytest.fixture(scope="module")
+def tiny_on_grid(tiny, tiny_onnx, tmp_path_factory):
+    """The tiny model with every layer weight on a Q4_1 grid (what a GGUF of it would dequantize to); the
+    embedding and head stay as they are (a GGUF keeps them in Q8_0 or better)."""
+    rng = np.random.default_rng(1)
+    model = load_onnx(tiny_onnx)
+    for init in model.graph.initializer:
+        w = onnx.numpy_helper.to_array(init)
+        if w.ndim == 2 and w.dtype == np.float32 and w.shape[0] % 32 == 0 and tiny.config.vocab_size not in w.shape:
+            init.CopyFrom(onnx.numpy_helper.from_array(on_grid(w, rng), init.name))
+    path = tmp_path_factory.mktemp("grid") / "model.onnx"
+    for f in tiny_onnx.parent.iterdir():
+        if f.suffix != ".onnx" and not f.name.startswith("model.onnx"):
+            (path.parent / f.name).write_bytes(f.read_bytes())
+    return save_onnx_atomic(model, path)
+
+
+def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
+    from test_ort_lowering import _assert_same_steps
+
+    grid, portable = (OrtBackend(tiny_on_grid, threads=1, lowering=lo) for lo in ("ort-grid", "portable"))
+    assert grid.lowering == "ort_fused"
+    ops = [n.op_type for n in load_onnx_header(grid.decode_path).graph.node]
+    assert ops.count("MatMulNBits") == 4 * tiny.config.num_layers  # packed qkv, o, gate|up, down
+    _assert_same_steps(grid, portable, tiny.config.vocab_size)
+    plain = OrtBackend(tiny_on_grid, threads=1)  # the default lowering leaves them fp32
+    assert "MatMulNBits" not in [n.op_type for n in load_onnx_header(plain.decode_path).graph.node]
+
+
+@pytest.mark.slow
+def test_smollm2_grid_lowering(smol, smol_onnx):
+    """The real model: its 210 layer weights are Q4_1 (all rewritten); every layer's K/V and the logits
+    within 1e-4 plus 1e-5 of their largest value of the portable graph's (fp32 sums of the same terms
+    in another order), and the same greedy tokens."""
+    from river.runtime.generate import GenerationConfig, Generator
+    from river.models.tokenizer import TextTokenizer
+
+    grid, portable = (OrtBackend(smol_onnx, threads=2, lowering=lo) for lo in ("ort-grid", "portable"))
+    ops = [n.op_type for n in load_onnx_header(grid.decode_path).graph.node]
+    assert ops.count("MatMulNBits") == 4 * smol.config.num_layers  # packed qkv, o, gate|up, down
+    rng = np.random.default_rng(0)
+    caches = [b.new_cache(32) for b in (grid, portable)]
+    for s, back in [(6, 0), (3, 0), (1, 0), (4, 2), (1, 0)]:
+        tokens = rng.integers(1, smol.config.vocab_size, (1, s)).astype(np.int64)
+        outs = []
+        for backend, cache in zip((grid, portable), caches):
+            cache.truncate(cache.length - back)
+            outs.append(np.array(backend.extend(tokens, cache)))
+            cache.length += s
+        np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5 * np.abs(outs[1]).max() + 1e-4)
+        n = caches[0].length
+        for a, b in zip(caches[0].buffers(), caches[1].buffers()):
+            np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], rtol=0, atol=1e-5 * np.abs(b[:, :, :n]).max() + 1e-4)
+    tok = TextTokenizer(smol_onnx.parent)
+    cfg = GenerationConfig(max_new_tokens=32, eos_token_ids=[])
+    for prompt in ("What is a river delta?", "Write a haiku about the sea."):
+        a, b = (Generator(backend, tok).generate(prompt, cfg).token_ids for backend in (grid, portable))
+        assert a == b
