@@ -3,7 +3,7 @@ dequantize to, ``w = d * q + m`` with q in 0..15 per block of 32 inputs - as the
 computed in fp32.
 
 Why: SmolLM2's layers arrive as Q4_1; exported to fp32 they are 425 MB that every decode step reads
-(from DRAM: they do not fit the cache), stored on their grid they are ~60 MB. ``MatMulNBits`` at
+(from DRAM: they do not fit the cache); on their grid, with scales and offsets, ~80 MB. ``MatMulNBits`` at
 accuracy level 1 dequantizes and multiplies in fp32, but its zero point is an integer and Q4_1's
 offset ``m`` is any float. So each weight becomes
 
