@@ -80,6 +80,17 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block: int = 64) -> Quanti
     return QuantizedWeight(q, scale, bits, block)
 
 
+def pack_nbits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned stored values -> MatMulNBits bytes along the last axis (4 bits: two a byte, low nibble
+    first, an odd count padded with a zero nibble); ``unpack_nbits``' inverse."""
+    v = np.asarray(values).astype(np.uint8)
+    if bits == 8:
+        return v
+    if v.shape[-1] % 2:
+        v = np.concatenate([v, np.zeros((*v.shape[:-1], 1), np.uint8)], axis=-1)
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
 def unpack_nbits(packed: np.ndarray, bits: int) -> np.ndarray:
     """MatMulNBits bytes -> unsigned stored values (int32; 4 bits: two a byte, low nibble first)."""
     if bits == 8:

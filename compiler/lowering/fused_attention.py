@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from river.compiler.lowering.patterns import constant_values, producer
+from river.compiler.lowering.patterns import MS_DOMAIN, constant_values, producer
 
 ROTARY_HEAD_MULTIPLE = 16  # ORT's CPU kernel rotates heads whose size is a multiple of 16 only
 
@@ -287,6 +287,6 @@ def fuse(g: gs.Graph, block: AttentionBlock, inputs: dict[str, gs.Tensor]) -> gs
                     "do_rotary": 1, "rotary_interleaved": 0},
                    [block.query, block.key, block.value, block.key_concat.inputs[0], block.value_concat.inputs[0],
                     inputs["seqlens_k"], inputs["total_sequence_length"], inputs["cos_cache"], inputs["sin_cache"]],
-                   [block.output, present_k, present_v], domain="com.microsoft")
+                   [block.output, present_k, present_v], domain=MS_DOMAIN)
     g.nodes.append(node)
     return node

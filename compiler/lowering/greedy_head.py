@@ -14,7 +14,7 @@ How, with the graph input ``greedy_logits`` true (``GREEDY_LOGITS``):
    largest weight rounding error of column j over its blocks ``e_j`` and its largest block L1 norm
    ``n_j``, ``bound_j = e_j * sum_b(|a_b|_1 + B s_b / 2) + n_j * sum_b(s_b / 2)`` (``s_b`` the block's
    activation step). Both factors are per-column constants made here from the weight itself, so the
-   bound costs two products over V. It is widened by 0.1% plus 1e-3 for float rounding.
+   bound costs one [B, S, 3] x [3, V] product (the third row: the rounding allowance). It is widened by 0.1% plus 1e-3 for float rounding.
 3. Candidates: the tokens whose ``approx + bound`` reaches the largest ``approx - bound``; their exact
    logits (fp32 dot products with the head's rows) are written over ``approx``. Any other token's value
    is below that largest lower bound, so below the exact maximum: the argmax is the fp32 head's.
@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from river.compiler.lowering.patterns import constant_values
+from river.compiler.lowering.patterns import MS_DOMAIN, constant_values
 from river.compiler.quantize import NBITS_ACCURACY, dequantize_nbits, ort_block_quant
 from river.export.contract import LOGITS
 
@@ -44,7 +44,6 @@ BITS, BLOCK = 8, 32
 # while the fp32 one stays bound by reading the weight (SmolLM2's head, 2 threads: 2.8 against 5.4 ms
 # for one row, 3.7-5.0 against 5.6-6.0 for three, 8.1-9.3 against 7.2-8.0 for nine).
 MAX_ROWS = 4
-MS_DOMAIN = "com.microsoft"
 
 
 def check(graph: gs.Graph) -> tuple[gs.Node | None, str | None]:
@@ -67,15 +66,15 @@ def check(graph: gs.Graph) -> tuple[gs.Node | None, str | None]:
     return node, None
 
 
-def _rows(graph: gs.Graph, weight: np.ndarray) -> tuple[gs.Tensor, int]:
-    """(a [V, H] table holding the head's rows, the Gather axis for them): the embedding table when the
-    head is tied to it, else the head's weight read by column."""
+def _rows(graph: gs.Graph, w_in: gs.Tensor, weight: np.ndarray) -> tuple[gs.Tensor, int]:
+    """(the table holding the head's rows, the Gather axis for them): the embedding table [V, H] when
+    the head is tied to it, else the head's own weight ``w_in`` [H, V], read by column."""
     for node in graph.nodes:
         table = node.inputs[0] if node.op == "Gather" and node.inputs else None
         values = constant_values(table)
         if values is not None and values.shape == weight.shape[::-1] and np.array_equal(values, weight.T):
             return table, 0
-    return None, 1
+    return w_in, 1
 
 
 def error_factors(weight: np.ndarray, wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,9 +92,7 @@ def lower(graph: gs.Graph, head: gs.Node) -> None:
     k, v = weight.shape
     packed, scales, zps = ort_block_quant(weight, BITS, BLOCK, symmetric=False)
     err, norm = error_factors(weight, dequantize_nbits(packed, scales, zps, BITS, k))
-    table, axis = _rows(graph, weight)
-    if table is None:
-        table = w_in
+    table, axis = _rows(graph, w_in, weight)
 
     c = lambda name, value: gs.Constant(f"/greedy_head/{name}", np.asarray(value))  # noqa: E731
     t = lambda name, dtype=np.float32: gs.Variable(f"/greedy_head/{name}", dtype=dtype)  # noqa: E731

@@ -23,12 +23,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from river.compiler.lowering.patterns import constant_values
+from river.compiler.lowering.patterns import MS_DOMAIN, constant_values
+from river.compiler.quantize import pack_nbits
 
 BLOCK, LEVELS = 32, 15  # Q4_1: 32 inputs a block, q in 0..15
 TOLERANCE = 1e-6  # of the block's largest |w|: the grid is exact up to fp32 rounding of d * q + m
 FP32_COMPUTE = 1  # MatMulNBits accuracy level 1: fp32 activations, dequantized fp32 weights
-MS_DOMAIN = "com.microsoft"
 
 
 def grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -47,13 +47,8 @@ def grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
         return None
     z = np.clip(np.rint(-lo / d), 0, LEVELS)
     residual = (lo + d * z).astype(np.float32)  # what d * (q - z) leaves out of w, per block and column
-    nb = k // BLOCK
-    qt = q.astype(np.uint8).transpose(2, 0, 1)  # [N, K/32, 32]
-    packed = (qt[..., 0::2] | (qt[..., 1::2] << 4)).astype(np.uint8)  # two a byte, low nibble first
-    zt = z.astype(np.uint8).T  # [N, K/32]
-    if nb % 2:
-        zt = np.concatenate([zt, np.zeros((n, 1), np.uint8)], axis=1)
-    zero_points = (zt[:, 0::2] | (zt[:, 1::2] << 4)).astype(np.uint8)
+    packed = pack_nbits(q.transpose(2, 0, 1), 4)  # [N, K/32, 16]
+    zero_points = pack_nbits(z.T, 4)  # [N, ceil(K/64)]
     return packed, d.T.reshape(-1).astype(np.float32), zero_points, residual
 
 

@@ -35,6 +35,7 @@ from onnx import numpy_helper
 from river.compiler.graph_io import rewrite_step_graph
 from river.compiler.lowering import fused_attention, greedy_head, grid_weights, packed_matmuls
 from river.compiler.lowering.packed_qkv import pack_qkv
+from river.compiler.lowering.patterns import MS_DOMAIN
 from river.compiler.lowering.skip_norm import fuse_skip_norm
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
 from river.compiler.river.builder import is_quantized_weight
@@ -43,7 +44,6 @@ from river.export.contract import past_layers, past_name, present_name
 ORT_LOWERING_FORMAT = 9 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
-MS_DOMAIN = "com.microsoft"
 
 log = logging.getLogger("river.lowering")
 

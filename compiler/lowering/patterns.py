@@ -1,10 +1,13 @@
 """What the lowering rules ask of a tensor while they match: the node of a given op that makes it, and
-the constant it holds (an initializer or a ``Constant`` node's value). One home for both."""
+the constant it holds (an initializer or a ``Constant`` node's value). One home for both, and for the
+domain of ONNX Runtime's contrib ops that the rules write."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GroupQueryAttention, MatMulNBits, ...)
 
 
 def producer(t, op: str) -> gs.Node | None:

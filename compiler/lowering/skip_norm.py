@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from river.compiler.lowering.patterns import constant_values, producer
+from river.compiler.lowering.patterns import MS_DOMAIN, constant_values, producer
 
 
 @dataclass
@@ -92,5 +92,5 @@ def fuse_skip_norm(g: gs.Graph, scale: gs.Node, graph_nodes: set[int]) -> bool:
     add.outputs, scale.outputs = [], []
     g.nodes.append(gs.Node("SkipSimplifiedLayerNormalization", f"{scale.name}/skip_norm", {"epsilon": norm.epsilon},
                            [a, b, norm.weight], [out, gs.Variable.empty(), gs.Variable.empty(), norm.x],
-                           domain="com.microsoft"))
+                           domain=MS_DOMAIN))
     return True
