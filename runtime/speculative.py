@@ -21,6 +21,7 @@ copied and there is no second cache.
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -38,6 +39,9 @@ K_MAX = 8  # the most adaptive k grows to
 # tried (k=3..6: 1.45-1.49x against 1.40-1.47x; benchmarks/verify_speed.py --adaptive); easy spans
 # get long drafts, hard ones short
 ADAPTIVE_K = True
+# Adaptive k also drops to 0 (a plain backbone step) while drafting does not pay, and re-measures the
+# arm it is not using after this many tokens (DraftPayoff)
+EXPLORE_TOKENS = 64
 
 
 def next_k(k: int, drafted: int, accepted: int, k_max: int) -> int:
@@ -48,14 +52,56 @@ def next_k(k: int, drafted: int, accepted: int, k_max: int) -> int:
     return max(1, k - 1) if accepted < drafted // 2 else k
 
 
+class DraftPayoff:
+    """Whether drafting pays on this machine, measured while generating: the cost per emitted token of
+    drafting rounds against that of plain rounds (nothing drafted: one backbone step, one token).
+
+    Why: verify mode's output is exact either way, so only speed is at stake, and a draft that costs
+    nearly a backbone step cannot pay - e.g. over the grid backbone (``--lowering ort-grid``) SmolLM2's
+    8-bit draft costs 8.3 ms a token against an 11 ms plain step, and a verification of 6-9 rows
+    costs 3x a step, so drafting ran at 0.83x of plain decoding.
+
+    Each arm's cost is its seconds over its tokens in its last ``window`` rounds: one unlucky round
+    (every draft rejected) must not lock drafting out. Drafting runs its first ``min_rounds`` rounds
+    unconditionally; then the cheaper arm runs, and the other is re-measured with one round once
+    ``explore_tokens`` tokens went by without it. Kept across ``generate`` calls: the costs belong to
+    the machine and the model, not to a prompt."""
+
+    def __init__(self, explore_tokens: int = EXPLORE_TOKENS, window: int = 16, min_rounds: int = 4):
+        self.explore_tokens, self.min_rounds = explore_tokens, min_rounds
+        self.rounds = {True: deque(maxlen=window), False: deque(maxlen=window)}  # (seconds, tokens); True: drafting
+        self.waiting = {True: 0, False: explore_tokens}  # tokens since each arm last ran (plain: due at once)
+
+    def cost(self, drafting: bool) -> float | None:
+        """Seconds per emitted token of an arm over its window (None: not measured yet)."""
+        rounds = self.rounds[drafting]
+        return sum(s for s, _ in rounds) / sum(t for _, t in rounds) if rounds else None
+
+    def drafts(self) -> bool:
+        """Whether the next round should draft."""
+        if len(self.rounds[True]) < self.min_rounds:
+            return True
+        plain = self.cost(False)
+        cheaper = plain is None or self.cost(True) < plain
+        return not cheaper if self.waiting[not cheaper] >= self.explore_tokens else cheaper
+
+    def record(self, drafting: bool, seconds: float, tokens: int) -> None:
+        """A round of this arm took ``seconds`` and emitted ``tokens`` tokens."""
+        self.rounds[drafting].append((seconds, tokens))
+        self.waiting[drafting] = 0
+        self.waiting[not drafting] += tokens
+
+
 @dataclass
 class VerifyStats:
-    rounds: int = 0
+    rounds: int = 0  # drafting rounds (the counts below are theirs)
     drafted: int = 0
     accepted: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    plain_rounds: int = 0  # rounds that drafted nothing: drafting did not pay (DraftPayoff)
+    plain_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -87,11 +133,16 @@ class SpeculativeGenerator(Generator):
     The draft is either a draft backend (``draft``: e.g. the draft graph, ``compiler/draft_graph.py``)
     bound to the same KV buffers, or the River backend itself with the exit forced at ``draft_gate``
     (an index into its gates). The backbone that verifies is ``backend``: a plain step graph, or a
-    River graph run with every gate off."""
+    River graph run with every gate off.
+
+    ``adaptive``: k adapts every round (``next_k``), and while drafting does not pay the rounds draft
+    nothing (``DraftPayoff``; ``skip_drafting=False`` keeps every round drafting). ``clock``: the
+    timer the payoff is measured with."""
 
     def __init__(self, backend: StepBackend, tokenizer, eos_token_ids: Sequence[int] = (), *,
                  draft: StepBackend | None = None, draft_gate: int = 0,
-                 k: int = DRAFT_K, adaptive: bool = False, k_max: int = K_MAX, max_length: int | None = None):
+                 k: int = DRAFT_K, adaptive: bool = False, k_max: int = K_MAX, max_length: int | None = None,
+                 skip_drafting: bool = True, clock: Callable[[], float] = time.perf_counter):
         if draft is None and backend.river is None:
             raise RiverError("verify mode needs a draft: a draft graph, or a River graph whose exit river drafts")
         if draft is not None and draft.contract.num_layers != backend.contract.num_layers:
@@ -103,6 +154,8 @@ class SpeculativeGenerator(Generator):
         self.draft_backend = draft
         self.draft_thresholds = None if draft is not None else backend.gate_thresholds.forced(draft_gate)
         self.k, self.adaptive, self.k_max = k, adaptive, max(k_max, k)
+        self.payoff = DraftPayoff() if adaptive and skip_drafting else None
+        self.clock = clock
         self.stats = VerifyStats()
 
     # --- one round -------------------------------------------------------------------------
@@ -128,10 +181,13 @@ class SpeculativeGenerator(Generator):
         out = accept_drafts(rows, drafted, dists, cfg, rng)
         accepted = len(out) - 1
         cache.length = start + 1 + accepted  # pending + accepted drafts hold exact K/V now
-        self.stats.rounds += 1
-        self.stats.drafted += len(drafted)
-        self.stats.accepted += accepted
-        self.stats.accepted_lengths.append(accepted)
+        if drafted:
+            self.stats.rounds += 1
+            self.stats.drafted += len(drafted)
+            self.stats.accepted += accepted
+            self.stats.accepted_lengths.append(accepted)
+        else:
+            self.stats.plain_rounds += 1
         return out
 
     # --- the loop --------------------------------------------------------------------------
@@ -154,25 +210,31 @@ class SpeculativeGenerator(Generator):
         return emitter.result(prompt_ids, steps)
 
     def _rounds(self, prompt_ids, cache: KVCache, capacity: int, cfg: GenerationConfig, emitter, rng) -> list[StepStat]:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         first = self.prefill(prompt_ids, cache)
         pending, _ = sample(first, cfg.temperature, cfg.top_p, rng)
-        steps = [StepStat(0, pending, time.perf_counter() - t0, "prefill")]
+        steps = [StepStat(0, pending, self.clock() - t0, "prefill")]
         k = self.k
         reason = emitter.emit(pending)
         while reason is None:
             room = capacity - cache.length - 1
             if room < 1:
                 break
-            kk = min(k, room, cfg.max_new_tokens - len(emitter.tokens))
+            drafting = self.payoff is None or self.payoff.drafts()
+            kk = min(k, room, cfg.max_new_tokens - len(emitter.tokens)) if drafting else 0
             start = cache.length
-            t1 = time.perf_counter()
+            t1 = self.clock()
             drafted, dists = self.draft(pending, cache, kk, cfg, rng)
-            t2 = time.perf_counter()
+            t2 = self.clock()
             out = self.verify(pending, drafted, dists, start, cache, cfg, rng)
-            t3 = time.perf_counter()
-            self.stats.draft_seconds += t2 - t1
-            self.stats.verify_seconds += t3 - t2
+            t3 = self.clock()
+            if kk:
+                self.stats.draft_seconds += t2 - t1
+                self.stats.verify_seconds += t3 - t2
+            else:
+                self.stats.plain_seconds += t3 - t1
+            if self.payoff is not None:
+                self.payoff.record(kk > 0, t3 - t1, len(out))
             per_token = (t3 - t1) / len(out)
             for tok in out:
                 steps.append(StepStat(len(steps), tok, per_token, "decode"))
@@ -180,6 +242,6 @@ class SpeculativeGenerator(Generator):
                 if reason is not None:
                     break
             pending = out[-1]
-            if self.adaptive:
+            if self.adaptive and kk:
                 k = next_k(k, kk, len(out) - 1, self.k_max)
         return steps

@@ -98,10 +98,11 @@ def test_verify_mode_options_through_the_cli(tiny, tiny_onnx, river_dir, capsys)
 
 
 def test_adaptive_changes_k(river_dir, monkeypatch, capsys):
-    from river.runtime.speculative import SpeculativeGenerator
+    from river.runtime.speculative import DraftPayoff, SpeculativeGenerator
 
     asked: list[int] = []
     real = SpeculativeGenerator.draft
+    monkeypatch.setattr(DraftPayoff, "drafts", lambda self: True)  # every round drafts, whatever the timings
     monkeypatch.setattr(SpeculativeGenerator, "draft", lambda self, pending, cache, k, *a: asked.append(k) or
                         real(self, pending, cache, k, *a))
     base = ["--model", str(river_dir), "--mode", "verify", "--raw", "--max-new-tokens", "40", "--draft-k", "2"]

@@ -46,7 +46,8 @@ def full_greedy(tiny, tiny_onnx):
 
 @pytest.mark.parametrize("gate, k, adaptive", [(0, 1, False), (0, 4, False), (1, 3, False), (0, 2, True), (1, 8, False)])
 def test_greedy_identical_to_full_model(tiny, tiny_river_int4, full_greedy, gate, k, adaptive):
-    spec = SpeculativeGenerator(OrtBackend(tiny_river_int4, threads=1), tiny.tokenizer, draft_gate=gate, k=k, adaptive=adaptive)
+    spec = SpeculativeGenerator(OrtBackend(tiny_river_int4, threads=1), tiny.tokenizer, draft_gate=gate, k=k, adaptive=adaptive,
+                                skip_drafting=False)  # every round drafts, whatever the timings
     rejected = 0
     for prompt in PROMPTS:
         result = spec.generate(prompt, GenerationConfig(max_new_tokens=40, eos_token_ids=[]))
@@ -58,7 +59,7 @@ def test_greedy_identical_to_full_model(tiny, tiny_river_int4, full_greedy, gate
 
 @pytest.mark.parametrize("draft, k, adaptive", [("all4", 1, False), ("all4", 4, False), ("e1", 3, False), ("all4", 2, True)])
 def test_greedy_identical_with_draft_graph(tiny, tiny_onnx, tiny_drafts, full_greedy, draft, k, adaptive):
-    spec = _draft_generator(tiny, tiny_onnx, tiny_drafts, draft, k=k, adaptive=adaptive)
+    spec = _draft_generator(tiny, tiny_onnx, tiny_drafts, draft, k=k, adaptive=adaptive, skip_drafting=False)
     rejected = 0
     for prompt in PROMPTS:
         result = spec.generate(prompt, GenerationConfig(max_new_tokens=40, eos_token_ids=[]))
@@ -324,3 +325,74 @@ def test_adaptive_k_rule():
     assert next_k(4, 4, 1, 8) == 3 and next_k(1, 1, 0, 8) == 1  # fewer than half kept: shrink, not below 1
     assert next_k(4, 4, 2, 8) == 4 and next_k(4, 4, 3, 8) == 4  # half or more but not all: keep
     assert next_k(6, 2, 2, 8) == 7  # a round cut short (room, max_new_tokens) that was all accepted still grows
+
+
+def test_draft_payoff_runs_the_cheaper_arm_and_re_measures_the_other():
+    from river.runtime.speculative import DraftPayoff
+
+    payoff = DraftPayoff(explore_tokens=10, window=4, min_rounds=2)
+    assert payoff.drafts()  # nothing measured: draft
+    payoff.record(True, 0.10, 1)  # an unlucky first round (100 ms a token) does not decide
+    assert payoff.drafts()
+    payoff.record(True, 0.10, 14)  # 13 ms a token over both
+    assert not payoff.drafts()  # plain steps were never measured: one plain round next
+    payoff.record(False, 0.02, 1)  # 20 ms a token: drafting pays
+    chosen = []
+    for _ in range(4):
+        chosen.append(payoff.drafts())
+        payoff.record(chosen[-1], 0.06 if chosen[-1] else 0.02, 6 if chosen[-1] else 1)
+    assert chosen == [True, True, False, True]  # plain re-measured once 10 tokens went by without it
+    payoff.record(True, 0.10, 1)  # one bad round in the window: drafting still pays
+    assert payoff.drafts()
+    for _ in range(4):  # drafting gets dear (a slow draft): its window fills with dear rounds
+        payoff.record(True, 0.30, 6)
+    assert payoff.cost(True) > payoff.cost(False) and not payoff.drafts()
+    chosen = []
+    for _ in range(12):
+        chosen.append(payoff.drafts())
+        payoff.record(chosen[-1], 0.30 if chosen[-1] else 0.02, 6 if chosen[-1] else 1)
+    assert chosen.count(True) == 1 and chosen.index(True) == 10, chosen  # drafting re-measured after 10 plain tokens
+
+
+class _Timed:
+    """A backend whose steps advance a fake clock by a fixed cost (plus a cost per token of the step)."""
+
+    def __init__(self, backend, clock, cost, per_token=0.0):
+        self._backend, self._clock, self._cost, self._per_token = backend, clock, cost, per_token
+
+    def extend(self, token_ids, cache):
+        self._clock.now += self._cost + self._per_token * token_ids.shape[1]
+        return self._backend.extend(token_ids, cache)
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+class _Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("draft_cost, plain_wins", [(1.0, True), (0.001, False)])
+def test_adaptive_k_drafts_only_while_drafting_pays(tiny, tiny_onnx, tiny_drafts, full_greedy, draft_cost, plain_wins):
+    clock = _Clock()
+    backbone = _Timed(OrtBackend(tiny_onnx, threads=1), clock, 0.1, per_token=0.01)
+    draft = _Timed(OrtBackend(tiny_drafts["e1"], threads=1, single_token=True), clock, draft_cost)
+    spec = SpeculativeGenerator(backbone, tiny.tokenizer, draft=draft, k=4, adaptive=True, clock=clock)
+    plain = drafting = 0
+    for prompt in PROMPTS:
+        result = spec.generate(prompt, GenerationConfig(max_new_tokens=40, eos_token_ids=[]))
+        assert result.token_ids == full_greedy[prompt], prompt  # exact whichever rounds ran
+        plain += spec.stats.plain_rounds
+        drafting += spec.stats.accepted + spec.stats.rounds  # tokens the drafting rounds emitted
+    assert plain and drafting  # both arms ran: the one in use, and the other re-measured
+    if plain_wins:
+        assert plain > 4 * drafting, (plain, drafting)
+    else:
+        assert drafting > 4 * plain, (plain, drafting)
+    fixed = SpeculativeGenerator(backbone, tiny.tokenizer, draft=draft, k=4, adaptive=True, clock=clock,
+                                 skip_drafting=False)
+    fixed.generate(PROMPTS[0], GenerationConfig(max_new_tokens=40, eos_token_ids=[]))
+    assert fixed.stats.plain_rounds == 0 and fixed.stats.rounds
