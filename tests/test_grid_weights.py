@@ -78,6 +78,34 @@ def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
     assert "MatMulNBits" not in [n.op_type for n in load_onnx_header(plain.decode_path).graph.node]
 
 
+def test_river_graph_on_grid_lowered_equals_portable_under_every_exit(tiny, tiny_on_grid, tmp_path):
+    """A River graph of a grid model: the backbone's weights inside the If branches run from their 4-bit
+    form; the twins (already quantized) stay as they are; every exit pattern equals the portable graph."""
+    from river.compiler.compile import compile_river
+    from river.compiler.river.manifest import DISABLED
+    from test_ort_lowering import _assert_same_steps
+
+    river = compile_river(tiny_on_grid, tmp_path / "river", gates="0,2", river="int8", log=None)
+    grid, portable = (OrtBackend(river, threads=1, lowering=lo) for lo in ("ort-grid", "portable"))
+    assert grid.lowering == "ort_fused", grid.lowering_reason
+    lowered = load_onnx(grid.decode_path)
+    ops = [n.op_type for g in _graphs(lowered.graph) for n in g.node]
+    twins = [n for g in _graphs(lowered.graph) for n in g.node if n.op_type == "MatMulNBits" and "@q41" not in n.input[1]]
+    assert ops.count("MatMulNBits") - len(twins) >= 4 * tiny.config.num_layers  # every backbone layer's products
+    assert twins and all(dict((a.name, a.i) for a in n.attribute)["bits"] == 8 for n in twins)
+    patterns = [[-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED], [-2, -2]]
+    _assert_same_steps(grid, portable, tiny.config.vocab_size, thresholds=patterns)
+
+
+def _graphs(graph):
+    """``graph`` and every graph nested in its If branches."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+
+
 @pytest.mark.slow
 def test_smollm2_grid_lowering(smol, smol_onnx):
     """The real model: its 210 layer weights are Q4_1 (all rewritten); every layer's K/V and the logits
