@@ -85,17 +85,16 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
             raise RiverError(f"unknown lowering '{lowering}' (choose {' or '.join(LOWERINGS)})")
         if lowering == "portable":
             return {}
-        if lowering == "ort-grid":  # segments are lowered without it (their twins are quantized already)
-            self.lowering_reason = "grid weights are not lowered in segments: they run the ort lowering"
         if self.kv_window is not None:
             self.lowering_reason = "a sliding window: every step runs the contract segments"
             return {}
         context = positions or exported_config(self.index.folder.parent).get("max_position_embeddings")
-        table = fused_positions(context)
+        table, grid = fused_positions(context), lowering == "ort-grid"
         paths = {}
         for seg in self.index.segments:
             path = derived_graph("ort_lowered_segment", self.index.path(seg), ORT_LOWERING_FORMAT,
-                                 lambda m: lower_segment_for_ort(m, table), variant=f"-p{table}")
+                                 lambda m: lower_segment_for_ort(m, table, grid),
+                                 variant=f"-p{table}" + ("-grid" if grid else ""))
             lowering_done, reason = lowering_of(load_onnx_header(path))
             if lowering_done != "ort_fused":
                 self.lowering_reason = f"segment {seg.name}: {reason}"

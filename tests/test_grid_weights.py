@@ -97,6 +97,32 @@ def test_river_graph_on_grid_lowered_equals_portable_under_every_exit(tiny, tiny
     _assert_same_steps(grid, portable, tiny.config.vocab_size, thresholds=patterns)
 
 
+def test_river_segments_on_grid_lowered_equal_portable(tiny, tiny_on_grid, tmp_path):
+    """The segmented River under ort-grid: backbone segments run their weights from the 4-bit form, and
+    greedy generation under every exit pattern equals the portable segments' (tokens and exits)."""
+    from river.compiler.compile import compile_river
+    from river.compiler.river.manifest import DISABLED
+    from river.compiler.river.segments import write_segments
+    from river.compiler.river.spec import RiverSpec
+    from river.runtime.generate import GenerationConfig, Generator
+    from river.runtime.segmented_backend import SegmentedBackend
+
+    river = compile_river(tiny_on_grid, tmp_path / "river", gates="0,2", river="int8", log=None)
+    write_segments(tiny_on_grid, RiverSpec.from_manifest(river.parent), river.parent / "segments")
+    grid, portable = (SegmentedBackend(river.parent / "segments", threads=1, lowering=lo) for lo in ("ort-grid", "portable"))
+    assert (grid.lowering, grid.lowering_reason) == ("ort_fused", "")
+    backbone = load_onnx_header(grid._lowered["backbone1"])
+    assert any(n.op_type == "MatMulNBits" and "@q41" in n.input[1] for n in backbone.graph.node)
+    cfg = GenerationConfig(max_new_tokens=12, eos_token_ids=[])
+    for thresholds in ([-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED]):
+        runs = []
+        for backend in (grid, portable):
+            backend.set_thresholds(thresholds)
+            result = Generator(backend, tiny.tokenizer).generate("rivers and seas", cfg)
+            runs.append((result.token_ids, result.exit_layers))
+        assert runs[0] == runs[1], thresholds
+
+
 def _graphs(graph):
     """``graph`` and every graph nested in its If branches."""
     yield graph

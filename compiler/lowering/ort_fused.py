@@ -78,12 +78,13 @@ def lower_for_ort(model: onnx.ModelProto, max_positions: int | None, grid: bool 
     return result
 
 
-def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None) -> onnx.ModelProto:
+def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None, grid: bool = False) -> onnx.ModelProto:
     """The fused form of a River segment (``compiler/river/segments.py``, its contract form), or, when it
     does not fuse, the segment itself marked portable with the reason: the runtime then runs the
-    segments' shipped shared-KV forms."""
+    segments' shipped shared-KV forms. ``grid``: as ``lower_for_ort``'s (the twins, quantized
+    already, stay as they are)."""
     try:
-        result, reason = to_ort_fused(segment, max_positions), ""
+        result, reason = to_ort_fused(segment, max_positions, grid), ""
     except NotLowered as exc:
         result, reason = segment, str(exc)
     result.metadata_props.add(key=LOWERING_PROP, value="portable" if reason else "ort_fused")
