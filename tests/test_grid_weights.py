@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic
+from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic, walk_nodes
 from river.compiler.lowering import grid_weights
 from river.runtime.ort_backend import OrtBackend
 
@@ -89,8 +89,8 @@ def test_river_graph_on_grid_lowered_equals_portable_under_every_exit(tiny, tiny
     grid, portable = (OrtBackend(river, threads=1, lowering=lo) for lo in ("ort-grid", "portable"))
     assert grid.lowering == "ort_fused", grid.lowering_reason
     lowered = load_onnx(grid.decode_path)
-    ops = [n.op_type for g in _graphs(lowered.graph) for n in g.node]
-    twins = [n for g in _graphs(lowered.graph) for n in g.node if n.op_type == "MatMulNBits" and "@q41" not in n.input[1]]
+    ops = [n.op_type for n in walk_nodes(lowered.graph)]
+    twins = [n for n in walk_nodes(lowered.graph) if n.op_type == "MatMulNBits" and "@q41" not in n.input[1]]
     assert ops.count("MatMulNBits") - len(twins) >= 4 * tiny.config.num_layers  # every backbone layer's products
     assert twins and all(dict((a.name, a.i) for a in n.attribute)["bits"] == 8 for n in twins)
     patterns = [[-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED], [-2, -2]]
@@ -121,15 +121,6 @@ def test_river_segments_on_grid_lowered_equal_portable(tiny, tiny_on_grid, tmp_p
             result = Generator(backend, tiny.tokenizer).generate("rivers and seas", cfg)
             runs.append((result.token_ids, result.exit_layers))
         assert runs[0] == runs[1], thresholds
-
-
-def _graphs(graph):
-    """``graph`` and every graph nested in its If branches."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
 
 
 @pytest.mark.slow

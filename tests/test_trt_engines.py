@@ -14,7 +14,7 @@ pytest.importorskip("tensorrt" if trt_package.TRT_PACKAGE == "tensorrt" else "te
 
 from test_river_pass import step_feeds
 
-from river.compiler.graph_io import save_onnx_atomic
+from river.compiler.graph_io import save_onnx_atomic, walk_nodes
 from river.compiler.lowering.tensorrt import check_twins_for_trt, fuse_shared_input_int8_dq, trt_onnx
 from river.compiler.river.chained import chained_river_graph
 from river.compiler.river.manifest import DISABLED, FORCED_EXIT, THRESHOLDS
@@ -102,7 +102,7 @@ def test_trt_ready_copy(tiny_proto, tiny, tmp_path):
     ready = trt_onnx(path)
     copy = onnx.load(str(ready), load_external_data=False)
     assert THRESHOLDS not in {t.name for t in copy.graph.initializer}
-    dq = lambda m: sum(n.op_type == "DequantizeLinear" for g in _graphs(m.graph) for n in g.node)
+    dq = lambda m: sum(n.op_type == "DequantizeLinear" for n in walk_nodes(m.graph))
     assert dq(copy) < dq(model)  # q/k/v and gate/up merged per twin layer
     feeds = step_feeds(tiny.config, batch=1, seq=1, past=5)
     for thr in ([FORCED_EXIT, DISABLED], [DISABLED, FORCED_EXIT], [DISABLED, DISABLED]):
@@ -122,14 +122,6 @@ def _run_path(path, feeds):
     from river.compiler.ort_session import session_options
 
     return ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def _graphs(graph):
-    yield graph
-    for n in graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
 
 
 def test_twins_must_suit_tensorrt(tiny_onnx, tmp_path):
