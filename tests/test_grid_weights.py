@@ -74,8 +74,22 @@ def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
     ops = [n.op_type for n in load_onnx_header(grid.decode_path).graph.node]
     assert ops.count("MatMulNBits") == 4 * tiny.config.num_layers  # packed qkv, o, gate|up, down
     _assert_same_steps(grid, portable, tiny.config.vocab_size)
-    plain = OrtBackend(tiny_on_grid, threads=1)  # the default lowering leaves them fp32
+    plain = OrtBackend(tiny_on_grid, threads=1)  # the default lowering leaves them fp32, and counts them
     assert "MatMulNBits" not in [n.op_type for n in load_onnx_header(plain.decode_path).graph.node]
+    assert grid.grid_weights == plain.grid_weights == 4 * tiny.config.num_layers
+
+
+def test_cli_tells_when_grid_weights_apply(tiny_onnx, tiny_on_grid, capsys):
+    from river.runtime import cli as generate_cli
+
+    said = {}
+    for name, path, lowering in (("grid", tiny_on_grid, "ort"), ("fp32", tiny_onnx, "ort"), ("asked", tiny_on_grid, "ort-grid")):
+        assert generate_cli.main(["hello", "--model", str(path), "--max-new-tokens", "4", "--threads", "1",
+                                  "--lowering", lowering]) == 0
+        said[name] = capsys.readouterr().err
+    assert "lie on a 4-bit grid" in said["grid"] and "--lowering ort-grid" in said["grid"]
+    assert "4-bit grid" not in said["fp32"] and "4-bit grid" not in said["asked"]
+    assert OrtBackend(tiny_onnx, threads=1).grid_weights == 0
 
 
 def test_river_graph_on_grid_lowered_equals_portable_under_every_exit(tiny, tiny_on_grid, tmp_path):

@@ -34,16 +34,11 @@ FP32_COMPUTE = 1  # MatMulNBits accuracy level 1: fp32 activations, dequantized 
 def grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """MatMulNBits' (packed [N, K/32, 16], scales [N*K/32], zero points [N, ceil(K/64)]) and the offset
     residual [K/32, N] of a [K, N] weight on a 4-bit grid per block; None when any block is not."""
-    if w.ndim != 2 or w.dtype != np.float32 or w.shape[0] % BLOCK:
-        return None
-    k, n = w.shape
-    blocks = w.reshape(k // BLOCK, BLOCK, n).astype(np.float64)
-    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-    d = (hi - lo) / LEVELS
-    d = np.where(d > 0, d, 1.0)
-    q = np.rint((blocks - lo[:, None]) / d[:, None])
-    scale = np.maximum(np.abs(blocks).max(axis=1), 1e-30)
-    if not (np.abs(lo[:, None] + d[:, None] * q - blocks) <= TOLERANCE * scale[:, None]).all():
+    if w.ndim != 2 or w.dtype != np.float32 or w.shape[0] % BLOCK or _off_grid(_blocks(w[:BLOCK])):
+        return None  # the first row of blocks decides most weights cheaply (fp32-trained ones fail it)
+    blocks = _blocks(w)
+    lo, d, q = grid = _grid(blocks)
+    if _off_grid(blocks, grid):
         return None
     z = np.clip(np.rint(-lo / d), 0, LEVELS)
     residual = (lo + d * z).astype(np.float32)  # what d * (q - z) leaves out of w, per block and column
@@ -52,9 +47,45 @@ def grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return packed, d.T.reshape(-1).astype(np.float32), zero_points, residual
 
 
+def _blocks(w: np.ndarray) -> np.ndarray:
+    """[K, N] -> [K/32, 32, N] in float64: the grid is checked without fp32 rounding of its own."""
+    return w.reshape(w.shape[0] // BLOCK, BLOCK, w.shape[1]).astype(np.float64)
+
+
+def _grid(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offset, step, levels) of each block [K/32, 32, N] on the 4-bit grid its min and max span."""
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    d = (hi - lo) / LEVELS
+    d = np.where(d > 0, d, 1.0)
+    return lo, d, np.rint((blocks - lo[:, None]) / d[:, None])
+
+
+def _off_grid(blocks: np.ndarray, grid=None) -> bool:
+    """Whether some block ([K/32, 32, N]) is off its 4-bit grid (``grid``: ``_grid(blocks)``, if made)."""
+    lo, d, q = grid or _grid(blocks)
+    scale = np.maximum(np.abs(blocks).max(axis=1), 1e-30)
+    return not (np.abs(lo[:, None] + d[:, None] * q - blocks) <= TOLERANCE * scale[:, None]).all()
+
+
 def _block_indicator(k: int) -> np.ndarray:
     """[K, K/32] ones where input i belongs to block b: x @ it sums each block (any rank of x)."""
     return np.repeat(np.eye(k // BLOCK, dtype=np.float32), BLOCK, axis=0)
+
+
+def _grid_products(graph: gs.Graph):
+    """(node, weight, grid_of(weight)) for every MatMul of ``graph`` (not its subgraphs) by a constant
+    weight on a grid."""
+    for node in [n for n in graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
+        w = constant_values(node.inputs[1])
+        grid = None if w is None else grid_of(w)
+        if grid is not None:
+            yield node, w, grid
+
+
+def count(graph: gs.Graph) -> int:
+    """How many products of ``graph`` (not its subgraphs) ``rewrite`` would rewrite: the default
+    lowering records it, so the runtime can tell the user that ``--lowering ort-grid`` applies."""
+    return sum(1 for _ in _grid_products(graph))
 
 
 def rewrite(graph: gs.Graph) -> int:
@@ -62,11 +93,7 @@ def rewrite(graph: gs.Graph) -> int:
     many. Constants are named ``<weight>@q41...`` so that ``If`` branches keep theirs (ONNX Runtime
     prepacks a MatMulNBits weight only when it is the branch's own)."""
     done = 0
-    for node in [n for n in graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
-        w = constant_values(node.inputs[1])
-        grid = None if w is None else grid_of(w)
-        if grid is None:
-            continue
+    for node, w, grid in list(_grid_products(graph)):
         packed, scales, zero_points, residual = grid
         k, n = w.shape
         x, out, name = node.inputs[0], node.outputs[0], node.inputs[1].name

@@ -41,9 +41,11 @@ from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
 from river.compiler.river.builder import is_quantized_weight
 from river.export.contract import past_layers, past_name, present_name
 
-ORT_LOWERING_FORMAT = 9 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+ORT_LOWERING_FORMAT = 10 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
+# products whose weights lie on a 4-bit grid (grid_weights.py): rewritten under ort-grid, counted under ort
+GRID_WEIGHTS_PROP = "river.grid_weights"
 
 log = logging.getLogger("river.lowering")
 
@@ -60,6 +62,11 @@ def lowering_of(model: onnx.ModelProto) -> tuple[str, str]:
     """(lowering, reason) recorded in a graph this module produced; ("portable", "") for any other."""
     props = _props(model)
     return props.get(LOWERING_PROP, "portable"), props.get(LOWERING_REASON_PROP, "")
+
+
+def grid_weights_of(model: onnx.ModelProto) -> int:
+    """How many products of a graph this module fused have weights on a 4-bit grid (0 for any other)."""
+    return int(_props(model).get(GRID_WEIGHTS_PROP, 0))
 
 
 def lower_for_ort(model: onnx.ModelProto, max_positions: int | None, grid: bool = False) -> onnx.ModelProto:
@@ -98,8 +105,10 @@ def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: bool =
     NotLowered, saying why, when one is not)."""
     if not max_positions or max_positions < 1:
         raise NotLowered("the model's context length is unknown (the rotary tables need it)")
-    layers = past_layers(model)
-    result = rewrite_step_graph(model, lambda m: _fuse_all(m, layers, max_positions, grid), keep_local=is_quantized_weight)
+    layers, on_grid = past_layers(model), []
+    result = rewrite_step_graph(model, lambda m: _fuse_all(m, layers, max_positions, grid, on_grid),
+                                keep_local=is_quantized_weight)
+    result.metadata_props.add(key=GRID_WEIGHTS_PROP, value=str(sum(on_grid)))
     if not any(o.domain == MS_DOMAIN for o in result.opset_import):
         result.opset_import.add(domain=MS_DOMAIN, version=1)
     if any(i.name == greedy_head.GREEDY_LOGITS for i in result.graph.input):  # off unless the runtime asks
@@ -107,7 +116,10 @@ def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: bool =
     return result
 
 
-def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, grid: bool) -> gs.Graph:
+def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, grid: bool,
+              on_grid: list[int]) -> gs.Graph:
+    """The fused graph; ``on_grid`` gets, per (sub)graph, its products on a 4-bit grid (rewritten
+    when ``grid``, else only counted)."""
     graph = gs.import_onnx(model)
     blocks, reasons = [], []
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -140,8 +152,8 @@ def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, gri
         for siblings in packed_matmuls.groups(g):  # what is left: the gated MLP's gate and up
             packed_matmuls.pack_siblings(g, siblings)
         _write_outputs_directly(g)  # which ends with a cleanup
-        if grid:
-            grid_weights.rewrite(g)  # after packing: a packed weight is on its parts' grids
+        # after packing: a packed weight is on its parts' grids
+        on_grid.append(grid_weights.rewrite(g) if grid else grid_weights.count(g))
     _check_cache_use(graph)
     head, why = greedy_head.check(graph)
     if head is not None:
