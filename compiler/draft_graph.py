@@ -27,6 +27,7 @@ import json
 import onnx
 import onnx_graphsurgeon as gs
 
+from river.compiler.lowering.patterns import MS_DOMAIN
 from river.compiler.quantize import NBITS_ACCURACY, ort_block_quant
 from river.compiler.river.manifest import set_props
 from river.compiler.weight_quant import quantize_weights
@@ -92,7 +93,7 @@ class DraftMatMuls:
         k, n = weight.values.shape
         return [gs.Node("MatMulNBits", f"{node.name}@{tag}",
                         {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": self.accuracy_level},
-                        [a, *self.done[id(weight)]], [out], domain="com.microsoft")]
+                        [a, *self.done[id(weight)]], [out], domain=MS_DOMAIN)]
 
 
 def draft_graph(model: onnx.ModelProto, exit_after: int = -1, bits: int = 8, block: int = DRAFT_BLOCK,

@@ -101,7 +101,6 @@ class VerifyStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     plain_rounds: int = 0  # rounds that drafted nothing: drafting did not pay (DraftPayoff)
-    plain_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -231,8 +230,6 @@ class SpeculativeGenerator(Generator):
             if kk:
                 self.stats.draft_seconds += t2 - t1
                 self.stats.verify_seconds += t3 - t2
-            else:
-                self.stats.plain_seconds += t3 - t1
             if self.payoff is not None:
                 self.payoff.record(kk > 0, t3 - t1, len(out))
             per_token = (t3 - t1) / len(out)

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from river.compiler.graph_io import complete_types, hoist_initializers, lift_opset, stamp
+from river.compiler.lowering.patterns import MS_DOMAIN
 from river.compiler.quantize import BITS, NBITS_ACCURACY, quantize
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo
 from river.compiler.river import twins
@@ -66,7 +67,7 @@ class TwinMatMuls:
         if fmt == "ort":
             return [gs.Node("MatMulNBits", f"{node.name}@{tag}", {"K": k, "N": n, "bits": bits, "block_size": block,
                                                                  "accuracy_level": NBITS_ACCURACY},
-                            [a, c0, c1], [out], domain="com.microsoft")]
+                            [a, c0, c1], [out], domain=MS_DOMAIN)]
         w = gs.Variable(f"{weight.name}@twin@{tag}", dtype=np.float32, shape=[k, n])
         return [gs.Node("DequantizeLinear", f"{weight.name}/DequantizeLinear@{tag}", {"axis": 0, "block_size": block}, [c0, c1], [w]),
                 gs.Node("MatMul", f"{node.name}@{tag}", {}, [a, w], [out])]
