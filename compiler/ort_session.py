@@ -44,6 +44,12 @@ def shared_thread_pool() -> bool:
     return _shared_pool_threads is not None
 
 
+def graph_input_names(session: ort.InferenceSession) -> set[str]:
+    """Every input a session's graph takes, those with a default too: ONNX Runtime lists the latter
+    apart, as overridable initializers (``greedy_logits``, a River graph's thresholds)."""
+    return {i.name for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
+
+
 def session_options(threads: int | None = None, matmul_accuracy: int = 1, optimization: str = "all",
                     prepacking: bool = True, spinning: bool = True) -> ort.SessionOptions:
     """ORT options. ``matmul_accuracy``: ONNX Runtime fuses our twins' DequantizeLinear -> MatMul into

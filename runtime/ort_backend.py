@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from river.compiler.graph_io import derived_graph, load_onnx_header
-from river.compiler.ort_session import session_options
+from river.compiler.ort_session import graph_input_names, session_options
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo, legacy_twins_note
 from river.compiler.lowering.greedy_head import GREEDY_LOGITS
 from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, grid_weights_of, lower_for_ort, lowering_of
@@ -129,8 +129,7 @@ class OrtBackend(InPlaceSteps, StepBackend):
             C.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(st["mask"]),
             C.LOGITS: ort.OrtValue.ortvalue_from_numpy(st["logits"]),
         }
-        sess = self.decode_session  # inputs with a default are listed apart, as overridable initializers
-        graph_inputs = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}  # the fused form reads no write index
+        graph_inputs = graph_input_names(self.decode_session)  # the fused form reads no write index
         for name in (C.INPUT_IDS, WRITE_INDICES, C.ATTENTION_MASK) + ((C.POSITION_IDS,) if c.position_ids else ()):
             if name in graph_inputs:
                 binding.bind_ortvalue_input(name, values[name])

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from river.compiler.graph_io import derived_graph, load_onnx_header
 from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, lower_segment_for_ort, lowering_of
-from river.compiler.ort_session import session_options, shared_thread_pool
+from river.compiler.ort_session import graph_input_names, session_options, shared_thread_pool
 from river.compiler.lowering.greedy_head import GREEDY_LOGITS
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS
 from river.compiler.river.recall import RECALL_OFF, river_margin
@@ -211,7 +211,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
             binding = sess.io_binding()
             for i in sess.get_inputs():
                 binding.bind_ortvalue_input(i.name, st["values"][i.name])
-            if GREEDY_LOGITS in {i.name for i in sess.get_overridable_initializers()}:
+            if GREEDY_LOGITS in graph_input_names(sess):
                 binding.bind_ortvalue_input(GREEDY_LOGITS, st["values"][GREEDY_LOGITS])
             for o in sess.get_outputs():
                 binding.bind_ortvalue_output(o.name, st["values"][o.name])
