@@ -252,14 +252,15 @@ def operating_points(folder: Path) -> dict[str, list[float]]:
 def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None = None,
                    max_length: int | None = None, *, max_rows: int = 8, max_queue: int = 64,
                    prefill_chunk: int = 16, k_max: int = K_MAX, prefill_budget: int | None = None,
-                   verify_drafts_up_to: int | None = None):
+                   verify_drafts_up_to: int | None = None, draft_payoff: bool = True):
     """The continuous-batching scheduler (``runtime/batching``) for a river-export folder.
 
     It decodes with the segmented River where the folder has one (each row of a batch exits at its
     own gate), else with the River graph (exit-mode rows then run one at a time). Verify mode drafts
     with the folder's draft graph (else the River's own exit at its first gate) and verifies with the
     decoder, every gate off, so all three share one KV pool. ``verify_drafts_up_to``: None (a Triton
-    model without the parameter) = the scheduler's default."""
+    model without the parameter) = the scheduler's default; ``draft_payoff``: whether measured
+    payoffs (else that rule alone) decide when greedy verify rows draft."""
     from river.compiler.draft_graph import DRAFT_FILE
     from river.runtime.batching.scheduler import VERIFY_DRAFTS_UP_TO, Scheduler
     from river.runtime.ort_backend import OrtBackend
@@ -272,4 +273,5 @@ def open_scheduler(model: str, threads: int | None = None, tokenizer: str | None
                      max_queue=max_queue, max_length=gen.max_length, prefill_chunk=prefill_chunk, k_max=k_max,
                      budgets=operating_points(folder), recall_points=recall_points(str(folder)),
                      prefill_budget=prefill_budget,
-                     verify_drafts_up_to=VERIFY_DRAFTS_UP_TO if verify_drafts_up_to is None else verify_drafts_up_to)
+                     verify_drafts_up_to=VERIFY_DRAFTS_UP_TO if verify_drafts_up_to is None else verify_drafts_up_to,
+                     draft_payoff=draft_payoff)

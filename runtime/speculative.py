@@ -62,15 +62,18 @@ class DraftPayoff:
     costs 3x a step, so drafting ran at 0.83x of plain decoding.
 
     Each arm's cost is its seconds over its tokens in its last ``window`` rounds: one unlucky round
-    (every draft rejected) must not lock drafting out. Drafting runs its first ``min_rounds`` rounds
-    unconditionally; then the cheaper arm runs, and the other is re-measured with one round once
-    ``explore_tokens`` tokens went by without it. Kept across ``generate`` calls: the costs belong to
-    the machine and the model, not to a prompt."""
+    (every draft rejected) must not lock drafting out. The ``first`` arm (drafting, unless told) runs
+    its first ``min_rounds`` rounds unconditionally and the other is measured right after; then the
+    cheaper arm runs, and the other is re-measured with one round once ``explore_tokens`` tokens went
+    by without it. Kept across ``generate`` calls: the costs belong to the machine and the model, not
+    to a prompt. The batch scheduler keeps one per batch size (``runtime/batching``)."""
 
-    def __init__(self, explore_tokens: int = EXPLORE_TOKENS, window: int = 16, min_rounds: int = 4):
-        self.explore_tokens, self.min_rounds = explore_tokens, min_rounds
+    def __init__(self, explore_tokens: int = EXPLORE_TOKENS, window: int = 16, min_rounds: int = 4,
+                 first: bool = True):
+        self.explore_tokens, self.min_rounds, self.first = explore_tokens, min_rounds, first
         self.rounds = {True: deque(maxlen=window), False: deque(maxlen=window)}  # (seconds, tokens); True: drafting
-        self.waiting = {True: 0, False: explore_tokens}  # tokens since each arm last ran (plain: due at once)
+        # tokens since each arm last ran; the arm not run first is due as soon as the first has its rounds
+        self.waiting = {first: 0, not first: explore_tokens}
 
     def cost(self, drafting: bool) -> float | None:
         """Seconds per emitted token of an arm over its window (None: not measured yet)."""
@@ -79,10 +82,10 @@ class DraftPayoff:
 
     def drafts(self) -> bool:
         """Whether the next round should draft."""
-        if len(self.rounds[True]) < self.min_rounds:
-            return True
-        plain = self.cost(False)
-        cheaper = plain is None or self.cost(True) < plain
+        if len(self.rounds[self.first]) < self.min_rounds:
+            return self.first
+        other = self.cost(not self.first)
+        cheaper = self.first if other is None else self.cost(True) < self.cost(False)
         return not cheaper if self.waiting[not cheaper] >= self.explore_tokens else cheaper
 
     def record(self, drafting: bool, seconds: float, tokens: int) -> None:

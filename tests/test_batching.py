@@ -331,7 +331,7 @@ def test_verify_rows_adapt_their_own_k(make, monkeypatch):
     rounds change with it while the tokens stay the full model's."""
     from river.runtime.batching import scheduler as scheduler_module
 
-    sched = make()
+    sched = make(draft_payoff=False)  # every round drafts, whatever the timings
     fixed = alone(sched, request(sched, PROMPTS[1], 40, "verify", k=2, adaptive=False))
     seen: list[tuple[int, int]] = []  # (k, drafted) of every round
     real = scheduler_module.next_k
@@ -353,7 +353,7 @@ def test_greedy_verify_rows_decode_at_full_depth_in_a_big_batch(make):
                              request(sched, PROMPTS[3], 18, "verify"), request(sched, PROMPTS[0], 16, "exit",
                                                                                 thresholds=MIXED)]
     for limit, switched in ((2, True), (8, False)):
-        sched = make(verify_drafts_up_to=limit)
+        sched = make(verify_drafts_up_to=limit, draft_payoff=False)  # the rule alone, not the timings
         reqs = reqs_of(sched)
         singles = [alone(sched, r) for r in reqs]
         assert sched.counters["verify_at_full_depth"] == 0  # one row at a time: every verify row drafts
@@ -369,12 +369,51 @@ def test_greedy_verify_rows_decode_at_full_depth_in_a_big_batch(make):
             assert tickets[0].stats.verify_rounds > 0 and tickets[3].stats.verify_rounds > 0
 
 
+def _timed(sched, verify_round: float, decode_step: float) -> None:
+    """Give ``sched`` a fake clock that a verify round and a decode step advance by these costs."""
+    now = [0.0]
+    sched.clock = lambda: now[0]
+    for name, cost in (("_verify_round", verify_round), ("_decode_step", decode_step)):
+        real = getattr(sched, name)
+        setattr(sched, name, lambda rows, real=real, cost=cost: now.__setitem__(0, now[0] + cost) or real(rows))
+
+
+def test_greedy_verify_rows_draft_where_it_measures_cheaper(make):
+    """With measured payoffs (the default) the timings decide, per batch size, whether greedy verify
+    rows draft: a dear verify round sends a lone row to full depth after its first rounds, a cheap one
+    brings three rows (beyond ``verify_drafts_up_to``, where they start at full depth) to drafting.
+    The tokens are each request's own either way."""
+    sched = make(verify_drafts_up_to=2)
+    alone_req = request(sched, PROMPTS[1], 40, "verify", k=3)
+    trio = [request(sched, p, 24, "verify", k=3) for p in PROMPTS[:3]]
+    singles = [alone(make(draft_payoff=False), r) for r in [alone_req, *trio]]
+
+    dear = make(verify_drafts_up_to=2)
+    _timed(dear, verify_round=1.0, decode_step=0.01)  # a round costs 100 steps: never worth its tokens
+    ticket = dear.submit(alone_req)
+    dear.run_until_idle()
+    same(ticket.wait(), singles[0])
+    assert ticket.stats.verify_rounds == 4, ticket.stats  # the first rounds measure drafting, then none
+    assert ticket.stats.full_depth_tokens > 0 and dear.counters["verify_at_full_depth"] == ticket.stats.full_depth_tokens
+
+    cheap = make(verify_drafts_up_to=2)
+    _timed(cheap, verify_round=0.01, decode_step=1.0)  # a round costs a hundredth of a step
+    tickets = [cheap.submit(r) for r in trio]
+    cheap.run_until_idle()
+    for t, single in zip(tickets, singles[1:]):
+        same(t.wait(), single)
+        assert t.stats.full_depth_tokens <= 4 and t.stats.verify_rounds > 1, t.stats
+    assert cheap.counters["verify_at_full_depth"] > 0  # the first steps at three rows measured full depth
+    assert set(cheap.payoffs) >= {3}
+    assert cheap.payoffs[3].cost(True) < cheap.payoffs[3].cost(False)
+
+
 def test_greedy_verify_rows_keep_drafting_beside_exit_rows_alone(make, monkeypatch):
     """In a big batch whose other decoding rows all exit early, verify rows keep drafting: at full
     depth they would make the backbone run past every exit row's gate."""
     from river.runtime.batching.scheduler import Scheduler
 
-    sched = make(verify_drafts_up_to=2)
+    sched = make(verify_drafts_up_to=2, draft_payoff=False)
     reqs = [request(sched, PROMPTS[0], 20, "verify"), request(sched, PROMPTS[1], 18, "exit", thresholds=MIXED),
             request(sched, PROMPTS[3], 16, "exit", thresholds=MIXED), request(sched, PROMPTS[2], 14, "verify")]
     singles = [alone(sched, r) for r in reqs]

@@ -354,6 +354,19 @@ def test_draft_payoff_runs_the_cheaper_arm_and_re_measures_the_other():
     assert chosen.count(True) == 1 and chosen.index(True) == 10, chosen  # drafting re-measured after 10 plain tokens
 
 
+def test_draft_payoff_can_measure_plain_steps_first():
+    """``first=False`` (the batch scheduler beyond ``verify_drafts_up_to`` rows): plain rounds come
+    first, drafting is measured once after them, then the cheaper arm runs."""
+    from river.runtime.speculative import DraftPayoff
+
+    payoff = DraftPayoff(explore_tokens=20, window=4, min_rounds=2, first=False)
+    chosen = []
+    for _ in range(5):
+        chosen.append(payoff.drafts())
+        payoff.record(chosen[-1], 0.03 if chosen[-1] else 0.02, 6 if chosen[-1] else 1)  # drafting: 5 ms a token
+    assert chosen == [False, False, True, True, True], chosen
+
+
 class _Timed:
     """A backend whose steps advance a fake clock by a fixed cost (plus a cost per token of the step)."""
 

@@ -18,10 +18,13 @@ row at once. A step of the scheduler (``step()``):
 
 Drafting pays only while the batch is small: a batched full-depth step costs little more than a
 one-row step, a verify round several steps (and it stalls every other row, prompts being prefilled
-too). So while more than ``verify_drafts_up_to`` rows are live, greedy verify rows join the full
-rows' step at full depth instead (their output is the full model's either way) - unless the step's
-other rows all exit early, whose backbone would then run to the last layer for them; sampled verify
-rows keep drafting, so that their draws never depend on the batch.
+too). So greedy verify rows either draft or join the full rows' step at full depth (their output is
+the full model's either way), whichever emits the batch's tokens cheaper: one ``DraftPayoff`` per
+number of live rows measures both (seconds per token of the whole step, all rows), starting with
+drafting up to ``verify_drafts_up_to`` rows and with full depth beyond; with ``draft_payoff=False``
+that rule alone decides. Beside exit rows alone greedy verify rows always draft (at full depth the
+backbone would run to the last layer for the exit rows); sampled verify rows always draft, so that
+their draws never depend on the batch.
 
 Rows are ordered [verify (sampled, then greedy) | full | exit | prefilling] so each group, and the
 greedy verify rows with the full rows, is one contiguous view of the pool (a backend without per-row
@@ -48,12 +51,13 @@ from river.runtime.backend import StepBackend
 from river.runtime.batching.kv_pool import KVPool, RowsView
 from river.runtime.generate import Emitter, GenerationConfig, GenerationResult, StepStat
 from river.runtime.sampling import is_greedy, sample
-from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, K_MAX, accept_drafts, next_k
+from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, EXPLORE_TOKENS, K_MAX, DraftPayoff, accept_drafts, next_k
 
 MODES = ("full", "exit", "verify")  # what a request may ask for (the Triton model and river-loadtest use these)
 _GROUP = {"verify": 0, "full": 1, "exit": 2}  # where a decoding row sits in the pool (3: still prefilling)
-# Greedy verify rows draft while at most this many rows are live, and decode at full depth in the
-# full rows' step beyond it. Measured on SmolLM2 (2-core CPU, 8-bit draft graph, adaptive k): a
+# Greedy verify rows start out drafting while at most this many rows are live, and decoding at full
+# depth in the full rows' step beyond it; then each batch size's DraftPayoff decides (with
+# draft_payoff=False, this rule alone). Measured on SmolLM2 (2-core CPU, 8-bit draft graph, adaptive k): a
 # batch of verify rows drafting against the same batch at full depth gave 1.51x (1 row), 1.11x (2),
 # 0.81x (3), 0.70x (4), 0.60x (8) of the full-depth tokens/s
 VERIFY_DRAFTS_UP_TO = 2
@@ -181,7 +185,8 @@ class Scheduler:
                  prefill_chunk: int = 16, k_max: int = K_MAX, budgets: dict[str, Sequence[float]] | None = None,
                  recall_points: dict[str, dict] | None = None,
                  min_shared_prefix: int = 4, prefill_budget: int | None = None,
-                 verify_drafts_up_to: int = VERIFY_DRAFTS_UP_TO):
+                 verify_drafts_up_to: int = VERIFY_DRAFTS_UP_TO, draft_payoff: bool = True,
+                 clock: Callable[[], float] = time.perf_counter):
         if max_rows < 1 or max_queue < 0 or prefill_chunk < 1 or k_max < 1 or (prefill_budget or 1) < 1:
             raise RiverError("max_rows, prefill_chunk, k_max and prefill_budget must be >= 1, max_queue >= 0")
         for other in (backbone, draft):
@@ -199,6 +204,9 @@ class Scheduler:
         self.budgets = dict(budgets or {})
         self.recall_points = dict(recall_points or {})
         self.verify_drafts_up_to = verify_drafts_up_to  # module docstring: when drafting pays
+        # live rows -> whether drafting pays at that batch size, measured (None: the rule above alone)
+        self.payoffs: dict[int, DraftPayoff] | None = {} if draft_payoff else None
+        self.clock = clock  # what payoffs are measured with (tests give a fake one)
         gates = len(decoder.river.gates) if decoder.river is not None else 0
         c = decoder.contract
         self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, max_rows, max(prefill_chunk, k_max + 1),
@@ -348,18 +356,28 @@ class Scheduler:
         # Beside exit rows alone, full-depth rows would keep the backbone running past their exits
         # for the whole step (measured slower than drafting); beside full rows it runs anyway
         exits_only = any(r.group == 2 for r in decode) and not any(r.group == 1 for r in decode)
-        if len(self._rows) > self.verify_drafts_up_to and not exits_only:  # a verify round stalls every live row
+        choose = any(r.greedy for r in verify) and not exits_only  # greedy verify rows may go to full depth
+        payoff = self._payoff() if choose else None
+        if payoff is not None:
+            drafting = payoff.drafts()
+        else:
+            drafting = not choose or len(self._rows) <= self.verify_drafts_up_to
+        if not drafting:  # a verify round stalls every live row
             at_full = [r for r in verify if r.greedy]
             verify = [r for r in verify if not r.greedy]
+        t0, decoded = self.clock(), 0
         if verify:
-            tokens += self._guard(verify, self._verify_round)
+            decoded += self._guard(verify, self._verify_round)
         if decode and not self.decoder.per_row_exits:  # full rows together, each exit row alone
             calls = [at_full + [r for r in decode if r.group == 1]] + [[r] for r in decode if r.group == 2]
         else:
             calls = [at_full + decode]
         for rows in calls:
             if rows:
-                tokens += self._guard(rows, self._decode_step)
+                decoded += self._guard(rows, self._decode_step)
+        if payoff is not None and decoded:
+            payoff.record(drafting, self.clock() - t0, decoded)
+        tokens += decoded
         now = time.perf_counter()
         with self._lock:
             self.counters["steps"] += 1
@@ -367,6 +385,16 @@ class Scheduler:
             self._recent.append((now, tokens))
             while self._recent and now - self._recent[0][0] > 10.0:
                 self._recent.popleft()
+
+    def _payoff(self) -> DraftPayoff | None:
+        """The measure of whether drafting pays at this many live rows (None: not measured, the fixed
+        rule decides)."""
+        n = len(self._rows)
+        if self.payoffs is None:
+            return None
+        if n not in self.payoffs:  # a larger batch emits more tokens a step: explore as often in steps
+            self.payoffs[n] = DraftPayoff(explore_tokens=EXPLORE_TOKENS * n, first=n <= self.verify_drafts_up_to)
+        return self.payoffs[n]
 
     def _guard(self, rows: list[_Row], work: Callable[[list[_Row]], int]) -> int:
         """Run one group's work; a failure fails those rows, not the server."""

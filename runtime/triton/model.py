@@ -188,7 +188,8 @@ class TritonPythonModel:
                                             prefill_chunk=int(params.get("prefill_chunk", 16)),
                                             prefill_budget=int(params["prefill_budget"]) if params.get("prefill_budget") else None,
                                             verify_drafts_up_to=int(params["verify_drafts_up_to"])
-                                            if params.get("verify_drafts_up_to") else None)
+                                            if params.get("verify_drafts_up_to") else None,
+                                            draft_payoff=params.get("draft_payoff", "true").lower() != "false")
             self.backend, self.tokenizer = self.scheduler.decoder, self.scheduler.tokenizer
             self.scheduler.start()
             if hasattr(pb_utils, "MetricFamily"):
