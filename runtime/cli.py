@@ -207,6 +207,10 @@ def _generate_batch(args, prompts: list[str], cfg, recall: tuple[list[float] | N
     print(f"[river] {len(prompts)} prompts, mode {mode}, batches of up to {args.max_batch}: {tokens} tokens in "
           f"{seconds:.1f} s ({tokens / seconds:.1f} tokens/s, prefill included; peak batch {m['peak_rows']})",
           file=sys.stderr)
+    if mode == "verify":
+        acceptance = "" if m["acceptance"] is None else f" ({m['acceptance']:.1%} accepted)"
+        print(f"[river] verify: {m['drafted']} tokens drafted{acceptance}; {m['verify_at_full_depth']} tokens at full "
+              "depth, where the scheduler measured drafting not to pay at that batch size", file=sys.stderr)
     return 0
 
 

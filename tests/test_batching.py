@@ -7,6 +7,8 @@ cancelled - because each row runs the same steps at its own positions over its o
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -308,6 +310,7 @@ def test_generate_cli_answers_a_prompts_file_batched(make, river_dir, tmp_path, 
                                            mode="verify"))
         assert f"### {i + 1}: {prompt}\n{single.text}\n" in out
     assert "3 prompts, mode verify" in err and "peak batch 3" in err
+    assert re.search(r"verify: \d+ tokens drafted.*; \d+ tokens at full depth", err), err
     assert main(["--prompts", str(tmp_path / "missing.txt")]) == 2
     assert "--prompts file not found" in capsys.readouterr().err
 
