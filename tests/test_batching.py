@@ -411,6 +411,21 @@ def test_greedy_verify_rows_draft_where_it_measures_cheaper(make):
     assert cheap.payoffs[3].cost(True) < cheap.payoffs[3].cost(False)
 
 
+def test_batch_drafting_benchmark_compares_the_policies_on_the_same_tokens(river_dir, capsys):
+    """benchmarks/batch_drafting.py: a row per batch size with every policy's tokens/s and the ratios
+    (it stops if a policy's tokens differ from the measured one's)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("batch_drafting", Path(__file__).parents[1] / "benchmarks" / "batch_drafting.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(river_dir), "--streams", "1,3", "--tokens", "6", "--threads", "1"], shared_pool=False)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows] == ["streams", "1", "3"]
+    assert all(float(v) > 0 for r in rows[1:] for v in r[1:4]) and all(r[4].strip().endswith("x") for r in rows[1:])
+
+
 def test_greedy_verify_rows_keep_drafting_beside_exit_rows_alone(make, monkeypatch):
     """In a big batch whose other decoding rows all exit early, verify rows keep drafting: at full
     depth they would make the backbone run past every exit row's gate."""
