@@ -328,7 +328,7 @@ def test_adaptive_k_rule():
 
 
 def test_draft_payoff_runs_the_cheaper_arm_and_re_measures_the_other():
-    from river.runtime.speculative import DraftPayoff
+    from river.runtime.speculative import EXPLORE_BACKOFF, DraftPayoff
 
     payoff = DraftPayoff(explore_tokens=10, window=4, min_rounds=2)
     assert payoff.drafts()  # nothing measured: draft
@@ -337,16 +337,25 @@ def test_draft_payoff_runs_the_cheaper_arm_and_re_measures_the_other():
     payoff.record(True, 0.10, 14)  # 13 ms a token over both
     assert not payoff.drafts()  # plain steps were never measured: one plain round next
     payoff.record(False, 0.02, 1)  # 20 ms a token: drafting pays
+    assert payoff.period == 20  # the measure kept the choice: the next one waits twice as long
     chosen = []
-    for _ in range(4):
+    for _ in range(5):
         chosen.append(payoff.drafts())
         payoff.record(chosen[-1], 0.06 if chosen[-1] else 0.02, 6 if chosen[-1] else 1)
-    assert chosen == [True, True, False, True]  # plain re-measured once 10 tokens went by without it
+    assert chosen == [True, True, True, True, False]  # plain re-measured once 20 tokens went by without it
+    assert payoff.period == 40
+    for _ in range(6):  # confirmed again and again: the wait stops growing at EXPLORE_BACKOFF times
+        payoff.waiting[False] = payoff.period
+        payoff.record(payoff.drafts(), 0.02, 1)
+    assert payoff.period == EXPLORE_BACKOFF * 10
     payoff.record(True, 0.10, 1)  # one bad round in the window: drafting still pays
     assert payoff.drafts()
-    for _ in range(4):  # drafting gets dear (a slow draft): its window fills with dear rounds
+    for _ in range(4):  # drafting gets dear (a slow draft): its window fills with dear rounds, until plain is cheaper
         payoff.record(True, 0.30, 6)
+        if not payoff.cheaper():
+            break
     assert payoff.cost(True) > payoff.cost(False) and not payoff.drafts()
+    assert payoff.period == 10  # the choice changed: the other arm is re-measured as often as at first
     chosen = []
     for _ in range(12):
         chosen.append(payoff.drafts())

@@ -20,9 +20,9 @@ Drafting pays only while the batch is small: a batched full-depth step costs lit
 one-row step, a verify round several steps (and it stalls every other row, prompts being prefilled
 too). So greedy verify rows either draft or join the full rows' step at full depth (their output is
 the full model's either way), whichever emits the batch's tokens cheaper: one ``DraftPayoff`` per
-number of live rows measures both (seconds per token of the whole step, all rows), starting with
-drafting up to ``verify_drafts_up_to`` rows and with full depth beyond; with ``draft_payoff=False``
-that rule alone decides. Beside exit rows alone greedy verify rows always draft (at full depth the
+number of decoding rows measures both (seconds per token of the step's decoding, all rows), starting
+with drafting up to ``verify_drafts_up_to`` rows and with full depth beyond; with
+``draft_payoff=False`` that rule alone decides (counting live rows, prompts being prefilled too). Beside exit rows alone greedy verify rows always draft (at full depth the
 backbone would run to the last layer for the exit rows); sampled verify rows always draft, so that
 their draws never depend on the batch.
 
@@ -204,7 +204,7 @@ class Scheduler:
         self.budgets = dict(budgets or {})
         self.recall_points = dict(recall_points or {})
         self.verify_drafts_up_to = verify_drafts_up_to  # module docstring: when drafting pays
-        # live rows -> whether drafting pays at that batch size, measured (None: the rule above alone)
+        # decoding rows -> whether drafting pays at that batch size, measured (None: the rule above alone)
         self.payoffs: dict[int, DraftPayoff] | None = {} if draft_payoff else None
         self.clock = clock  # what payoffs are measured with (tests give a fake one)
         gates = len(decoder.river.gates) if decoder.river is not None else 0
@@ -357,7 +357,7 @@ class Scheduler:
         # for the whole step (measured slower than drafting); beside full rows it runs anyway
         exits_only = any(r.group == 2 for r in decode) and not any(r.group == 1 for r in decode)
         choose = any(r.greedy for r in verify) and not exits_only  # greedy verify rows may go to full depth
-        payoff = self._payoff() if choose else None
+        payoff = self._payoff(len(verify) + len(decode)) if choose else None
         if payoff is not None:
             drafting = payoff.drafts()
         else:
@@ -386,10 +386,10 @@ class Scheduler:
             while self._recent and now - self._recent[0][0] > 10.0:
                 self._recent.popleft()
 
-    def _payoff(self) -> DraftPayoff | None:
-        """The measure of whether drafting pays at this many live rows (None: not measured, the fixed
-        rule decides)."""
-        n = len(self._rows)
+    def _payoff(self, n: int) -> DraftPayoff | None:
+        """The measure of whether drafting pays in a step that decodes ``n`` rows (None: not measured,
+        the fixed rule decides). Keyed by the rows decoding, not the live ones: prompts being prefilled
+        take no part in the step's decoding, which is what is timed."""
         if self.payoffs is None:
             return None
         if n not in self.payoffs:  # a larger batch emits more tokens a step: explore as often in steps
