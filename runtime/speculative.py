@@ -69,8 +69,9 @@ class DraftPayoff:
     its first ``min_rounds`` rounds unconditionally and the other is measured right after; then the
     cheaper arm runs, and the other is re-measured with one round once ``explore_tokens`` tokens went
     by without it - twice as many after each re-measure that leaves the choice as it was (up to
-    ``EXPLORE_BACKOFF`` times), back to ``explore_tokens`` whenever the choice changes. Kept across ``generate`` calls: the costs belong to the machine and the model, not
-    to a prompt. The batch scheduler keeps one per batch size (``runtime/batching``)."""
+    ``EXPLORE_BACKOFF`` times), back to ``explore_tokens`` whenever the choice changes. Kept across
+    ``generate`` calls: the costs belong to the machine and the model, not to a prompt. The batch
+    scheduler keeps one per batch size (``runtime/batching``)."""
 
     def __init__(self, explore_tokens: int = EXPLORE_TOKENS, window: int = 16, min_rounds: int = 4,
                  first: bool = True):

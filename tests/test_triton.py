@@ -580,12 +580,15 @@ class FakeRequest:
         return json.loads(next(t for t in final.output_tensors() if t.name() == "stats").as_numpy()[0])
 
 
-def start_model(module, repo: Path):
-    """initialize() as Triton calls it: the config as JSON, the model's folder and version."""
+def start_model(module, repo: Path, **parameters: str):
+    """initialize() as Triton calls it: the config as JSON (with these parameters set), the model's
+    folder and version."""
     from google.protobuf import json_format
 
     cfg = model_config_pb2.ModelConfig()
     text_format.Parse((repo / TC.GENERATE_MODEL / "config.pbtxt").read_text(), cfg)
+    for key, value in parameters.items():
+        cfg.parameters[key].string_value = value
     model = module.TritonPythonModel()
     model.initialize({"model_config": json_format.MessageToJson(cfg, preserving_proto_field_name=True),
                       "model_name": TC.GENERATE_MODEL, "model_repository": str(repo / TC.GENERATE_MODEL),
@@ -620,6 +623,23 @@ def test_model_module_streams_in_process_requests(repo, reference, monkeypatch):
         assert (m["rows"], m["completed"], m["queue_depth"]) == (0, 2, 0), "every request's row is freed"
     finally:
         model.finalize()
+
+
+def test_model_parameter_draft_payoff(repo, monkeypatch):
+    """``draft_payoff``: measured payoffs by default, the fixed rule alone with ``false``, and a
+    one-line error for anything else."""
+    pb = fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "river.runtime.triton.model", raising=False)
+    module = importlib.import_module("river.runtime.triton.model")
+    with pytest.raises(RiverError, match="draft_payoff must be true or false, not 'maybe'"):
+        start_model(module, repo, draft_payoff="maybe")
+    for value, measured in (("False", False), ("true", True)):
+        model, _ = start_model(module, repo, draft_payoff=value)
+        try:
+            assert (model.scheduler.payoffs is not None) == measured
+        finally:
+            model.finalize()
 
 
 def test_bls_mode_loop_against_a_stand_in_for_triton(tiny_river, reference, tmp_path, monkeypatch):

@@ -22,9 +22,10 @@ too). So greedy verify rows either draft or join the full rows' step at full dep
 the full model's either way), whichever emits the batch's tokens cheaper: one ``DraftPayoff`` per
 number of decoding rows measures both (seconds per token of the step's decoding, all rows), starting
 with drafting up to ``verify_drafts_up_to`` rows and with full depth beyond; with
-``draft_payoff=False`` that rule alone decides (counting live rows, prompts being prefilled too). Beside exit rows alone greedy verify rows always draft (at full depth the
-backbone would run to the last layer for the exit rows); sampled verify rows always draft, so that
-their draws never depend on the batch.
+``draft_payoff=False`` that rule alone decides (counting live rows, prompts being prefilled too).
+Beside exit rows alone greedy verify rows always draft (at full depth the backbone would run to the
+last layer for the exit rows); sampled verify rows always draft, so that their draws never depend
+on the batch.
 
 Rows are ordered [verify (sampled, then greedy) | full | exit | prefilling] so each group, and the
 greedy verify rows with the full rows, is one contiguous view of the pool (a backend without per-row
@@ -55,11 +56,11 @@ from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, EXPLORE_TOKENS, K_MAX
 
 MODES = ("full", "exit", "verify")  # what a request may ask for (the Triton model and river-loadtest use these)
 _GROUP = {"verify": 0, "full": 1, "exit": 2}  # where a decoding row sits in the pool (3: still prefilling)
-# Greedy verify rows start out drafting while at most this many rows are live, and decoding at full
+# Greedy verify rows start out drafting while at most this many rows decode, and decoding at full
 # depth in the full rows' step beyond it; then each batch size's DraftPayoff decides (with
-# draft_payoff=False, this rule alone). Measured on SmolLM2 (2-core CPU, 8-bit draft graph, adaptive k): a
-# batch of verify rows drafting against the same batch at full depth gave 1.51x (1 row), 1.11x (2),
-# 0.81x (3), 0.70x (4), 0.60x (8) of the full-depth tokens/s
+# draft_payoff=False, this rule alone, over the live rows). Measured on SmolLM2 (2-core CPU, 8-bit
+# draft graph, adaptive k): a batch of verify rows drafting against the same batch at full depth gave
+# 1.51x (1 row), 1.11x (2), 0.81x (3), 0.70x (4), 0.60x (8) of the full-depth tokens/s
 VERIFY_DRAFTS_UP_TO = 2
 
 

@@ -183,13 +183,16 @@ class TritonPythonModel:
         else:
             use_shared_thread_pool(threads)  # this stub process is ours: its sessions share one pool
             rows = int(params.get("max_rows", 8))
+            payoff = params.get("draft_payoff", "true").lower()
+            if payoff not in ("true", "false"):
+                raise RiverError(f"parameter draft_payoff must be true or false, not '{payoff}'")
             self.scheduler = open_scheduler(str(river_dir), threads=threads, max_length=max_length, max_rows=rows,
                                             max_queue=int(params.get("max_queue", 4 * rows)),
                                             prefill_chunk=int(params.get("prefill_chunk", 16)),
                                             prefill_budget=int(params["prefill_budget"]) if params.get("prefill_budget") else None,
                                             verify_drafts_up_to=int(params["verify_drafts_up_to"])
                                             if params.get("verify_drafts_up_to") else None,
-                                            draft_payoff=params.get("draft_payoff", "true").lower() != "false")
+                                            draft_payoff=payoff == "true")
             self.backend, self.tokenizer = self.scheduler.decoder, self.scheduler.tokenizer
             self.scheduler.start()
             if hasattr(pb_utils, "MetricFamily"):
