@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Keep derived artefacts (tokenizer conversions, exports) of a test run out of the user's cache.
-os.environ.setdefault("RIVER_CACHE_DIR", tempfile.mkdtemp(prefix="river-test-cache-"))
+# Keep derived artefacts (tokenizer conversions, exports) of a test run out of the user's cache; the
+# run removes the folder it made (1-2.5 GB a run: left behind, repeated runs filled the disk)
+_RUN_CACHE = None
+if "RIVER_CACHE_DIR" not in os.environ:
+    _RUN_CACHE = os.environ["RIVER_CACHE_DIR"] = tempfile.mkdtemp(prefix="river-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _RUN_CACHE is not None:
+        shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
