@@ -15,7 +15,8 @@
 //
 // Measured 2026-12-06 (Xeon VM, AVX-512, N = 3072; the VM's speed moved 30% between runs, and the
 // MatMulNBits figures above come from another run): 1 thread 85-98 us (1 row) / 234-328 us (8 rows);
-// 2 threads 44-61 / 121-169 us. AVX2: 1 thread 121-168 / 719-745 us, 2 threads 63 / 279 us. Not yet
+// 2 threads 44-61 / 121-169 us (one run beside MatMulNBits acc 1: 49 / 166 us against 104 / 374-390
+// us). AVX2: 1 thread 121-168 / 719-745 us, 2 threads 63 / 279 us. Not yet
 // an ONNX Runtime op: the headers it needs ship in the npm package com.github.asus4.onnxruntime.
 
 #include <immintrin.h>
