@@ -386,10 +386,10 @@ def test_greedy_verify_rows_draft_where_it_measures_cheaper(make):
     rows draft: a dear verify round sends a lone row to full depth after its first rounds, a cheap one
     brings three rows (beyond ``verify_drafts_up_to``, where they start at full depth) to drafting.
     The tokens are each request's own either way."""
-    sched = make(verify_drafts_up_to=2)
-    alone_req = request(sched, PROMPTS[1], 40, "verify", k=3)
-    trio = [request(sched, p, 24, "verify", k=3) for p in PROMPTS[:3]]
-    singles = [alone(make(draft_payoff=False), r) for r in [alone_req, *trio]]
+    fixed = make(draft_payoff=False)  # each request alone, every round drafting: the tokens to match
+    alone_req = request(fixed, PROMPTS[1], 40, "verify", k=3)
+    trio = [request(fixed, p, 24, "verify", k=3) for p in PROMPTS[:3]]
+    singles = [alone(fixed, r) for r in [alone_req, *trio]]
 
     dear = make(verify_drafts_up_to=2)
     _timed(dear, verify_round=1.0, decode_step=0.01)  # a round costs 100 steps: never worth its tokens

@@ -106,10 +106,10 @@ cache, or a bad value, gets an INVALID_ARG error; a full instance (every row bus
 parameters `max_rows`, `max_queue`; `prefill_budget` bounds the prompt tokens a step prefills, trading
 a joining request's delay to the running streams against burst throughput) answers UNAVAILABLE; cancelling the stream frees its row at the
 next step. Greedy verify requests draft or decode at full depth (same tokens), whichever the
-instance measures to emit the batch's tokens cheaper at that many live requests; they start out
-drafting while at most `verify_drafts_up_to` requests are live (parameter, default 2) and at full
-depth beyond (parameter `draft_payoff` `false`: that rule alone decides), and always draft beside exit
-requests alone. Metrics (on Triton's metrics port): `river_generated_tokens_total`,
+instance measures to emit the batch's tokens cheaper at that many decoding requests; they start out
+drafting while at most `verify_drafts_up_to` requests decode (parameter, default 2) and at full depth
+beyond (parameter `draft_payoff` `false`: that rule alone decides, over the live requests), and always
+draft beside exit requests alone. Metrics (on Triton's metrics port): `river_generated_tokens_total`,
 `river_tokens_per_second`, `river_batch_rows`, `river_batch_occupancy`, `river_queue_depth`,
 `river_exit_tokens_total{{layer=...}}`, `river_verify_drafted_tokens_total`,
 `river_verify_accepted_tokens_total`, `river_verify_full_depth_tokens_total`, `river_recalled_tokens_total`, `river_verify_acceptance`,
