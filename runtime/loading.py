@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from river.compiler import ort_ops
 from river.compiler.river.manifest import (
     DISABLED,
     ENGINES_DIR,
@@ -25,9 +26,18 @@ from river.runtime.generate import Generator
 from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, K_MAX
 
 BACKENDS = ("ort", "segmented", "tensorrt", "torch")
-# ONNX Runtime steps: its fused lowering where it applies, or the portable graph; "ort-grid" also
-# computes weights that lie on a 4-bit grid (GGUF Q4_1) from that form (compiler/lowering/grid_weights.py)
-LOWERINGS = ("ort", "ort-grid", "portable")
+# ONNX Runtime steps: its fused lowering where it applies, or the portable graph. Weights on a 4-bit grid
+# (GGUF Q4_1) run under "ort" from that form with River's exact Q41MatMul when its library is built
+# (else as fp32 matrices), under "ort-fp32" as fp32 matrices, under "ort-grid" with MatMulNBits and an
+# offset path (see grid_form)
+LOWERINGS = ("ort", "ort-fp32", "ort-grid", "portable")
+
+
+def grid_form(lowering: str) -> str:
+    """How a lowering runs products by weights on a 4-bit grid (``ort_fused.GRID_FORMS``)."""
+    if lowering == "ort-grid":
+        return "nbits"
+    return "q41" if lowering == "ort" and ort_ops.library() is not None else "fp32"
 
 
 def parse_thresholds(text: str | None, backend: StepBackend):

@@ -17,14 +17,15 @@ from river.compiler.graph_io import derived_graph, load_onnx_header
 from river.compiler.ort_session import graph_input_names, session_options
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS, RiverInfo, legacy_twins_note
 from river.compiler.lowering.greedy_head import GREEDY_LOGITS
-from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, grid_weights_of, lower_for_ort, lowering_of
+from river.compiler.lowering.ort_fused import (ORT_LOWERING_FORMAT, cache_variant, grid_weights_of, lower_for_ort,
+                                               lowering_of)
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, WRITE_INDICES, to_shared_kv
 from river.errors import RiverError
 from river.export import contract as C
 from river.export.contract import CAUSAL_PROP, StepContract, exported_config, kv_window
 from river.runtime.backend import InPlaceSteps, StepBackend, fused_positions
 from river.runtime.kv_cache import SharedKVCache
-from river.runtime.loading import LOWERINGS
+from river.runtime.loading import LOWERINGS, grid_form
 
 
 
@@ -78,17 +79,18 @@ class OrtBackend(InPlaceSteps, StepBackend):
     def _decode_graph(self, lowering: str, positions: int | None) -> Path:
         """The in-place graph for steps: the fused lowering where it applies, else the portable one."""
         self.lowering, self.lowering_reason, self.max_positions = "portable", "", None
-        self.grid_weights = 0  # products on a 4-bit grid (rewritten under ort-grid; else --lowering ort-grid applies)
+        self.grid_weights = 0  # products on a 4-bit grid (run in self.grid_form, ort_fused.GRID_FORMS)
+        self.grid_form = "fp32"
         self.context = positions or exported_config(self.model_path.parent).get("max_position_embeddings")
         if lowering != "portable" and self.kv_window is None:
             # twice the context: positions past a row's room (a pool's slack, padding) stay in the tables
-            positions, grid = fused_positions(self.context), lowering == "ort-grid"
+            positions, grid = fused_positions(self.context), grid_form(lowering)
             path = derived_graph("ort_lowered", self.model_path, ORT_LOWERING_FORMAT,
-                                 lambda m: lower_for_ort(m, positions, grid=grid),
-                                 variant=f"-p{positions}" + ("-grid" if grid else ""))
+                                 lambda m: lower_for_ort(m, positions, grid=grid), variant=cache_variant(positions, grid))
             lowered = load_onnx_header(path)
             self.lowering, self.lowering_reason = lowering_of(lowered)
             self.grid_weights = grid_weights_of(lowered)
+            self.grid_form = grid if self.lowering != "portable" else "fp32"
             self.max_positions = positions if self.lowering != "portable" else None
             return path
         if lowering != "portable":

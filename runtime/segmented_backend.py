@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from river.compiler.graph_io import derived_graph, load_onnx_header
-from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, lower_segment_for_ort, lowering_of
+from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, cache_variant, lower_segment_for_ort, lowering_of
 from river.compiler.ort_session import graph_input_names, session_options, shared_thread_pool
 from river.compiler.lowering.greedy_head import GREEDY_LOGITS
 from river.compiler.river.manifest import EXIT_LAYER, THRESHOLDS
@@ -78,7 +78,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         buffers: ``compiler/lowering/ort_fused``), built once per segment and cached; {} when the
         segments run their shipped portable shared-KV forms (``self.lowering_reason`` says why). All or
         nothing: one segment that does not fuse keeps every segment portable."""
-        from river.runtime.loading import LOWERINGS
+        from river.runtime.loading import LOWERINGS, grid_form
 
         self.lowering, self.lowering_reason = "portable", ""
         if lowering not in LOWERINGS:
@@ -89,12 +89,11 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
             self.lowering_reason = "a sliding window: every step runs the contract segments"
             return {}
         context = positions or exported_config(self.index.folder.parent).get("max_position_embeddings")
-        table, grid = fused_positions(context), lowering == "ort-grid"
+        table, grid = fused_positions(context), grid_form(lowering)
         paths = {}
         for seg in self.index.segments:
             path = derived_graph("ort_lowered_segment", self.index.path(seg), ORT_LOWERING_FORMAT,
-                                 lambda m: lower_segment_for_ort(m, table, grid),
-                                 variant=f"-p{table}" + ("-grid" if grid else ""))
+                                 lambda m: lower_segment_for_ort(m, table, grid), variant=cache_variant(table, grid))
             lowering_done, reason = lowering_of(load_onnx_header(path))
             if lowering_done != "ort_fused":
                 self.lowering_reason = f"segment {seg.name}: {reason}"

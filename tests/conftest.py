@@ -49,6 +49,29 @@ def tiny_river_segmented(tiny_onnx, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_on_grid(tiny, tiny_onnx, tmp_path_factory):
+    """The tiny model with every layer weight on a Q4_1 grid (what a GGUF of it would dequantize to); the
+    embedding and head stay as they are (a GGUF keeps them in Q8_0 or better)."""
+    import numpy as np
+    import onnx
+
+    from river.compiler.graph_io import load_onnx, save_onnx_atomic
+    from tests_helpers import on_grid
+
+    rng = np.random.default_rng(1)
+    model = load_onnx(tiny_onnx)
+    for init in model.graph.initializer:
+        w = onnx.numpy_helper.to_array(init)
+        if w.ndim == 2 and w.dtype == np.float32 and w.shape[0] % 32 == 0 and tiny.config.vocab_size not in w.shape:
+            init.CopyFrom(onnx.numpy_helper.from_array(on_grid(w, rng), init.name))
+    path = tmp_path_factory.mktemp("grid") / "model.onnx"
+    for f in tiny_onnx.parent.iterdir():
+        if f.suffix != ".onnx" and not f.name.startswith("model.onnx"):
+            (path.parent / f.name).write_bytes(f.read_bytes())
+    return save_onnx_atomic(model, path)
+
+
+@pytest.fixture(scope="session")
 def smol():
     from river.models import load_model
 

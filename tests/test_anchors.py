@@ -67,6 +67,7 @@ def test_run_on_tiny_with_river_points(anchors, tiny_onnx, tmp_path, capsys):
     assert rows["ours verify (adaptive k)"]["greedy"]["identical"]  # lossless
     assert rows["ours verify (k=4 fixed)"]["greedy"]["identical"]
     assert rows["ours full (fp32, portable graph)"]["greedy"]["identical"]  # the lowering changes no token
+    assert rows["ours full (fp32 matrices)"]["greedy"]["identical"]
     assert {"ours River safe", "ours River balanced", "ours River fast"} <= set(rows)
     assert {"ours River safe-recall", "ours River balanced-recall", "ours River fast-recall"} <= set(rows)
     for r in rows.values():

@@ -4,26 +4,14 @@ dequantized) is computed in fp32 from its 4-bit form and equals the fp32 product
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from river.compiler.graph_io import load_onnx, load_onnx_header, save_onnx_atomic, walk_nodes
+from river.compiler.graph_io import load_onnx, load_onnx_header, walk_nodes
 from river.compiler.lowering import grid_weights
 from river.runtime.ort_backend import OrtBackend
-
-
-def on_grid(w: np.ndarray, rng) -> np.ndarray:
-    """``w`` snapped to a Q4_1 grid: per block of 32 inputs and column, w = d * q + m, q in 0..15."""
-    k, n = w.shape
-    b = w.reshape(k // 32, 32, n)
-    lo, hi = b.min(axis=1), b.max(axis=1)
-    d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)  # GGUF keeps d and m in fp16
-    m = lo.astype(np.float16).astype(np.float32)
-    q = np.clip(np.rint((b - m[:, None]) / np.where(d > 0, d, 1)[:, None]), 0, 15)
-    q[:, 0], q[:, 1] = 0, 15  # every block spans its grid (as Q4_1's min and max do)
-    return (d[:, None] * q + m[:, None]).reshape(k, n).astype(np.float32)
+from tests_helpers import on_grid
 
 
 def test_grid_weight_is_found_and_computed_exactly():
@@ -49,23 +37,6 @@ def test_grid_weight_is_found_and_computed_exactly():
     np.testing.assert_allclose(got, xs @ w, rtol=0, atol=1e-5 * np.abs(xs @ w).max())
 
 
-@pytest.fixture(scope="module")
-def tiny_on_grid(tiny, tiny_onnx, tmp_path_factory):
-    """The tiny model with every layer weight on a Q4_1 grid (what a GGUF of it would dequantize to); the
-    embedding and head stay as they are (a GGUF keeps them in Q8_0 or better)."""
-    rng = np.random.default_rng(1)
-    model = load_onnx(tiny_onnx)
-    for init in model.graph.initializer:
-        w = onnx.numpy_helper.to_array(init)
-        if w.ndim == 2 and w.dtype == np.float32 and w.shape[0] % 32 == 0 and tiny.config.vocab_size not in w.shape:
-            init.CopyFrom(onnx.numpy_helper.from_array(on_grid(w, rng), init.name))
-    path = tmp_path_factory.mktemp("grid") / "model.onnx"
-    for f in tiny_onnx.parent.iterdir():
-        if f.suffix != ".onnx" and not f.name.startswith("model.onnx"):
-            (path.parent / f.name).write_bytes(f.read_bytes())
-    return save_onnx_atomic(model, path)
-
-
 def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
     from test_ort_lowering import _assert_same_steps
 
@@ -74,20 +45,26 @@ def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
     ops = [n.op_type for n in load_onnx_header(grid.decode_path).graph.node]
     assert ops.count("MatMulNBits") == 4 * tiny.config.num_layers  # packed qkv, o, gate|up, down
     _assert_same_steps(grid, portable, tiny.config.vocab_size)
-    plain = OrtBackend(tiny_on_grid, threads=1)  # the default lowering leaves them fp32, and counts them
-    assert "MatMulNBits" not in [n.op_type for n in load_onnx_header(plain.decode_path).graph.node]
-    assert grid.grid_weights == plain.grid_weights == 4 * tiny.config.num_layers
+    assert grid.grid_weights == 4 * tiny.config.num_layers and grid.grid_form == "nbits"
 
 
-def test_cli_tells_when_grid_weights_apply(tiny_onnx, tiny_on_grid, capsys):
+def test_without_river_ops_grid_weights_run_fp32_and_the_cli_says_why(tiny_onnx, tiny_on_grid, capsys, monkeypatch):
+    """No ops library (no compiler here, or another CPU): the default lowering leaves grid weights as
+    fp32 MatMuls and counts them, and river-generate says why and what would run them from their form."""
+    from river.compiler import ort_ops
     from river.runtime import cli as generate_cli
 
+    monkeypatch.setattr(ort_ops, "status", lambda: (None, "River's ONNX Runtime ops are not built (run `x`)"))
+    plain = OrtBackend(tiny_on_grid, threads=1)
+    ops = [n.op_type for n in load_onnx_header(plain.decode_path).graph.node]
+    assert "MatMulNBits" not in ops and "Q41MatMul" not in ops
+    assert plain.grid_weights == 4 * plain.contract.num_layers and plain.grid_form == "fp32"
     said = {}
     for name, path, lowering in (("grid", tiny_on_grid, "ort"), ("fp32", tiny_onnx, "ort"), ("asked", tiny_on_grid, "ort-grid")):
         assert generate_cli.main(["hello", "--model", str(path), "--max-new-tokens", "4", "--threads", "1",
                                   "--lowering", lowering]) == 0
         said[name] = capsys.readouterr().err
-    assert "lie on a 4-bit grid" in said["grid"] and "--lowering ort-grid" in said["grid"]
+    assert "lie on a 4-bit grid" in said["grid"] and "ops are not built" in said["grid"]
     assert "4-bit grid" not in said["fp32"] and "4-bit grid" not in said["asked"]
     assert OrtBackend(tiny_onnx, threads=1).grid_weights == 0
 

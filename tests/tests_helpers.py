@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 
 # what the commands print before an error: "[river] ..." progress lines and river-export's tqdm bar
@@ -58,3 +59,15 @@ def poison_decode(backend, patterns, seen: list, after=None) -> None:
         return out
 
     backend.decode = poisoned
+
+
+def on_grid(w: np.ndarray, rng) -> np.ndarray:
+    """``w`` snapped to a Q4_1 grid: per block of 32 inputs and column, w = d * q + m, q in 0..15."""
+    k, n = w.shape
+    b = w.reshape(k // 32, 32, n)
+    lo, hi = b.min(axis=1), b.max(axis=1)
+    d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)  # GGUF keeps d and m in fp16
+    m = lo.astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint((b - m[:, None]) / np.where(d > 0, d, 1)[:, None]), 0, 15)
+    q[:, 0], q[:, 1] = 0, 15  # every block spans its grid (as Q4_1's min and max do)
+    return (d[:, None] * q + m[:, None]).reshape(k, n).astype(np.float32)

@@ -81,7 +81,7 @@ def _block_indicator(k: int) -> np.ndarray:
     return np.repeat(np.eye(k // BLOCK, dtype=np.float32), BLOCK, axis=0)
 
 
-def _weight_products(graph: gs.Graph):
+def weight_products(graph: gs.Graph):
     """(node, weight) for every MatMul of ``graph`` (not its subgraphs) by a constant weight."""
     for node in [n for n in graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
         w = constant_values(node.inputs[1])
@@ -92,7 +92,7 @@ def _weight_products(graph: gs.Graph):
 def count(graph: gs.Graph) -> int:
     """How many products of ``graph`` (not its subgraphs) ``rewrite`` would rewrite (checked, not
     packed): the default lowering records it, so the runtime can tell that ``--lowering ort-grid`` applies."""
-    return sum(grid_levels(w) is not None for _, w in _weight_products(graph))
+    return sum(grid_levels(w) is not None for _, w in weight_products(graph))
 
 
 def rewrite(graph: gs.Graph) -> int:
@@ -100,7 +100,7 @@ def rewrite(graph: gs.Graph) -> int:
     many. Constants are named ``<weight>@q41...`` so that ``If`` branches keep theirs (ONNX Runtime
     prepacks a MatMulNBits weight only when it is the branch's own)."""
     done = 0
-    for node, w in list(_weight_products(graph)):
+    for node, w in list(weight_products(graph)):
         grid = grid_of(w)
         if grid is None:
             continue

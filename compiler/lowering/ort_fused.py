@@ -8,9 +8,11 @@ gate and up: ``packed_matmuls.py``), and each residual Add with the RMSNorm afte
 ``SkipSimplifiedLayerNormalization`` (``skip_norm.py``). ONNX Runtime's own optimizer fuses the rest
 (the first norm into ``SimplifiedLayerNormalization``, SiLU). An fp32 LM head gains the greedy form
 greedy decoding switches on (``greedy_head.py``: an 8-bit head, its error bound, the exact logits of
-the tokens that can still win); a head it does not take stays as it is, the reason logged. With
-``grid``, weights that lie on a 4-bit grid (a GGUF's Q4_1 tensors, dequantized) are computed in fp32 from
-their 4-bit form (``grid_weights.py``; opt-in: logits move by up to 1e-5 of their largest value).
+the tokens that can still win); a head it does not take stays as it is, the reason logged. Weights that
+lie on a 4-bit grid (a GGUF's Q4_1 tensors, dequantized) run as ``grid`` says (``GRID_FORMS``): fp32
+``MatMul``; River's own exact ``Q41MatMul`` over their 4-bit form (``q41_matmul.py``: the same fp32
+weights, made on the fly); or ``MatMulNBits`` with an offset path (``grid_weights.py``: logits move by up
+to 1e-5 of their largest value).
 
 Exactness: the fused attention is causal by position with each row's valid prefix from its mask. For
 one new token a step that is every causal graph's semantics; for several, only graphs that mask by
@@ -33,19 +35,27 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from river.compiler.graph_io import rewrite_step_graph
-from river.compiler.lowering import fused_attention, greedy_head, grid_weights, packed_matmuls
+from river.compiler.lowering import fused_attention, greedy_head, grid_weights, packed_matmuls, q41_matmul
 from river.compiler.lowering.packed_qkv import pack_qkv
 from river.compiler.lowering.patterns import MS_DOMAIN
 from river.compiler.lowering.skip_norm import fuse_skip_norm
 from river.compiler.lowering.shared_kv import SHARED_KV_FORMAT, to_shared_kv
+from river.compiler.ort_ops import DOMAIN as RIVER_OPS_DOMAIN
 from river.compiler.river.builder import is_quantized_weight
 from river.export.contract import past_layers, past_name, present_name
 
 ORT_LOWERING_FORMAT = 10 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
-# products whose weights lie on a 4-bit grid (grid_weights.py): rewritten under ort-grid, counted under ort
+# products whose weights lie on a 4-bit grid: rewritten (q41, nbits) or counted (fp32)
 GRID_WEIGHTS_PROP = "river.grid_weights"
+# how products by weights on a 4-bit grid run, and the rule that rewrites (or counts) them in a graph
+GRID_FORMS = {"fp32": grid_weights.count, "q41": q41_matmul.rewrite, "nbits": grid_weights.rewrite}
+
+
+def cache_variant(max_positions: int | None, grid: str) -> str:
+    """What, besides the source graph and ``ORT_LOWERING_FORMAT``, names a cached lowered graph."""
+    return f"-p{max_positions}" + {"fp32": "", "q41": "-q41", "nbits": "-grid"}[grid]
 
 log = logging.getLogger("river.lowering")
 
@@ -65,14 +75,15 @@ def lowering_of(model: onnx.ModelProto) -> tuple[str, str]:
 
 
 def grid_weights_of(model: onnx.ModelProto) -> int:
-    """How many products of a graph this module fused have weights on a 4-bit grid (0 for any other)."""
+    """How many products of a graph this module fused have weights on a 4-bit grid (rewritten to the
+    graph's grid form, or counted under fp32; 0 for any other graph)."""
     return int(_props(model).get(GRID_WEIGHTS_PROP, 0))
 
 
-def lower_for_ort(model: onnx.ModelProto, max_positions: int | None, grid: bool = False) -> onnx.ModelProto:
+def lower_for_ort(model: onnx.ModelProto, max_positions: int | None, grid: str = "fp32") -> onnx.ModelProto:
     """The fused form of a step graph, or its portable shared-KV form with the reason it is not fused.
     ``max_positions``: positions the rotary tables cover (the runtime asks for twice the context);
-    ``grid``: also compute grid weights from their 4-bit form (``grid_weights.py``)."""
+    ``grid``: how weights on a 4-bit grid run (``GRID_FORMS``)."""
     try:
         result = to_ort_fused(model, max_positions, grid)
         lowering, reason = "ort_fused", ""
@@ -85,7 +96,7 @@ def lower_for_ort(model: onnx.ModelProto, max_positions: int | None, grid: bool 
     return result
 
 
-def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None, grid: bool = False) -> onnx.ModelProto:
+def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None, grid: str = "fp32") -> onnx.ModelProto:
     """The fused form of a River segment (``compiler/river/segments.py``, its contract form), or, when it
     does not fuse, the segment itself marked portable with the reason: the runtime then runs the
     segments' shipped shared-KV forms. ``grid``: as ``lower_for_ort``'s (the twins, quantized
@@ -100,26 +111,39 @@ def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None, g
     return result
 
 
-def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: bool = False) -> onnx.ModelProto:
+def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: str = "fp32") -> onnx.ModelProto:
     """The graph (a step graph or a River segment) with every attention block fused (raises
     NotLowered, saying why, when one is not)."""
+    if grid not in GRID_FORMS:
+        raise ValueError(f"unknown grid form {grid!r} (one of {', '.join(GRID_FORMS)})")
     if not max_positions or max_positions < 1:
         raise NotLowered("the model's context length is unknown (the rotary tables need it)")
     layers, on_grid = past_layers(model), []
     result = rewrite_step_graph(model, lambda m: _fuse_all(m, layers, max_positions, grid, on_grid),
                                 keep_local=is_quantized_weight)
     result.metadata_props.add(key=GRID_WEIGHTS_PROP, value=str(sum(on_grid)))
-    if not any(o.domain == MS_DOMAIN for o in result.opset_import):
-        result.opset_import.add(domain=MS_DOMAIN, version=1)
+    for domain in (MS_DOMAIN, RIVER_OPS_DOMAIN):
+        if not any(o.domain == domain for o in result.opset_import) and _uses_domain(result.graph, domain):
+            result.opset_import.add(domain=domain, version=1)
     if any(i.name == greedy_head.GREEDY_LOGITS for i in result.graph.input):  # off unless the runtime asks
         result.graph.initializer.append(numpy_helper.from_array(np.array(False), greedy_head.GREEDY_LOGITS))
     return result
 
 
-def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, grid: bool,
+def _uses_domain(graph: onnx.GraphProto, domain: str) -> bool:
+    """Whether a node of ``graph`` or of its subgraphs is of ``domain``."""
+    for node in graph.node:
+        if node.domain == domain:
+            return True
+        if any(_uses_domain(a.g, domain) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
+            return True
+    return False
+
+
+def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, grid: str,
               on_grid: list[int]) -> gs.Graph:
-    """The fused graph; ``on_grid`` gets, per (sub)graph, its products on a 4-bit grid (rewritten
-    when ``grid``, else only counted)."""
+    """The fused graph; ``on_grid`` gets, per (sub)graph, its products on a 4-bit grid (rewritten to
+    the ``grid`` form, or counted under fp32)."""
     graph = gs.import_onnx(model)
     blocks, reasons = [], []
     for g in [graph, *graph.subgraphs(recursive=True)]:
@@ -153,7 +177,7 @@ def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, gri
             packed_matmuls.pack_siblings(g, siblings)
         _write_outputs_directly(g)  # which ends with a cleanup
         # after packing: a packed weight is on its parts' grids
-        on_grid.append(grid_weights.rewrite(g) if grid else grid_weights.count(g))
+        on_grid.append(GRID_FORMS[grid](g))
     _check_cache_use(graph)
     head, why = greedy_head.check(graph)
     if head is not None:

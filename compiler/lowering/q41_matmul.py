@@ -1,0 +1,78 @@
+"""Rewrite: an fp32 ``MatMul`` by a GGUF Q4_1 weight (dequantized: ``w = d * q + m`` per block of 32
+inputs, q in 0..15, d and m fp16) as River's own ``ai.river::Q41MatMul`` over the weight's 4-bit form.
+
+Why: SmolLM2's layers arrive as Q4_1; in fp32 they are 425 MB that every decode step reads, in 4 bits
+with fp16 scales and offsets 66 MB. ONNX Runtime has no exact kernel for that form (``MatMulNBits``'
+zero point is an integer, so ``grid_weights.py`` needs an offset path and still moves logits by 1.8e-4).
+Our kernel (``compiler/ort_ops/q41_kernel.cpp``) makes every weight as ``fmadd(d, q, m)`` in fp32 - the
+very fp32 value the export holds - so only the order of the sums differs from the fp32 ``MatMul``, as
+with any other fp32 kernel.
+
+``check`` says why a product is left as it is: the weight must be fp32 [K, N] with K and N multiples of
+32, every block on a 4-bit grid (``grid_weights.grid_levels``) whose step and offset are fp16 values, and
+``fmadd(d, q, m)`` must give back every weight bit for bit. Only then is it rewritten; a model trained
+and exported in fp32 stays as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from river.compiler.lowering.grid_weights import BLOCK, grid_levels, weight_products
+from river.compiler.ort_ops import DOMAIN
+
+OP = "Q41MatMul"
+GROUP = 32  # output columns a group: the kernel's packing unit
+
+
+def check(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, str]:
+    """(the op's (q, d, m) for weight ``w`` [K, N], "") when the rule applies, else (None, why not)."""
+    if w.ndim != 2 or w.dtype != np.float32:
+        return None, f"the weight is {w.dtype} of rank {w.ndim}, not a fp32 matrix"
+    k, n = w.shape
+    if k % BLOCK or n % GROUP:
+        return None, f"the weight is {k} x {n}; both must be multiples of 32"
+    grid = grid_levels(w)
+    if grid is None:
+        return None, "some block of 32 inputs is not on a 4-bit grid (not a Q4_1 weight)"
+    lo, step, levels = grid  # [K/32, N], [K/32, N], [K/32, 32, N]
+    with np.errstate(over="ignore"):
+        d, m = step.astype(np.float16), lo.astype(np.float16)
+    if not (np.isfinite(d).all() and np.isfinite(m).all()):
+        return None, "a block's step or offset is beyond fp16"
+    q = levels.astype(np.uint8)
+    # d * q is exact in fp32 (11 + 4 bits), so this is fmadd(d, q, m): one rounding, as the kernel's
+    made = (d.astype(np.float32)[:, None] * q.astype(np.float32) + m.astype(np.float32)[:, None]).reshape(k, n)
+    if not np.array_equal(made.view(np.uint32), w.view(np.uint32)):
+        return None, "fp16 scales and offsets do not give the weight back bit for bit"
+    return pack(q.reshape(k, n), d, m), ""
+
+
+def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernel's layout of levels q [K, N] and fp16 d, m [K/32, N]: q [N/32, K, 16] (byte j of a group
+    row: column j in the low nibble, 16 + j in the high), d and m [N/32, K/32, 32]."""
+    k, n = q.shape
+    grouped = q.reshape(k, n // GROUP, GROUP).transpose(1, 0, 2)  # [N/32, K, 32]
+    packed = (grouped[..., :GROUP // 2] | (grouped[..., GROUP // 2:] << 4)).astype(np.uint8)
+    by_group = lambda a: np.ascontiguousarray(a.reshape(k // BLOCK, n // GROUP, GROUP).transpose(1, 0, 2))  # noqa: E731
+    return np.ascontiguousarray(packed), by_group(d), by_group(m)
+
+
+def rewrite(graph: gs.Graph) -> int:
+    """Every MatMul of ``graph`` (not its subgraphs) by a Q4_1 weight, rewritten; returns how many.
+    Constants are named ``<weight>@q41op...`` so that ``If`` branches keep their own."""
+    done = 0
+    for node, w in list(weight_products(graph)):
+        parts, _ = check(w)
+        if parts is None:
+            continue
+        name = node.inputs[1].name
+        constants = [gs.Constant(f"{name}@q41op{s}", v) for s, v in zip("qdm", parts)]
+        node.op, node.domain = OP, DOMAIN
+        node.attrs = {"K": int(w.shape[0]), "N": int(w.shape[1])}
+        node.inputs = [node.inputs[0], *constants]
+        done += 1
+    if done:
+        graph.cleanup()
+    return done

@@ -1,0 +1,179 @@
+// River's ONNX Runtime custom op library: ai.river::Q41MatMul, the exact product by a GGUF Q4_1 weight
+// (q41_kernel.cpp). Loaded by every session the project makes (compiler/ort_session.py) when built.
+//
+//   Q41MatMul(x float [..., K], q uint8 [N/32, K, 16], d float16 [N/32, K/32, 32],
+//             m float16 [N/32, K/32, 32]) -> y float [..., N]        attributes K, N
+//
+// Columns are split into contiguous ranges, one per part, run on ONNX Runtime's own intra-op pool.
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "onnxruntime_c_api.h"
+#include "q41_kernel.h"
+
+namespace {
+
+constexpr uint32_t API_NEEDED = 17;  // KernelContext_ParallelFor: ONNX Runtime 1.17
+const OrtApi* api = nullptr;
+
+enum class Isa { none, avx2, avx512 };
+
+// The widest set this CPU runs; RIVER_OPS_ISA=avx2 picks AVX2 on an AVX-512 CPU (the tests compare the two)
+Isa best_isa() {
+  __builtin_cpu_init();
+  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const char* asked = std::getenv("RIVER_OPS_ISA");
+  if (__builtin_cpu_supports("avx512f") && !(asked && std::strcmp(asked, "avx2") == 0)) return Isa::avx512;
+  return avx2 ? Isa::avx2 : Isa::none;
+}
+
+struct Kernel {
+  int64_t K, N;
+  Isa isa;
+};
+
+struct Work {
+  Q41Product product;
+  Isa isa;
+  int64_t groups, parts;
+};
+
+void run_part(void* data, size_t part) {
+  const Work& w = *static_cast<const Work*>(data);
+  int64_t g0 = w.groups * (int64_t)part / w.parts, g1 = w.groups * ((int64_t)part + 1) / w.parts;
+  if (g0 == g1) return;
+  if (w.isa == Isa::avx512)
+    q41_columns_avx512(w.product, g0, g1);
+  else
+    q41_columns_avx2(w.product, g0, g1);
+}
+
+OrtStatus* fail(const std::string& why) { return api->CreateStatus(ORT_INVALID_ARGUMENT, ("Q41MatMul: " + why).c_str()); }
+
+#define TRY(expr)                       \
+  do {                                  \
+    if (OrtStatus* _s = (expr)) return _s; \
+  } while (0)
+
+OrtStatus* shape_of(const OrtValue* value, std::vector<int64_t>& dims, int64_t& count) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  TRY(api->GetTensorTypeAndShape(value, &info));
+  size_t n = 0;
+  OrtStatus* s = api->GetDimensionsCount(info, &n);
+  if (!s) {
+    dims.resize(n);
+    s = api->GetDimensions(info, dims.data(), n);
+  }
+  api->ReleaseTensorTypeAndShapeInfo(info);
+  count = 1;
+  for (int64_t d : dims) count *= d;
+  return s;
+}
+
+OrtStatus* compute(void* state, OrtKernelContext* context) {
+  const Kernel& k = *static_cast<const Kernel*>(state);
+  const OrtValue* in[4];
+  std::vector<int64_t> dims[4];
+  int64_t counts[4];
+  for (size_t i = 0; i < 4; i++) {
+    TRY(api->KernelContext_GetInput(context, i, &in[i]));
+    TRY(shape_of(in[i], dims[i], counts[i]));
+  }
+  if (dims[0].empty() || dims[0].back() != k.K) return fail("x's last dimension is not K = " + std::to_string(k.K));
+  if (counts[1] != k.N * k.K / 2) return fail("q does not hold K x N 4-bit levels");
+  if (counts[2] != k.N * k.K / 32 || counts[3] != counts[2]) return fail("d and m do not hold one value a block and column");
+  std::vector<int64_t> out_dims = dims[0];
+  out_dims.back() = k.N;
+  OrtValue* out = nullptr;
+  TRY(api->KernelContext_GetOutput(context, 0, out_dims.data(), out_dims.size(), &out));
+  Work w;
+  TRY(api->GetTensorData(in[0], (const void**)&w.product.x));
+  TRY(api->GetTensorData(in[1], (const void**)&w.product.q));
+  TRY(api->GetTensorData(in[2], (const void**)&w.product.d));
+  TRY(api->GetTensorData(in[3], (const void**)&w.product.m));
+  TRY(api->GetTensorMutableData(out, (void**)&w.product.y));
+  w.product.rows = counts[0] / k.K;
+  w.product.K = k.K;
+  w.product.N = k.N;
+  w.isa = k.isa;
+  w.groups = k.N / 32;
+  if (w.product.rows == 0) return nullptr;
+  // one contiguous range of columns a part; the pool runs the parts on its threads
+  w.parts = std::max<int64_t>(1, std::min<int64_t>(w.groups, std::thread::hardware_concurrency()));
+  return api->KernelContext_ParallelFor(context, run_part, (size_t)w.parts, 0, &w);
+}
+
+OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** state) {
+  Kernel k{0, 0, best_isa()};
+  TRY(api->KernelInfoGetAttribute_int64(info, "K", &k.K));
+  TRY(api->KernelInfoGetAttribute_int64(info, "N", &k.N));
+  if (k.isa == Isa::none) return fail("this CPU has neither AVX-512 nor AVX2 with FMA and F16C");
+  if (k.K <= 0 || k.K % 32 || k.N <= 0 || k.N % 32) return fail("K and N must be positive multiples of 32");
+  *state = new Kernel(k);
+  return nullptr;
+}
+
+ONNXTensorElementDataType input_type(const OrtCustomOp*, size_t index) {
+  switch (index) {
+    case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  }
+}
+
+OrtCustomOp make_op() {
+  OrtCustomOp op{};  // every later field null: ONNX Runtime reads only those of this version
+  op.version = 16;   // CreateKernelV2 / KernelComputeV2
+  op.GetName = [](const OrtCustomOp*) { return "Q41MatMul"; };
+  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.KernelDestroy = [](void* state) { delete static_cast<Kernel*>(state); };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.CreateKernelV2 = create;
+  op.KernelComputeV2 = compute;
+  return op;
+}
+
+const OrtCustomOp q41_op = make_op();
+
+}  // namespace
+
+extern "C" {
+
+// "avx512", "avx2" or "none": the kernel this CPU gets (the compiler lowers to the op only if not "none")
+__attribute__((visibility("default"))) const char* RiverOpsIsa() {
+  switch (best_isa()) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "none";
+  }
+}
+
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  api = base->GetApi(API_NEEDED);
+  if (api == nullptr) {
+    std::fprintf(stderr, "river ops: this ONNX Runtime is older than 1.17 (its C API %u is missing)\n", API_NEEDED);
+    return nullptr;  // without the API there is no way to return a status: the session will not know the op
+  }
+  OrtCustomOpDomain* domain = nullptr;
+  TRY(api->CreateCustomOpDomain("ai.river", &domain));
+  TRY(api->CustomOpDomain_Add(domain, &q41_op));
+  return api->AddCustomOpDomain(options, domain);
+}
+
+}  // extern "C"

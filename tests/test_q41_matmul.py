@@ -1,0 +1,170 @@
+"""River's exact Q4_1 product (compiler/lowering/q41_matmul.py, the op in compiler/ort_ops): which weights
+it takes and why it leaves the others, that its kernels compute the fp32 product of the very weights the
+export holds on every instruction set and thread count, that lowered graphs with it equal the portable
+ones (poisoned caches, in place), and that its library is built, found and refused as a user expects."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from river.compiler import ort_ops
+from river.compiler.graph_io import load_onnx, load_onnx_header, walk_nodes
+from river.compiler.lowering import q41_matmul
+from river.compiler.ort_session import make_session
+from river.errors import RiverError
+from river.runtime.ort_backend import OrtBackend
+from tests_helpers import on_grid
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """The library, built for these sources (./setup.sh builds it; a clean checkout's test run too);
+    skipped on a CPU that runs neither kernel."""
+    from river.compiler.ort_ops.build import build
+
+    build()
+    if "this CPU" in ort_ops.status()[1]:
+        pytest.skip(ort_ops.status()[1])
+    assert ort_ops.library() is not None, ort_ops.status()[1]
+
+
+def product_graph(w: np.ndarray, lowered: bool):
+    k, n = w.shape
+    x, y = gs.Variable("x", np.float32, ["B", "S", k]), gs.Variable("y", np.float32, ["B", "S", n])
+    graph = gs.Graph(nodes=[gs.Node("MatMul", "product", {}, [x, gs.Constant("w", w)], [y])], inputs=[x], outputs=[y],
+                     opset=21)
+    if lowered:
+        assert q41_matmul.rewrite(graph) == 1
+    model = gs.export_onnx(graph)
+    model.opset_import.add(domain=ort_ops.DOMAIN, version=1)
+    return model
+
+
+def test_check_takes_q41_weights_and_explains_the_others():
+    rng = np.random.default_rng(0)
+    w = on_grid(rng.standard_normal((64, 96)).astype(np.float32), rng)
+    parts, why = q41_matmul.check(w)
+    assert parts is not None and why == ""
+    q, d, m = parts
+    assert (q.shape, q.dtype, d.shape, d.dtype) == ((3, 64, 16), np.uint8, (3, 2, 32), np.float16)
+    # the packing holds every level: column j of group g, input i is nibble j % 16 of byte [g, i, j % 16]
+    levels = np.where(np.arange(32) < 16, q[:, :, np.arange(32) % 16] & 15, q[:, :, np.arange(32) % 16] >> 4)
+    made = d.astype(np.float32).repeat(32, axis=1) * levels + m.astype(np.float32).repeat(32, axis=1)  # [N/32, K, 32]
+    assert np.array_equal(made.transpose(1, 0, 2).reshape(64, 96), w)
+    noisy = w + rng.standard_normal(w.shape).astype(np.float32) * 1e-3
+    assert "not on a 4-bit grid" in q41_matmul.check(noisy)[1]
+    assert "multiples of 32" in q41_matmul.check(w[:, :80])[1]
+    assert "fp32 matrix" in q41_matmul.check(w.astype(np.float64))[1]
+    # on a grid, but with a step fp16 cannot hold: the weights would not come back bit for bit
+    odd = (np.float32(1 / 3) * np.tile(np.arange(16, dtype=np.float32), 4)[:, None] * np.ones((1, 32), np.float32))
+    assert "bit for bit" in q41_matmul.check(odd)[1]
+
+
+@pytest.mark.parametrize("k,n", [(64, 96), (576, 960), (1536, 576)])
+def test_op_computes_the_fp32_product_of_the_same_weights(k, n):
+    """Rows 1-17 (every row-chunk size and remainder of both kernels), column groups odd and even: the op
+    equals the float64 product within fp32 rounding, like ONNX Runtime's fp32 MatMul."""
+    rng = np.random.default_rng(k + n)
+    w = on_grid(rng.standard_normal((k, n)).astype(np.float32) * 0.05, rng)
+    plain, ours = (make_session(product_graph(w, lowered), threads=2) for lowered in (False, True))
+    for rows in (1, 2, 3, 4, 5, 8, 9, 17):
+        x = rng.standard_normal((1, rows, k)).astype(np.float32)
+        exact = x.astype(np.float64) @ w.astype(np.float64)
+        scale = np.abs(exact).max()
+        got, fp32 = ours.run(None, {"x": x})[0], plain.run(None, {"x": x})[0]
+        assert got.shape == (1, rows, n)
+        assert np.abs(got - exact).max() <= 4e-6 * scale, rows
+        assert np.abs(got - exact).max() <= 8 * max(np.abs(fp32 - exact).max(), 1e-7 * scale), rows
+
+
+def test_result_does_not_depend_on_instruction_set_or_threads(monkeypatch):
+    """Each column is one FMA chain over the inputs in order: AVX2 and AVX-512 kernels, one thread or
+    two, give the same bits."""
+    rng = np.random.default_rng(3)
+    w = on_grid(rng.standard_normal((576, 960)).astype(np.float32) * 0.05, rng)
+    model = product_graph(w, lowered=True)
+    x = rng.standard_normal((2, 5, 576)).astype(np.float32)
+    results = {}
+    for isa in (["avx512", "avx2"] if ort_ops.isa() == "avx512" else ["avx2"]):
+        monkeypatch.setenv("RIVER_OPS_ISA", isa)
+        for threads in (1, 2):
+            results[isa, threads] = make_session(model, threads=threads).run(None, {"x": x})[0]
+    first = next(iter(results.values()))
+    assert all(np.array_equal(r, first) for r in results.values()), list(results)
+
+
+def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
+    """The default lowering runs every layer product of a Q4_1 model with the op; steps (prefill,
+    verification, decode, rollbacks) equal the portable graph on logits and K/V, the cache poisoned past
+    the valid positions and bound in place."""
+    from test_ort_lowering import _assert_same_steps
+
+    lowered, portable = (OrtBackend(tiny_on_grid, threads=1, lowering=lo) for lo in ("ort", "portable"))
+    assert (lowered.lowering, lowered.grid_form) == ("ort_fused", "q41")
+    ops = [n.op_type for n in load_onnx_header(lowered.decode_path).graph.node]
+    assert ops.count("Q41MatMul") == lowered.grid_weights == 4 * tiny.config.num_layers  # qkv, o, gate|up, down
+    _assert_same_steps(lowered, portable, tiny.config.vocab_size)
+
+
+def test_river_graph_on_grid_runs_the_op_inside_branches(tiny, tiny_on_grid, tmp_path):
+    """A River graph of a Q4_1 model: the backbone's products inside the If branches run the op, the
+    twins stay 8-bit, and every exit pattern equals the portable graph."""
+    from river.compiler.compile import compile_river
+    from river.compiler.river.manifest import DISABLED
+    from test_ort_lowering import _assert_same_steps
+
+    river = compile_river(tiny_on_grid, tmp_path / "river", gates="0,2", river="int8", log=None)
+    lowered, portable = (OrtBackend(river, threads=1, lowering=lo) for lo in ("ort", "portable"))
+    nodes = list(walk_nodes(load_onnx(lowered.decode_path).graph))
+    assert sum(n.op_type == "Q41MatMul" for n in nodes) >= 4 * tiny.config.num_layers
+    assert any(n.op_type == "MatMulNBits" for n in nodes)  # the twins
+    patterns = [[-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED], [-2, -2]]
+    _assert_same_steps(lowered, portable, tiny.config.vocab_size, thresholds=patterns)
+
+
+def test_stale_or_missing_library_is_not_used_and_says_how_to_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(ort_ops, "STAMP", tmp_path / "sources.sha256")
+    ort_ops.status.cache_clear()
+    try:
+        assert ort_ops.library() is None and "built from other sources" in ort_ops.status()[1]
+        monkeypatch.setattr(ort_ops, "LIBRARY", tmp_path / "libriver_ops.so")
+        ort_ops.status.cache_clear()
+        assert ort_ops.library() is None and ort_ops.BUILD_COMMAND in ort_ops.status()[1]
+    finally:
+        monkeypatch.undo()
+        ort_ops.status.cache_clear()
+    assert ort_ops.library() is not None
+
+
+def test_build_errors_are_one_line_and_keep_the_library(tmp_path, monkeypatch, capsys):
+    from river.compiler.ort_ops import build
+    from tests_helpers import assert_one_line_error
+
+    before = ort_ops.LIBRARY.read_bytes()
+    monkeypatch.setattr(ort_ops, "STAMP", tmp_path / "stale")  # forces a rebuild attempt
+    assert build.main(["--cxx", "no-such-compiler-here"]) == 2
+    assert "no C++ compiler" in assert_one_line_error(capsys.readouterr().err, "river-ops-build")
+    (tmp_path / "headers").mkdir()
+    with pytest.raises(RiverError, match="lacks"):
+        build.build(headers=tmp_path / "headers")
+    assert ort_ops.LIBRARY.read_bytes() == before
+    assert not list(ort_ops.BUILD_DIR.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_smollm2_default_lowering_runs_every_layer_with_the_op(smol, smol_onnx):
+    """The real model: its 210 Q4_1 weights (packed into 120 products) all run with the op by default,
+    and greedy text equals the portable graph's (logits and K/V: test_ort_lowering's SmolLM2 test)."""
+    from river.models.tokenizer import TextTokenizer
+    from river.runtime.generate import GenerationConfig, Generator
+
+    lowered, portable = (OrtBackend(smol_onnx, threads=2, lowering=lo) for lo in ("ort", "portable"))
+    ops = [n.op_type for n in load_onnx_header(lowered.decode_path).graph.node]
+    assert ops.count("Q41MatMul") == 4 * smol.config.num_layers
+    tok = TextTokenizer(smol_onnx.parent)
+    cfg = GenerationConfig(max_new_tokens=32, eos_token_ids=[])
+    for prompt in ("What is a river delta?", "Write a haiku about the sea."):
+        a, b = (Generator(backend, tok).generate(prompt, cfg).token_ids for backend in (lowered, portable))
+        assert a == b
