@@ -6,8 +6,11 @@ down 1536x576), a random Q4_1 weight (fp16 scales and offsets, as a GGUF's) runs
 - fp32 ``MatMul``: the same weights as an fp32 matrix (``--lowering ort-fp32``);
 - ``MatMulNBits`` at accuracy 1 plus the offset path (``--lowering ort-grid``, ``grid_weights.py``);
 - ``MatMulNBits`` 4-bit at accuracy 4 (int8 activations: not exact; what onnxruntime-genai's int4 runs).
-Ten products chained in one graph a form (the input of each is a slice of the last output), timed by
+Ten products chained in one graph a form (the input of each is the last output, tiled and cut to K), timed by
 ``session.run`` with 1, 2, 4, 8 and 64 rows; microseconds a product, one process, interleaved by round.
+The chain's one weight stays in the CPU's caches, so the fp32 column shows fp32 compute, not the memory
+traffic of a whole model's fp32 weights (SmolLM2: 425 MB a step; the model-level effect is in
+``anchors.py``, e.g. ``--lowering ort`` against ``ort-fp32``).
 
     python benchmarks/q41_op.py --threads 2 [--rounds 5]
 """
@@ -43,10 +46,12 @@ def chain(w: np.ndarray, form: str):
     k, n = w.shape
     x = gs.Variable("x", np.float32, ["B", "S", k])
     cur, nodes = x, []
+    repeats = np.array([1, 1, -(-k // n)])  # the next input: the output tiled to K columns, then cut
     for i in range(CHAIN):
-        y, z = gs.Variable(f"y{i}", np.float32), gs.Variable(f"z{i}", np.float32)
+        y, t, z = (gs.Variable(f"{v}{i}", np.float32) for v in "ytz")
         nodes.append(gs.Node("MatMul", f"p{i}", {}, [cur, gs.Constant(f"w{i}", w)], [y]))
-        nodes.append(gs.Node("Slice", f"s{i}", {}, [y, gs.Constant(f"a{i}", np.array([0])), gs.Constant(f"b{i}", np.array([k])),
+        nodes.append(gs.Node("Tile", f"t{i}", {}, [y, gs.Constant(f"r{i}", repeats)], [t]))
+        nodes.append(gs.Node("Slice", f"s{i}", {}, [t, gs.Constant(f"a{i}", np.array([0])), gs.Constant(f"b{i}", np.array([k])),
                                                   gs.Constant(f"c{i}", np.array([2]))], [z]))
         cur = z
     graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[cur], opset=21)

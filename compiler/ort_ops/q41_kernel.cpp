@@ -9,9 +9,13 @@
 // Layout (made by compiler/lowering/q41_matmul.py), by groups of 32 output columns:
 //   q [N/32][K][16] bytes: byte j of row k holds column j (low nibble) and column 16 + j (high);
 //   d, m [N/32][K/32][32] fp16.
-// Every dequantized weight vector serves all rows of a chunk (up to 8 rows at a time).
+// A step of a few rows dequantizes each weight vector once as it streams by and uses it for every row;
+// a step of more rows (prefill) dequantizes a group's weights once into a buffer and runs all rows over it.
 
 #include <immintrin.h>
+
+#include <type_traits>
+#include <vector>
 
 #include "q41_kernel.h"
 
@@ -23,6 +27,7 @@ constexpr int VW = 16;  // floats a vector
 constexpr int MAX_ROWS = 8;
 inline vec zero() { return _mm512_setzero_ps(); }
 inline vec bcast(float v) { return _mm512_set1_ps(v); }
+inline vec load(const float* p) { return _mm512_loadu_ps(p); }
 inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
@@ -40,6 +45,7 @@ constexpr int VW = 8;
 constexpr int MAX_ROWS = 4;  // 16 registers: some accumulators spill, still faster than 3 rows (measured)
 inline vec zero() { return _mm256_setzero_ps(); }
 inline vec bcast(float v) { return _mm256_set1_ps(v); }
+inline vec load(const float* p) { return _mm256_loadu_ps(p); }
 inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
@@ -59,11 +65,43 @@ inline void levels(const uint8_t* p, vec out[4]) {
 
 constexpr int GROUP = 32, BLOCK = 32, V = GROUP / VW;  // V vectors a group of columns
 
+// The weights of groups g..g+G, made from the Q4_1 form as they are used: per block of inputs its
+// scales and offsets, per input the V*G vectors of dequantized weights
+template <int G>
+struct Streamed {
+  const Q41Product& p;
+  int64_t g;
+  vec dv[G * V], mv[G * V];
+  void block(int64_t b) {
+    for (int c = 0; c < G; c++)
+      for (int v = 0; v < V; v++) {
+        int64_t at = ((g + c) * (p.K / BLOCK) + b) * GROUP + v * VW;
+        dv[c * V + v] = halves(p.d + at);
+        mv[c * V + v] = halves(p.m + at);
+      }
+  }
+  void at(int64_t i, vec* w) {
+    for (int c = 0; c < G; c++) {
+      levels(p.q + ((g + c) * p.K + i) * (GROUP / 2), w + c * V);
+      for (int v = 0; v < V; v++) w[c * V + v] = fma(dv[c * V + v], w[c * V + v], mv[c * V + v]);
+    }
+  }
+};
+
+// One group's weights dequantized once into [K][32] floats (steps of many rows: prefill)
+struct Cached {
+  const float* w;
+  void block(int64_t) {}
+  void at(int64_t i, vec* out) {
+    for (int v = 0; v < V; v++) out[v] = load(w + i * GROUP + v * VW);
+  }
+};
+
 // rows r0..r0+M of groups g..g+G: M x G*V accumulators; each block of 32 inputs is summed as one FMA
 // chain in order, then added to the column's total (two levels: the rounding error grows with
 // 32 + K/32 terms, not K, and stays within what fp32 MatMul kernels leave)
-template <int M, int G>
-void tile(const Q41Product& p, int64_t r0, int64_t g) {
+template <int M, int G, class Weights>
+void tile(const Q41Product& p, Weights& weights, int64_t r0, int64_t g) {
   const int64_t K = p.K, N = p.N, blocks = K / BLOCK;
   vec total[M][G * V];
   for (int r = 0; r < M; r++)
@@ -72,19 +110,10 @@ void tile(const Q41Product& p, int64_t r0, int64_t g) {
     vec acc[M][G * V];
     for (int r = 0; r < M; r++)
       for (int j = 0; j < G * V; j++) acc[r][j] = zero();
-    vec dv[G * V], mv[G * V];
-    for (int c = 0; c < G; c++)
-      for (int v = 0; v < V; v++) {
-        int64_t at = ((g + c) * blocks + b) * GROUP + v * VW;
-        dv[c * V + v] = halves(p.d + at);
-        mv[c * V + v] = halves(p.m + at);
-      }
+    weights.block(b);
     for (int64_t i = b * BLOCK; i < (b + 1) * BLOCK; i++) {
       vec w[G * V];
-      for (int c = 0; c < G; c++) {
-        levels(p.q + ((g + c) * K + i) * (GROUP / 2), w + c * V);
-        for (int v = 0; v < V; v++) w[c * V + v] = fma(dv[c * V + v], w[c * V + v], mv[c * V + v]);
-      }
+      weights.at(i, w);
       for (int r = 0; r < M; r++) {
         vec xv = bcast(p.x[(r0 + r) * K + i]);
         for (int j = 0; j < G * V; j++) acc[r][j] = fma(xv, w[j], acc[r][j]);
@@ -94,32 +123,61 @@ void tile(const Q41Product& p, int64_t r0, int64_t g) {
       for (int j = 0; j < G * V; j++) total[r][j] = add(total[r][j], acc[r][j]);
   }
   for (int r = 0; r < M; r++)
-    for (int c = 0; c < G; c++)
-      for (int v = 0; v < V; v++) store(p.y + (r0 + r) * N + (g + c) * GROUP + v * VW, total[r][c * V + v]);
+    for (int j = 0; j < G * V; j++) store(p.y + (r0 + r) * N + g * GROUP + j * VW, total[r][j]);
 }
 
-// groups g0..g1 for rows r0..r0+M: two groups a pass where the registers allow it
+// groups g0..g1 for rows r0..r0+M, weights streamed: two groups a pass where the registers allow it
 template <int M>
-void rows(const Q41Product& p, int64_t r0, int64_t g0, int64_t g1) {
+void streamed(const Q41Product& p, int64_t r0, int64_t g0, int64_t g1) {
   constexpr int G = (M * V <= 4) ? 2 : 1;
   int64_t g = g0;
-  for (; g + G <= g1; g += G) tile<M, G>(p, r0, g);
-  for (; g < g1; g++) tile<M, 1>(p, r0, g);
+  for (; g + G <= g1; g += G) {
+    Streamed<G> weights{p, g};
+    tile<M, G>(p, weights, r0, g);
+  }
+  for (; g < g1; g++) {
+    Streamed<1> weights{p, g};
+    tile<M, 1>(p, weights, r0, g);
+  }
 }
 
 template <int M>
-void dispatch(const Q41Product& p, int64_t r0, int64_t m, int64_t g0, int64_t g1) {
+void cached(const Q41Product& p, const float* w, int64_t r0, int64_t g) {
+  Cached weights{w};
+  tile<M, 1>(p, weights, r0, g);
+}
+
+// rows r0..r0+m (m <= M) by the variant of tile made for exactly m rows
+template <int M, class Run>
+void by_rows(int64_t m, Run run) {
   if constexpr (M > 1) {
-    if (m < M) return dispatch<M - 1>(p, r0, m, g0, g1);
+    if (m < M) return by_rows<M - 1>(m, run);
   }
-  rows<M>(p, r0, g0, g1);
+  run(std::integral_constant<int, M>{});
 }
 
 }  // namespace
 
 void RIVER_COLUMNS(const Q41Product& p, int64_t g0, int64_t g1) {
-  for (int64_t r0 = 0; r0 < p.rows; r0 += MAX_ROWS) {
-    int64_t m = p.rows - r0 < MAX_ROWS ? p.rows - r0 : MAX_ROWS;
-    dispatch<MAX_ROWS>(p, r0, m, g0, g1);
+  auto chunk = [&](int64_t r0) { return p.rows - r0 < MAX_ROWS ? p.rows - r0 : MAX_ROWS; };
+  if (p.rows <= MAX_ROWS) {  // one pass over the weights: dequantize them as they stream by
+    by_rows<MAX_ROWS>(p.rows, [&](auto m) { streamed<decltype(m)::value>(p, 0, g0, g1); });
+    return;
+  }
+  // several passes: each group's weights dequantized once (the same values, so the same sums)
+  thread_local std::vector<float> w;
+  w.resize(p.K * GROUP);
+  for (int64_t g = g0; g < g1; g++) {
+    Streamed<1> source{p, g};
+    for (int64_t b = 0; b < p.K / BLOCK; b++) {
+      source.block(b);
+      for (int64_t i = b * BLOCK; i < (b + 1) * BLOCK; i++) {
+        vec row[V];
+        source.at(i, row);
+        for (int v = 0; v < V; v++) store(w.data() + i * GROUP + v * VW, row[v]);
+      }
+    }
+    for (int64_t r0 = 0; r0 < p.rows; r0 += MAX_ROWS)
+      by_rows<MAX_ROWS>(chunk(r0), [&](auto m) { cached<decltype(m)::value>(p, w.data(), r0, g); });
   }
 }
