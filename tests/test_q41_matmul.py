@@ -79,9 +79,9 @@ def test_op_computes_the_fp32_product_of_the_same_weights(k, n):
         assert np.abs(got - exact).max() <= 8 * max(np.abs(fp32 - exact).max(), 1e-7 * scale), rows
 
 
-def test_result_does_not_depend_on_instruction_set_or_threads(monkeypatch):
-    """Each column is one FMA chain over the inputs in order: AVX2 and AVX-512 kernels, one thread or
-    two, give the same bits."""
+def test_result_does_not_depend_on_instruction_set_threads_or_rows(monkeypatch):
+    """Each column sums its blocks in one order: AVX2 and AVX-512 kernels, one thread or two, a step of
+    many rows or of one, give the same bits."""
     rng = np.random.default_rng(3)
     w = on_grid(rng.standard_normal((576, 960)).astype(np.float32) * 0.05, rng)
     model = product_graph(w, lowered=True)
@@ -93,6 +93,11 @@ def test_result_does_not_depend_on_instruction_set_or_threads(monkeypatch):
             results[isa, threads] = make_session(model, threads=threads).run(None, {"x": x})[0]
     first = next(iter(results.values()))
     assert all(np.array_equal(r, first) for r in results.values()), list(results)
+    # ten rows take the buffered path (prefill), one row the streamed one: each row alone, the same bits
+    monkeypatch.delenv("RIVER_OPS_ISA")
+    session = make_session(model, threads=2)
+    alone = np.stack([session.run(None, {"x": x[b:b + 1, s:s + 1]})[0][0, 0] for b in range(2) for s in range(5)])
+    assert np.array_equal(alone.reshape(first.shape), first)
 
 
 def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
