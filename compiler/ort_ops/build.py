@@ -43,8 +43,9 @@ def fetch_headers(into: Path) -> None:
         with urllib.request.urlopen(url, timeout=120) as response:
             data = response.read()
     except OSError as exc:
-        raise RiverError(f"could not download ONNX Runtime's headers ({exc}); pass --headers DIR with "
-                         f"{', '.join(HEADERS)}") from None
+        raise RiverError(f"could not download ONNX Runtime's headers ({exc}); pass --headers DIR (setup.sh: "
+                         f"RIVER_ORT_HEADERS=DIR) with {', '.join(HEADERS)}, or SKIP_RIVER_OPS=1 ./setup.sh to run "
+                         "without River's ops") from None
     if hashlib.sha1(data).hexdigest() != sha1:
         raise RiverError(f"the download of {url} does not match the registry's checksum; try again")
     into.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,8 @@ def build(headers: Path | None = None, cxx: str | None = None) -> Path:
         return ort_ops.LIBRARY
     cxx = cxx or os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
-        raise RiverError(f"no C++ compiler '{cxx}' (install g++ or set CXX) to build River's ONNX Runtime ops")
+        raise RiverError(f"no C++ compiler '{cxx}' to build River's ONNX Runtime ops: install g++ or set CXX "
+                         "(or SKIP_RIVER_OPS=1 ./setup.sh: Q4_1 weights then run as fp32 matrices)")
     build_dir = ort_ops.BUILD_DIR
     if headers is None:
         headers = build_dir / "include"

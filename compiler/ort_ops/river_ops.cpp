@@ -104,8 +104,13 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   w.isa = k.isa;
   w.groups = k.N / 32;
   if (w.product.rows == 0) return nullptr;
-  // one contiguous range of columns a part; the pool runs the parts on its threads
-  w.parts = std::max<int64_t>(1, std::min<int64_t>(w.groups, std::thread::hardware_concurrency()));
+  // one contiguous range of columns a part, two groups at least (the kernel's widest pass); the pool
+  // runs the parts on its threads (its size is not known here: the machine's cores bound it)
+  w.parts = std::max<int64_t>(1, std::min<int64_t>(w.groups / 2, std::thread::hardware_concurrency()));
+  if (w.parts == 1) {  // no round trip through the pool for one part (~1 us a call)
+    run_part(&w, 0);
+    return nullptr;
+  }
   return api->KernelContext_ParallelFor(context, run_part, (size_t)w.parts, 0, &w);
 }
 
