@@ -135,7 +135,7 @@ def _generate(args, shared_pool: bool) -> int:
             getattr(gen.backend, "grid_weights", 0) and getattr(gen.backend, "grid_form", "") == "fp32":
         print(f"[river] {gen.backend.grid_weights} weight products of this model lie on a 4-bit grid (a GGUF's Q4_1) "
               f"and run in fp32: {ort_ops.status()[1]}; with River's ops they run exactly from that form "
-              "(README: grid weights)", file=sys.stderr)
+              "(README: River's Q4_1 kernel)", file=sys.stderr)
     result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
                           chat=not args.raw)
     print()
