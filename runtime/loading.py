@@ -27,8 +27,8 @@ from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, K_MAX
 
 BACKENDS = ("ort", "segmented", "tensorrt", "torch")
 # ONNX Runtime steps: its fused lowering where it applies, or the portable graph. Weights on a 4-bit grid
-# (GGUF Q4_1) run under "ort" from that form with River's exact Q41MatMul when its library is built
-# (else as fp32 matrices), under "ort-fp32" as fp32 matrices, under "ort-grid" with MatMulNBits and an
+# (GGUF Q4_1), and Q8_0 ones (a tied head), run under "ort" from that form with River's exact ops when
+# their library is built (else as fp32 matrices), under "ort-fp32" as fp32 matrices, under "ort-grid" with MatMulNBits and an
 # offset path (see grid_form)
 LOWERINGS = ("ort", "ort-fp32", "ort-grid", "portable")
 
@@ -37,7 +37,7 @@ def grid_form(lowering: str) -> str:
     """How a lowering runs products by weights on a 4-bit grid (``ort_fused.GRID_FORMS``)."""
     if lowering == "ort-grid":
         return "nbits"
-    return "q41" if lowering == "ort" and ort_ops.library() is not None else "fp32"
+    return "river" if lowering == "ort" and ort_ops.library() is not None else "fp32"
 
 
 def parse_thresholds(text: str | None, backend: StepBackend):

@@ -166,8 +166,9 @@ def test_generation_greedy_and_sampled_equal_the_portable_graph(tiny, tiny_onnx)
 @pytest.mark.slow
 def test_smollm2_greedy_head(smol, smol_onnx):
     """The real model (its head tied to the embedding table, which the rescoring reads): the contract
-    on every step, a few dozen candidates a token, and the same greedy tokens as the fp32 head."""
-    lowered = OrtBackend(smol_onnx, threads=2)
+    on every step, a few dozen candidates a token, and the same greedy tokens as the fp32 head. With fp32
+    matrices: the default lowering runs this Q8_0 head exactly with River's op (test_river_ops.py)."""
+    lowered = OrtBackend(smol_onnx, threads=2, lowering="ort-fp32")
     header = load_onnx_header(lowered.decode_path)
     branch = next(n for n in header.graph.node if n.op_type == "If").attribute
     then = next(a.g for a in branch if a.name == "then_branch")

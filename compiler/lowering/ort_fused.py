@@ -10,9 +10,10 @@ gate and up: ``packed_matmuls.py``), and each residual Add with the RMSNorm afte
 greedy decoding switches on (``greedy_head.py``: an 8-bit head, its error bound, the exact logits of
 the tokens that can still win); a head it does not take stays as it is, the reason logged. Weights that
 lie on a 4-bit grid (a GGUF's Q4_1 tensors, dequantized) run as ``grid`` says (``GRID_FORMS``): fp32
-``MatMul``; River's own exact ``Q41MatMul`` over their 4-bit form (``q41_matmul.py``: the same fp32
-weights, made on the fly); or ``MatMulNBits`` with an offset path (``grid_weights.py``: logits move by up
-to 1e-5 of their largest value).
+``MatMul``; River's own exact ops over their 4-bit form (``q41_matmul.py``: the same fp32 weights, made
+on the fly), which also take Q8_0 weights (``q80_matmul.py``: a GGUF's embedding table, so a tied LM head,
+which then needs no greedy form); or ``MatMulNBits`` with an offset path (``grid_weights.py``: logits move
+by up to 1e-5 of their largest value).
 
 Exactness: the fused attention is causal by position with each row's valid prefix from its mask. For
 one new token a step that is every causal graph's semantics; for several, only graphs that mask by
@@ -35,7 +36,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from river.compiler.graph_io import rewrite_step_graph
-from river.compiler.lowering import fused_attention, greedy_head, grid_weights, packed_matmuls, q41_matmul
+from river.compiler.lowering import fused_attention, greedy_head, grid_weights, packed_matmuls, q41_matmul, q80_matmul
 from river.compiler.lowering.packed_qkv import pack_qkv
 from river.compiler.lowering.patterns import MS_DOMAIN
 from river.compiler.lowering.skip_norm import fuse_skip_norm
@@ -50,12 +51,12 @@ LOWERING_REASON_PROP = "river.lowering_reason"
 # products whose weights lie on a 4-bit grid: rewritten (q41, nbits) or counted (fp32)
 GRID_WEIGHTS_PROP = "river.grid_weights"
 # how products by weights on a 4-bit grid run, and the rule that rewrites (or counts) them in a graph
-GRID_FORMS = {"fp32": grid_weights.count, "q41": q41_matmul.rewrite, "nbits": grid_weights.rewrite}
+GRID_FORMS = {"fp32": grid_weights.count, "river": lambda g: _river_ops(g), "nbits": grid_weights.rewrite}
 
 
 def cache_variant(max_positions: int | None, grid: str) -> str:
     """What, besides the source graph and ``ORT_LOWERING_FORMAT``, names a cached lowered graph."""
-    return f"-p{max_positions}" + {"fp32": "", "q41": "-q41", "nbits": "-grid"}[grid]
+    return f"-p{max_positions}" + {"fp32": "", "river": "-river", "nbits": "-grid"}[grid]
 
 log = logging.getLogger("river.lowering")
 
@@ -128,6 +129,13 @@ def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: str = 
     if any(i.name == greedy_head.GREEDY_LOGITS for i in result.graph.input):  # off unless the runtime asks
         result.graph.initializer.append(numpy_helper.from_array(np.array(False), greedy_head.GREEDY_LOGITS))
     return result
+
+
+def _river_ops(g: gs.Graph) -> int:
+    """River's exact ops for a (sub)graph's Q4_1 and Q8_0 products; returns the Q4_1 ones (the grid count)."""
+    on_grid = q41_matmul.rewrite(g)
+    q80_matmul.rewrite(g)
+    return on_grid
 
 
 def _uses_domain(graph: onnx.GraphProto, domain: str) -> bool:

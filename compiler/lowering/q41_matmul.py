@@ -4,7 +4,7 @@ inputs, q in 0..15, d and m fp16) as River's own ``ai.river::Q41MatMul`` over th
 Why: SmolLM2's layers arrive as Q4_1; in fp32 they are 425 MB that every decode step reads, in 4 bits
 with fp16 scales and offsets 66 MB. ONNX Runtime has no exact kernel for that form (``MatMulNBits``'
 zero point is an integer, so ``grid_weights.py`` needs an offset path and still moves logits by 1.8e-4).
-Our kernel (``compiler/ort_ops/q41_kernel.cpp``) makes every weight as ``fmadd(d, q, m)`` in fp32 - the
+Our kernel (``compiler/ort_ops/kernels.cpp``) makes every weight as ``fmadd(d, q, m)`` in fp32 - the
 very fp32 value the export holds - so only the order of the sums differs from the fp32 ``MatMul``, as
 with any other fp32 kernel.
 
@@ -52,24 +52,34 @@ def check(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | No
 def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kernel's layout of levels q [K, N] and fp16 d, m [K/32, N]: q [N/32, K, 16] (byte j of a group
     row: column j in the low nibble, 16 + j in the high), d and m [N/32, K/32, 32]."""
-    k, n = q.shape
-    grouped = q.reshape(k, n // GROUP, GROUP).transpose(1, 0, 2)  # [N/32, K, 32]
+    grouped = by_group(q)  # [N/32, K, 32]
     packed = (grouped[..., :GROUP // 2] | (grouped[..., GROUP // 2:] << 4)).astype(np.uint8)
-    by_group = lambda a: np.ascontiguousarray(a.reshape(k // BLOCK, n // GROUP, GROUP).transpose(1, 0, 2))  # noqa: E731
     return np.ascontiguousarray(packed), by_group(d), by_group(m)
 
 
+def by_group(a: np.ndarray) -> np.ndarray:
+    """[rows, N] -> [N/32, rows, 32]: the kernels' unit is a group of 32 output columns."""
+    rows, n = a.shape
+    return np.ascontiguousarray(a.reshape(rows, n // GROUP, GROUP).transpose(1, 0, 2))
+
+
 def rewrite(graph: gs.Graph) -> int:
-    """Every MatMul of ``graph`` (not its subgraphs) by a Q4_1 weight, rewritten; returns how many.
-    Constants are named ``<weight>@q41op...`` so that ``If`` branches keep their own."""
+    """Every MatMul of ``graph`` (not its subgraphs) by a Q4_1 weight, rewritten; returns how many."""
+    return rewrite_products(graph, OP, check, "q41op")
+
+
+def rewrite_products(graph: gs.Graph, op: str, check_weight, tag: str) -> int:
+    """Every MatMul of ``graph`` (not its subgraphs) whose weight ``check_weight`` takes, as River's
+    ``op`` over the parts it returns; returns how many. Constants are named ``<weight>@<tag><i>`` so that
+    ``If`` branches keep their own."""
     done = 0
     for node, w in list(weight_products(graph)):
-        parts, _ = check(w)
+        parts, _ = check_weight(w)
         if parts is None:
             continue
         name = node.inputs[1].name
-        constants = [gs.Constant(f"{name}@q41op{s}", v) for s, v in zip("qdm", parts)]
-        node.op, node.domain = OP, DOMAIN
+        constants = [gs.Constant(f"{name}@{tag}{i}", v) for i, v in enumerate(parts)]
+        node.op, node.domain = op, DOMAIN
         node.attrs = {"K": int(w.shape[0]), "N": int(w.shape[1])}
         node.inputs = [node.inputs[0], *constants]
         done += 1

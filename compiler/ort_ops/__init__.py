@@ -1,11 +1,11 @@
 """River's own ONNX Runtime custom ops (one C++ library, ``libriver_ops.so``): where it is, whether it is
 built for these sources, and what this CPU runs of it.
 
-Why a library of our own: the exact product by a GGUF's Q4_1 weights (``ai.river::Q41MatMul``,
-``q41_kernel.cpp``) has no ONNX Runtime kernel - ``MatMulNBits`` takes integer zero points only, and its
-exact form with an offset path costs ~2x ours. ``build.py`` compiles the library (``./setup.sh`` runs
+Why a library of our own: the exact products by a GGUF's Q4_1 and Q8_0 weights (``ai.river::Q41MatMul``,
+``ai.river::Q80MatMul``; ``kernels.cpp``) have no ONNX Runtime kernel - ``MatMulNBits`` takes integer zero
+points only, and its exact Q4_1 form with an offset path costs ~2x ours. ``build.py`` compiles the library (``./setup.sh`` runs
 it); every session the project makes registers it when it is there (``compiler/ort_session.py``), and
-the lowering writes the op only when it is (``available``), so a machine without a compiler runs fp32.
+the lowering writes the ops only when it is (``library``), so a machine without a compiler runs fp32.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 DOMAIN = "ai.river"  # the ops' ONNX domain (opset version 1)
 HERE = Path(__file__).parent
-SOURCES = ("river_ops.cpp", "q41_kernel.cpp", "q41_kernel.h")
+SOURCES = ("river_ops.cpp", "kernels.cpp", "kernels.h")
 BUILD_DIR = HERE / "build"
 LIBRARY = BUILD_DIR / "libriver_ops.so"
 STAMP = BUILD_DIR / "sources.sha256"  # the sources the library was built from

@@ -61,8 +61,8 @@ def compile_library(headers: Path, out: Path, cxx: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         objects = []
         for isa, flags in ISAS.items():
-            obj = Path(tmp) / f"q41_{isa}.o"
-            _run([cxx, *FLAGS, *flags, "-c", str(src / "q41_kernel.cpp"), "-o", str(obj)])
+            obj = Path(tmp) / f"kernels_{isa}.o"
+            _run([cxx, *FLAGS, *flags, "-c", str(src / "kernels.cpp"), "-o", str(obj)])
             objects.append(str(obj))
         _run([cxx, *FLAGS, "-shared", f"-I{headers}", str(src / "river_ops.cpp"), *objects, "-o", str(out)])
 
@@ -89,7 +89,7 @@ def build(headers: Path | None = None, cxx: str | None = None) -> Path:
         fetch_headers(headers)
     elif not all((headers / h).exists() for h in HEADERS):
         raise RiverError(f"{headers} lacks some of {', '.join(HEADERS)}")
-    print("compiling River's ONNX Runtime ops (Q41MatMul: AVX2 and AVX-512 kernels) ...", flush=True)
+    print("compiling River's ONNX Runtime ops (Q41MatMul, Q80MatMul: AVX2 and AVX-512 kernels) ...", flush=True)
     build_dir.mkdir(parents=True, exist_ok=True)
     tmp = build_dir / f".{ort_ops.LIBRARY.name}.{os.getpid()}.tmp"
     try:

@@ -1,8 +1,9 @@
-// River's ONNX Runtime custom op library: ai.river::Q41MatMul, the exact product by a GGUF Q4_1 weight
-// (q41_kernel.cpp). Loaded by every session the project makes (compiler/ort_session.py) when built.
+// River's ONNX Runtime custom op library, domain ai.river: exact products by a GGUF's quantized weights
+// (kernels.cpp). Loaded by every session the project makes (compiler/ort_session.py) when built.
 //
 //   Q41MatMul(x float [..., K], q uint8 [N/32, K, 16], d float16 [N/32, K/32, 32],
 //             m float16 [N/32, K/32, 32]) -> y float [..., N]        attributes K, N
+//   Q80MatMul(x float [..., K], q int8 [N/32, K, 32], d float16 [N/32, K/32, 32]) -> y float [..., N]
 //
 // Columns are split into contiguous ranges, one per part, run on ONNX Runtime's own intra-op pool.
 
@@ -14,8 +15,8 @@
 #include <thread>
 #include <vector>
 
+#include "kernels.h"
 #include "onnxruntime_c_api.h"
-#include "q41_kernel.h"
 
 namespace {
 
@@ -33,31 +34,51 @@ Isa best_isa() {
   return avx2 ? Isa::avx2 : Isa::none;
 }
 
+using Columns = void (*)(const Product&, int64_t, int64_t);
+
+// One weight form: its op's name and inputs, the bytes of q a weight, its kernels
+struct Form {
+  const char* name;
+  size_t inputs;  // x, q, d (, m)
+  ONNXTensorElementDataType q_type;
+  int64_t q_per_weight_halves;  // bytes of q per weight, times 2 (Q4_1: 1, Q8_0: 2)
+  Columns avx512, avx2;
+};
+
+const Form Q41{"Q41MatMul", 4, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 1, q41_columns_avx512, q41_columns_avx2};
+const Form Q80{"Q80MatMul", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, 2, q80_columns_avx512, q80_columns_avx2};
+
+struct RiverOp {
+  OrtCustomOp op;  // first: ONNX Runtime hands back a pointer to it
+  const Form* form;
+};
+
+const Form& form_of(const OrtCustomOp* op) { return *reinterpret_cast<const RiverOp*>(op)->form; }
+
 struct Kernel {
+  const Form* form;
   int64_t K, N;
-  Isa isa;
+  Columns columns;
 };
 
 struct Work {
-  Q41Product product;
-  Isa isa;
+  Product product;
+  Columns columns;
   int64_t groups, parts;
 };
 
 void run_part(void* data, size_t part) {
   const Work& w = *static_cast<const Work*>(data);
   int64_t g0 = w.groups * (int64_t)part / w.parts, g1 = w.groups * ((int64_t)part + 1) / w.parts;
-  if (g0 == g1) return;
-  if (w.isa == Isa::avx512)
-    q41_columns_avx512(w.product, g0, g1);
-  else
-    q41_columns_avx2(w.product, g0, g1);
+  if (g0 < g1) w.columns(w.product, g0, g1);
 }
 
-OrtStatus* fail(const std::string& why) { return api->CreateStatus(ORT_INVALID_ARGUMENT, ("Q41MatMul: " + why).c_str()); }
+OrtStatus* fail(const Form& form, const std::string& why) {
+  return api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(form.name) + ": " + why).c_str());
+}
 
-#define TRY(expr)                       \
-  do {                                  \
+#define TRY(expr)                          \
+  do {                                     \
     if (OrtStatus* _s = (expr)) return _s; \
   } while (0)
 
@@ -78,30 +99,32 @@ OrtStatus* shape_of(const OrtValue* value, std::vector<int64_t>& dims, int64_t& 
 
 OrtStatus* compute(void* state, OrtKernelContext* context) {
   const Kernel& k = *static_cast<const Kernel*>(state);
-  const OrtValue* in[4];
+  const Form& form = *k.form;
+  const OrtValue* in[4] = {nullptr, nullptr, nullptr, nullptr};
   std::vector<int64_t> dims[4];
-  int64_t counts[4];
-  for (size_t i = 0; i < 4; i++) {
+  int64_t counts[4] = {0, 0, 0, 0};
+  for (size_t i = 0; i < form.inputs; i++) {
     TRY(api->KernelContext_GetInput(context, i, &in[i]));
     TRY(shape_of(in[i], dims[i], counts[i]));
   }
-  if (dims[0].empty() || dims[0].back() != k.K) return fail("x's last dimension is not K = " + std::to_string(k.K));
-  if (counts[1] != k.N * k.K / 2) return fail("q does not hold K x N 4-bit levels");
-  if (counts[2] != k.N * k.K / 32 || counts[3] != counts[2]) return fail("d and m do not hold one value a block and column");
+  if (dims[0].empty() || dims[0].back() != k.K) return fail(form, "x's last dimension is not K = " + std::to_string(k.K));
+  if (counts[1] * 2 != k.N * k.K * form.q_per_weight_halves) return fail(form, "q does not hold K x N levels");
+  if (counts[2] != k.N * k.K / 32 || (form.inputs == 4 && counts[3] != counts[2]))
+    return fail(form, "the scales (and offsets) do not hold one value a block and column");
   std::vector<int64_t> out_dims = dims[0];
   out_dims.back() = k.N;
   OrtValue* out = nullptr;
   TRY(api->KernelContext_GetOutput(context, 0, out_dims.data(), out_dims.size(), &out));
-  Work w;
+  Work w{};
   TRY(api->GetTensorData(in[0], (const void**)&w.product.x));
   TRY(api->GetTensorData(in[1], (const void**)&w.product.q));
   TRY(api->GetTensorData(in[2], (const void**)&w.product.d));
-  TRY(api->GetTensorData(in[3], (const void**)&w.product.m));
+  if (form.inputs == 4) TRY(api->GetTensorData(in[3], (const void**)&w.product.m));
   TRY(api->GetTensorMutableData(out, (void**)&w.product.y));
   w.product.rows = counts[0] / k.K;
   w.product.K = k.K;
   w.product.N = k.N;
-  w.isa = k.isa;
+  w.columns = k.columns;
   w.groups = k.N / 32;
   if (w.product.rows == 0) return nullptr;
   // one contiguous range of columns a part, two groups at least (the kernel's widest pass); the pool
@@ -114,31 +137,35 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   return api->KernelContext_ParallelFor(context, run_part, (size_t)w.parts, 0, &w);
 }
 
-OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** state) {
-  Kernel k{0, 0, best_isa()};
+OrtStatus* create(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** state) {
+  const Form& form = form_of(op);
+  Kernel k{&form, 0, 0, nullptr};
   TRY(api->KernelInfoGetAttribute_int64(info, "K", &k.K));
   TRY(api->KernelInfoGetAttribute_int64(info, "N", &k.N));
-  if (k.isa == Isa::none) return fail("this CPU has neither AVX-512 nor AVX2 with FMA and F16C");
-  if (k.K <= 0 || k.K % 32 || k.N <= 0 || k.N % 32) return fail("K and N must be positive multiples of 32");
+  Isa isa = best_isa();
+  if (isa == Isa::none) return fail(form, "this CPU has neither AVX-512 nor AVX2 with FMA and F16C");
+  if (k.K <= 0 || k.K % 32 || k.N <= 0 || k.N % 32) return fail(form, "K and N must be positive multiples of 32");
+  k.columns = isa == Isa::avx512 ? form.avx512 : form.avx2;
   *state = new Kernel(k);
   return nullptr;
 }
 
-ONNXTensorElementDataType input_type(const OrtCustomOp*, size_t index) {
+ONNXTensorElementDataType input_type(const OrtCustomOp* op, size_t index) {
   switch (index) {
     case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    case 1: return form_of(op).q_type;
     default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   }
 }
 
-OrtCustomOp make_op() {
-  OrtCustomOp op{};  // every later field null: ONNX Runtime reads only those of this version
-  op.version = 16;   // CreateKernelV2 / KernelComputeV2
-  op.GetName = [](const OrtCustomOp*) { return "Q41MatMul"; };
+RiverOp make_op(const Form* form) {
+  RiverOp river{};
+  OrtCustomOp& op = river.op;  // every later field null: ONNX Runtime reads only those of this version
+  op.version = 16;             // CreateKernelV2 / KernelComputeV2
+  op.GetName = [](const OrtCustomOp* o) { return form_of(o).name; };
   op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
   op.GetInputType = input_type;
-  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
+  op.GetInputTypeCount = [](const OrtCustomOp* o) -> size_t { return form_of(o).inputs; };
   op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
   op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
   op.KernelDestroy = [](void* state) { delete static_cast<Kernel*>(state); };
@@ -151,16 +178,17 @@ OrtCustomOp make_op() {
   op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
   op.CreateKernelV2 = create;
   op.KernelComputeV2 = compute;
-  return op;
+  river.form = form;
+  return river;
 }
 
-const OrtCustomOp q41_op = make_op();
+const RiverOp ops[] = {make_op(&Q41), make_op(&Q80)};
 
 }  // namespace
 
 extern "C" {
 
-// "avx512", "avx2" or "none": the kernel this CPU gets (the compiler lowers to the op only if not "none")
+// "avx512", "avx2" or "none": the kernels this CPU gets (the compiler lowers to the ops only if not "none")
 __attribute__((visibility("default"))) const char* RiverOpsIsa() {
   switch (best_isa()) {
     case Isa::avx512: return "avx512";
@@ -173,11 +201,11 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   api = base->GetApi(API_NEEDED);
   if (api == nullptr) {
     std::fprintf(stderr, "river ops: this ONNX Runtime is older than 1.17 (its C API %u is missing)\n", API_NEEDED);
-    return nullptr;  // without the API there is no way to return a status: the session will not know the op
+    return nullptr;  // without the API there is no way to return a status: the session will not know the ops
   }
   OrtCustomOpDomain* domain = nullptr;
   TRY(api->CreateCustomOpDomain("ai.river", &domain));
-  TRY(api->CustomOpDomain_Add(domain, &q41_op));
+  for (const RiverOp& op : ops) TRY(api->CustomOpDomain_Add(domain, &op.op));
   return api->AddCustomOpDomain(options, domain);
 }
 

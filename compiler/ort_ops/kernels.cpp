@@ -1,14 +1,15 @@
-// The exact Q4_1 product, y[rows][N] = x[rows][K] @ w, for one instruction set (this file is compiled
-// once per set: RIVER_AVX512 or AVX2 + FMA + F16C, see build.py).
+// The exact products by a GGUF's Q4_1 and Q8_0 weights, y[rows][N] = x[rows][K] @ w, for one
+// instruction set (this file is compiled once per set: RIVER_AVX512 or AVX2 + FMA + F16C, see build.py).
 //
-// w[k][n] = d * q + m per block of 32 inputs k: q in 0..15, d and m fp16 (a GGUF's Q4_1 block). Each
-// weight is made in fp32 as fmadd(d, q, m), bit-identical to the fp32 weight the export holds (d * q is
-// exact for an fp16 d and a 4-bit q); each column sums every block of 32 inputs as one FMA chain in order
-// and adds the blocks' sums in order: the result does not depend on the instruction set or the thread count.
+// Q4_1: w[k][n] = d * q + m per block of 32 inputs k, q in 0..15, d and m fp16; each weight is made in
+// fp32 as fmadd(d, q, m). Q8_0: w = d * q, q in -127..127, d fp16. Either way the weight is bit-identical
+// to the fp32 weight the export holds (d * q is exact for an fp16 d and a 4- or 8-bit q). Each column sums
+// every block of 32 inputs as one FMA chain in order and adds the blocks' sums in order: the result does
+// not depend on the instruction set or the thread count.
 //
-// Layout (made by compiler/lowering/q41_matmul.py), by groups of 32 output columns:
-//   q [N/32][K][16] bytes: byte j of row k holds column j (low nibble) and column 16 + j (high);
-//   d, m [N/32][K/32][32] fp16.
+// Layouts (made by compiler/lowering/q41_matmul.py and q80_matmul.py), by groups of 32 output columns:
+//   Q4_1 q [N/32][K][16] bytes: byte j of row k holds column j (low nibble) and column 16 + j (high);
+//   Q8_0 q [N/32][K][32] int8;  d (and m) [N/32][K/32][32] fp16.
 // A step of a few rows dequantizes each weight vector once as it streams by and uses it for every row;
 // a step of more rows (prefill) dequantizes a group's weights once into a buffer and runs all rows over it.
 
@@ -17,7 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "q41_kernel.h"
+#include "kernels.h"
 
 namespace {
 
@@ -38,7 +39,14 @@ inline void levels(const uint8_t* p, vec out[2]) {
   out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
   out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
 }
-#define RIVER_COLUMNS q41_columns_avx512
+// the 32 signed levels of one Q8_0 group row (32 bytes): columns 0-15, 16-31
+inline void levels8(const int8_t* p, vec out[2]) {
+  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+}
+inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+#define RIVER_Q41 q41_columns_avx512
+#define RIVER_Q80 q80_columns_avx512
 #else
 using vec = __m256;
 constexpr int VW = 8;
@@ -60,7 +68,13 @@ inline void levels(const uint8_t* p, vec out[4]) {
   out[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4));
   out[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4));
 }
-#define RIVER_COLUMNS q41_columns_avx2
+inline void levels8(const int8_t* p, vec out[4]) {
+  for (int j = 0; j < 4; j++)
+    out[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * j))));
+}
+inline vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+#define RIVER_Q41 q41_columns_avx2
+#define RIVER_Q80 q80_columns_avx2
 #endif
 
 constexpr int GROUP = 32, BLOCK = 32, V = GROUP / VW;  // V vectors a group of columns
@@ -68,8 +82,8 @@ constexpr int GROUP = 32, BLOCK = 32, V = GROUP / VW;  // V vectors a group of c
 // The weights of groups g..g+G, made from the Q4_1 form as they are used: per block of inputs its
 // scales and offsets, per input the V*G vectors of dequantized weights
 template <int G>
-struct Streamed {
-  const Q41Product& p;
+struct Q41Weights {
+  const Product& p;
   int64_t g;
   vec dv[G * V], mv[G * V];
   void block(int64_t b) {
@@ -88,6 +102,24 @@ struct Streamed {
   }
 };
 
+// The same for the Q8_0 form: w = d * q
+template <int G>
+struct Q80Weights {
+  const Product& p;
+  int64_t g;
+  vec dv[G * V];
+  void block(int64_t b) {
+    for (int c = 0; c < G; c++)
+      for (int v = 0; v < V; v++) dv[c * V + v] = halves(p.d + ((g + c) * (p.K / BLOCK) + b) * GROUP + v * VW);
+  }
+  void at(int64_t i, vec* w) {
+    for (int c = 0; c < G; c++) {
+      levels8(reinterpret_cast<const int8_t*>(p.q) + ((g + c) * p.K + i) * GROUP, w + c * V);
+      for (int v = 0; v < V; v++) w[c * V + v] = mul(dv[c * V + v], w[c * V + v]);
+    }
+  }
+};
+
 // One group's weights dequantized once into [K][32] floats (steps of many rows: prefill)
 struct Cached {
   const float* w;
@@ -101,7 +133,7 @@ struct Cached {
 // chain in order, then added to the column's total (two levels: the rounding error grows with
 // 32 + K/32 terms, not K, and stays within what fp32 MatMul kernels leave)
 template <int M, int G, class Weights>
-void tile(const Q41Product& p, Weights& weights, int64_t r0, int64_t g) {
+void tile(const Product& p, Weights& weights, int64_t r0, int64_t g) {
   const int64_t K = p.K, N = p.N, blocks = K / BLOCK;
   vec total[M][G * V];
   for (int r = 0; r < M; r++)
@@ -127,22 +159,22 @@ void tile(const Q41Product& p, Weights& weights, int64_t r0, int64_t g) {
 }
 
 // groups g0..g1 for rows r0..r0+M, weights streamed: two groups a pass where the registers allow it
-template <int M>
-void streamed(const Q41Product& p, int64_t r0, int64_t g0, int64_t g1) {
+template <template <int> class Weights, int M>
+void streamed(const Product& p, int64_t r0, int64_t g0, int64_t g1) {
   constexpr int G = (M * V <= 4) ? 2 : 1;
   int64_t g = g0;
   for (; g + G <= g1; g += G) {
-    Streamed<G> weights{p, g};
+    Weights<G> weights{p, g};
     tile<M, G>(p, weights, r0, g);
   }
   for (; g < g1; g++) {
-    Streamed<1> weights{p, g};
+    Weights<1> weights{p, g};
     tile<M, 1>(p, weights, r0, g);
   }
 }
 
 template <int M>
-void cached(const Q41Product& p, const float* w, int64_t r0, int64_t g) {
+void cached(const Product& p, const float* w, int64_t r0, int64_t g) {
   Cached weights{w};
   tile<M, 1>(p, weights, r0, g);
 }
@@ -156,19 +188,18 @@ void by_rows(int64_t m, Run run) {
   run(std::integral_constant<int, M>{});
 }
 
-}  // namespace
-
-void RIVER_COLUMNS(const Q41Product& p, int64_t g0, int64_t g1) {
+template <template <int> class Weights>
+void columns(const Product& p, int64_t g0, int64_t g1) {
   auto chunk = [&](int64_t r0) { return p.rows - r0 < MAX_ROWS ? p.rows - r0 : MAX_ROWS; };
   if (p.rows <= MAX_ROWS) {  // one pass over the weights: dequantize them as they stream by
-    by_rows<MAX_ROWS>(p.rows, [&](auto m) { streamed<decltype(m)::value>(p, 0, g0, g1); });
+    by_rows<MAX_ROWS>(p.rows, [&](auto m) { streamed<Weights, decltype(m)::value>(p, 0, g0, g1); });
     return;
   }
   // several passes: each group's weights dequantized once (the same values, so the same sums)
   thread_local std::vector<float> w;
   w.resize(p.K * GROUP);
   for (int64_t g = g0; g < g1; g++) {
-    Streamed<1> source{p, g};
+    Weights<1> source{p, g};
     for (int64_t b = 0; b < p.K / BLOCK; b++) {
       source.block(b);
       for (int64_t i = b * BLOCK; i < (b + 1) * BLOCK; i++) {
@@ -181,3 +212,8 @@ void RIVER_COLUMNS(const Q41Product& p, int64_t g0, int64_t g1) {
       by_rows<MAX_ROWS>(chunk(r0), [&](auto m) { cached<decltype(m)::value>(p, w.data(), r0, g); });
   }
 }
+
+}  // namespace
+
+void RIVER_Q41(const Product& p, int64_t g0, int64_t g1) { columns<Q41Weights>(p, g0, g1); }
+void RIVER_Q80(const Product& p, int64_t g0, int64_t g1) { columns<Q80Weights>(p, g0, g1); }

@@ -1,7 +1,8 @@
-"""River's exact Q4_1 product (compiler/lowering/q41_matmul.py, the op in compiler/ort_ops): which weights
-it takes and why it leaves the others, that its kernels compute the fp32 product of the very weights the
-export holds on every instruction set and thread count, that lowered graphs with it equal the portable
-ones (poisoned caches, in place), and that its library is built, found and refused as a user expects."""
+"""River's exact products by a GGUF's Q4_1 and Q8_0 weights (compiler/lowering/q41_matmul.py and
+q80_matmul.py, the ops in compiler/ort_ops): which weights they take and why they leave the others, that
+the kernels compute the fp32 product of the very weights the export holds on every instruction set,
+thread count and row count, that lowered graphs with them equal the portable ones (poisoned caches, in
+place), and that the library is built, found and refused as a user expects."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from river.compiler import ort_ops
 from river.compiler.graph_io import load_onnx, load_onnx_header, walk_nodes
-from river.compiler.lowering import q41_matmul
+from river.compiler.lowering import q41_matmul, q80_matmul
 from river.compiler.ort_session import make_session
 from river.errors import RiverError
 from river.runtime.ort_backend import OrtBackend
@@ -30,13 +31,29 @@ def built():
     assert ort_ops.library() is not None, ort_ops.status()[1]
 
 
-def product_graph(w: np.ndarray, lowered: bool):
+RULES = {"q41": q41_matmul, "q80": q80_matmul}
+
+
+def q80_weight(k: int, n: int, rng) -> np.ndarray:
+    """A Q8_0 weight as a GGUF dequantizes it: per block of 32 inputs, w = d * q, q in -127..127."""
+    d = (rng.random((k // 32, n)) * 0.01 + 1e-4).astype(np.float16).astype(np.float32)
+    q = rng.integers(-127, 128, (k // 32, 32, n)).astype(np.float32)
+    q[:, 0] = 127  # every block reaches its largest level (as Q8_0's d = max|w| / 127 makes it)
+    return (d[:, None] * q).reshape(k, n).astype(np.float32)
+
+
+WEIGHTS = {"q41": lambda k, n, rng: on_grid(rng.standard_normal((k, n)).astype(np.float32) * 0.05, rng),
+           "q80": q80_weight}
+
+
+def product_graph(w: np.ndarray, form: str | None):
+    """One MatMul by ``w``; with ``form``, rewritten by that rule."""
     k, n = w.shape
     x, y = gs.Variable("x", np.float32, ["B", "S", k]), gs.Variable("y", np.float32, ["B", "S", n])
     graph = gs.Graph(nodes=[gs.Node("MatMul", "product", {}, [x, gs.Constant("w", w)], [y])], inputs=[x], outputs=[y],
                      opset=21)
-    if lowered:
-        assert q41_matmul.rewrite(graph) == 1
+    if form:
+        assert RULES[form].rewrite(graph) == 1
     model = gs.export_onnx(graph)
     model.opset_import.add(domain=ort_ops.DOMAIN, version=1)
     return model
@@ -62,13 +79,29 @@ def test_check_takes_q41_weights_and_explains_the_others():
     assert "bit for bit" in q41_matmul.check(odd)[1]
 
 
+def test_check_takes_q80_weights_and_explains_the_others():
+    rng = np.random.default_rng(1)
+    w = q80_weight(64, 96, rng)
+    parts, why = q80_matmul.check(w)
+    assert parts is not None and why == ""
+    q, d = parts
+    assert (q.shape, q.dtype, d.shape, d.dtype) == ((3, 64, 32), np.int8, (3, 2, 32), np.float16)
+    made = d.astype(np.float32).repeat(32, axis=1) * q  # [N/32, K, 32]
+    assert np.array_equal(made.transpose(1, 0, 2).reshape(64, 96), w)
+    assert "8-bit grid" in q80_matmul.check(w + np.float32(1e-4))[1]
+    assert "multiples of 32" in q80_matmul.check(w[:, :80])[1]
+    assert "8-bit grid" in q80_matmul.check(on_grid(w, rng))[1]  # a Q4_1 weight has offsets: not Q8_0
+    assert "4-bit grid" in q41_matmul.check(w)[1]  # and a Q8_0 weight is no Q4_1 one
+
+
+@pytest.mark.parametrize("form", ["q41", "q80"])
 @pytest.mark.parametrize("k,n", [(64, 96), (576, 960), (1536, 576)])
-def test_op_computes_the_fp32_product_of_the_same_weights(k, n):
+def test_op_computes_the_fp32_product_of_the_same_weights(form, k, n):
     """Rows 1-17 (every row-chunk size and remainder of both kernels), column groups odd and even: the op
     equals the float64 product within fp32 rounding, like ONNX Runtime's fp32 MatMul."""
     rng = np.random.default_rng(k + n)
-    w = on_grid(rng.standard_normal((k, n)).astype(np.float32) * 0.05, rng)
-    plain, ours = (make_session(product_graph(w, lowered), threads=2) for lowered in (False, True))
+    w = WEIGHTS[form](k, n, rng)
+    plain, ours = (make_session(product_graph(w, f), threads=2) for f in (None, form))
     for rows in (1, 2, 3, 4, 5, 8, 9, 17):
         x = rng.standard_normal((1, rows, k)).astype(np.float32)
         exact = x.astype(np.float64) @ w.astype(np.float64)
@@ -79,12 +112,13 @@ def test_op_computes_the_fp32_product_of_the_same_weights(k, n):
         assert np.abs(got - exact).max() <= 8 * max(np.abs(fp32 - exact).max(), 1e-7 * scale), rows
 
 
-def test_result_does_not_depend_on_instruction_set_threads_or_rows(monkeypatch):
+@pytest.mark.parametrize("form", ["q41", "q80"])
+def test_result_does_not_depend_on_instruction_set_threads_or_rows(form, monkeypatch):
     """Each column sums its blocks in one order: AVX2 and AVX-512 kernels, one thread or two, a step of
     many rows or of one, give the same bits."""
     rng = np.random.default_rng(3)
-    w = on_grid(rng.standard_normal((576, 960)).astype(np.float32) * 0.05, rng)
-    model = product_graph(w, lowered=True)
+    w = WEIGHTS[form](576, 960, rng)
+    model = product_graph(w, form)
     x = rng.standard_normal((2, 5, 576)).astype(np.float32)
     results = {}
     for isa in (["avx512", "avx2"] if ort_ops.isa() == "avx512" else ["avx2"]):
@@ -107,7 +141,7 @@ def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
     from test_ort_lowering import _assert_same_steps
 
     lowered, portable = (OrtBackend(tiny_on_grid, threads=1, lowering=lo) for lo in ("ort", "portable"))
-    assert (lowered.lowering, lowered.grid_form) == ("ort_fused", "q41")
+    assert (lowered.lowering, lowered.grid_form) == ("ort_fused", "river")
     ops = [n.op_type for n in load_onnx_header(lowered.decode_path).graph.node]
     assert ops.count("Q41MatMul") == lowered.grid_weights == 4 * tiny.config.num_layers  # qkv, o, gate|up, down
     _assert_same_steps(lowered, portable, tiny.config.vocab_size)
@@ -160,16 +194,19 @@ def test_build_errors_are_one_line_and_keep_the_library(tmp_path, monkeypatch, c
 
 @pytest.mark.slow
 def test_smollm2_default_lowering_runs_every_layer_with_the_op(smol, smol_onnx):
-    """The real model: its 210 Q4_1 weights (packed into 120 products) all run with the op by default,
-    and greedy text equals the portable graph's (logits and K/V: test_ort_lowering's SmolLM2 test)."""
+    """The real model: its 210 Q4_1 weights (packed into 120 products) all run with Q41MatMul by default,
+    its head (tied to the Q8_0 embedding table) with Q80MatMul instead of the greedy head, and greedy
+    and sampled text equal the portable graph's (logits and K/V: test_ort_lowering's SmolLM2 test)."""
     from river.models.tokenizer import TextTokenizer
     from river.runtime.generate import GenerationConfig, Generator
 
     lowered, portable = (OrtBackend(smol_onnx, threads=2, lowering=lo) for lo in ("ort", "portable"))
     ops = [n.op_type for n in load_onnx_header(lowered.decode_path).graph.node]
     assert ops.count("Q41MatMul") == 4 * smol.config.num_layers
+    assert ops.count("Q80MatMul") == 1 and "If" not in ops  # the head: exact, no greedy form needed
     tok = TextTokenizer(smol_onnx.parent)
-    cfg = GenerationConfig(max_new_tokens=32, eos_token_ids=[])
-    for prompt in ("What is a river delta?", "Write a haiku about the sea."):
+    for prompt, cfg in (("What is a river delta?", GenerationConfig(max_new_tokens=32, eos_token_ids=[])),
+                        ("Write a haiku about the sea.", GenerationConfig(max_new_tokens=32, eos_token_ids=[],
+                                                                          temperature=0.8, seed=5))):
         a, b = (Generator(backend, tok).generate(prompt, cfg).token_ids for backend in (lowered, portable))
         assert a == b
