@@ -48,7 +48,7 @@ from river.export.contract import past_layers, past_name, present_name
 ORT_LOWERING_FORMAT = 10 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
-# products whose weights lie on a 4-bit grid: rewritten (q41, nbits) or counted (fp32)
+# products whose weights lie on a 4-bit grid: rewritten (river, nbits) or counted (fp32)
 GRID_WEIGHTS_PROP = "river.grid_weights"
 # how products by weights on a 4-bit grid run, and the rule that rewrites (or counts) them in a graph
 GRID_FORMS = {"fp32": grid_weights.count, "river": lambda g: _river_ops(g), "nbits": grid_weights.rewrite}
