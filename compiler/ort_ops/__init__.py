@@ -41,7 +41,7 @@ def status() -> tuple[Path | None, str]:
     isa = ctypes.CDLL(str(LIBRARY)).RiverOpsIsa
     isa.restype = ctypes.c_char_p
     if isa() == b"none":
-        return None, "this CPU has neither AVX-512 nor AVX2 with FMA and F16C (River's Q4_1 kernel needs one)"
+        return None, "this CPU has neither AVX-512 nor AVX2 with FMA and F16C (River's kernels need one)"
     return LIBRARY, ""
 
 

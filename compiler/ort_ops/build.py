@@ -82,7 +82,7 @@ def build(headers: Path | None = None, cxx: str | None = None) -> Path:
     cxx = cxx or os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise RiverError(f"no C++ compiler '{cxx}' to build River's ONNX Runtime ops: install g++ or set CXX "
-                         "(or SKIP_RIVER_OPS=1 ./setup.sh: Q4_1 weights then run as fp32 matrices)")
+                         "(or SKIP_RIVER_OPS=1 ./setup.sh: Q4_1 and Q8_0 weights then run as fp32 matrices)")
     build_dir = ort_ops.BUILD_DIR
     if headers is None:
         headers = build_dir / "include"
@@ -105,7 +105,7 @@ def build(headers: Path | None = None, cxx: str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m river.compiler.ort_ops.build", description=__doc__.split("\n\n")[0],
                                 epilog="The library lands in river/compiler/ort_ops/build/; every River session "
-                                       "registers it, and the ONNX Runtime lowering runs Q4_1 weights with it.")
+                                       "registers it, and the ONNX Runtime lowering runs Q4_1 and Q8_0 weights with it.")
     p.add_argument("--headers", type=Path, default=os.environ.get("RIVER_ORT_HEADERS") or None,
                    help="a folder with ONNX Runtime's C API headers (default: fetched from the npm registry)")
     p.add_argument("--cxx", help="the C++ compiler (default: $CXX or g++)")
