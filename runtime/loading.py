@@ -28,8 +28,8 @@ from river.runtime.speculative import ADAPTIVE_K, DRAFT_K, K_MAX
 BACKENDS = ("ort", "segmented", "tensorrt", "torch")
 # ONNX Runtime steps: its fused lowering where it applies, or the portable graph. Weights on a 4-bit grid
 # (GGUF Q4_1), and Q8_0 ones (a tied head), run under "ort" from that form with River's exact ops when
-# their library is built (else as fp32 matrices), under "ort-fp32" as fp32 matrices, under "ort-grid" with MatMulNBits and an
-# offset path (see grid_form)
+# their library is built (else as fp32 matrices), under "ort-fp32" as fp32 matrices, under "ort-grid"
+# with MatMulNBits and an offset path (see grid_form)
 LOWERINGS = ("ort", "ort-fp32", "ort-grid", "portable")
 
 

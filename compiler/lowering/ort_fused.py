@@ -35,7 +35,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from river.compiler.graph_io import rewrite_step_graph
+from river.compiler.graph_io import rewrite_step_graph, walk_nodes
 from river.compiler.lowering import fused_attention, greedy_head, grid_weights, packed_matmuls, q41_matmul, q80_matmul
 from river.compiler.lowering.packed_qkv import pack_qkv
 from river.compiler.lowering.patterns import MS_DOMAIN
@@ -51,12 +51,19 @@ LOWERING_REASON_PROP = "river.lowering_reason"
 # products whose weights lie on a 4-bit grid: rewritten (river, nbits) or counted (fp32)
 GRID_WEIGHTS_PROP = "river.grid_weights"
 # how products by weights on a 4-bit grid run, and the rule that rewrites (or counts) them in a graph
-GRID_FORMS = {"fp32": grid_weights.count, "river": lambda g: _river_ops(g), "nbits": grid_weights.rewrite}
+def _river_ops(g: gs.Graph) -> int:
+    """River's exact ops for a (sub)graph's Q4_1 and Q8_0 products; returns the Q4_1 ones (the grid count)."""
+    on_grid = q41_matmul.rewrite(g)
+    q80_matmul.rewrite(g)
+    return on_grid
+
+
+GRID_FORMS = {"fp32": grid_weights.count, "river": _river_ops, "nbits": grid_weights.rewrite}
 
 
 def cache_variant(max_positions: int | None, grid: str) -> str:
     """What, besides the source graph and ``ORT_LOWERING_FORMAT``, names a cached lowered graph."""
-    return f"-p{max_positions}" + {"fp32": "", "river": "-river", "nbits": "-grid"}[grid]
+    return f"-p{max_positions}" + ("" if grid == "fp32" else f"-{grid}")
 
 log = logging.getLogger("river.lowering")
 
@@ -124,28 +131,12 @@ def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: str = 
                                 keep_local=is_quantized_weight)
     result.metadata_props.add(key=GRID_WEIGHTS_PROP, value=str(sum(on_grid)))
     for domain in (MS_DOMAIN, RIVER_OPS_DOMAIN):
-        if not any(o.domain == domain for o in result.opset_import) and _uses_domain(result.graph, domain):
+        if not any(o.domain == domain for o in result.opset_import) and \
+                any(n.domain == domain for n in walk_nodes(result.graph)):
             result.opset_import.add(domain=domain, version=1)
     if any(i.name == greedy_head.GREEDY_LOGITS for i in result.graph.input):  # off unless the runtime asks
         result.graph.initializer.append(numpy_helper.from_array(np.array(False), greedy_head.GREEDY_LOGITS))
     return result
-
-
-def _river_ops(g: gs.Graph) -> int:
-    """River's exact ops for a (sub)graph's Q4_1 and Q8_0 products; returns the Q4_1 ones (the grid count)."""
-    on_grid = q41_matmul.rewrite(g)
-    q80_matmul.rewrite(g)
-    return on_grid
-
-
-def _uses_domain(graph: onnx.GraphProto, domain: str) -> bool:
-    """Whether a node of ``graph`` or of its subgraphs is of ``domain``."""
-    for node in graph.node:
-        if node.domain == domain:
-            return True
-        if any(_uses_domain(a.g, domain) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
-            return True
-    return False
 
 
 def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, grid: str,

@@ -28,11 +28,10 @@ GROUP = 32  # output columns a group: the kernel's packing unit
 
 def check(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, str]:
     """(the op's (q, d, m) for weight ``w`` [K, N], "") when the rule applies, else (None, why not)."""
-    if w.ndim != 2 or w.dtype != np.float32:
-        return None, f"the weight is {w.dtype} of rank {w.ndim}, not a fp32 matrix"
+    why = shape_refusal(w)
+    if why:
+        return None, why
     k, n = w.shape
-    if k % BLOCK or n % GROUP:
-        return None, f"the weight is {k} x {n}; both must be multiples of 32"
     grid = grid_levels(w)
     if grid is None:
         return None, "some block of 32 inputs is not on a 4-bit grid (not a Q4_1 weight)"
@@ -47,6 +46,16 @@ def check(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | No
     if not np.array_equal(made.view(np.uint32), w.view(np.uint32)):
         return None, "fp16 scales and offsets do not give the weight back bit for bit"
     return pack(q.reshape(k, n), d, m), ""
+
+
+def shape_refusal(w: np.ndarray) -> str:
+    """Why the kernels cannot take weight ``w`` as it is shaped ("" when they can): fp32 [K, N], K and N
+    multiples of 32 (blocks of inputs, groups of output columns)."""
+    if w.ndim != 2 or w.dtype != np.float32:
+        return f"the weight is {w.dtype} of rank {w.ndim}, not a fp32 matrix"
+    if w.shape[0] % BLOCK or w.shape[1] % GROUP:
+        return f"the weight is {w.shape[0]} x {w.shape[1]}; both must be multiples of 32"
+    return ""
 
 
 def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from river.compiler.lowering.q41_matmul import BLOCK, GROUP, by_group, rewrite_products
+from river.compiler.lowering.q41_matmul import BLOCK, by_group, rewrite_products, shape_refusal
 
 OP = "Q80MatMul"
 LEVELS = 127  # Q8_0: q in -127..127, d = the block's largest |w| / 127
@@ -25,11 +25,9 @@ LEVELS = 127  # Q8_0: q in -127..127, d = the block's largest |w| / 127
 
 def check(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
     """(the op's (q, d) for weight ``w`` [K, N], "") when the rule applies, else (None, why not)."""
-    if w.ndim != 2 or w.dtype != np.float32:
-        return None, f"the weight is {w.dtype} of rank {w.ndim}, not a fp32 matrix"
-    k, n = w.shape
-    if k % BLOCK or n % GROUP:
-        return None, f"the weight is {k} x {n}; both must be multiples of 32"
+    why = shape_refusal(w)
+    if why:
+        return None, why
     first, why = _levels(w[:BLOCK])  # one row of blocks decides most weights cheaply
     if first is None:
         return None, why

@@ -31,16 +31,19 @@ def sources_digest() -> str:
     return h.hexdigest()
 
 
+def built_from_sources() -> bool:
+    """Whether the library exists and was built from the sources beside it (``build.py`` stamps them)."""
+    return LIBRARY.exists() and STAMP.exists() and STAMP.read_text().strip() == sources_digest()
+
+
 @functools.lru_cache(maxsize=1)
 def status() -> tuple[Path | None, str]:
     """(the library, "") when it is built from these sources and runs on this CPU, else (None, why not)."""
     if not LIBRARY.exists():
         return None, f"River's ONNX Runtime ops are not built (run `{BUILD_COMMAND}` or ./setup.sh)"
-    if not STAMP.exists() or STAMP.read_text().strip() != sources_digest():
+    if not built_from_sources():
         return None, f"River's ONNX Runtime ops were built from other sources (run `{BUILD_COMMAND}`)"
-    isa = ctypes.CDLL(str(LIBRARY)).RiverOpsIsa
-    isa.restype = ctypes.c_char_p
-    if isa() == b"none":
+    if _library_isa() == "none":
         return None, "this CPU has neither AVX-512 nor AVX2 with FMA and F16C (River's kernels need one)"
     return LIBRARY, ""
 
@@ -52,9 +55,11 @@ def library() -> Path | None:
 
 def isa() -> str:
     """The instruction set this CPU runs the kernels with ("avx512", "avx2"), "" without the library."""
-    path = library()
-    if path is None:
-        return ""
-    fn = ctypes.CDLL(str(path)).RiverOpsIsa
+    return "" if library() is None else _library_isa()
+
+
+def _library_isa() -> str:
+    """What the built library says this CPU runs: "avx512", "avx2" or "none"."""
+    fn = ctypes.CDLL(str(LIBRARY)).RiverOpsIsa
     fn.restype = ctypes.c_char_p
     return fn().decode()

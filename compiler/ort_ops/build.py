@@ -76,9 +76,9 @@ def _run(cmd: list[str]) -> None:
 
 def build(headers: Path | None = None, cxx: str | None = None) -> Path:
     """Build the library for these sources (a no-op when it is); returns its path."""
-    digest = ort_ops.sources_digest()
-    if ort_ops.LIBRARY.exists() and ort_ops.STAMP.exists() and ort_ops.STAMP.read_text().strip() == digest:
+    if ort_ops.built_from_sources():
         return ort_ops.LIBRARY
+    digest = ort_ops.sources_digest()  # of the sources compiled below
     cxx = cxx or os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise RiverError(f"no C++ compiler '{cxx}' to build River's ONNX Runtime ops: install g++ or set CXX "
