@@ -12,7 +12,7 @@ import pytest
 
 from river.compiler import ort_ops
 from river.compiler.graph_io import load_onnx, load_onnx_header, walk_nodes
-from river.compiler.lowering import q41_matmul, q80_matmul
+from river.compiler.lowering import q41_matmul, q41_twins, q80_matmul
 from river.compiler.ort_session import make_session
 from river.errors import RiverError
 from river.runtime.ort_backend import OrtBackend
@@ -31,7 +31,8 @@ def built():
     assert ort_ops.library() is not None, ort_ops.status()[1]
 
 
-RULES = {"q41": q41_matmul, "q80": q80_matmul}
+INT8_TWIN_TOL = 0.15  # int8 activations in a tiny random model's twins (logits and K/V of order 1): 0.09-0.10 seen
+RULES = {"q41": q41_matmul, "q80": q80_matmul, "q41i8": q41_matmul}  # q41i8: a twin's (marked) weight
 
 
 def q80_weight(k: int, n: int, rng) -> np.ndarray:
@@ -44,13 +45,27 @@ def q80_weight(k: int, n: int, rng) -> np.ndarray:
 
 WEIGHTS = {"q41": lambda k, n, rng: on_grid(rng.standard_normal((k, n)).astype(np.float32) * 0.05, rng),
            "q80": q80_weight}
+WEIGHTS["q41i8"] = WEIGHTS["q41"]
+
+
+def int8_product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """What Q41MatMulInt8 computes, in float64: x quantized per row and block of 32 (xq = round half to
+    even of x * (127 / max|x|), in fp32; scale max|x| / 127) times the exact weights."""
+    k = x.shape[-1]
+    b = x.reshape(*x.shape[:-1], k // 32, 32)
+    top = np.abs(b).max(-1, keepdims=True)
+    inv = np.where(top > 0, np.float32(127) / np.where(top > 0, top, 1), 0).astype(np.float32)
+    xq = np.clip(np.rint((b * inv).astype(np.float32)), -127, 127)
+    scale = (top / np.float32(127)).astype(np.float32).astype(np.float64)
+    return ((xq * scale).reshape(x.shape)) @ w.astype(np.float64)
 
 
 def product_graph(w: np.ndarray, form: str | None):
     """One MatMul by ``w``; with ``form``, rewritten by that rule."""
     k, n = w.shape
     x, y = gs.Variable("x", np.float32, ["B", "S", k]), gs.Variable("y", np.float32, ["B", "S", n])
-    graph = gs.Graph(nodes=[gs.Node("MatMul", "product", {}, [x, gs.Constant("w", w)], [y])], inputs=[x], outputs=[y],
+    name = "w" + (q41_twins.MARK if form == "q41i8" else "")
+    graph = gs.Graph(nodes=[gs.Node("MatMul", "product", {}, [x, gs.Constant(name, w)], [y])], inputs=[x], outputs=[y],
                      opset=21)
     if form:
         assert RULES[form].rewrite(graph) == 1
@@ -94,6 +109,43 @@ def test_check_takes_q80_weights_and_explains_the_others():
     assert "4-bit grid" in q41_matmul.check(w)[1]  # and a Q8_0 weight is no Q4_1 one
 
 
+def test_twin_rule_takes_twins_of_q41_weights_and_explains_the_others():
+    """q41_twins: a builder-made twin product (MatMulNBits over ``W@q8p``, int8 activations) whose
+    backbone weight W is a Q4_1 weight becomes an fp32 MatMul by W under the mark, one constant shared
+    by every twin of W; anything else stays, with the reason."""
+    rng = np.random.default_rng(4)
+    w = on_grid(rng.standard_normal((64, 96)).astype(np.float32), rng)
+    off = rng.standard_normal((64, 96)).astype(np.float32)
+    weights = {"W": gs.Constant("W", w), "OFF": gs.Constant("OFF", off)}
+    x = gs.Variable("x", np.float32, [1, 64])
+    made = iter(range(100))
+
+    def twin(weight: str, accuracy: int = 4, n: int = 96) -> gs.Node:
+        attrs = {"K": 64, "N": n, "bits": 8, "block_size": 32, "accuracy_level": accuracy}
+        consts = [gs.Constant(f"{weight}@q8p", np.zeros((n, 2, 32), np.uint8)), gs.Constant(f"{weight}@q8s", np.ones(n * 2, np.float32))]
+        i = next(made)
+        return gs.Node("MatMulNBits", f"twin{i}", attrs, [x, *consts], [gs.Variable(f"y{i}", np.float32)])
+
+    assert q41_twins.check(twin("W"), weights) == (weights["W"], "")
+    plain = twin("W")
+    plain.inputs[1] = gs.Constant("packed", np.zeros((96, 2, 32), np.uint8))
+    assert "not a twin" in q41_twins.check(plain, weights)[1]
+    assert "fp32 activations" in q41_twins.check(twin("W", accuracy=1), weights)[1]
+    assert "not in this graph" in q41_twins.check(twin("GONE"), weights)[1]
+    assert "not a Q4_1 weight" in q41_twins.check(twin("OFF"), weights)[1]
+    assert "64 x 64" in q41_twins.check(twin("W", n=64), weights)[1]
+
+    nodes = [twin("W"), twin("W"), twin("OFF"), twin("W", accuracy=1)]
+    head = gs.Node("MatMul", "backbone", {}, [x, weights["W"]], [gs.Variable("yb", np.float32)])
+    graph = gs.Graph(nodes=[head, *nodes], inputs=[x], outputs=[t for n in [head, *nodes] for t in n.outputs], opset=21)
+    assert q41_twins.mark(graph) == 2
+    ops = [(n.op, n.inputs[1].name) for n in graph.nodes]
+    assert ops.count(("MatMul", "W" + q41_twins.MARK)) == 2 and ("MatMulNBits", "OFF@q8p") in ops
+    assert nodes[0].inputs[1] is nodes[1].inputs[1] and nodes[0].inputs[1].values is w  # shared, not copied
+    assert q41_matmul.rewrite(graph) == 3  # the backbone's exact product and the twins' int8 ones
+    assert sorted(n.op for n in graph.nodes if n.op.startswith("Q41")) == ["Q41MatMul", "Q41MatMulInt8", "Q41MatMulInt8"]
+
+
 @pytest.mark.parametrize("form", ["q41", "q80"])
 @pytest.mark.parametrize("k,n", [(64, 96), (576, 960), (1536, 576)])
 def test_op_computes_the_fp32_product_of_the_same_weights(form, k, n):
@@ -112,7 +164,27 @@ def test_op_computes_the_fp32_product_of_the_same_weights(form, k, n):
         assert np.abs(got - exact).max() <= 8 * max(np.abs(fp32 - exact).max(), 1e-7 * scale), rows
 
 
-@pytest.mark.parametrize("form", ["q41", "q80"])
+@pytest.mark.parametrize("k,n", [(64, 96), (576, 960), (1536, 576)])
+def test_int8_op_computes_the_product_of_int8_activations_by_the_exact_weights(k, n):
+    """Q41MatMulInt8 (River's twins): the product of the int8-rounded activations by the exact Q4_1
+    weights, within fp32 rounding, rows 1-9 (every chunk of 4 and remainder); only the activations'
+    rounding stands between it and the exact product."""
+    rng = np.random.default_rng(k * n)
+    w = WEIGHTS["q41i8"](k, n, rng)
+    model = product_graph(w, "q41i8")
+    assert [node.op_type for node in model.graph.node] == ["Q41MatMulInt8"]
+    ours = make_session(model, threads=2)
+    for rows in (1, 2, 3, 4, 5, 8, 9):
+        x = rng.standard_normal((1, rows, k)).astype(np.float32)
+        x[0, 0, :32] = 0  # an all-zero block: scale 0
+        got, want = ours.run(None, {"x": x})[0], int8_product(x, w)
+        exact = x.astype(np.float64) @ w.astype(np.float64)
+        scale = np.abs(exact).max()
+        assert np.abs(got - want).max() <= 2e-6 * scale, rows
+        assert 1e-5 * scale < np.abs(got - exact).max() <= 2e-2 * scale, rows  # rounded activations, not exact
+
+
+@pytest.mark.parametrize("form", ["q41", "q80", "q41i8"])
 def test_result_does_not_depend_on_instruction_set_threads_or_rows(form, monkeypatch):
     """Each column sums its blocks in one order: AVX2 and AVX-512 kernels, one thread or two, a step of
     many rows or of one, give the same bits."""
@@ -147,20 +219,44 @@ def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
     _assert_same_steps(lowered, portable, tiny.config.vocab_size)
 
 
-def test_river_graph_on_grid_runs_the_op_inside_branches(tiny, tiny_on_grid, tmp_path):
-    """A River graph of a Q4_1 model: the backbone's products inside the If branches run the op, the
-    twins stay 8-bit, and every exit pattern equals the portable graph."""
+def test_river_graph_on_grid_runs_the_ops_inside_branches(tiny, tiny_on_grid, tmp_path):
+    """A River graph of a Q4_1 model: the backbone's products inside the If branches run Q41MatMul and
+    equal the portable graph with every gate off; the 8-bit twins run Q41MatMulInt8 over the backbone's
+    own weights, so under every exit pattern the steps stay within int8 rounding of exact (fp32) twins,
+    with no hole, nothing written past the new positions and the cache bound in place."""
     from river.compiler.compile import compile_river
     from river.compiler.river.manifest import DISABLED
     from test_ort_lowering import _assert_same_steps
 
     river = compile_river(tiny_on_grid, tmp_path / "river", gates="0,2", river="int8", log=None)
+    exact_twins = compile_river(tiny_on_grid, tmp_path / "exact", gates="0,2", river="fp32", log=None)
     lowered, portable = (OrtBackend(river, threads=1, lowering=lo) for lo in ("ort", "portable"))
-    nodes = list(walk_nodes(load_onnx(lowered.decode_path).graph))
-    assert sum(n.op_type == "Q41MatMul" for n in nodes) >= 4 * tiny.config.num_layers
-    assert any(n.op_type == "MatMulNBits" for n in nodes)  # the twins
+    ops = [n.op_type for n in walk_nodes(load_onnx(lowered.decode_path).graph)]
+    assert ops.count("Q41MatMul") >= 4 * tiny.config.num_layers
+    assert ops.count("Q41MatMulInt8") >= 4 * (tiny.config.num_layers - 1) and "MatMulNBits" not in ops
+    _assert_same_steps(lowered, portable, tiny.config.vocab_size, thresholds=[[DISABLED, DISABLED]])
     patterns = [[-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED], [-2, -2]]
-    _assert_same_steps(lowered, portable, tiny.config.vocab_size, thresholds=patterns)
+    reference = OrtBackend(exact_twins, threads=1, lowering="portable")
+    _assert_same_steps(lowered, reference, tiny.config.vocab_size, thresholds=patterns, tol=INT8_TWIN_TOL)
+    # and closer to the exact twins than the portable 8-bit twins are (exact weights, rounded activations)
+    ours, theirs = (_largest_logit_gap(b, reference, tiny.config.vocab_size, patterns) for b in (lowered, portable))
+    assert 0 < ours < theirs, (ours, theirs)
+
+
+def _largest_logit_gap(backend, reference, vocab, patterns) -> float:
+    """The largest |logit difference| between two River backends over decode steps under ``patterns``."""
+    rng = np.random.default_rng(5)
+    caches = [b.new_cache(64) for b in (backend, reference)]
+    gap = 0.0
+    for i in range(8):
+        tokens = rng.integers(1, vocab, (1, 6 if i == 0 else 1)).astype(np.int64)
+        outs = []
+        for b, cache in zip((backend, reference), caches):
+            b.set_thresholds(patterns[i % len(patterns)])
+            outs.append(np.array(b.extend(tokens, cache)))
+            cache.length += tokens.shape[1]
+        gap = max(gap, float(np.abs(outs[0] - outs[1]).max()))
+    return gap
 
 
 def test_stale_or_missing_library_is_not_used_and_says_how_to_build(tmp_path, monkeypatch):

@@ -13,7 +13,9 @@ lie on a 4-bit grid (a GGUF's Q4_1 tensors, dequantized) run as ``grid`` says (`
 ``MatMul``; River's own exact ops over their 4-bit form (``q41_matmul.py``: the same fp32 weights, made
 on the fly), which also take Q8_0 weights (``q80_matmul.py``: a GGUF's embedding table, so a tied LM head,
 which then needs no greedy form); or ``MatMulNBits`` with an offset path (``grid_weights.py``: logits move
-by up to 1e-5 of their largest value).
+by up to 1e-5 of their largest value). Under River's ops a River graph's 8-bit twins of Q4_1 weights run
+those weights' own 4-bit form with int8 activations instead (``q41_twins.py``): cheaper than the
+backbone's layers, as a twin must be, and closer to them than the 8-bit copy.
 
 Exactness: the fused attention is causal by position with each row's valid prefix from its mask. For
 one new token a step that is every causal graph's semantics; for several, only graphs that mask by
@@ -36,7 +38,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from river.compiler.graph_io import rewrite_step_graph, walk_nodes
-from river.compiler.lowering import fused_attention, greedy_head, grid_weights, packed_matmuls, q41_matmul, q80_matmul
+from river.compiler.lowering import fused_attention, greedy_head, grid_weights, packed_matmuls, q41_matmul, q41_twins, q80_matmul
 from river.compiler.lowering.packed_qkv import pack_qkv
 from river.compiler.lowering.patterns import MS_DOMAIN
 from river.compiler.lowering.skip_norm import fuse_skip_norm
@@ -45,14 +47,15 @@ from river.compiler.ort_ops import DOMAIN as RIVER_OPS_DOMAIN
 from river.compiler.river.builder import is_quantized_weight
 from river.export.contract import past_layers, past_name, present_name
 
-ORT_LOWERING_FORMAT = 10 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+ORT_LOWERING_FORMAT = 11 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
 # products whose weights lie on a 4-bit grid: rewritten (river, nbits) or counted (fp32)
 GRID_WEIGHTS_PROP = "river.grid_weights"
 # how products by weights on a 4-bit grid run, and the rule that rewrites (or counts) them in a graph
 def _river_ops(g: gs.Graph) -> int:
-    """River's exact ops for a (sub)graph's Q4_1 and Q8_0 products; returns the Q4_1 ones (the grid count)."""
+    """River's ops for a (sub)graph's Q4_1 and Q8_0 products (exact; a twin's marked by ``q41_twins.mark``
+    with int8 activations); returns the Q4_1 ones (the grid count)."""
     on_grid = q41_matmul.rewrite(g)
     q80_matmul.rewrite(g)
     return on_grid
@@ -144,6 +147,8 @@ def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, gri
     """The fused graph; ``on_grid`` gets, per (sub)graph, its products on a 4-bit grid (rewritten to
     the ``grid`` form, or counted under fp32)."""
     graph = gs.import_onnx(model)
+    if grid == "river":  # before packing: a twin's products then pack like the backbone's
+        q41_twins.mark(graph)
     blocks, reasons = [], []
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for node in g.nodes:

@@ -23,11 +23,24 @@ from river.compiler.lowering.grid_weights import BLOCK, grid_levels, weight_prod
 from river.compiler.ort_ops import DOMAIN
 
 OP = "Q41MatMul"
+OP_INT8 = "Q41MatMulInt8"  # the same weights by int8 activations (River's twins)
 GROUP = 32  # output columns a group: the kernel's packing unit
 
 
 def check(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, str]:
     """(the op's (q, d, m) for weight ``w`` [K, N], "") when the rule applies, else (None, why not)."""
+    found, why = levels(w)
+    return (None, why) if found is None else (pack(*found), "")
+
+
+def check_int8(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, str]:
+    """As ``check``, in the layout of ``Q41MatMulInt8`` (int8 activations: River's twins, q41_twins.py)."""
+    found, why = levels(w)
+    return (None, why) if found is None else (pack_int8(*found), "")
+
+
+def levels(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, str]:
+    """(levels q [K, N] uint8, fp16 d and m [K/32, N]) of a Q4_1 weight ``w``, "" - else (None, why not)."""
     why = shape_refusal(w)
     if why:
         return None, why
@@ -35,17 +48,17 @@ def check(w: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | No
     grid = grid_levels(w)
     if grid is None:
         return None, "some block of 32 inputs is not on a 4-bit grid (not a Q4_1 weight)"
-    lo, step, levels = grid  # [K/32, N], [K/32, N], [K/32, 32, N]
+    lo, step, found = grid  # [K/32, N], [K/32, N], [K/32, 32, N]
     with np.errstate(over="ignore"):
         d, m = step.astype(np.float16), lo.astype(np.float16)
     if not (np.isfinite(d).all() and np.isfinite(m).all()):
         return None, "a block's step or offset is beyond fp16"
-    q = levels.astype(np.uint8)
+    q = found.astype(np.uint8)
     # d * q is exact in fp32 (11 + 4 bits), so this is fmadd(d, q, m): one rounding, as the kernel's
     made = (d.astype(np.float32)[:, None] * q.astype(np.float32) + m.astype(np.float32)[:, None]).reshape(k, n)
     if not np.array_equal(made.view(np.uint32), w.view(np.uint32)):
         return None, "fp16 scales and offsets do not give the weight back bit for bit"
-    return pack(q.reshape(k, n), d, m), ""
+    return (q.reshape(k, n), d, m), ""
 
 
 def shape_refusal(w: np.ndarray) -> str:
@@ -66,6 +79,17 @@ def pack(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(packed), by_group(d), by_group(m)
 
 
+def pack_int8(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``Q41MatMulInt8``'s layout: q [N/32, K/4, 64], quads of 4 inputs x 32 columns whose byte 4 j + t
+    holds input t of column j (low nibble) and of column 16 + j (high) - each lane of a vector of the
+    kernel then holds 4 inputs of one column, what an integer dot product instruction takes. d and m
+    as ``pack``'s."""
+    packed, d, m = pack(q, d, m)  # [N/32, K, 16]
+    groups, k, _ = packed.shape
+    quads = packed.reshape(groups, k // 4, 4, GROUP // 2).transpose(0, 1, 3, 2).reshape(groups, k // 4, 64)
+    return np.ascontiguousarray(quads), d, m
+
+
 def by_group(a: np.ndarray) -> np.ndarray:
     """[rows, N] -> [N/32, rows, 32]: the kernels' unit is a group of 32 output columns."""
     rows, n = a.shape
@@ -73,16 +97,22 @@ def by_group(a: np.ndarray) -> np.ndarray:
 
 
 def rewrite(graph: gs.Graph) -> int:
-    """Every MatMul of ``graph`` (not its subgraphs) by a Q4_1 weight, rewritten; returns how many."""
-    return rewrite_products(graph, OP, check, "q41op")
+    """Every MatMul of ``graph`` (not its subgraphs) by a Q4_1 weight, rewritten; returns how many. A
+    product whose weight carries ``q41_twins.MARK`` (a twin's) becomes ``Q41MatMulInt8``."""
+    from river.compiler.lowering.q41_twins import is_marked
+
+    done = rewrite_products(graph, OP, check, "q41op", lambda name: not is_marked(name))
+    return done + rewrite_products(graph, OP_INT8, check_int8, "q41i8op", is_marked)
 
 
-def rewrite_products(graph: gs.Graph, op: str, check_weight, tag: str) -> int:
-    """Every MatMul of ``graph`` (not its subgraphs) whose weight ``check_weight`` takes, as River's
-    ``op`` over the parts it returns; returns how many. Constants are named ``<weight>@<tag><i>`` so that
-    ``If`` branches keep their own."""
+def rewrite_products(graph: gs.Graph, op: str, check_weight, tag: str, takes=lambda name: True) -> int:
+    """Every MatMul of ``graph`` (not its subgraphs) whose weight ``check_weight`` takes (and whose
+    weight's name ``takes``), as River's ``op`` over the parts it returns; returns how many. Constants
+    are named ``<weight>@<tag><i>`` so that ``If`` branches keep their own."""
     done = 0
     for node, w in list(weight_products(graph)):
+        if not takes(node.inputs[1].name):
+            continue
         parts, _ = check_weight(w)
         if parts is None:
             continue

@@ -29,7 +29,7 @@ HEADERS = ("onnxruntime_c_api.h", "onnxruntime_error_code.h", "onnxruntime_ep_c_
 HEADERS_PACKAGE = ("https://registry.npmjs.org/com.github.asus4.onnxruntime/-/com.github.asus4.onnxruntime-0.4.9.tgz",
                    "3659f34012db8208ffb7f67d704204cb08792fed")  # (tarball, the registry's sha1)
 HEADERS_IN_PACKAGE = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64_x86_64-simulator/onnxruntime.framework/Headers/"
-ISAS = {"avx512": ["-mavx512f", "-mfma", "-mf16c", "-DRIVER_AVX512"], "avx2": ["-mavx2", "-mfma", "-mf16c"]}
+ISAS = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma", "-mf16c", "-DRIVER_AVX512"], "avx2": ["-mavx2", "-mfma", "-mf16c"]}
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden"]
 
 
@@ -89,7 +89,7 @@ def build(headers: Path | None = None, cxx: str | None = None) -> Path:
         fetch_headers(headers)
     elif not all((headers / h).exists() for h in HEADERS):
         raise RiverError(f"{headers} lacks some of {', '.join(HEADERS)}")
-    print("compiling River's ONNX Runtime ops (Q41MatMul, Q80MatMul: AVX2 and AVX-512 kernels) ...", flush=True)
+    print("compiling River's ONNX Runtime ops (Q41MatMul, Q80MatMul, Q41MatMulInt8: AVX2 and AVX-512 kernels) ...", flush=True)
     build_dir.mkdir(parents=True, exist_ok=True)
     tmp = build_dir / f".{ort_ops.LIBRARY.name}.{os.getpid()}.tmp"
     try:

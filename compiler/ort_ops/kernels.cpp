@@ -15,6 +15,7 @@
 
 #include <immintrin.h>
 
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -45,7 +46,24 @@ inline void levels8(const int8_t* p, vec out[2]) {
   out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
 }
 inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+// int8 activations: one quad (4 inputs x 32 columns, 64 bytes, see Q41I8Weights) as V vectors of 4
+// levels a lane; dot adds each lane's 4 products by the row's 4 inputs
+using ivec = __m512i;
+inline ivec izero() { return _mm512_setzero_si512(); }
+inline void quad(const uint8_t* p, ivec out[2]) {
+  __m512i b = _mm512_loadu_si512(p), low = _mm512_set1_epi8(15);
+  out[0] = _mm512_and_si512(b, low);
+  out[1] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+}
+inline ivec bcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+inline ivec dot(ivec acc, ivec w, ivec x) { return _mm512_dpbusd_epi32(acc, w, x); }
+inline vec to_float(ivec v) { return _mm512_cvtepi32_ps(v); }
 #define RIVER_Q41 q41_columns_avx512
+#define RIVER_Q41I8 q41i8_columns_avx512
 #define RIVER_Q80 q80_columns_avx512
 #else
 using vec = __m256;
@@ -73,7 +91,29 @@ inline void levels8(const int8_t* p, vec out[4]) {
     out[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * j))));
 }
 inline vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+using ivec = __m256i;
+inline ivec izero() { return _mm256_setzero_si256(); }
+// lanes 0-7 (columns 0-7 low, 16-23 high), then lanes 8-15: columns 0-7, 8-15, 16-23, 24-31
+inline void quad(const uint8_t* p, ivec out[4]) {
+  __m256i a = _mm256_loadu_si256((const __m256i*)p), b = _mm256_loadu_si256((const __m256i*)(p + 32));
+  __m256i low = _mm256_set1_epi8(15);
+  out[0] = _mm256_and_si256(a, low);
+  out[1] = _mm256_and_si256(b, low);
+  out[2] = _mm256_and_si256(_mm256_srli_epi16(a, 4), low);
+  out[3] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+}
+inline ivec bcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+// levels 0..15 by int8: the pairs' int16 sums cannot saturate (2 x 15 x 127)
+inline ivec dot(ivec acc, ivec w, ivec x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+inline vec to_float(ivec v) { return _mm256_cvtepi32_ps(v); }
 #define RIVER_Q41 q41_columns_avx2
+#define RIVER_Q41I8 q41i8_columns_avx2
 #define RIVER_Q80 q80_columns_avx2
 #endif
 
@@ -214,7 +254,59 @@ void columns(const Product& p, int64_t g0, int64_t g1) {
   }
 }
 
+// Q4_1 weights by int8 activations (Q41MatMulInt8): x is quantized per row and block of 32 inputs
+// (river_ops.cpp: x ~ s * xq, xq in -127..127), so a block's sums are exact integers,
+// I = sum q * xq and S = sum xq, and each block adds s * (d * I + m * S) to its column, blocks in order.
+// Layout of q: [N/32][K/4][64] bytes, a quad of 4 inputs x 32 columns; byte 4 j + t holds input t of
+// column j (low nibble) and of column 16 + j (high). Rows are run 4 at a time over the streamed weights.
+constexpr int I8_ROWS = 4;
+
+template <int M, int G>
+void i8_tile(const Product& p, int64_t r0, int64_t g) {
+  const int64_t K = p.K, N = p.N, blocks = K / BLOCK;
+  vec total[M][G * V];
+  for (int r = 0; r < M; r++)
+    for (int j = 0; j < G * V; j++) total[r][j] = zero();
+  for (int64_t b = 0; b < blocks; b++) {
+    ivec acc[M][G * V];
+    for (int r = 0; r < M; r++)
+      for (int j = 0; j < G * V; j++) acc[r][j] = izero();
+    for (int t = 0; t < BLOCK / 4; t++) {
+      ivec w[G * V];
+      for (int c = 0; c < G; c++) quad(p.q + (g + c) * K * (GROUP / 2) + (b * (BLOCK / 4) + t) * 64, w + c * V);
+      for (int r = 0; r < M; r++) {
+        ivec xv = bcast4(p.xq + (r0 + r) * K + b * BLOCK + t * 4);
+        for (int j = 0; j < G * V; j++) acc[r][j] = dot(acc[r][j], w[j], xv);
+      }
+    }
+    for (int r = 0; r < M; r++) {
+      vec s = bcast(p.xs[(r0 + r) * blocks + b]), sum = bcast((float)p.xsum[(r0 + r) * blocks + b]);
+      for (int c = 0; c < G; c++)
+        for (int v = 0; v < V; v++) {
+          int64_t at = ((g + c) * blocks + b) * GROUP + v * VW;
+          vec inner = fma(halves(p.m + at), sum, mul(halves(p.d + at), to_float(acc[r][c * V + v])));
+          total[r][c * V + v] = fma(s, inner, total[r][c * V + v]);
+        }
+    }
+  }
+  for (int r = 0; r < M; r++)
+    for (int j = 0; j < G * V; j++) store(p.y + (r0 + r) * N + g * GROUP + j * VW, total[r][j]);
+}
+
+// groups g0..g1 for rows r0..r0+M; one row takes several groups a pass (independent chains)
+template <int M>
+void i8_rows(const Product& p, int64_t r0, int64_t g0, int64_t g1) {
+  constexpr int G = M == 1 ? 8 / V : 1;
+  int64_t g = g0;
+  for (; g + G <= g1; g += G) i8_tile<M, G>(p, r0, g);
+  for (; g < g1; g++) i8_tile<M, 1>(p, r0, g);
+}
+
 }  // namespace
 
+void RIVER_Q41I8(const Product& p, int64_t g0, int64_t g1) {
+  for (int64_t r0 = 0; r0 < p.rows; r0 += I8_ROWS)
+    by_rows<I8_ROWS>(p.rows - r0 < I8_ROWS ? p.rows - r0 : I8_ROWS, [&](auto m) { i8_rows<decltype(m)::value>(p, r0, g0, g1); });
+}
 void RIVER_Q41(const Product& p, int64_t g0, int64_t g1) { columns<Q41Weights>(p, g0, g1); }
 void RIVER_Q80(const Product& p, int64_t g0, int64_t g1) { columns<Q80Weights>(p, g0, g1); }

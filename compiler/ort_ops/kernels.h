@@ -9,11 +9,16 @@ struct Product {
   const uint16_t* d;  // [N/32][K/32][32] fp16 scales
   const uint16_t* m;  // [N/32][K/32][32] fp16 offsets (Q4_1 only)
   float* y;           // [rows][N]
+  const int8_t* xq;    // int8 activations only: x quantized [rows][K], its scales and sums [rows][K/32]
+  const float* xs;
+  const int32_t* xsum;
   int64_t rows, K, N;
 };
 
 // y's columns of groups g0..g1 (32 columns a group), every row
 void q41_columns_avx512(const Product& p, int64_t g0, int64_t g1);
 void q41_columns_avx2(const Product& p, int64_t g0, int64_t g1);
+void q41i8_columns_avx512(const Product& p, int64_t g0, int64_t g1);
+void q41i8_columns_avx2(const Product& p, int64_t g0, int64_t g1);
 void q80_columns_avx512(const Product& p, int64_t g0, int64_t g1);
 void q80_columns_avx2(const Product& p, int64_t g0, int64_t g1);

@@ -4,10 +4,14 @@
 //   Q41MatMul(x float [..., K], q uint8 [N/32, K, 16], d float16 [N/32, K/32, 32],
 //             m float16 [N/32, K/32, 32]) -> y float [..., N]        attributes K, N
 //   Q80MatMul(x float [..., K], q int8 [N/32, K, 32], d float16 [N/32, K/32, 32]) -> y float [..., N]
+//   Q41MatMulInt8(x, q uint8 [N/32, K/4, 64], d, m): Q4_1 weights by x quantized to int8 per row and
+//             block of 32 inputs (x ~ s * xq, s = max|x| / 127, xq = round(x * 127 / max|x|)): the
+//             cheap, inexact product of River's twins
 //
 // Columns are split into contiguous ranges, one per part, run on ONNX Runtime's own intra-op pool.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -25,12 +29,15 @@ const OrtApi* api = nullptr;
 
 enum class Isa { none, avx2, avx512 };
 
-// The widest set this CPU runs; RIVER_OPS_ISA=avx2 picks AVX2 on an AVX-512 CPU (the tests compare the two)
+// The widest set this CPU runs; RIVER_OPS_ISA=avx2 picks AVX2 on an AVX-512 CPU (the tests compare the two).
+// The AVX-512 kernels need BW and VNNI too (Ice Lake, Zen 4 and later); older AVX-512 CPUs run AVX2.
 Isa best_isa() {
   __builtin_cpu_init();
   bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vnni") && avx2;
   const char* asked = std::getenv("RIVER_OPS_ISA");
-  if (__builtin_cpu_supports("avx512f") && !(asked && std::strcmp(asked, "avx2") == 0)) return Isa::avx512;
+  if (avx512 && !(asked && std::strcmp(asked, "avx2") == 0)) return Isa::avx512;
   return avx2 ? Isa::avx2 : Isa::none;
 }
 
@@ -43,10 +50,12 @@ struct Form {
   ONNXTensorElementDataType q_type;
   int64_t q_per_weight_halves;  // bytes of q per weight, times 2 (Q4_1: 1, Q8_0: 2)
   Columns avx512, avx2;
+  bool int8_activations = false;  // x quantized first (quantize_rows)
 };
 
 const Form Q41{"Q41MatMul", 4, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 1, q41_columns_avx512, q41_columns_avx2};
 const Form Q80{"Q80MatMul", 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, 2, q80_columns_avx512, q80_columns_avx2};
+const Form Q41I8{"Q41MatMulInt8", 4, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 1, q41i8_columns_avx512, q41i8_columns_avx2, true};
 
 struct RiverOp {
   OrtCustomOp op;  // first: ONNX Runtime hands back a pointer to it
@@ -72,6 +81,38 @@ void run_part(void* data, size_t part) {
   int64_t g0 = w.groups * (int64_t)part / w.parts, g1 = w.groups * ((int64_t)part + 1) / w.parts;
   if (g0 < g1) w.columns(w.product, g0, g1);
 }
+
+// x [rows][K] as int8 per block of 32: xq = round-to-nearest-even(x * (127 / a)), scale a / 127 and the
+// block's sum of xq (a = the block's max |x|; an all-zero block has scale 0). Plain fp32 arithmetic,
+// the same on every instruction set; the tests' numpy reference does the same operations.
+struct Int8Rows {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> sum;
+  void quantize(const float* x, int64_t rows, int64_t K) {
+    const int64_t blocks = rows * K / 32;
+    q.resize(rows * K);
+    scale.resize(blocks);
+    sum.resize(blocks);
+    for (int64_t b = 0; b < blocks; b++) {
+      const float* xb = x + b * 32;
+      float a = 0.0f;
+      for (int i = 0; i < 32; i++) a = std::max(a, std::fabs(xb[i]));
+      float inv = a > 0.0f ? 127.0f / a : 0.0f;
+      int32_t s = 0;
+      for (int i = 0; i < 32; i++) {
+        // round to nearest even by adding and taking away 1.5 * 2^23 (|x * inv| <= 127: exact, and
+        // inlined where nearbyint is a library call a value)
+        float r = (xb[i] * inv + 12582912.0f) - 12582912.0f;
+        int32_t v = std::min(127, std::max(-127, (int32_t)r));
+        q[b * 32 + i] = (int8_t)v;
+        s += v;
+      }
+      scale[b] = a / 127.0f;
+      sum[b] = s;
+    }
+  }
+};
 
 OrtStatus* fail(const Form& form, const std::string& why) {
   return api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(form.name) + ": " + why).c_str());
@@ -124,6 +165,13 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   w.product.rows = counts[0] / k.K;
   w.product.K = k.K;
   w.product.N = k.N;
+  thread_local Int8Rows int8_rows;
+  if (form.int8_activations) {  // once, before the parts: every part reads all of it
+    int8_rows.quantize(w.product.x, w.product.rows, k.K);
+    w.product.xq = int8_rows.q.data();
+    w.product.xs = int8_rows.scale.data();
+    w.product.xsum = int8_rows.sum.data();
+  }
   w.columns = k.columns;
   w.groups = k.N / 32;
   if (w.product.rows == 0) return nullptr;
@@ -182,7 +230,7 @@ RiverOp make_op(const Form* form) {
   return river;
 }
 
-const RiverOp ops[] = {make_op(&Q41), make_op(&Q80)};
+const RiverOp ops[] = {make_op(&Q41), make_op(&Q80), make_op(&Q41I8)};
 
 }  // namespace
 
