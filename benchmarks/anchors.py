@@ -108,7 +108,11 @@ def our_engines(full, model: str, threads: int, river: Path | None) -> list[Engi
                Engine("ours full (fp32 matrices)", generator_runner(open_generator(model, threads=threads,
                                                                                   backend="ort", lowering="ort-fp32")),
                       "river-generate --lowering ort-fp32: as ours full, but a GGUF's Q4_1 weights run as fp32 "
-                      "matrices instead of with River's exact Q4_1 kernel")]
+                      "matrices instead of with River's exact Q4_1 kernel"),
+               Engine("ours int8 activations (lossy)", generator_runner(open_generator(model, threads=threads,
+                                                                                      backend="ort", lowering="ort-int8")),
+                      "river-generate --lowering ort-int8: a GGUF's Q4_1 weights by activations rounded to int8 "
+                      "per block of 32 (llama.cpp's arithmetic; River's twins run the same op)")]
     if river is not None:
         from river.compiler.river.manifest import SEGMENTS_DIR, RiverManifest
 

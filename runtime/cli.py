@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights that lie on a 4-bit grid (a GGUF's Q4_1 tensors) with River's own exact kernel over "
                    "that form (when its library is built: ./setup.sh); 'ort-fp32' runs those weights as fp32 "
                    "matrices; 'ort-grid' with ONNX Runtime's MatMulNBits (logits move by up to 1e-5 of their "
-                   "largest value); 'portable' runs the plain graph")
+                   "largest value); 'ort-int8' (lossy, not the model's output) runs them with River's kernel by "
+                   "activations rounded to int8 per block of 32, as llama.cpp does; 'portable' runs the plain graph")
     p.add_argument("--tokenizer", help="tokenizer folder, for a model.onnx without tokenizer files beside it")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -29,15 +29,17 @@ BACKENDS = ("ort", "segmented", "tensorrt", "torch")
 # ONNX Runtime steps: its fused lowering where it applies, or the portable graph. Weights on a 4-bit grid
 # (GGUF Q4_1), and Q8_0 ones (a tied head), run under "ort" from that form with River's exact ops when
 # their library is built (else as fp32 matrices), under "ort-fp32" as fp32 matrices, under "ort-grid"
-# with MatMulNBits and an offset path (see grid_form)
-LOWERINGS = ("ort", "ort-fp32", "ort-grid", "portable")
+# with MatMulNBits and an offset path, under "ort-int8" (lossy: llama.cpp's arithmetic) from that form by
+# int8 activations (see grid_form)
+LOWERINGS = ("ort", "ort-fp32", "ort-grid", "ort-int8", "portable")
+RIVER_GRID_FORMS = {"ort": "river", "ort-int8": "river-int8"}  # lowerings that need River's ops
 
 
 def grid_form(lowering: str) -> str:
     """How a lowering runs products by weights on a 4-bit grid (``ort_fused.GRID_FORMS``)."""
     if lowering == "ort-grid":
         return "nbits"
-    return "river" if lowering == "ort" and ort_ops.library() is not None else "fp32"
+    return RIVER_GRID_FORMS[lowering] if lowering in RIVER_GRID_FORMS and ort_ops.library() is not None else "fp32"
 
 
 def parse_thresholds(text: str | None, backend: StepBackend):

@@ -61,7 +61,16 @@ def _river_ops(g: gs.Graph) -> int:
     return on_grid
 
 
-GRID_FORMS = {"fp32": grid_weights.count, "river": _river_ops, "nbits": grid_weights.rewrite}
+def _river_int8_ops(g: gs.Graph) -> int:
+    """As ``_river_ops``, every Q4_1 product with int8 activations (``Q41MatMulInt8``): ``--lowering
+    ort-int8``, llama.cpp's arithmetic over the model's own 4-bit weights. Lossy; the head stays exact."""
+    on_grid = q41_matmul.rewrite(g, int8=True)
+    q80_matmul.rewrite(g)
+    return on_grid
+
+
+GRID_FORMS = {"fp32": grid_weights.count, "river": _river_ops, "river-int8": _river_int8_ops,
+              "nbits": grid_weights.rewrite}
 
 
 def cache_variant(max_positions: int | None, grid: str) -> str:
@@ -147,7 +156,7 @@ def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, gri
     """The fused graph; ``on_grid`` gets, per (sub)graph, its products on a 4-bit grid (rewritten to
     the ``grid`` form, or counted under fp32)."""
     graph = gs.import_onnx(model)
-    if grid == "river":  # before packing: a twin's products then pack like the backbone's
+    if grid.startswith("river"):  # before packing: a twin's products then pack like the backbone's
         q41_twins.mark(graph)
     blocks, reasons = [], []
     for g in [graph, *graph.subgraphs(recursive=True)]:

@@ -96,13 +96,15 @@ def by_group(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(rows, n // GROUP, GROUP).transpose(1, 0, 2))
 
 
-def rewrite(graph: gs.Graph) -> int:
+def rewrite(graph: gs.Graph, int8: bool = False) -> int:
     """Every MatMul of ``graph`` (not its subgraphs) by a Q4_1 weight, rewritten; returns how many. A
-    product whose weight carries ``q41_twins.MARK`` (a twin's) becomes ``Q41MatMulInt8``."""
+    product whose weight carries ``q41_twins.MARK`` (a twin's) becomes ``Q41MatMulInt8``, and with
+    ``int8`` every one does (``--lowering ort-int8``)."""
     from river.compiler.lowering.q41_twins import is_marked
 
-    done = rewrite_products(graph, OP, check, "q41op", lambda name: not is_marked(name))
-    return done + rewrite_products(graph, OP_INT8, check_int8, "q41i8op", is_marked)
+    int8_product = (lambda name: True) if int8 else is_marked
+    done = rewrite_products(graph, OP, check, "q41op", lambda name: not int8_product(name))
+    return done + rewrite_products(graph, OP_INT8, check_int8, "q41i8op", int8_product)
 
 
 def rewrite_products(graph: gs.Graph, op: str, check_weight, tag: str, takes=lambda name: True) -> int:

@@ -16,6 +16,8 @@
   monotone:<op>          SkipDecode-style policy: once a token exits at a gate, later tokens exit there too
   propagate:<op>         CALM-style: skipped layers' K/V projected from the exit state (kv twins), calibrated
   uniform-int8/int4      the whole model quantized like the twins, no exits (the honest competitor)
+  uniform-q41-int8       a GGUF Q4_1 model's own 4-bit weights by int8 activations (--lowering ort-int8,
+                         what the twins run under River's ops, and llama.cpp's arithmetic), no exits
   draft-alone            the verify draft graph run as a model of its own: every GEMM + head as 8-bit
                          MatMulNBits (whole-model quantization, lossy)
   verify:k=<k>           lossless River: the draft graph (8-bit twins of every layer) drafts k tokens
@@ -197,6 +199,10 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
         uniform = open_generator(str(path), threads=threads, tokenizer=str(graphs.step.parent))
         uniform.eos_token_ids = eos
         methods[f"uniform-{precision}"] = Method(uniform, QUANTIZED, f"every weight MatMul {precision}, no exits")
+    int8 = open_generator(str(graphs.step), threads=threads, lowering="ort-int8")
+    if int8.backend.grid_form == "river-int8" and int8.backend.grid_weights:  # River's ops, Q4_1 weights
+        methods["uniform-q41-int8"] = Method(int8, QUANTIZED, "every Q4_1 product by int8 activations over its own "
+                                             "4-bit weights (--lowering ort-int8: llama.cpp's arithmetic), no exits")
     _, draft_path = verify_pair(graphs.step, -1)
     methods["draft-alone"] = Method(Generator(OrtBackend(draft_path, threads=threads), tok, eos), QUANTIZED,
                                     "the verify draft graph alone: every GEMM + head as 8-bit MatMulNBits")
