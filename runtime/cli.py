@@ -132,11 +132,15 @@ def _generate(args, shared_pool: bool) -> int:
     if args.lowering != "portable" and getattr(gen.backend, "lowering", None) == "portable" and reason:
         print(f"[river] running the portable graph (the ONNX Runtime lowering does not apply: {reason})",
               file=sys.stderr)
-    if args.lowering == "ort" and getattr(gen.backend, "lowering", None) == "ort_fused" and \
-            getattr(gen.backend, "grid_weights", 0) and getattr(gen.backend, "grid_form", "") == "fp32":
-        print(f"[river] {gen.backend.grid_weights} weight products of this model lie on a 4-bit grid (a GGUF's Q4_1) "
+    grid_form, on_grid = getattr(gen.backend, "grid_form", ""), getattr(gen.backend, "grid_weights", 0)
+    if args.lowering in ("ort", "ort-int8") and getattr(gen.backend, "lowering", None) == "ort_fused" and on_grid \
+            and grid_form == "fp32":
+        print(f"[river] {on_grid} weight products of this model lie on a 4-bit grid (a GGUF's Q4_1) "
               f"and run in fp32: {ort_ops.status()[1]}; with River's ops they run exactly from that form "
               "(README: River's Q4_1 kernel)", file=sys.stderr)
+    if grid_form == "river-int8" and on_grid:
+        print(f"[river] --lowering ort-int8: {on_grid} weight products by activations rounded to int8 (lossy: the "
+              "text is not the model's own; --lowering ort runs them exactly)", file=sys.stderr)
     result = gen.generate(args.prompt, cfg, on_token=lambda _t, piece: print(piece, end="", flush=True),
                           chat=not args.raw)
     print()

@@ -60,11 +60,13 @@ def test_without_river_ops_grid_weights_run_fp32_and_the_cli_says_why(tiny_onnx,
     assert "MatMulNBits" not in ops and "Q41MatMul" not in ops
     assert plain.grid_weights == 4 * plain.contract.num_layers and plain.grid_form == "fp32"
     said = {}
-    for name, path, lowering in (("grid", tiny_on_grid, "ort"), ("fp32", tiny_onnx, "ort"), ("asked", tiny_on_grid, "ort-grid")):
+    for name, path, lowering in (("grid", tiny_on_grid, "ort"), ("fp32", tiny_onnx, "ort"), ("asked", tiny_on_grid, "ort-grid"),
+                                 ("int8", tiny_on_grid, "ort-int8")):
         assert generate_cli.main(["hello", "--model", str(path), "--max-new-tokens", "4", "--threads", "1",
                                   "--lowering", lowering]) == 0
         said[name] = capsys.readouterr().err
     assert "lie on a 4-bit grid" in said["grid"] and "ops are not built" in said["grid"]
+    assert "ops are not built" in said["int8"] and "lossy" not in said["int8"]  # exact fp32 without the ops
     assert "4-bit grid" not in said["fp32"] and "4-bit grid" not in said["asked"]
     assert OrtBackend(tiny_onnx, threads=1).grid_weights == 0
 

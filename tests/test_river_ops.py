@@ -220,10 +220,11 @@ def test_tiny_on_grid_lowered_equals_portable(tiny, tiny_on_grid):
     _assert_same_steps(lowered, portable, tiny.config.vocab_size)
 
 
-def test_int8_lowering_runs_every_layer_product_with_int8_activations(tiny, tiny_on_grid):
+def test_int8_lowering_runs_every_layer_product_with_int8_activations(tiny, tiny_on_grid, capsys):
     """--lowering ort-int8 (lossy): every layer product of a Q4_1 model runs Q41MatMulInt8; steps stay
     within int8 rounding of the exact model (relative norm), in place, nothing written past the new
-    positions."""
+    positions; river-generate says it is lossy."""
+    from river.runtime import cli as generate_cli
     from test_ort_lowering import _assert_same_steps
 
     int8, exact = (OrtBackend(tiny_on_grid, threads=1, lowering=lo) for lo in ("ort-int8", "portable"))
@@ -231,6 +232,9 @@ def test_int8_lowering_runs_every_layer_product_with_int8_activations(tiny, tiny
     ops = [n.op_type for n in load_onnx_header(int8.decode_path).graph.node]
     assert ops.count("Q41MatMulInt8") == int8.grid_weights == 4 * tiny.config.num_layers and "Q41MatMul" not in ops
     _assert_same_steps(int8, exact, tiny.config.vocab_size, relative=INT8_MODEL_REL)
+    assert generate_cli.main(["hi", "--model", str(tiny_on_grid), "--max-new-tokens", "2", "--threads", "1",
+                              "--lowering", "ort-int8"]) == 0
+    assert "lossy" in capsys.readouterr().err  # river-generate says the text is not the model's own
 
 
 def test_river_graph_on_grid_runs_the_ops_inside_branches(tiny, tiny_on_grid, tmp_path):
