@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from river.compiler.graph_io import derived_graph, load_onnx_header
+from river.compiler.graph_io import derived_graph, load_onnx, load_onnx_header
 from river.compiler.lowering.ort_fused import ORT_LOWERING_FORMAT, cache_variant, lower_segment_for_ort, lowering_of
 from river.compiler.ort_session import graph_input_names, session_options, shared_thread_pool
 from river.compiler.lowering.greedy_head import GREEDY_LOGITS
@@ -69,6 +70,7 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         first = load_onnx_header(self.index.path(self.index.backbone(0), shared_kv=True))
         self.multi_token_steps = {p.key: p.value for p in first.metadata_props}.get(CAUSAL_PROP) == "position"
         self.kv_window = kv_window(ix.folder.parent)  # the River folder holds the model's config.json
+        self._weights: dict[str, np.ndarray] | None = None  # _backbone_weights
         self._lowered = self._lower(lowering, positions)
         self.rivers_per_row = any(n.op_type in BATCH_WIDE_OPS for k in range(len(ix.gates))
                                   for n in load_onnx_header(ix.path(ix.river(k))).graph.node)
@@ -93,7 +95,8 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         paths = {}
         for seg in self.index.segments:
             path = derived_graph("ort_lowered_segment", self.index.path(seg), ORT_LOWERING_FORMAT,
-                                 lambda m: lower_segment_for_ort(m, table, grid), variant=cache_variant(table, grid))
+                                 lambda m: lower_segment_for_ort(m, table, grid, self._backbone_weights),
+                                 variant=cache_variant(table, grid))
             lowering_done, reason = lowering_of(load_onnx_header(path))
             if lowering_done != "ort_fused":
                 self.lowering_reason = f"segment {seg.name}: {reason}"
@@ -101,6 +104,18 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
             paths[seg.name] = path
         self.lowering, self.max_positions = "ort_fused", table
         return paths
+
+    def _backbone_weights(self) -> dict[str, np.ndarray]:
+        """The backbone segments' fp32 matrices by name: a twin segment's lowering looks its twins'
+        backbone weights up here (``q41_twins``); read once, only when a segment is lowered."""
+        if self._weights is None:
+            self._weights = {}
+            for seg in self.index.segments:
+                if seg.name.startswith("backbone"):
+                    for t in load_onnx(self.index.path(seg)).graph.initializer:
+                        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2:
+                            self._weights[t.name] = onnx.numpy_helper.to_array(t)
+        return self._weights
 
     def session(self, name: str, shared_kv: bool = False) -> ort.InferenceSession:
         """Sessions are made on first use: a decode-only or prefill-only user loads half of them."""

@@ -47,7 +47,7 @@ from river.compiler.ort_ops import DOMAIN as RIVER_OPS_DOMAIN
 from river.compiler.river.builder import is_quantized_weight
 from river.export.contract import past_layers, past_name, present_name
 
-ORT_LOWERING_FORMAT = 11 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
+ORT_LOWERING_FORMAT = 12 + 100 * SHARED_KV_FORMAT  # bump when the output changes (cached graphs)
 LOWERING_PROP = "river.lowering"  # "ort_fused" or "portable"
 LOWERING_REASON_PROP = "river.lowering_reason"
 # products whose weights lie on a 4-bit grid: rewritten (river, nbits) or counted (fp32)
@@ -116,13 +116,14 @@ def lower_for_ort(model: onnx.ModelProto, max_positions: int | None, grid: str =
     return result
 
 
-def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None, grid: str = "fp32") -> onnx.ModelProto:
+def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None, grid: str = "fp32",
+                          backbone_weights=None) -> onnx.ModelProto:
     """The fused form of a River segment (``compiler/river/segments.py``, its contract form), or, when it
     does not fuse, the segment itself marked portable with the reason: the runtime then runs the
-    segments' shipped shared-KV forms. ``grid``: as ``lower_for_ort``'s (the twins, quantized
-    already, stay as they are)."""
+    segments' shipped shared-KV forms. ``grid``: as ``lower_for_ort``'s; ``backbone_weights()``: the
+    other segments' weights by name, which a segment of twins needs under River's ops (``q41_twins``)."""
     try:
-        result, reason = to_ort_fused(segment, max_positions, grid), ""
+        result, reason = to_ort_fused(segment, max_positions, grid, backbone_weights), ""
     except NotLowered as exc:
         result, reason = segment, str(exc)
     result.metadata_props.add(key=LOWERING_PROP, value="portable" if reason else "ort_fused")
@@ -131,15 +132,16 @@ def lower_segment_for_ort(segment: onnx.ModelProto, max_positions: int | None, g
     return result
 
 
-def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: str = "fp32") -> onnx.ModelProto:
+def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: str = "fp32",
+                 backbone_weights=None) -> onnx.ModelProto:
     """The graph (a step graph or a River segment) with every attention block fused (raises
-    NotLowered, saying why, when one is not)."""
+    NotLowered, saying why, when one is not). ``backbone_weights``: see ``lower_segment_for_ort``."""
     if grid not in GRID_FORMS:
         raise ValueError(f"unknown grid form {grid!r} (one of {', '.join(GRID_FORMS)})")
     if not max_positions or max_positions < 1:
         raise NotLowered("the model's context length is unknown (the rotary tables need it)")
     layers, on_grid = past_layers(model), []
-    result = rewrite_step_graph(model, lambda m: _fuse_all(m, layers, max_positions, grid, on_grid),
+    result = rewrite_step_graph(model, lambda m: _fuse_all(m, layers, max_positions, grid, on_grid, backbone_weights),
                                 keep_local=is_quantized_weight)
     result.metadata_props.add(key=GRID_WEIGHTS_PROP, value=str(sum(on_grid)))
     for domain in (MS_DOMAIN, RIVER_OPS_DOMAIN):
@@ -152,12 +154,12 @@ def to_ort_fused(model: onnx.ModelProto, max_positions: int | None, grid: str = 
 
 
 def _fuse_all(model: onnx.ModelProto, layers: list[int], max_positions: int, grid: str,
-              on_grid: list[int]) -> gs.Graph:
+              on_grid: list[int], backbone_weights=None) -> gs.Graph:
     """The fused graph; ``on_grid`` gets, per (sub)graph, its products on a 4-bit grid (rewritten to
     the ``grid`` form, or counted under fp32)."""
     graph = gs.import_onnx(model)
     if grid.startswith("river"):  # before packing: a twin's products then pack like the backbone's
-        q41_twins.mark(graph)
+        q41_twins.mark(graph, backbone_weights)
     blocks, reasons = [], []
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for node in g.nodes:

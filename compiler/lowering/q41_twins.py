@@ -20,6 +20,8 @@ weight under a marked name (``MARK``), which the packing passes keep in the pack
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -61,13 +63,18 @@ def check(node: gs.Node, weights: dict[str, gs.Constant], levels_of=None) -> tup
     return weight, ""
 
 
-def mark(graph: gs.Graph) -> int:
+def mark(graph: gs.Graph, elsewhere: Callable[[], dict[str, np.ndarray]] | None = None) -> int:
     """Every twin product of ``graph`` and its subgraphs that ``check`` takes, as an fp32 ``MatMul`` by
     its backbone weight under a marked name (one constant a weight, shared by every branch); returns how
-    many."""
+    many. ``elsewhere``: the backbone's weights by name where the graph lacks them (a River segment of
+    twins: its backbone is in the other segments), asked for only then."""
     graphs = [graph, *graph.subgraphs(recursive=True)]
     weights = {t.name: t for g in graphs for t in g.tensors().values()
                if isinstance(t, gs.Constant) and t.values.ndim == 2 and t.values.dtype == np.float32}
+    missing = {name for g in graphs for n in g.nodes if (name := source_name(n)) is not None and name not in weights}
+    if missing and elsewhere is not None:
+        found = elsewhere()
+        weights.update({name: gs.Constant(name, found[name]) for name in missing if name in found})
     found: dict[str, tuple] = {}
     levels_of = lambda name: found.get(name) or found.setdefault(name, q41_matmul.levels(weights[name].values))  # noqa: E731
     marked: dict[str, gs.Constant] = {}
