@@ -26,9 +26,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from river.compiler.lowering import q41_matmul
+from river.compiler.river.builder import quantized_source
 
 MARK = "@q41i8"  # in a weight's name: its product runs with int8 activations (a twin's)
-TWIN_SUFFIX = "@q"  # the builder's quantized copy of weight W is named W@q<bits>...
 
 
 def is_marked(name: str) -> bool:
@@ -37,9 +37,9 @@ def is_marked(name: str) -> bool:
 
 def source_name(node: gs.Node) -> str | None:
     """The backbone weight a builder-made twin product quantized, by name (None: not such a product)."""
-    if node.op != "MatMulNBits" or len(node.inputs) < 2 or TWIN_SUFFIX not in node.inputs[1].name:
+    if node.op != "MatMulNBits" or len(node.inputs) < 2:
         return None
-    return node.inputs[1].name.split(TWIN_SUFFIX)[0]
+    return quantized_source(node.inputs[1].name)
 
 
 def check(node: gs.Node, weights: dict[str, gs.Constant], levels_of=None) -> tuple[gs.Constant | None, str]:

@@ -24,9 +24,17 @@ from river.export.contract import INPUT_IDS, LOGITS, StepContract
 RIVER_OPSET = 21  # block-wise DequantizeLinear (and INT4) need opset 21
 
 
+QUANTIZED_MARK = "@q"  # the builder's quantized copy of weight W: W@q8p, W@q8s, W@q4, W@q4_scale...
+
+
 def is_quantized_weight(name: str) -> bool:
     """Names of twin weights the builder writes (``<weight>@q8``, ``@q4``, ``@q8_scale``...)."""
-    return "@q" in name
+    return QUANTIZED_MARK in name
+
+
+def quantized_source(name: str) -> str | None:
+    """The backbone weight a twin weight named ``name`` was quantized from (None: not a twin weight)."""
+    return name.split(QUANTIZED_MARK)[0] if is_quantized_weight(name) else None
 
 
 class TwinMatMuls:
