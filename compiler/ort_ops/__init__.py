@@ -3,8 +3,9 @@ built for these sources, and what this CPU runs of it.
 
 Why a library of our own: the exact products by a GGUF's Q4_1 and Q8_0 weights (``ai.river::Q41MatMul``,
 ``ai.river::Q80MatMul``; ``kernels.cpp``) have no ONNX Runtime kernel - ``MatMulNBits`` takes integer zero
-points only, and its exact Q4_1 form with an offset path costs ~2x ours. ``build.py`` compiles the library (``./setup.sh`` runs
-it); every session the project makes registers it when it is there (``compiler/ort_session.py``), and
+points only, and its exact Q4_1 form with an offset path costs ~2x ours - and River's twins of Q4_1 weights
+(``ai.river::Q41MatMulInt8``: the same 4-bit weights by int8 activations, cheaper than the exact product).
+``build.py`` compiles the library (``./setup.sh`` runs it); every session the project makes registers it when it is there (``compiler/ort_session.py``), and
 the lowering writes the ops only when it is (``library``), so a machine without a compiler runs fp32.
 """
 
