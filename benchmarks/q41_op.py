@@ -5,7 +5,10 @@ down 1536x576), a random Q4_1 weight (fp16 scales and offsets, as a GGUF's) runs
 - ``Q41MatMul``: River's op (``compiler/ort_ops``), exact: the export's fp32 weights made on the fly;
 - fp32 ``MatMul``: the same weights as an fp32 matrix (``--lowering ort-fp32``);
 - ``MatMulNBits`` at accuracy 1 plus the offset path (``--lowering ort-grid``, ``grid_weights.py``);
-- ``MatMulNBits`` 4-bit at accuracy 4 (int8 activations: not exact; what onnxruntime-genai's int4 runs).
+- ``MatMulNBits`` 4-bit at accuracy 4 (int8 activations: not exact; what onnxruntime-genai's int4 runs);
+- ``Q41MatMulInt8``: River's op for twins and ``--lowering ort-int8``: the exact 4-bit weights by int8
+  activations (not exact; what llama.cpp runs for Q4_1);
+- ``MatMulNBits`` 8-bit at accuracy 4 (what the River builder's twins were before ``q41_twins.py``).
 Ten products chained in one graph a form (the input of each is the last output, tiled and cut to K), timed by
 ``session.run`` with 1, 2, 4, 8 and 64 rows; microseconds a product, one process, interleaved by round.
 The chain's one weight stays in the CPU's caches, so the fp32 column shows fp32 compute, not the memory
@@ -55,15 +58,16 @@ def chain(w: np.ndarray, form: str):
                                                   gs.Constant(f"c{i}", np.array([2]))], [z]))
         cur = z
     graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[cur], opset=21)
-    if form == "q41":
-        assert q41_matmul.rewrite(graph) == CHAIN
+    if form in ("q41", "q41-int8"):
+        assert q41_matmul.rewrite(graph, int8=form == "q41-int8") == CHAIN
     elif form == "nbits-acc1":
         assert grid_weights.rewrite(graph) == CHAIN
-    elif form == "nbits4-acc4":
-        packed, scales, zeros = ort_block_quant(w, 4, 32, symmetric=False)
+    elif form in ("nbits4-acc4", "nbits8-acc4"):
+        bits = 4 if form == "nbits4-acc4" else 8
+        packed, scales, zeros = ort_block_quant(w, bits, 32, symmetric=False)
         for node in [n for n in graph.nodes if n.op == "MatMul"]:
             node.op, node.domain = "MatMulNBits", MS_DOMAIN
-            node.attrs = {"K": k, "N": n, "bits": 4, "block_size": 32, "accuracy_level": NBITS_ACCURACY}
+            node.attrs = {"K": k, "N": n, "bits": bits, "block_size": 32, "accuracy_level": NBITS_ACCURACY}
             node.inputs = [node.inputs[0], gs.Constant(f"{node.name}/q", packed),
                            gs.Constant(f"{node.name}/s", scales), gs.Constant(f"{node.name}/z", zeros)]
     model = gs.export_onnx(graph)
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"River's op is not available: {ort_ops.status()[1]}")
         return 1
     use_shared_thread_pool(args.threads)
-    forms = ("q41", "fp32", "nbits-acc1", "nbits4-acc4")
+    forms = ("q41", "fp32", "nbits-acc1", "nbits4-acc4", "q41-int8", "nbits8-acc4")
     rng = np.random.default_rng(0)
     print(f"microseconds a product, {args.threads} threads, kernels: {ort_ops.isa()}, median of {args.rounds} rounds")
     print("| product | rows | " + " | ".join(forms) + " | fp32 / q41 |")
