@@ -62,8 +62,20 @@ inline ivec bcast4(const int8_t* x) {
 }
 inline ivec dot(ivec acc, ivec w, ivec x) { return _mm512_dpbusd_epi32(acc, w, x); }
 inline vec to_float(ivec v) { return _mm512_cvtepi32_ps(v); }
+inline float abs_max(const float* p) {  // of 32 values
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(p)), _mm512_abs_ps(_mm512_loadu_ps(p + 16))));
+}
+// 32 values times inv, rounded to nearest even (the default rounding), as int8; returns their sum
+inline int32_t round_to_int8(const float* p, float inv, int8_t* q) {
+  __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p), _mm512_set1_ps(inv)));
+  __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p + 16), _mm512_set1_ps(inv)));
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(a));
+  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(b));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+}
 #define RIVER_Q41 q41_columns_avx512
 #define RIVER_Q41I8 q41i8_columns_avx512
+#define RIVER_QUANTIZE quantize_rows_avx512
 #define RIVER_Q80 q80_columns_avx512
 #else
 using vec = __m256;
@@ -112,8 +124,27 @@ inline ivec dot(ivec acc, ivec w, ivec x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
 inline vec to_float(ivec v) { return _mm256_cvtepi32_ps(v); }
+inline float abs_max(const float* p) {
+  __m256 sign = _mm256_set1_ps(-0.0f), m = _mm256_setzero_ps();
+  for (int v = 0; v < 4; v++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(p + 8 * v)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+inline int32_t round_to_int8(const float* p, float inv, int8_t* q) {
+  alignas(32) int32_t r[32];
+  for (int v = 0; v < 4; v++)
+    _mm256_store_si256((__m256i*)(r + 8 * v), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 8 * v), _mm256_set1_ps(inv))));
+  int32_t sum = 0;
+  for (int i = 0; i < 32; i++) {
+    q[i] = (int8_t)r[i];
+    sum += r[i];
+  }
+  return sum;
+}
 #define RIVER_Q41 q41_columns_avx2
 #define RIVER_Q41I8 q41i8_columns_avx2
+#define RIVER_QUANTIZE quantize_rows_avx2
 #define RIVER_Q80 q80_columns_avx2
 #endif
 
@@ -303,6 +334,17 @@ void i8_rows(const Product& p, int64_t r0, int64_t g0, int64_t g1) {
 }
 
 }  // namespace
+
+// x [blocks][32] as int8 per block (see i8_tile): xq = round-to-nearest-even(x * (127 / a)), scale a / 127
+// and the sum of xq, a = the block's max |x| (an all-zero block: scale 0). |x * (127 / a)| <= 127 (to
+// the rounding of the product, which stays below 127.5), so no value saturates.
+void RIVER_QUANTIZE(const float* x, int64_t blocks, int8_t* q, float* scale, int32_t* sum) {
+  for (int64_t b = 0; b < blocks; b++) {
+    float a = abs_max(x + b * 32);
+    sum[b] = round_to_int8(x + b * 32, a > 0.0f ? 127.0f / a : 0.0f, q + b * 32);
+    scale[b] = a / 127.0f;
+  }
+}
 
 void RIVER_Q41I8(const Product& p, int64_t g0, int64_t g1) {
   for (int64_t r0 = 0; r0 < p.rows; r0 += I8_ROWS)

@@ -20,5 +20,8 @@ void q41_columns_avx512(const Product& p, int64_t g0, int64_t g1);
 void q41_columns_avx2(const Product& p, int64_t g0, int64_t g1);
 void q41i8_columns_avx512(const Product& p, int64_t g0, int64_t g1);
 void q41i8_columns_avx2(const Product& p, int64_t g0, int64_t g1);
+// x [blocks][32] quantized to int8 per block for the int8 products: levels, scales and sums
+void quantize_rows_avx512(const float* x, int64_t blocks, int8_t* q, float* scale, int32_t* sum);
+void quantize_rows_avx2(const float* x, int64_t blocks, int8_t* q, float* scale, int32_t* sum);
 void q80_columns_avx512(const Product& p, int64_t g0, int64_t g1);
 void q80_columns_avx2(const Product& p, int64_t g0, int64_t g1);

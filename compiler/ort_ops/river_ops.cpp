@@ -11,7 +11,6 @@
 // Columns are split into contiguous ranges, one per part, run on ONNX Runtime's own intra-op pool.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -42,6 +41,7 @@ Isa best_isa() {
 }
 
 using Columns = void (*)(const Product&, int64_t, int64_t);
+using Quantize = void (*)(const float*, int64_t, int8_t*, float*, int32_t*);
 
 // One weight form: its op's name and inputs, the bytes of q a weight, its kernels
 struct Form {
@@ -68,6 +68,7 @@ struct Kernel {
   const Form* form;
   int64_t K, N;
   Columns columns;
+  Quantize quantize;
 };
 
 struct Work {
@@ -82,35 +83,17 @@ void run_part(void* data, size_t part) {
   if (g0 < g1) w.columns(w.product, g0, g1);
 }
 
-// x [rows][K] as int8 per block of 32: xq = round-to-nearest-even(x * (127 / a)), scale a / 127 and the
-// block's sum of xq (a = the block's max |x|; an all-zero block has scale 0). Plain fp32 arithmetic,
-// the same on every instruction set; the tests' numpy reference does the same operations.
+// x [rows][K] as int8 per block of 32 (the kernels' quantize_rows), kept per thread between calls
 struct Int8Rows {
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> sum;
-  void quantize(const float* x, int64_t rows, int64_t K) {
+  void quantize(Quantize run, const float* x, int64_t rows, int64_t K) {
     const int64_t blocks = rows * K / 32;
     q.resize(rows * K);
     scale.resize(blocks);
     sum.resize(blocks);
-    for (int64_t b = 0; b < blocks; b++) {
-      const float* xb = x + b * 32;
-      float a = 0.0f;
-      for (int i = 0; i < 32; i++) a = std::max(a, std::fabs(xb[i]));
-      float inv = a > 0.0f ? 127.0f / a : 0.0f;
-      int32_t s = 0;
-      for (int i = 0; i < 32; i++) {
-        // round to nearest even by adding and taking away 1.5 * 2^23 (|x * inv| <= 127: exact, and
-        // inlined where nearbyint is a library call a value)
-        float r = (xb[i] * inv + 12582912.0f) - 12582912.0f;
-        int32_t v = std::min(127, std::max(-127, (int32_t)r));
-        q[b * 32 + i] = (int8_t)v;
-        s += v;
-      }
-      scale[b] = a / 127.0f;
-      sum[b] = s;
-    }
+    run(x, blocks, q.data(), scale.data(), sum.data());
   }
 };
 
@@ -167,7 +150,7 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
   w.product.N = k.N;
   thread_local Int8Rows int8_rows;
   if (form.int8_activations) {  // once, before the parts: every part reads all of it
-    int8_rows.quantize(w.product.x, w.product.rows, k.K);
+    int8_rows.quantize(k.quantize, w.product.x, w.product.rows, k.K);
     w.product.xq = int8_rows.q.data();
     w.product.xs = int8_rows.scale.data();
     w.product.xsum = int8_rows.sum.data();
@@ -187,13 +170,14 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
 
 OrtStatus* create(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** state) {
   const Form& form = form_of(op);
-  Kernel k{&form, 0, 0, nullptr};
+  Kernel k{&form, 0, 0, nullptr, nullptr};
   TRY(api->KernelInfoGetAttribute_int64(info, "K", &k.K));
   TRY(api->KernelInfoGetAttribute_int64(info, "N", &k.N));
   Isa isa = best_isa();
   if (isa == Isa::none) return fail(form, "this CPU has neither AVX-512 nor AVX2 with FMA and F16C");
   if (k.K <= 0 || k.K % 32 || k.N <= 0 || k.N % 32) return fail(form, "K and N must be positive multiples of 32");
   k.columns = isa == Isa::avx512 ? form.avx512 : form.avx2;
+  k.quantize = isa == Isa::avx512 ? quantize_rows_avx512 : quantize_rows_avx2;
   *state = new Kernel(k);
   return nullptr;
 }
