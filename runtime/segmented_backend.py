@@ -10,6 +10,7 @@ exit flags and the logits live in small buffers bound once per cache.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,6 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         first = load_onnx_header(self.index.path(self.index.backbone(0), shared_kv=True))
         self.multi_token_steps = {p.key: p.value for p in first.metadata_props}.get(CAUSAL_PROP) == "position"
         self.kv_window = kv_window(ix.folder.parent)  # the River folder holds the model's config.json
-        self._weights: dict[str, np.ndarray] | None = None  # _backbone_weights
         self._lowered = self._lower(lowering, positions)
         self.rivers_per_row = any(n.op_type in BATCH_WIDE_OPS for k in range(len(ix.gates))
                                   for n in load_onnx_header(ix.path(ix.river(k))).graph.node)
@@ -93,9 +93,11 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
         context = positions or exported_config(self.index.folder.parent).get("max_position_embeddings")
         table, grid = fused_positions(context), grid_form(lowering)
         paths = {}
+        # read once, only if a segment's lowering asks (a cache miss), and let go with this call
+        backbone_weights = functools.cache(self._backbone_weights)
         for seg in self.index.segments:
             path = derived_graph("ort_lowered_segment", self.index.path(seg), ORT_LOWERING_FORMAT,
-                                 lambda m: lower_segment_for_ort(m, table, grid, self._backbone_weights),
+                                 lambda m: lower_segment_for_ort(m, table, grid, backbone_weights),
                                  variant=cache_variant(table, grid))
             lowering_done, reason = lowering_of(load_onnx_header(path))
             if lowering_done != "ort_fused":
@@ -107,15 +109,14 @@ class SegmentedBackend(InPlaceSteps, StepBackend):
 
     def _backbone_weights(self) -> dict[str, np.ndarray]:
         """The backbone segments' fp32 matrices by name: a twin segment's lowering looks its twins'
-        backbone weights up here (``q41_twins``); read once, only when a segment is lowered."""
-        if self._weights is None:
-            self._weights = {}
-            for seg in self.index.segments:
-                if seg.name.startswith("backbone"):
-                    for t in load_onnx(self.index.path(seg)).graph.initializer:
-                        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2:
-                            self._weights[t.name] = onnx.numpy_helper.to_array(t)
-        return self._weights
+        backbone weights up here (``q41_twins``)."""
+        weights = {}
+        for seg in self.index.segments:
+            if seg.name.startswith("backbone"):
+                for t in load_onnx(self.index.path(seg)).graph.initializer:
+                    if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2:
+                        weights[t.name] = onnx.numpy_helper.to_array(t)
+        return weights
 
     def session(self, name: str, shared_kv: bool = False) -> ort.InferenceSession:
         """Sessions are made on first use: a decode-only or prefill-only user loads half of them."""

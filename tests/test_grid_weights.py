@@ -97,8 +97,8 @@ def test_river_segments_on_grid_lowered_equal_portable(tiny, tiny_on_grid, tmp_p
     from river.compiler.river.manifest import DISABLED
     from river.compiler.river.segments import write_segments
     from river.compiler.river.spec import RiverSpec
-    from river.runtime.generate import GenerationConfig, Generator
     from river.runtime.segmented_backend import SegmentedBackend
+    from tests_helpers import assert_same_generation
 
     river = compile_river(tiny_on_grid, tmp_path / "river", gates="0,2", river="int8", log=None)
     write_segments(tiny_on_grid, RiverSpec.from_manifest(river.parent), river.parent / "segments")
@@ -106,14 +106,7 @@ def test_river_segments_on_grid_lowered_equal_portable(tiny, tiny_on_grid, tmp_p
     assert (grid.lowering, grid.lowering_reason) == ("ort_fused", "")
     backbone = load_onnx_header(grid._lowered["backbone1"])
     assert any(n.op_type == "MatMulNBits" and "@q41" in n.input[1] for n in backbone.graph.node)
-    cfg = GenerationConfig(max_new_tokens=12, eos_token_ids=[])
-    for thresholds in ([-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED]):
-        runs = []
-        for backend in (grid, portable):
-            backend.set_thresholds(thresholds)
-            result = Generator(backend, tiny.tokenizer).generate("rivers and seas", cfg)
-            runs.append((result.token_ids, result.exit_layers))
-        assert runs[0] == runs[1], thresholds
+    assert_same_generation((grid, portable), tiny.tokenizer, ([-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED]))
 
 
 @pytest.mark.slow

@@ -285,8 +285,8 @@ def test_river_segments_run_the_twins_with_int8_activations(tiny, tiny_on_grid, 
     from river.compiler.river.manifest import DISABLED
     from river.compiler.river.segments import write_segments
     from river.compiler.river.spec import RiverSpec
-    from river.runtime.generate import GenerationConfig, Generator
     from river.runtime.segmented_backend import SegmentedBackend
+    from tests_helpers import assert_same_generation
 
     river = compile_river(tiny_on_grid, tmp_path / "river", gates="0,2", river="int8", log=None)
     write_segments(tiny_on_grid, RiverSpec.from_manifest(river.parent), river.parent / "segments")
@@ -294,14 +294,7 @@ def test_river_segments_run_the_twins_with_int8_activations(tiny, tiny_on_grid, 
     for k in range(2):
         ops = [n.op_type for n in load_onnx_header(segmented._lowered[f"river{k}"]).graph.node]
         assert "Q41MatMulInt8" in ops and "MatMulNBits" not in ops, k
-    cfg = GenerationConfig(max_new_tokens=12, eos_token_ids=[])
-    for thresholds in ([-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED]):
-        runs = []
-        for backend in (segmented, fused):
-            backend.set_thresholds(thresholds)
-            result = Generator(backend, tiny.tokenizer).generate("rivers and seas", cfg)
-            runs.append((result.token_ids, result.exit_layers))
-        assert runs[0] == runs[1], thresholds
+    assert_same_generation((segmented, fused), tiny.tokenizer, ([-2, DISABLED], [DISABLED, -2], [DISABLED, DISABLED]))
 
 
 def test_stale_or_missing_library_is_not_used_and_says_how_to_build(tmp_path, monkeypatch):

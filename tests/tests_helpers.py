@@ -71,3 +71,18 @@ def on_grid(w: np.ndarray, rng) -> np.ndarray:
     q = np.clip(np.rint((b - m[:, None]) / np.where(d > 0, d, 1)[:, None]), 0, 15)
     q[:, 0], q[:, 1] = 0, 15  # every block spans its grid (as Q4_1's min and max do)
     return (d[:, None] * q + m[:, None]).reshape(k, n).astype(np.float32)
+
+
+def assert_same_generation(backends, tokenizer, patterns, prompt="rivers and seas", tokens=12) -> None:
+    """Greedy generation under each exit pattern (gate thresholds) gives every backend the same tokens
+    and exits."""
+    from river.runtime.generate import GenerationConfig, Generator
+
+    cfg = GenerationConfig(max_new_tokens=tokens, eos_token_ids=[])
+    for thresholds in patterns:
+        runs = []
+        for backend in backends:
+            backend.set_thresholds(thresholds)
+            result = Generator(backend, tokenizer).generate(prompt, cfg)
+            runs.append((result.token_ids, result.exit_layers))
+        assert all(run == runs[0] for run in runs), thresholds

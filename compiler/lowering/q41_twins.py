@@ -20,6 +20,7 @@ weight under a marked name (``MARK``), which the packing passes keep in the pack
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -57,7 +58,7 @@ def check(node: gs.Node, weights: dict[str, gs.Constant], levels_of=None) -> tup
     k, n = weight.values.shape
     if (node.attrs.get("K"), node.attrs.get("N")) != (k, n):
         return None, f"the twin is {node.attrs.get('K')} x {node.attrs.get('N')}, its backbone weight {k} x {n}"
-    found, why = (levels_of or (lambda _: q41_matmul.levels(weight.values)))(name)
+    found, why = levels_of(name) if levels_of else q41_matmul.levels(weight.values)
     if found is None:
         return None, f"its backbone weight is not a Q4_1 weight ({why})"
     return weight, ""
@@ -73,10 +74,9 @@ def mark(graph: gs.Graph, elsewhere: Callable[[], dict[str, np.ndarray]] | None 
                if isinstance(t, gs.Constant) and t.values.ndim == 2 and t.values.dtype == np.float32}
     missing = {name for g in graphs for n in g.nodes if (name := source_name(n)) is not None and name not in weights}
     if missing and elsewhere is not None:
-        found = elsewhere()
-        weights.update({name: gs.Constant(name, found[name]) for name in missing if name in found})
-    found: dict[str, tuple] = {}
-    levels_of = lambda name: found.get(name) or found.setdefault(name, q41_matmul.levels(weights[name].values))  # noqa: E731
+        backbone = elsewhere()
+        weights.update({name: gs.Constant(name, backbone[name]) for name in missing if name in backbone})
+    levels_of = functools.cache(lambda name: q41_matmul.levels(weights[name].values))  # a weight has twins in several branches
     marked: dict[str, gs.Constant] = {}
     done = 0
     for g in graphs:

@@ -199,8 +199,8 @@ def build_methods(graphs: Graphs, threads: int) -> dict[str, Method]:
         uniform = open_generator(str(path), threads=threads, tokenizer=str(graphs.step.parent))
         uniform.eos_token_ids = eos
         methods[f"uniform-{precision}"] = Method(uniform, QUANTIZED, f"every weight MatMul {precision}, no exits")
-    int8 = open_generator(str(graphs.step), threads=threads, lowering="ort-int8")
-    if int8.backend.grid_form == "river-int8" and int8.backend.grid_weights:  # River's ops, Q4_1 weights
+    if full.backend.grid_form == "river" and full.backend.grid_weights:  # River's ops run Q4_1 weights here
+        int8 = open_generator(str(graphs.step), threads=threads, lowering="ort-int8")
         methods["uniform-q41-int8"] = Method(int8, QUANTIZED, "every Q4_1 product by int8 activations over its own "
                                              "4-bit weights (--lowering ort-int8: llama.cpp's arithmetic), no exits")
     _, draft_path = verify_pair(graphs.step, -1)
