@@ -40,6 +40,8 @@ def test_river_margin_is_the_gap_between_the_two_most_likely_tokens():
     p /= p.sum(-1, keepdims=True)
     top = np.sort(p, -1)
     np.testing.assert_allclose(river_margin(logits), top[..., -1] - top[..., -2], rtol=1e-12)
+    single = river_margin(logits.astype(np.float32))  # what the graphs emit: float32, ~1e-7 of rounding
+    assert single.shape == (4, 3) and np.abs(single - (top[..., -1] - top[..., -2])).max() < 1e-6
     assert river_margin(np.array([[1000.0, 0.0, -1000.0]]))[0] == pytest.approx(1.0)  # no overflow
     assert river_margin(np.array([[2.0, 2.0, 0.0]]))[0] == 0.0  # a tie: as unsure as it gets
 
