@@ -205,7 +205,8 @@ def check_figures_from_raw_results(tiny, data: dict, raw: dict, out: Path) -> No
     from river.compiler.river.manifest import RiverManifest
     from river.export.store import exported_model_path
     from river.runtime.bench.eval_data import MATH_PROBLEMS, humaneval_problems
-    from river.runtime.bench.run import HUMANEVAL_STOP
+    from river.runtime.bench.eval_data import REFERENCE_TEXT
+    from river.runtime.bench.run import HUMANEVAL_STOP, TEACHER_FORCED_PREFIX, teacher_forced
     from river.runtime.generate import GenerationConfig, Generator
     from river.runtime.ort_backend import OrtBackend
 
@@ -226,6 +227,18 @@ def check_figures_from_raw_results(tiny, data: dict, raw: dict, out: Path) -> No
     assert data["methods"]["fixed@1"]["exit_histogram"] == {"2": len(results["fixed@1"]["exits"])}
     plain = Generator(OrtBackend(exported_model_path("tiny-random"), threads=1), tiny.tokenizer,
                       tiny.config.eos_token_ids)
+    # teacher-forced scoring: the prose after its prefix, then each prompt's 12 tokens the full model chose
+    prose = sum(len(tiny.tokenizer(t)["input_ids"]) - TEACHER_FORCED_PREFIX for t in REFERENCE_TEXT)
+    for name, r in data["methods"].items():
+        assert r["teacher_forced_tokens"] == len(tf[name]["agree"]) == prose + 12 * len(prompts)
+        assert len(tf[name]["nll"]) == prose  # perplexity: the prose only
+    uniform = Generator(OrtBackend(out / "graphs" / "uniform-int4" / "model.onnx", threads=1), tiny.tokenizer)
+    agree = []
+    for p in prompts:  # the continuations' part, recomputed from outside the bench
+        ids = plain.encode(p) + full[p]
+        rows = [teacher_forced(g, ids, len(ids) - 12) for g in (plain, uniform)]
+        agree += list(rows[0].argmax(-1) == rows[1].argmax(-1))
+    assert list(map(bool, tf["uniform-int4"]["agree"][prose:])) == agree
     for p in prompts:  # the reference itself, from outside the bench
         assert full[p] == plain.generate(p, GenerationConfig(max_new_tokens=12, eos_token_ids=[])).token_ids, p
     for (question, answer), graded in zip(MATH_PROBLEMS[:2], results["full"]["math"]):

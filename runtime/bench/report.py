@@ -94,6 +94,7 @@ def summarize(results: dict, tf: dict, methods: dict[str, Method], gates, L: int
             "speedup_vs_full": speedup, "theoretical_speedup": theory,
             "practical_over_theoretical": speedup / theory if theory else None,
             "teacher_forced_agreement": float(np.mean(tf[name]["agree"])),
+            "teacher_forced_tokens": len(tf[name]["agree"]),
             "perplexity": float(np.exp(nll)), "perplexity_delta_pct": float((np.exp(nll) / np.exp(ref_nll) - 1) * 100),
             "greedy_agreement_overall": float(np.mean(agree_overall)) if agree_overall else None,
             "greedy_prefix_until_divergence_mean": float(np.mean(prefixes)) if prefixes else None,
@@ -144,7 +145,10 @@ def markdown(out: dict, plots: list[str]) -> str:
                      f"{f(r['greedy_exact_match'], '{:.0%}')} | {f(r['humaneval_pass@1'], '{:.0%}')} | {f(r['math_accuracy'], '{:.0%}')} | {f(r['mean_layers_run'], '{:.1f}')} |")
     lines += ["", "decode tok/s = decode tokens / decode seconds summed over the same prompts (EOS ignored, "
               f"{s['new_tokens']} tokens each); speedup = that rate / the rate of the method named under 'vs' "
-              "(the full model on the same runtime). Step latencies are per emitted token (a verify round's "
+              "(the full model on the same runtime). TF agree = the share of "
+              f"{m['full']['teacher_forced_tokens']} tokens (reference prose, then the full model's own continuations of the "
+              "speed prompts, fed token by token) whose next-token choice equals the full model's; ppl over the prose. "
+              "Step latencies are per emitted token (a verify round's "
               "time is shared among the tokens it emits)."]
     lines += ["", "## Methods", ""] + [f"- {name} ({r['role']}): {r['about']}" for name, r in m.items()]
     spec = {k: v for k, v in m.items() if v.get("acceptance_rate") is not None}
