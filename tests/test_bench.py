@@ -166,7 +166,7 @@ def test_quick_bench_runs_every_method(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(bench_run, "evaluate", evaluate)
     out = tmp_path / "bench"
     assert cli.main(["--model", "tiny-random", "--quick", "--out", str(out), "--threads", "1",
-                       "--humaneval", "1", "--math", "2", "--prompts", "2", "--new-tokens", "12"]) == 0
+                       "--humaneval", "1", "--math", "2", "--prompts", "2", "--new-tokens", "12", "--passes", "2"]) == 0
     data = json.loads((out / "bench.json").read_text())
     check_figures_from_raw_results(tiny, data, raw, out)
     expected = {"full", "river:safe", "river:balanced", "river:fast", "fixed@1", "fixed@2", "monotone:balanced",
@@ -182,14 +182,18 @@ def test_quick_bench_runs_every_method(tiny, tmp_path, monkeypatch):
     m = data["methods"]
     for name, r in m.items():  # every speedup is the tokens/s ratio recomputed from the raw per-prompt figures
         ref = m[r["speed_reference"]]
-        assert len(r["speed_per_prompt"]) == 2 and all(x["decode_tokens"] == 11 for x in r["speed_per_prompt"])
+        assert len(r["speed_per_prompt"]) == 4 and all(x["decode_tokens"] == 11 for x in r["speed_per_prompt"])
         assert np.isclose(r["speedup_vs_full"], recomputed_speedup(r, ref), rtol=1e-9)
+        for i, ratio in enumerate(r["speedup_per_pass"]):  # 2 passes of 2 prompts, each against the same pass
+            one = {"speed_per_prompt": r["speed_per_prompt"][2 * i:2 * i + 2]}
+            assert np.isclose(ratio, recomputed_speedup(one, {"speed_per_prompt": ref["speed_per_prompt"][2 * i:2 * i + 2]}))
+        assert len(r["speedup_per_pass"]) == 2
     for name in ("mask:balanced", "recompute:balanced", "river-torch:balanced"):
         assert m[name]["speed_reference"] == "full-torch" and m[name]["role"] == EXITS
     assert m["full-torch"]["greedy_exact_match"] == 1.0  # the same model in torch
     for name in ("verify:k=3", "verify:k=4", "verify:k~4", "verify-river:k=4", "full"):  # lossless methods
         assert data["methods"][name]["greedy_exact_match"] == 1.0
-    assert data["settings"]["threads"] == 1 and "machine" in data["settings"]
+    assert data["settings"]["threads"] == 1 and "machine" in data["settings"] and data["settings"]["passes"] == 2
     assert data["methods"]["draft-alone"]["role"] == QUANTIZED  # the draft graph, named for what it is
     md = (out / "report.md").read_text()
     assert md.startswith("# river-bench") and "- draft-alone (whole-model quantization): the verify draft graph" in md
@@ -318,3 +322,11 @@ def test_methods_are_chosen_by_name_or_pattern_with_their_speed_references():
                                                                         "mask:balanced"]
     with pytest.raises(RiverError, match="no method is named river-qhaed:safe"):
         selected(methods, {"river-qhaed:safe", "full"})
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two"])
+def test_bad_passes_is_one_error_before_anything_runs(bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--model", "tiny-random", "--out", str(tmp_path / "bench"), "--passes", bad])
+    assert exc.value.code == 2 and "1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()

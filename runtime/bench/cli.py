@@ -27,9 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--humaneval", type=int, help="HumanEval problems (default 20, quick 3)")
     p.add_argument("--math", type=int, help="math word problems (default 20, quick 4)")
     p.add_argument("--calibration", type=int, help="calibration prompts (default 16, quick 4)")
+    p.add_argument("--passes", type=_passes, default=1,
+                   help="times the free-running prompts are timed, interleaved as in one pass (default 1); on a "
+                        "noisy machine one pass's ratios move by 10%% or more, and bench.json's speedup_per_pass "
+                        "shows how far")
     p.add_argument("--methods", help="comma-separated subset of methods to run; shell-style patterns match "
                                      "several ('river-recall*:*')")
     return p
+
+
+def _passes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of passes, 1 or more")
+    return value
 
 
 def main(argv=None, shared_pool: bool = False) -> int:
@@ -41,7 +55,8 @@ def main(argv=None, shared_pool: bool = False) -> int:
     sizes = Sizes(prompts=args.prompts or (3 if q else 12), new_tokens=args.new_tokens or (24 if q else 64),
                   humaneval=args.humaneval if args.humaneval is not None else (3 if q else 20),
                   math=args.math if args.math is not None else (4 if q else 20),
-                  calibration=args.calibration or (4 if q else 16), quick=q)
+                  calibration=args.calibration or (4 if q else 16), quick=q,
+                  passes=args.passes)
     if shared_pool:  # verify mode alternates two sessions: one pool for all
         from river.compiler.ort_session import use_shared_thread_pool
 

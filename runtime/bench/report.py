@@ -54,6 +54,15 @@ def tokens_per_s(speed: list[dict]) -> float:
     return sum(x["decode_tokens"] for x in speed) / sum(x["decode_seconds"] for x in speed)
 
 
+def per_pass(speed: list[dict], reference: list[dict], prompts: int) -> list[float]:
+    """The speedup of each pass over the speed prompts (records in pass order, ``prompts`` a pass)
+    against the reference's same pass: how much one pass's ratio moves on this machine."""
+    if not prompts or len(speed) != len(reference) or len(speed) % prompts:
+        return []  # records not in whole passes of the same prompts (hand-made results): no per-pass figure
+    return [tokens_per_s(speed[i:i + prompts]) / tokens_per_s(reference[i:i + prompts])
+            for i in range(0, len(speed), prompts)]
+
+
 def summarize(results: dict, tf: dict, methods: dict[str, Method], gates, L: int, prompts: list[str]) -> dict:
     """Per method: speed (against its speed reference of the same run), quality and exit figures."""
     full_tokens = results["full"]["tokens"]
@@ -90,6 +99,7 @@ def summarize(results: dict, tf: dict, methods: dict[str, Method], gates, L: int
             "decode_tokens": sum(x["decode_tokens"] for x in r["speed"]),
             "decode_seconds": sum(x["decode_seconds"] for x in r["speed"]),
             "decode_tokens_per_s": rate[name], "speed_per_prompt": r["speed"],
+            "speedup_per_pass": per_pass(r["speed"], results[methods[name].speed_reference]["speed"], len(prompts)),
             "latency_ms_median": med * 1e3, "latency_ms_p90": p90 * 1e3,
             "speedup_vs_full": speedup, "theoretical_speedup": theory,
             "practical_over_theoretical": speedup / theory if theory else None,
@@ -132,6 +142,10 @@ def markdown(out: dict, plots: list[str]) -> str:
     def f(x, fmt="{:.3f}"):
         return "n/a" if x is None else fmt.format(x)
 
+    def spread(r):  # several passes: the lowest and highest pass's speedup beside the whole run's
+        passes = r.get("speedup_per_pass") or []
+        return f" ({min(passes):.2f}-{max(passes):.2f})" if len(passes) > 1 else ""
+
     lines = [f"# river-bench: {s['model']}", "",
              f"{s['runtime']}, {s['threads']} threads, {s['machine']}; {s['prompts']} prompts x {s['new_tokens']} "
              f"new tokens, {s['humaneval']} HumanEval, {s['math']} math problems, calibration on {s['calibration_prompts']} "
@@ -140,12 +154,13 @@ def markdown(out: dict, plots: list[str]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in m.items():
         lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['latency_ms_median']:.1f} | {r['latency_ms_p90']:.1f} | "
-                     f"{r['speedup_vs_full']:.2f}x | {r['speed_reference']} | {f(r['theoretical_speedup'], '{:.2f}x')} | {r['teacher_forced_agreement'] * 100:.1f}% | "
+                     f"{r['speedup_vs_full']:.2f}x{spread(r)} | {r['speed_reference']} | {f(r['theoretical_speedup'], '{:.2f}x')} | {r['teacher_forced_agreement'] * 100:.1f}% | "
                      f"{r['perplexity_delta_pct']:+.2f} | {f(r['greedy_agreement_overall'], '{:.1%}')} | {f(r['greedy_prefix_until_divergence_mean'], '{:.1f}')} | "
                      f"{f(r['greedy_exact_match'], '{:.0%}')} | {f(r['humaneval_pass@1'], '{:.0%}')} | {f(r['math_accuracy'], '{:.0%}')} | {f(r['mean_layers_run'], '{:.1f}')} |")
     lines += ["", "decode tok/s = decode tokens / decode seconds summed over the same prompts (EOS ignored, "
               f"{s['new_tokens']} tokens each); speedup = that rate / the rate of the method named under 'vs' "
-              "(the full model on the same runtime). TF agree = the share of "
+              f"(the full model on the same runtime), over {s.get('passes', 1)} pass(es) of the prompts; with several, "
+              "the lowest and highest pass's speedup follow it. TF agree = the share of "
               f"{m['full']['teacher_forced_tokens']} tokens (reference prose, then the full model's own continuations of the "
               "speed prompts, fed token by token) whose next-token choice equals the full model's; ppl over the prose. "
               "Step latencies are per emitted token (a verify round's "

@@ -45,6 +45,7 @@ class Sizes:
     math: int
     calibration: int
     quick: bool = False
+    passes: int = 1  # times the speed prompts are timed, one pass after the other (greedy: the same tokens)
 
 
 def teacher_forced(gen: Generator, ids: list[int], prefix: int = TEACHER_FORCED_PREFIX) -> np.ndarray:
@@ -69,7 +70,7 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
     prompts = EVAL_PROMPTS[:sizes.prompts]
     he = humaneval_problems(sizes.humaneval) if sizes.humaneval else []
     math = MATH_PROBLEMS[:sizes.math]
-    total = len(methods) * (2 * len(prompts) + len(he) + len(math) + len(REFERENCE_TEXT))
+    total = len(methods) * ((sizes.passes + 1) * len(prompts) + len(he) + len(math) + len(REFERENCE_TEXT))
     bar = tqdm(total=total, desc="river-bench", unit="run", file=sys.stderr)
     for m in methods.values():  # warm-up, untimed
         m.use().generate("warm up", GenerationConfig(max_new_tokens=4))
@@ -88,7 +89,7 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
             r["decode_seconds"] += [s.seconds for s in result.steps if s.phase == "decode"]
             r["timed_exits"] += exits
 
-    for prompt in prompts:
+    for prompt in [p for _ in range(sizes.passes) for p in prompts]:
         for name, m in methods.items():
             gen = m.use()
             ids = gen.encode(prompt)
@@ -169,6 +170,7 @@ def run(model: str, out: Path, threads: int, gates: str | None, sizes: Sizes, on
         "model": model, "runtime": f"onnxruntime {onnxruntime.__version__} CPU", "threads": threads,
         "machine": f"{platform.machine()} {platform.processor() or ''} ({platform.node()}), {os.cpu_count()} cores",
         "python": platform.python_version(), "prompts": len(prompts), "new_tokens": sizes.new_tokens,
+        "passes": sizes.passes,
         "humaneval": len(results["full"]["he"]), "math": len(results["full"]["math"]),
         "calibration_prompts": sizes.calibration, "gates": manifest.gates,
         "operating_points": manifest.operating_points,
