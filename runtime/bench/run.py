@@ -122,13 +122,13 @@ def evaluate(methods: dict[str, Method], sizes: Sizes, tokenizer) -> tuple[dict,
     # prompts (its greedy tokens: ~600 scored tokens at the default sizes, not the prose's ~190 alone,
     # where one flipped token is half a point); perplexity over the prose only
     tf = {name: {"agree": [], "nll": []} for name in methods}
-    full = methods["full"].use()
+    full = methods["full"].use()  # the reference sets no thresholds: one use() serves throughout
     scored = [(tokenizer(text)["input_ids"], TEACHER_FORCED_PREFIX, True) for text in REFERENCE_TEXT]
     for prompt in prompts:
         ids = list(full.encode(prompt))
         scored.append((ids + list(results["full"]["tokens"][prompt]), len(ids), False))
     for ids, prefix, prose in scored:
-        ref_rows = teacher_forced(methods["full"].use(), ids, prefix)
+        ref_rows = teacher_forced(full, ids, prefix)
         targets = np.asarray(ids[prefix:])
         for name, m in methods.items():
             rows = ref_rows if m.lossless else teacher_forced(m.use(), ids, prefix)
