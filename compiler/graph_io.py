@@ -228,4 +228,20 @@ def derived_graph(kind: str, source: Path, version: int, make: Callable[[onnx.Mo
     from river.models.cache import cache_root, files_fingerprint
 
     entry = cache_root() / kind / f"{files_fingerprint(graph_files(source))}{variant}-v{version}"
-    return build_once(entry, lambda tmp: save_onnx_atomic(make(load_onnx(source)), tmp / "model.onnx")) / "model.onnx"
+    built = build_once(entry, lambda tmp: save_onnx_atomic(make(load_onnx(source)), tmp / "model.onnx"))
+    _drop_other_versions(entry, version)
+    return built / "model.onnx"
+
+
+def _drop_other_versions(entry: Path, version: int) -> None:
+    """Remove the entries of the same source and variant that another version of the pass built. This
+    code never reads them again (the version changes when the output does), and left behind they fill
+    the disk: one lowering cache held 28 GB after a week of format bumps. Best effort: a folder another
+    process removes first, or cannot be removed, is left."""
+    import glob
+    import shutil
+
+    prefix = entry.name[:-len(str(version))]  # "<fingerprint><variant>-v"
+    for other in entry.parent.glob(glob.escape(prefix) + "*"):
+        if other != entry and other.name[len(prefix):].isdigit() and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)

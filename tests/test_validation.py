@@ -305,3 +305,23 @@ def test_damaged_derived_graph_is_rebuilt(tiny_onnx, tmp_path, monkeypatch, dama
     damage(path.parent)
     assert graph_io.derived_graph("shared_kv", tiny_onnx, SHARED_KV_FORMAT, make) == path and len(made) == 2
     assert {f.name: f.stat().st_size for f in path.parent.iterdir()} == sizes
+
+
+def test_derived_graph_drops_the_entries_other_versions_built(tiny_onnx, tmp_path, monkeypatch):
+    """A pass's version bump leaves its old entries unread: building the new one removes them, and only
+    them (other variants, other sources, temporaries and locks stay)."""
+    from river.compiler import graph_io
+    from river.compiler.lowering.shared_kv import to_shared_kv
+
+    monkeypatch.setenv("RIVER_CACHE_DIR", str(tmp_path / "cache"))
+    old = graph_io.derived_graph("shared_kv", tiny_onnx, 7, to_shared_kv)
+    other_variant = graph_io.derived_graph("shared_kv", tiny_onnx, 7, to_shared_kv, variant="-p64")
+    folder = old.parent.parent
+    keep = [folder / "0123456789abcdef-v7", folder / f".{old.parent.name}.river-tmp-1-x", folder / f"{old.parent.name}x"]
+    for k in keep:
+        k.mkdir()
+    new = graph_io.derived_graph("shared_kv", tiny_onnx, 8, to_shared_kv)
+    assert new.is_file() and new.parent.name.endswith("-v8") and not old.parent.exists()
+    assert other_variant.is_file() and all(k.is_dir() for k in keep)
+    assert graph_io.derived_graph("shared_kv", tiny_onnx, 7, to_shared_kv) == old and old.is_file()  # back again
+    assert not new.parent.exists()
