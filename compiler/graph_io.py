@@ -228,9 +228,12 @@ def derived_graph(kind: str, source: Path, version: int, make: Callable[[onnx.Mo
     from river.models.cache import cache_root, files_fingerprint
 
     entry = cache_root() / kind / f"{files_fingerprint(graph_files(source))}{variant}-v{version}"
-    built = build_once(entry, lambda tmp: save_onnx_atomic(make(load_onnx(source)), tmp / "model.onnx"))
-    _drop_other_versions(entry, version)
-    return built / "model.onnx"
+
+    def build(tmp: Path) -> None:  # a cache miss: the time to let go of what other versions built
+        save_onnx_atomic(make(load_onnx(source)), tmp / "model.onnx")
+        _drop_other_versions(entry, version)
+
+    return build_once(entry, build) / "model.onnx"
 
 
 def _drop_other_versions(entry: Path, version: int) -> None:

@@ -230,8 +230,6 @@ void tile(const Product& p, Weights& weights, int64_t r0, int64_t g) {
     for (int j = 0; j < G * V; j++) store(p.y + (r0 + r) * N + g * GROUP + j * VW, total[r][j]);
 }
 
-// groups g0..g1 for rows r0..r0+M, weights streamed: several groups a pass where the registers allow it
-// (AVX-512, one row: four groups, eight independent FMA chains; ~10% faster than two, measured)
 // groups g0..g1 in passes of G groups, the rest one a pass: run(integral_constant<G or 1>, first group)
 template <int G, class Run>
 void by_groups(int64_t g0, int64_t g1, Run run) {
@@ -240,6 +238,8 @@ void by_groups(int64_t g0, int64_t g1, Run run) {
   for (; g < g1; g++) run(std::integral_constant<int, 1>{}, g);
 }
 
+// groups g0..g1 for rows r0..r0+M, weights streamed: several groups a pass where the registers allow it
+// (AVX-512, one row: four groups, eight independent FMA chains; ~10% faster than two, measured)
 template <template <int> class Weights, int M>
 void streamed(const Product& p, int64_t r0, int64_t g0, int64_t g1) {
   constexpr int G = (V == 2 && M == 1) ? 4 : (M * V <= 4) ? 2 : 1;
